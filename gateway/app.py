@@ -1,0 +1,107 @@
+"""The gateway application: resources are built in the lifespan and handed to the routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.exceptions
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.responses import Response
+
+from gateway.catalog import ModelCatalog
+from gateway.errors import APIError
+from gateway.limits import BodySizeLimit
+from gateway.relay import Relay
+from gateway.routes import Services, router
+from gateway.streaming import EventReader
+from gateway.submission import SubmissionService
+from shared.redis_client import connect, redact
+from shared.settings import GatewaySettings
+from shared.store import RequestStore
+
+log = logging.getLogger("tokenspool.gateway")
+
+
+def validation_message(exc: RequestValidationError) -> APIError:
+    """The first validation problem as an OpenAI 400 that names the parameter."""
+    errors: list[dict[str, Any]] = list(exc.errors())
+    if not errors:
+        return APIError(400, "invalid request")
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return APIError(400, f"the request body is not valid JSON ({detail})", code="invalid_json")
+    if kind == "extra_forbidden":
+        return APIError(400, f"unsupported parameter {param!r}", param=param, code="unsupported_parameter")
+    if kind == "missing":
+        if not loc:
+            return APIError(400, "a JSON request body is required", code="missing_body")
+        return APIError(400, f"missing required parameter {param!r}", param=param, code="missing_parameter")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return APIError(400, f"invalid value for {param!r}: {message}", param=param, code="invalid_value")
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    assert settings.redis_url is not None, "the CLI resolves the Redis URL before building the app"
+    redis_url = settings.redis_url
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = connect(redis_url)
+        await client.ping()
+        store = RequestStore(client, settings)
+        relay = Relay(
+            redis_url,
+            client,
+            block_ms=settings.reader_block_ms,
+            count=settings.replay_batch_events,
+            buffer_events=settings.client_buffer_events,
+        )
+        relay.start()
+        catalog = ModelCatalog(client, worker_ttl_s=settings.worker_ttl_s, model_grace_s=settings.model_grace_s)
+        app.state.services = Services(
+            settings=settings,
+            store=store,
+            catalog=catalog,
+            submissions=SubmissionService(store, catalog, settings),
+            events=EventReader(store, relay, settings),
+        )
+        log.info("gateway ready, Redis at %s", redact(redis_url))
+        try:
+            yield
+        finally:
+            await relay.close()
+            await client.aclose()
+
+    app = FastAPI(title="tokenspool gateway", version="0.1.0", lifespan=lifespan)
+    app.include_router(router)
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> Response:
+        return validation_message(exc).response()
+
+    @app.exception_handler(redis.exceptions.ConnectionError)
+    @app.exception_handler(redis.exceptions.TimeoutError)
+    async def redis_down(_request: Request, exc: Exception) -> Response:
+        log.warning("Redis unavailable: %s", exc)
+        return APIError(
+            503,
+            "the request store (Redis) is unavailable; retry later",
+            error_type="server_error",
+            code="redis_unavailable",
+            headers={"Retry-After": "1"},
+        ).response()
+
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,94 @@
+"""Rendering stored events as what clients read: OpenAI chunk objects, the simple GET form, final JSON.
+
+Rendering depends only on the stored event and on the request's metadata (id, model, created, format,
+include_usage), never on the connection: a replay therefore carries, byte for byte, the frames the live
+stream carried.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.sse import event_frame
+from shared import keys, wire
+from shared.store import RequestMeta
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def error_body(error_type: str, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": None, "code": error_type}}
+
+
+class ChunkRenderer:
+    """Turns (seq, stored payload) into SSE frames for one request."""
+
+    def __init__(self, meta: RequestMeta) -> None:
+        self.meta = meta
+        self._base: dict[str, Any] = {"id": meta.request_id, "created": meta.created_s, "model": meta.model}
+
+    def frames(self, items: list[tuple[int, bytes]]) -> bytes:
+        out = []
+        for seq, payload in items:
+            data = self.data(seq, wire.decode(payload, wire.Event))
+            if data is not None:
+                out.append(event_frame(keys.event_id(self.meta.request_id, seq), data))
+        return b"".join(out)
+
+    def data(self, seq: int, event: wire.Event) -> bytes | None:
+        """The ``data:`` JSON of one event, or None for an event this format does not show."""
+        if event.kind == "error":
+            body = error_body(event.error_type, event.message)
+            if self.meta.stream_format == "simple":
+                body["done"] = True
+            return orjson.dumps(body)
+        fmt = self.meta.stream_format
+        if fmt == "simple":
+            if event.kind == "end":
+                return orjson.dumps({"token": "", "done": True, "finish_reason": event.finish_reason})
+            return orjson.dumps({"token": event.text, "done": False})
+        if event.kind == "end":
+            if not self.meta.include_usage:
+                return None
+            usage = usage_body(event.prompt_tokens, event.completion_tokens)
+            chunk = {**self._base, "object": self._object(), "choices": [], "usage": usage}
+            return orjson.dumps(chunk)
+        if fmt == "chat":
+            delta: dict[str, Any] = {"content": event.text}
+            if seq == 1:
+                delta = {"role": "assistant", "content": event.text}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": event.finish_reason,
+            }
+        else:
+            choice = {"index": 0, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+        chunk = {**self._base, "object": self._object(), "choices": [choice]}
+        if self.meta.include_usage:
+            chunk["usage"] = None
+        return orjson.dumps(chunk)
+
+    def _object(self) -> str:
+        return "chat.completion.chunk" if self.meta.stream_format == "chat" else "text_completion"
+
+
+def completion_body(meta: RequestMeta, text: str, end: wire.Event) -> dict[str, Any]:
+    """The non-streaming OpenAI response of a finished request."""
+    usage = usage_body(end.prompt_tokens, end.completion_tokens)
+    base = {"id": meta.request_id, "created": meta.created_s, "model": meta.model, "usage": usage}
+    if meta.kind == "chat":
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": end.finish_reason}
+        return {**base, "object": "chat.completion", "choices": [choice]}
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": end.finish_reason}
+    return {**base, "object": "text_completion", "choices": [choice]}

@@ -1,0 +1,207 @@
+"""The multiplexed reader: one blocking XREAD per hash slot for all live connections of this process.
+
+A gateway never holds a blocked Redis connection per client. Each partition (hash slot) of request
+streams has one reader task with one dedicated connection; it blocks on a single XREAD over the event
+streams of every subscription in its partition, each from the last id seen (never ``$``, which can miss
+entries between two reads), and hands what arrives to the subscriptions' buffers.
+
+A buffer is bounded. The reader never waits for a client: when a subscription's buffer is full the
+reader drops the buffer and detaches it, and the connection catches up on its own with range reads from
+its last delivered event (everything is in Redis), then subscribes again. A slow client therefore costs
+itself a few range reads and never stalls the reader or another client.
+
+A new subscription must not wait for the reader's current block to time out: the reader's connection
+is unblocked with ``CLIENT UNBLOCK`` from the control connection, and the next XREAD includes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import redis.asyncio as aredis
+import redis.exceptions
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+
+from shared import keys
+
+log = logging.getLogger("tokenspool.gateway.relay")
+
+
+class Subscription:
+    """One connection's view of one request stream: a bounded buffer of (seq, payload) after ``cursor``."""
+
+    __slots__ = ("cursor", "items", "key", "limit", "overflowed", "partition", "wake")
+
+    def __init__(self, key: bytes, partition: int, cursor: int, limit: int) -> None:
+        self.key = key
+        self.partition = partition
+        self.cursor = cursor
+        self.limit = limit
+        self.items: list[tuple[int, bytes]] = []
+        self.overflowed = False
+        self.wake = asyncio.Event()
+
+    def push(self, seq: int, payload: bytes) -> bool:
+        """Buffer one event; False when the buffer overflowed and the subscription must be detached."""
+        if seq <= self.cursor:
+            return True
+        if len(self.items) >= self.limit:
+            self.overflowed = True
+            self.items.clear()
+            self.wake.set()
+            return False
+        self.items.append((seq, payload))
+        self.cursor = seq
+        self.wake.set()
+        return True
+
+    def take(self) -> list[tuple[int, bytes]]:
+        items, self.items = self.items, []
+        self.wake.clear()
+        return items
+
+
+class PartitionReader:
+    """The reader task of one partition."""
+
+    def __init__(self, partition: int, pool: ConnectionPool, control: aredis.Redis, block_ms: int, count: int) -> None:
+        self.partition = partition
+        self._pool = pool
+        self._control: Any = control
+        self._block_ms = block_ms
+        self._count = count
+        self._subs: dict[bytes, dict[Subscription, None]] = {}
+        self._positions: dict[bytes, int] = {}
+        self._changed = asyncio.Event()
+        self._conn: AbstractConnection | None = None
+        self._client_id: int | None = None
+        self._blocked = False
+        self._waker: asyncio.Task[None] | None = None
+        self.reads = 0
+
+    def add(self, sub: Subscription) -> None:
+        self._subs.setdefault(sub.key, {})[sub] = None
+        current = self._positions.get(sub.key)
+        self._positions[sub.key] = sub.cursor if current is None else min(current, sub.cursor)
+        self._changed.set()
+        if self._blocked and (self._waker is None or self._waker.done()):
+            self._waker = asyncio.create_task(self._unblock())
+
+    def remove(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.key)
+        if subs is None:
+            return
+        subs.pop(sub, None)
+        if not subs:
+            del self._subs[sub.key]
+            self._positions.pop(sub.key, None)
+
+    async def _unblock(self) -> None:
+        """Wake the blocked XREAD so it picks up new subscriptions (retried until the reader is awake)."""
+        while self._blocked and self._changed.is_set() and self._client_id is not None:
+            try:
+                woke = await self._control.client_unblock(self._client_id)
+            except (redis.exceptions.RedisError, OSError):
+                return
+            if woke:
+                return
+            await asyncio.sleep(0.001)  # the XREAD has not reached the server yet
+
+    async def _connect(self) -> AbstractConnection:
+        conn = self._pool.connection_class(**self._pool.connection_kwargs)
+        await conn.connect()  # type: ignore[no-untyped-call]
+        await conn.send_command("CLIENT", "ID")
+        self._client_id = int(await conn.read_response())
+        return conn
+
+    async def _disconnect(self) -> None:
+        conn, self._conn, self._client_id = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+
+    async def run(self) -> None:
+        backoff_s = 0.05
+        try:
+            while True:
+                if not self._subs:
+                    self._changed.clear()
+                    await self._changed.wait()
+                    continue
+                self._changed.clear()
+                streams = list(self._positions.items())
+                try:
+                    if self._conn is None:
+                        self._conn = await self._connect()
+                    args: list[Any] = ["XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS"]
+                    args += [key for key, _ in streams]
+                    args += [keys.stream_entry_id(pos) for _, pos in streams]
+                    self._blocked = True
+                    await self._conn.send_command(*args)
+                    reply = await self._conn.read_response()
+                    backoff_s = 0.05
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                    log.warning("partition %d reader: %s; reconnecting in %.2fs", self.partition, exc, backoff_s)
+                    await self._disconnect()
+                    await asyncio.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, 2.0)
+                    continue
+                finally:
+                    self._blocked = False
+                self.reads += 1
+                if reply:
+                    self._deliver(reply)
+        finally:
+            await self._disconnect()
+
+    def _deliver(self, reply: Any) -> None:
+        streams = reply.items() if isinstance(reply, dict) else reply  # RESP3 map or RESP2 array
+        for key, entries in streams:
+            subs = self._subs.get(key)
+            if not subs or not entries:
+                continue
+            last = 0
+            for entry_id, fields in entries:
+                seq = keys.seq_of_entry_id(entry_id)
+                payload = fields[1]
+                last = seq
+                for sub in list(subs):
+                    if not sub.push(seq, payload):
+                        self.remove(sub)
+            if key in self._positions:
+                self._positions[key] = max(self._positions[key], last)
+
+
+class Relay:
+    """All partition readers of one gateway process."""
+
+    def __init__(self, redis_url: str, control: aredis.Redis, *, block_ms: int, count: int, buffer_events: int) -> None:
+        self._pool = ConnectionPool.from_url(redis_url, socket_timeout=block_ms / 1000 + 10, socket_connect_timeout=5.0)
+        self._buffer_events = buffer_events
+        self._readers = [PartitionReader(p, self._pool, control, block_ms, count) for p in range(keys.PARTITIONS)]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(r.run(), name=f"relay partition {r.partition}") for r in self._readers]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._pool.aclose()
+
+    def subscribe(self, request_id: str, cursor: int) -> Subscription:
+        partition = keys.partition_of(request_id)
+        sub = Subscription(keys.RequestKeys.of(request_id).events.encode(), partition, cursor, self._buffer_events)
+        self._readers[partition].add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._readers[sub.partition].remove(sub)
+
+    @property
+    def subscriptions(self) -> int:
+        return sum(len(subs) for r in self._readers for subs in r._subs.values())

@@ -1,0 +1,221 @@
+"""HTTP routes: parse the request, call a service, map the result to a response. No logic lives here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Header, Query, Request
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from gateway.catalog import ModelCatalog
+from gateway.chunks import completion_body, usage_body
+from gateway.errors import APIError, bad_request, not_found
+from gateway.schemas import ChatCompletionRequest, ChatMessageIn, CompletionRequest
+from gateway.sse import SSEResponse
+from gateway.streaming import EventReader
+from gateway.submission import SubmissionService
+from shared import keys
+from shared.settings import GatewaySettings
+from shared.store import RequestStore, StreamFormat
+
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What the routes use; built once in the app's lifespan."""
+
+    settings: GatewaySettings
+    store: RequestStore
+    catalog: ModelCatalog
+    submissions: SubmissionService
+    events: EventReader
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+router = APIRouter()
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+async def _generate(
+    svc: Services,
+    body: ChatCompletionRequest | CompletionRequest,
+    stream_format: StreamFormat,
+    idempotency_key: str | None,
+) -> Response:
+    submitted = await svc.submissions.submit(
+        body, stream_format=stream_format, owner=ANONYMOUS, idempotency_key=idempotency_key
+    )
+    headers = {"X-Request-Id": submitted.request_id}
+    point = await svc.events.open(submitted.request_id, None)
+    if body.stream:
+        return SSEResponse(svc.events.sse_frames(point), send_timeout_s=svc.settings.send_timeout_s, headers=headers)
+    text, last = await svc.events.collect(point)
+    if last.kind == "error":
+        status = 409 if last.error_type == "cancelled" else 500
+        raise APIError(status, last.message, error_type=last.error_type, code=last.error_type, headers=headers)
+    return _json(completion_body(point.meta, text, last), headers=headers)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, idempotency_key: Annotated[str | None, Header()] = None
+) -> Response:
+    return await _generate(services(request), body, "chat", idempotency_key)
+
+
+@router.post("/v1/completions")
+async def completions(
+    body: CompletionRequest, request: Request, idempotency_key: Annotated[str | None, Header()] = None
+) -> Response:
+    return await _generate(services(request), body, "completion", idempotency_key)
+
+
+@router.get("/v1/chat/completions/stream")
+async def simple_stream(
+    request: Request,
+    prompt: Annotated[str | None, Query(max_length=100_000)] = None,
+    model: Annotated[str | None, Query(max_length=256)] = None,
+    max_tokens: Annotated[int | None, Query()] = None,
+    temperature: Annotated[float | None, Query()] = None,
+    seed: Annotated[int | None, Query()] = None,
+    last_event_id: Annotated[str | None, Query()] = None,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Response:
+    """The seed document's GET form for ``EventSource``: ``{"token": ..., "done": ...}`` events, resumable."""
+    svc = services(request)
+    resume = last_event_id_header or last_event_id
+    if resume:
+        try:
+            request_id, _ = keys.parse_event_id(resume)
+        except ValueError:
+            raise bad_request(
+                f"malformed event id {resume!r}", param="last_event_id", code="invalid_event_id"
+            ) from None
+        point = await svc.events.open(request_id, resume)
+        return SSEResponse(
+            svc.events.sse_frames(point),
+            send_timeout_s=svc.settings.send_timeout_s,
+            headers={"X-Request-Id": request_id},
+        )
+    if not prompt:
+        raise bad_request("the query parameter 'prompt' is required", param="prompt")
+    if model is None:
+        live = sorted(name for name, entry in (await svc.catalog.models()).items() if entry.live_workers)
+        if len(live) != 1:
+            raise bad_request(
+                f"the query parameter 'model' is required (served: {', '.join(live) or 'none'})", param="model"
+            )
+        model = live[0]
+    try:
+        body = ChatCompletionRequest(
+            model=model,
+            messages=[ChatMessageIn(role="user", content=prompt)],
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            stream=True,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = str(first["loc"][0])
+        raise bad_request(f"invalid value for {param!r}: {first['msg']}", param=param) from None
+    return await _generate(svc, body, "simple", None)
+
+
+@router.get("/v1/requests/{request_id}/events")
+async def request_events(
+    request_id: str,
+    request: Request,
+    last_event_id: Annotated[str | None, Query()] = None,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Response:
+    """A request's events from any gateway, after ``Last-Event-ID`` (header, else query), then live."""
+    svc = services(request)
+    point = await svc.events.open(request_id, last_event_id_header or last_event_id)
+    return SSEResponse(
+        svc.events.sse_frames(point), send_timeout_s=svc.settings.send_timeout_s, headers={"X-Request-Id": request_id}
+    )
+
+
+@router.get("/v1/requests/{request_id}")
+async def request_status(request_id: str, request: Request) -> Response:
+    svc = services(request)
+    meta = await svc.store.meta(request_id) if keys.is_request_id(request_id) else None
+    if meta is None:
+        raise not_found(f"no request {request_id!r}", code="request_not_found")
+    return _json(
+        {
+            "id": meta.request_id,
+            "object": "tokenspool.request",
+            "state": meta.state,
+            "model": meta.model,
+            "kind": meta.kind,
+            "worker": meta.worker or None,
+            "attempt": meta.attempt,
+            "events": meta.last_seq,
+            "finish_reason": meta.finish_reason or None,
+            "usage": usage_body(meta.prompt_tokens, meta.completion_tokens) if meta.terminal else None,
+            "error": meta.error or None,
+            "cancel_requested": meta.cancel_requested,
+            "created": meta.created_s,
+            "enqueued_at_ms": meta.enqueued_ms,
+            "started_at_ms": meta.started_ms or None,
+            "finished_at_ms": meta.finished_ms or None,
+        }
+    )
+
+
+@router.delete("/v1/requests/{request_id}")
+async def cancel_request(request_id: str, request: Request) -> Response:
+    """Stop a request: at once when queued, within one engine step when running."""
+    svc = services(request)
+    if not keys.is_request_id(request_id):
+        raise not_found(f"no request {request_id!r}", code="request_not_found")
+    code, state = await svc.store.cancel(request_id)
+    if code == -1:
+        raise not_found(f"no request {request_id!r}", code="request_not_found")
+    if code == 0:
+        raise APIError(409, f"request {request_id} already ended ({state})", code="request_ended")
+    return _json(
+        {
+            "id": request_id,
+            "object": "tokenspool.request",
+            "cancelled": True,
+            "state": "cancelled" if code == 1 else "cancelling",
+        },
+        status=200 if code == 1 else 202,
+    )
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    models = await services(request).catalog.models()
+    data = [
+        {"id": entry.name, "object": "model", "created": entry.last_seen_ms // 1000, "owned_by": entry.owned_by}
+        for entry in sorted(models.values(), key=lambda e: e.name)
+        if entry.live_workers
+    ]
+    return _json({"object": "list", "data": data})
+
+
+@router.get("/healthz")
+async def healthz() -> Response:
+    return _json({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    svc = services(request)
+    await svc.store.redis.ping()
+    return _json({"status": "ready"})

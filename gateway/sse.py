@@ -1,0 +1,86 @@
+"""The SSE frame encoder and the streaming response that sends frames with a timeout on every write.
+
+This module is the only place that builds Server-Sent Events bytes. One connection has one concurrency
+shape (as in sse-starlette): a task that writes frames and a task that listens for the client's
+disconnect; whichever ends first cancels the other, and cancellation is always re-raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Final
+
+from starlette.responses import StreamingResponse
+from starlette.types import Message, Receive, Scope, Send
+
+log = logging.getLogger("tokenspool.gateway.sse")
+
+DONE_FRAME: Final = b"data: [DONE]\n\n"
+STREAM_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+
+
+def event_frame(event_id: str, data: bytes) -> bytes:
+    """One SSE event with an ``id:`` line. ``data`` may span lines; each becomes its own ``data:`` line."""
+    if b"\n" in data or b"\r" in data:
+        lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        body = b"".join(b"data: " + line + b"\n" for line in lines)
+    else:
+        body = b"data: " + data + b"\n"
+    clean_id = event_id.replace("\r", "").replace("\n", "").replace("\0", "")
+    return b"id: " + clean_id.encode() + b"\n" + body + b"\n"
+
+
+def data_frame(data: bytes) -> bytes:
+    """An SSE event without an id (used for the out-of-band error of a stream that cannot go on)."""
+    return b"data: " + data.replace(b"\n", b" ") + b"\n\n"
+
+
+def comment_frame(text: str) -> bytes:
+    """An SSE comment: clients ignore it; proxies see traffic; people reading the stream see why it waits."""
+    return b": " + text.replace("\r", " ").replace("\n", " ").encode() + b"\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """``text/event-stream`` whose every write must be accepted by the client within ``send_timeout_s``."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, frames: AsyncIterator[bytes], *, send_timeout_s: float, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(frames, media_type=self.media_type, headers={**STREAM_HEADERS, **(headers or {})})
+        self._frames = frames
+        self._send_timeout_s = send_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        writer = asyncio.create_task(self._write(send))
+        listener = asyncio.create_task(self._wait_for_disconnect(receive))
+        try:
+            await asyncio.wait({writer, listener}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (writer, listener):
+                task.cancel()
+            await asyncio.gather(writer, listener, return_exceptions=True)
+            await self._frames.aclose()  # type: ignore[attr-defined]
+        if writer.done() and not writer.cancelled() and writer.exception() is not None:
+            raise writer.exception()  # type: ignore[misc]
+
+    async def _write(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self._frames:
+            message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
+            try:
+                await asyncio.wait_for(send(message), self._send_timeout_s)
+            except TimeoutError:
+                log.info("client did not accept a write within %.1fs; closing its stream", self._send_timeout_s)
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _wait_for_disconnect(receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return

@@ -1,0 +1,186 @@
+"""Reading a request's events for a client: replay from Redis in bounded batches, then follow live.
+
+The resume position is checked at both ends: the event a client names must be one this request had
+(else 400), the first event replayed must be exactly the next one (else the events expired: 410), and
+every batch from the live reader must continue the last one without a gap (else the connection goes back
+to range reads from its own cursor, which either fills the gap or reports that events expired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import orjson
+
+from gateway.chunks import ChunkRenderer, error_body
+from gateway.errors import APIError, bad_request, not_found
+from gateway.relay import Relay
+from gateway.sse import DONE_FRAME, comment_frame, data_frame
+from shared import keys, wire
+from shared.settings import GatewaySettings
+from shared.store import RequestMeta, RequestStore
+
+Batch = list[tuple[int, bytes]]
+
+
+class EventsExpiredError(Exception):
+    """Events a client still needs are no longer in Redis (retention ran out or the stream was trimmed)."""
+
+
+def is_terminal(payload: bytes) -> bool:
+    return wire.decode(payload, wire.Event).terminal
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    meta: RequestMeta
+    after_seq: int
+    first_batch: Batch
+
+
+class EventReader:
+    """Opens and follows request event streams for this gateway process."""
+
+    def __init__(self, store: RequestStore, relay: Relay, settings: GatewaySettings) -> None:
+        self.store = store
+        self.relay = relay
+        self.settings = settings
+
+    async def open(self, request_id: str, last_event_id: str | None) -> ResumePoint:
+        """Check that a stream can be read from the given position; raise the right API error if not."""
+        if not keys.is_request_id(request_id):
+            raise not_found(f"no request {request_id!r}", code="request_not_found")
+        after_seq = 0
+        if last_event_id:
+            try:
+                named_request, after_seq = keys.parse_event_id(last_event_id)
+            except ValueError:
+                raise bad_request(
+                    f"malformed event id {last_event_id!r}", param="last_event_id", code="invalid_event_id"
+                ) from None
+            if named_request != request_id:
+                raise bad_request(
+                    f"event id {last_event_id!r} belongs to another request",
+                    param="last_event_id",
+                    code="invalid_event_id",
+                )
+        meta = await self.store.meta(request_id)
+        if meta is None:
+            raise not_found(
+                f"no request {request_id!r} (unknown, or expired past its tombstone)", code="request_not_found"
+            )
+        if after_seq > meta.last_seq:
+            raise bad_request(
+                f"request {request_id} never had event {last_event_id!r} (it has {meta.last_seq})",
+                param="last_event_id",
+                code="invalid_event_id",
+            )
+        first_batch: Batch = []
+        if meta.last_seq > after_seq:
+            first_batch = await self.store.read_events(request_id, after_seq, self.settings.replay_batch_events)
+            if not first_batch or first_batch[0][0] != after_seq + 1:
+                raise APIError(
+                    410,
+                    f"the events of request {request_id} after position {after_seq} have expired "
+                    f"(retention is {self.settings.retention_s:g}s)",
+                    error_type="gone",
+                    code="events_expired",
+                )
+        return ResumePoint(meta, after_seq, first_batch)
+
+    async def batches(self, point: ResumePoint, tick_s: float) -> AsyncIterator[Batch]:
+        """Contiguous batches of (seq, payload) until the terminal event; an empty batch every idle ``tick_s``.
+
+        Raises :class:`EventsExpiredError` when events between the cursor and the live tail are gone.
+        """
+        request_id = point.meta.request_id
+        cursor = point.after_seq
+        pending = point.first_batch
+        while True:
+            # Replay: range reads of bounded size until caught up.
+            while True:
+                if pending:
+                    if pending[0][0] != cursor + 1:
+                        raise EventsExpiredError(f"events after {cursor} are gone")
+                    cursor = pending[-1][0]
+                    yield pending
+                    if is_terminal(pending[-1][1]):
+                        return
+                    short = len(pending) < self.settings.replay_batch_events
+                    pending = []
+                    if short:
+                        break
+                pending = await self.store.read_events(request_id, cursor, self.settings.replay_batch_events)
+                if not pending:
+                    break
+            # Live: the multiplexed reader fills this subscription from the cursor on.
+            sub = self.relay.subscribe(request_id, cursor)
+            try:
+                while True:
+                    if not sub.items and not sub.overflowed:
+                        try:
+                            await asyncio.wait_for(sub.wake.wait(), tick_s)
+                        except TimeoutError:
+                            yield []
+                            continue
+                    if sub.overflowed:
+                        break
+                    items = sub.take()
+                    if not items:
+                        continue
+                    if items[0][0] != cursor + 1:
+                        break  # a gap: go back to range reads from our own cursor
+                    cursor = items[-1][0]
+                    yield items
+                    if is_terminal(items[-1][1]):
+                        return
+            finally:
+                self.relay.unsubscribe(sub)
+            pending = await self.store.read_events(request_id, cursor, self.settings.replay_batch_events)
+
+    async def sse_frames(self, point: ResumePoint) -> AsyncIterator[bytes]:
+        """The SSE body of a stream: rendered events (several per write when the client is behind),
+        queue-position comments while the request waits, heartbeats while idle, then ``[DONE]``."""
+        renderer = ChunkRenderer(point.meta)
+        settings = self.settings
+        tick_s = min(settings.heartbeat_s, settings.queue_status_interval_s)
+        last_write = time.monotonic()
+        seen_event = point.after_seq > 0
+        try:
+            async for batch in self.batches(point, tick_s):
+                now = time.monotonic()
+                if batch:
+                    seen_event = True
+                    last_write = now
+                    frames = renderer.frames(batch)
+                    if frames:
+                        yield frames
+                    continue
+                if not seen_event:
+                    state, _ = await self.store.state(point.meta.request_id)
+                    if state == "queued":
+                        waiting = await self.store.queue_waiting(point.meta.model)
+                        last_write = now
+                        yield comment_frame(f"queued: {waiting} request(s) waiting for model {point.meta.model}")
+                        continue
+                if now - last_write >= settings.heartbeat_s:
+                    last_write = now
+                    yield comment_frame("ping")
+        except EventsExpiredError as exc:
+            yield data_frame(orjson.dumps(error_body("events_expired", f"cannot continue the stream: {exc}")))
+        yield DONE_FRAME
+
+    async def collect(self, point: ResumePoint) -> tuple[str, wire.Event]:
+        """Wait for a request to end; (full text, terminal event)."""
+        parts: list[str] = []
+        async for batch in self.batches(point, tick_s=max(self.settings.heartbeat_s, 1.0)):
+            for _seq, payload in batch:
+                event = wire.decode(payload, wire.Event)
+                if event.kind == "delta":
+                    parts.append(event.text)
+                else:
+                    return "".join(parts), event
+        raise EventsExpiredError("stream ended without a terminal event")

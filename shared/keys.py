@@ -1,0 +1,100 @@
+"""Every Redis key name tokenspool uses, and the request ids they are built from.
+
+Keys that one command or script touches together share a ``{hash tag}``, so the design runs on
+Redis Cluster unchanged:
+
+- a request's event stream, metadata hash and job record are tagged with its *partition*
+  (``{p0}`` .. ``{p15}``), taken from the first hex digit of the request id; a gateway can therefore
+  read the event streams of all its live connections in at most 16 multi-key XREADs, one per slot;
+- a model's request queue is tagged by the model name;
+- the worker registry and the idempotency records stand alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Final, Literal
+
+PREFIX: Final = "ts"
+PARTITIONS: Final = 16
+WORKER_GROUP: Final = "workers"
+"""The consumer group every worker of a model reads its queue through."""
+
+RequestKind = Literal["chat", "completion"]
+
+_ID_PREFIX: Final[dict[str, str]] = {"chat": "chatcmpl-", "completion": "cmpl-"}
+_REQUEST_ID_RE: Final = re.compile(r"^(chatcmpl|cmpl)-([0-9a-f]{32})$")
+
+
+def new_request_id(kind: RequestKind) -> str:
+    """A fresh request id with 128 random bits, prefixed as OpenAI prefixes its completion ids."""
+    return _ID_PREFIX[kind] + secrets.token_hex(16)
+
+
+def is_request_id(value: str) -> bool:
+    return _REQUEST_ID_RE.match(value) is not None
+
+
+def partition_of(request_id: str) -> int:
+    """The partition (0..15) of a request: the first hex digit of its random part."""
+    match = _REQUEST_ID_RE.match(request_id)
+    if match is None:
+        raise ValueError(f"not a tokenspool request id: {request_id!r}")
+    return int(match.group(2)[0], 16)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestKeys:
+    """The keys of one request; all three share one hash slot so one script can touch them together."""
+
+    request_id: str
+    events: str
+    meta: str
+    job: str
+
+    @classmethod
+    def of(cls, request_id: str) -> RequestKeys:
+        base = f"{PREFIX}:{{p{partition_of(request_id)}}}:r:{request_id}"
+        return cls(request_id=request_id, events=f"{base}:ev", meta=f"{base}:meta", job=f"{base}:job")
+
+
+def queue_key(model: str) -> str:
+    """The request queue (a stream) of one model, read by the workers' consumer group."""
+    return f"{PREFIX}:q:{{{model}}}"
+
+
+def workers_key() -> str:
+    """The hash of registered workers: worker id -> wire-encoded WorkerInfo."""
+    return f"{PREFIX}:{{reg}}:workers"
+
+
+def idempotency_key(owner: str, client_key: str) -> str:
+    """Maps an Idempotency-Key (scoped to its owner) to the request it created."""
+    digest = hashlib.sha256(f"{owner}\0{client_key}".encode()).hexdigest()[:32]
+    return f"{PREFIX}:idem:{{{digest}}}"
+
+
+def stream_entry_id(seq: int) -> str:
+    """The Redis stream id of event number ``seq`` (1-based): explicit ids make appends exactly-once."""
+    return f"{seq}-0"
+
+
+def seq_of_entry_id(entry_id: bytes | str) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.partition("-")[0])
+
+
+def event_id(request_id: str, seq: int) -> str:
+    """The SSE ``id:`` of an event. Opaque to clients; it names its request so a resume can be checked."""
+    return f"{request_id}:{seq}"
+
+
+def parse_event_id(value: str) -> tuple[str, int]:
+    """Split an SSE event id into (request id, sequence number); ValueError when it is not one of ours."""
+    request_id, sep, seq_text = value.strip().rpartition(":")
+    if not sep or not is_request_id(request_id) or not seq_text.isdigit() or len(seq_text) > 12:
+        raise ValueError(f"not a tokenspool event id: {value!r}")
+    return request_id, int(seq_text)

@@ -1,0 +1,27 @@
+"""The worker registry: workers announce themselves and heartbeat; gateways and operators read it."""
+
+from __future__ import annotations
+
+import redis.asyncio as aredis
+
+from shared import keys, wire
+
+
+async def publish(client: aredis.Redis, info: wire.WorkerInfo) -> None:
+    await client.hset(keys.workers_key(), info.worker_id, wire.encode(info))
+
+
+async def read_all(client: aredis.Redis) -> list[wire.WorkerInfo]:
+    """Every registered worker, live or not; entries that do not decode are skipped."""
+    raw: dict[bytes, bytes] = await client.hgetall(keys.workers_key())  # type: ignore[assignment]
+    out: list[wire.WorkerInfo] = []
+    for payload in raw.values():
+        try:
+            out.append(wire.decode(payload, wire.WorkerInfo))
+        except wire.WireError:
+            continue
+    return out
+
+
+def is_live(info: wire.WorkerInfo, now_ms: int, ttl_s: float) -> bool:
+    return info.state != "stopped" and now_ms - info.heartbeat_ms <= ttl_s * 1000

@@ -1,0 +1,186 @@
+"""Settings: one frozen object per process, built once at start from flags and ``TOKENSPOOL_*`` variables.
+
+Every field is a setting with an environment variable named ``TOKENSPOOL_<FIELD>`` and a command-line
+flag ``--<field-with-dashes>``; a flag beats the environment, which beats the default. Parsing is
+strict: a value of the wrong type, out of range or not among the choices, or an unknown
+``TOKENSPOOL_*`` variable (a typo would otherwise be ignored silently), raises :class:`SettingsError`
+with a message that names the variable. Units are in the names (``_s``, ``_ms``, ``_bytes``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+ENV_PREFIX = "TOKENSPOOL_"
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names it and says what was expected."""
+
+
+def setting(default: Any, help: str, *, minimum: float | None = None, flag: str | None = None) -> Any:
+    """A settings field: its default, its help text, an optional lower bound and flag name."""
+    return field(default=default, metadata={"help": help, "minimum": minimum, "flag": flag})
+
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+EngineName = Literal["sim", "vllm"]
+
+
+@dataclass(frozen=True, slots=True)
+class CommonSettings:
+    redis_url: str | None = setting(
+        None, "Redis URL (redis:// or rediss://); `up` starts an embedded server when unset"
+    )
+    log_level: LogLevel = setting("info", "log level")
+    log_format: Literal["plain", "json"] = setting("plain", "log line format")
+    retention_s: float = setting(600.0, "how long a finished request stays replayable", minimum=0.001)
+    tombstone_s: float = setting(
+        86400.0, "how long after expiry a request id still answers 410 Gone instead of 404", minimum=0.0
+    )
+    request_ttl_s: float = setting(
+        3600.0, "upper bound on how long an unfinished request's keys live in Redis", minimum=1.0
+    )
+    worker_ttl_s: float = setting(5.0, "a worker not heard from for this long is not live", minimum=0.1)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings(CommonSettings):
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8000, "port to listen on", minimum=0)
+    fd: int | None = setting(None, "listen on this inherited socket instead (used by `tokenspool up`)", minimum=0)
+    heartbeat_s: float = setting(15.0, "SSE comment heartbeat interval on idle streams", minimum=0.01)
+    send_timeout_s: float = setting(
+        30.0, "a client that takes longer than this to accept a write is dropped", minimum=0.01
+    )
+    max_body_bytes: int = setting(1_048_576, "largest request body accepted (413 above)", minimum=1)
+    max_queue_depth: int = setting(1000, "waiting requests per model before new ones get 429", minimum=1)
+    replay_batch_events: int = setting(256, "events per Redis range read when replaying", minimum=1)
+    client_buffer_events: int = setting(
+        1024, "events buffered per client before it is switched to catch-up reads from Redis", minimum=1
+    )
+    reader_block_ms: int = setting(5000, "how long the multiplexed reader's XREAD blocks", minimum=1)
+    queue_status_interval_s: float = setting(1.0, "how often a queued stream reports its position", minimum=0.01)
+    model_grace_s: float = setting(
+        300.0, "a model stays accepted this long after its last worker was heard from", minimum=0.0
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings(CommonSettings):
+    engine: EngineName = setting("sim", "inference engine: `sim` (simulated, for tests and demos) or `vllm`")
+    model: str | None = setting(None, "model to serve (vllm: Hugging Face id or folder); sim: its name")
+    served_model_name: str | None = setting(None, "name clients use for the model (default: --model)")
+    worker_id: str | None = setting(None, "this worker's id (default: host-pid-random)", flag="--id")
+    max_num_seqs: int = setting(64, "requests run at once; the worker pulls only this many", minimum=1)
+    worker_heartbeat_s: float = setting(1.0, "registry heartbeat interval", minimum=0.01)
+    stream_maxlen: int = setting(100_000, "events kept per request stream while it runs", minimum=1)
+    max_unflushed_events: int = setting(4096, "events a request may buffer while Redis is slow", minimum=1)
+    drain_timeout_s: float = setting(30.0, "on SIGTERM, how long running requests may take to finish", minimum=0.0)
+    sim_ttft_ms: float = setting(50.0, "sim engine: time to first token", minimum=0.0)
+    sim_itl_ms: float = setting(20.0, "sim engine: time between tokens", minimum=0.0)
+    sim_default_max_tokens: int = setting(
+        128, "sim engine: longest natural reply when a request sets no max_tokens", minimum=1
+    )
+    dtype: str = setting("auto", "vllm: weight dtype (auto, float32, bfloat16, float16)")
+    max_model_len: int | None = setting(None, "vllm: context length", minimum=1)
+    gpu_memory_utilization: float = setting(0.9, "vllm: share of GPU memory for weights and KV cache", minimum=0.01)
+    tensor_parallel_size: int = setting(1, "vllm: GPUs per engine", minimum=1)
+    enforce_eager: bool = setting(False, "vllm: disable CUDA graphs")
+    engine_args_json: str = setting("", "vllm: extra AsyncEngineArgs as a JSON object")
+
+
+S = TypeVar("S", bound=CommonSettings)
+
+_ALL_CLASSES: tuple[type[CommonSettings], ...] = (CommonSettings, GatewaySettings, WorkerSettings)
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(f: dataclasses.Field[Any]) -> str:
+    flag: str | None = f.metadata.get("flag")
+    return flag or "--" + f.name.replace("_", "-")
+
+
+def known_env_names() -> set[str]:
+    return {env_name(f.name) for cls in _ALL_CLASSES for f in dataclasses.fields(cls)}
+
+
+def _parse(raw: str, annotation: Any, source: str) -> Any:
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if raw.strip() == "":
+            return None
+        return _parse(raw, inner[0], source)
+    if origin is Literal:
+        if raw not in args:
+            raise SettingsError(f"{source}: expected one of {', '.join(map(str, args))}, got {raw!r}")
+        return raw
+    if annotation is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{source}: expected true or false, got {raw!r}")
+    if annotation is int:
+        try:
+            return int(raw.strip(), 10)
+        except ValueError:
+            raise SettingsError(f"{source}: expected an integer, got {raw!r}") from None
+    if annotation is float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{source}: expected a number, got {raw!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise SettingsError(f"{source}: expected a finite number, got {raw!r}")
+        return value
+    if annotation is str:
+        return raw
+    raise TypeError(f"unsupported settings type {annotation!r}")
+
+
+def load_settings(cls: type[S], environ: Mapping[str, str], flags: Mapping[str, str | None] | None = None) -> S:
+    """Build ``cls`` from ``flags`` (field name -> raw text, None when not given) and ``environ``.
+
+    Raises :class:`SettingsError` naming the first bad value or unknown ``TOKENSPOOL_*`` variable.
+    """
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known_env_names())
+    if unknown:
+        raise SettingsError(f"unknown setting {unknown[0]} (`tokenspool settings` lists them all)")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    flags = flags or {}
+    for f in dataclasses.fields(cls):
+        raw_flag = flags.get(f.name)
+        if raw_flag is not None:
+            values[f.name] = _parse(raw_flag, hints[f.name], flag_name(f))
+        elif env_name(f.name) in environ:
+            values[f.name] = _parse(environ[env_name(f.name)], hints[f.name], env_name(f.name))
+    for f in dataclasses.fields(cls):
+        minimum = f.metadata.get("minimum")
+        value = values.get(f.name, f.default)
+        if minimum is not None and value is not None and value < minimum:
+            raise SettingsError(f"{env_name(f.name)} ({flag_name(f)}): must be at least {minimum}, got {value}")
+    return cls(**values)
+
+
+def as_environment(settings: CommonSettings) -> dict[str, str]:
+    """The ``TOKENSPOOL_*`` variables that rebuild ``settings`` in a child process."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if value is None:
+            continue
+        out[env_name(f.name)] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return out

@@ -1,0 +1,323 @@
+"""The request record in Redis and the atomic operations on it, shared by gateways and workers.
+
+A request lives in three keys of one hash slot (see :mod:`shared.keys`): its metadata hash, its job
+record, and its event stream. Every state change that touches the event stream runs as one Lua script,
+so an append, its sequence check, its fencing check and the state change it implies happen together or
+not at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import redis.asyncio as aredis
+from redis.commands.core import AsyncScript
+
+from shared import keys, wire
+from shared.settings import CommonSettings
+
+RequestState = Literal["queued", "running", "done", "cancelled", "failed"]
+TERMINAL_STATES: Final = frozenset({"done", "cancelled", "failed"})
+StreamFormat = Literal["chat", "completion", "simple"]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMeta:
+    """The metadata hash of a request, parsed."""
+
+    request_id: str
+    state: RequestState
+    kind: str
+    stream_format: StreamFormat
+    model: str
+    owner: str
+    include_usage: bool
+    created_s: int
+    enqueued_ms: int
+    started_ms: int
+    finished_ms: int
+    worker: str
+    attempt: int
+    last_seq: int
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str
+    cancel_requested: bool
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @classmethod
+    def from_hash(cls, request_id: str, raw: Mapping[bytes, bytes]) -> RequestMeta:
+        def text(name: str) -> str:
+            return raw.get(name.encode(), b"").decode()
+
+        def number(name: str) -> int:
+            return int(raw.get(name.encode(), b"0") or 0)
+
+        return cls(
+            request_id=request_id,
+            state=text("state"),  # type: ignore[arg-type]
+            kind=text("kind"),
+            stream_format=text("format"),  # type: ignore[arg-type]
+            model=text("model"),
+            owner=text("owner"),
+            include_usage=text("include_usage") == "1",
+            created_s=number("created_s"),
+            enqueued_ms=number("enqueued_ms"),
+            started_ms=number("started_ms"),
+            finished_ms=number("finished_ms"),
+            worker=text("worker"),
+            attempt=number("attempt"),
+            last_seq=number("last_seq"),
+            finish_reason=text("finish_reason"),
+            prompt_tokens=number("prompt_tokens"),
+            completion_tokens=number("completion_tokens"),
+            error=text("error"),
+            cancel_requested=text("cancel") == "1",
+        )
+
+
+# Append events to a running request, as the worker holding attempt ARGV[1].
+# KEYS: meta, events, job.  ARGV: attempt, maxlen, running_ttl_ms, retention_ms, meta_ttl_ms, now_ms,
+#   final_state ('' unless the last event is terminal), finish_reason, prompt_tokens, completion_tokens,
+#   error, first_seq, payload...
+# Returns {last_seq, cancel_requested} on success, or {code, last_seq} with code -1 (request gone),
+# -2 (fenced: another attempt owns the request), -3 (request already ended), -4 (first_seq is not
+# last_seq + 1: the caller resends from last_seq + 1).
+_APPEND_LUA: Final = """
+local meta, ev, job = KEYS[1], KEYS[2], KEYS[3]
+local cur = redis.call('HMGET', meta, 'attempt', 'last_seq', 'state', 'cancel')
+if not cur[1] then return {-1, 0} end
+local last = tonumber(cur[2])
+if cur[1] ~= ARGV[1] then return {-2, last} end
+if cur[3] ~= 'running' then return {-3, last} end
+local first = tonumber(ARGV[12])
+if first ~= last + 1 then return {-4, last} end
+local n = #ARGV - 12
+for i = 1, n do
+  redis.call('XADD', ev, 'MAXLEN', '~', ARGV[2], (first + i - 1) .. '-0', 'd', ARGV[12 + i])
+end
+last = first + n - 1
+redis.call('HSET', meta, 'last_seq', last)
+if ARGV[7] ~= '' then
+  redis.call('HSET', meta, 'state', ARGV[7], 'finish_reason', ARGV[8], 'prompt_tokens', ARGV[9],
+             'completion_tokens', ARGV[10], 'error', ARGV[11], 'finished_ms', ARGV[6])
+  redis.call('PEXPIRE', ev, ARGV[4])
+  redis.call('PEXPIRE', job, ARGV[4])
+  redis.call('PEXPIRE', meta, ARGV[5])
+else
+  redis.call('PEXPIRE', ev, ARGV[3])
+  redis.call('PEXPIRE', job, ARGV[3])
+  redis.call('PEXPIRE', meta, ARGV[3])
+end
+if cur[4] == '1' then return {last, 1} end
+return {last, 0}
+"""
+
+# Take a queued request: KEYS meta; ARGV worker_id, now_ms. Returns {attempt, last_seq}, attempt 0 when
+# the request is not queued (cancelled meanwhile, expired, or taken).
+_CLAIM_LUA: Final = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if st ~= 'queued' then return {0, 0} end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1], 'started_ms', ARGV[2])
+return {attempt, tonumber(redis.call('HGET', KEYS[1], 'last_seq'))}
+"""
+
+# Cancel: KEYS meta, events, job; ARGV now_ms, cancel_event_payload, retention_ms, meta_ttl_ms, maxlen.
+# A queued request ends here (its terminal event is written now); a running one is flagged and its worker
+# writes the terminal event within one engine step. Returns {code, state}: 1 cancelled now, 2 flagged,
+# 0 already ended, -1 unknown.
+_CANCEL_LUA: Final = """
+local meta, ev, job = KEYS[1], KEYS[2], KEYS[3]
+local cur = redis.call('HMGET', meta, 'state', 'last_seq')
+if not cur[1] then return {-1, ''} end
+if cur[1] == 'queued' then
+  local seq = tonumber(cur[2]) + 1
+  redis.call('XADD', ev, 'MAXLEN', '~', ARGV[5], seq .. '-0', 'd', ARGV[2])
+  redis.call('HSET', meta, 'state', 'cancelled', 'last_seq', seq, 'finished_ms', ARGV[1],
+             'error', 'cancelled by the client')
+  redis.call('PEXPIRE', ev, ARGV[3])
+  redis.call('PEXPIRE', job, ARGV[3])
+  redis.call('PEXPIRE', meta, ARGV[4])
+  return {1, 'cancelled'}
+elseif cur[1] == 'running' then
+  redis.call('HSET', meta, 'cancel', '1')
+  return {2, 'running'}
+end
+return {0, cur[1]}
+"""
+
+APPEND_GONE: Final = -1
+APPEND_FENCED: Final = -2
+APPEND_ENDED: Final = -3
+APPEND_OUT_OF_SEQUENCE: Final = -4
+
+
+@dataclass(frozen=True, slots=True)
+class FinalState:
+    """What the last event of a request sets in its metadata."""
+
+    state: RequestState
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""
+
+
+class RequestStore:
+    """The operations on request records; one per process, built on that process's Redis client."""
+
+    def __init__(self, client: aredis.Redis, settings: CommonSettings) -> None:
+        self.redis = client
+        # redis-py's annotations do not model binary replies; replies are checked where they are parsed.
+        self._r: Any = client
+        self.retention_ms = int(settings.retention_s * 1000)
+        self.meta_ttl_ms = int((settings.retention_s + settings.tombstone_s) * 1000)
+        self.running_ttl_ms = int(settings.request_ttl_s * 1000)
+        self._append: AsyncScript = client.register_script(_APPEND_LUA)
+        self._claim: AsyncScript = client.register_script(_CLAIM_LUA)
+        self._cancel: AsyncScript = client.register_script(_CANCEL_LUA)
+
+    # -- gateway side -------------------------------------------------------------------------------
+
+    async def create(self, job: wire.Job, *, stream_format: StreamFormat, owner: str, include_usage: bool) -> None:
+        """Record a new request and enqueue it on its model's queue, in one round trip."""
+        rk = keys.RequestKeys.of(job.request_id)
+        payload = wire.encode(job)
+        fields: dict[str, Any] = {
+            "state": "queued",
+            "kind": job.kind,
+            "format": stream_format,
+            "model": job.model,
+            "owner": owner,
+            "include_usage": "1" if include_usage else "0",
+            "created_s": job.created_s,
+            "enqueued_ms": job.enqueued_ms,
+            "attempt": 0,
+            "last_seq": 0,
+        }
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hset(rk.meta, mapping=fields)
+        pipe.pexpire(rk.meta, self.running_ttl_ms)
+        pipe.set(rk.job, payload, px=self.running_ttl_ms)
+        pipe.xadd(keys.queue_key(job.model), {"d": payload})
+        try:
+            await pipe.execute()
+        except BaseException:
+            await self._r.delete(rk.meta, rk.job)
+            raise
+
+    async def meta(self, request_id: str) -> RequestMeta | None:
+        raw = await self._r.hgetall(keys.RequestKeys.of(request_id).meta)
+        return RequestMeta.from_hash(request_id, raw) if raw else None
+
+    async def state(self, request_id: str) -> tuple[str, int]:
+        """(state, last_seq) in one small read; ('', 0) for an unknown request."""
+        state, last_seq = await self._r.hmget(keys.RequestKeys.of(request_id).meta, ["state", "last_seq"])
+        return (state or b"").decode(), int(last_seq or 0)
+
+    async def cancel(self, request_id: str) -> tuple[int, str]:
+        rk = keys.RequestKeys.of(request_id)
+        payload = wire.encode(wire.Event("error", error_type="cancelled", message="cancelled by the client"))
+        code, state = await self._cancel(
+            keys=[rk.meta, rk.events, rk.job],
+            args=[now_ms(), payload, self.retention_ms, self.meta_ttl_ms, 100_000],
+        )
+        return int(code), state.decode() if isinstance(state, bytes) else str(state)
+
+    async def queue_waiting(self, model: str) -> int:
+        """Requests of ``model`` not yet taken by any worker (queue length minus pending entries)."""
+        queue = keys.queue_key(model)
+        pipe = self._r.pipeline(transaction=False)
+        pipe.xlen(queue)
+        pipe.execute_command("XPENDING", queue, keys.WORKER_GROUP)
+        length, pending = await pipe.execute(raise_on_error=False)
+        if isinstance(length, Exception):
+            raise length
+        taken = int(pending[0]) if isinstance(pending, list | tuple) and pending else 0
+        return max(0, int(length) - taken)
+
+    async def read_events(self, request_id: str, after_seq: int, count: int) -> list[tuple[int, bytes]]:
+        """Up to ``count`` stored events after ``after_seq``, as (seq, payload), in one range read."""
+        entries = await self._r.xrange(
+            keys.RequestKeys.of(request_id).events, min=f"({keys.stream_entry_id(after_seq)}", max="+", count=count
+        )
+        return [(keys.seq_of_entry_id(entry_id), fields[b"d"]) for entry_id, fields in entries]
+
+    # -- worker side --------------------------------------------------------------------------------
+
+    async def claim(self, request_id: str, worker_id: str) -> tuple[int, int]:
+        """Take a queued request; (attempt, last_seq), attempt 0 when it is no longer queued."""
+        attempt, last_seq = await self._claim(keys=[keys.RequestKeys.of(request_id).meta], args=[worker_id, now_ms()])
+        return int(attempt), int(last_seq)
+
+    def append_args(
+        self,
+        request_id: str,
+        attempt: int,
+        first_seq: int,
+        payloads: list[bytes],
+        final: FinalState | None,
+        maxlen: int,
+    ) -> tuple[list[str], list[Any]]:
+        rk = keys.RequestKeys.of(request_id)
+        final_fields: list[Any] = (
+            [final.state, final.finish_reason, final.prompt_tokens, final.completion_tokens, final.error]
+            if final is not None
+            else ["", "", 0, 0, ""]
+        )
+        args: list[Any] = [
+            attempt,
+            maxlen,
+            self.running_ttl_ms,
+            self.retention_ms,
+            self.meta_ttl_ms,
+            now_ms(),
+            *final_fields,
+            first_seq,
+            *payloads,
+        ]
+        return [rk.meta, rk.events, rk.job], args
+
+    async def append_in(
+        self,
+        pipe: Any,
+        request_id: str,
+        attempt: int,
+        first_seq: int,
+        payloads: list[bytes],
+        final: FinalState | None,
+        maxlen: int,
+    ) -> None:
+        """Queue one atomic append on ``pipe`` (a pipeline); its reply is ``[last_seq_or_code, flag]``."""
+        script_keys, args = self.append_args(request_id, attempt, first_seq, payloads, final, maxlen)
+        await self._append(keys=script_keys, args=args, client=pipe)
+
+    async def cancel_flags(self, request_ids: list[str]) -> dict[str, bool]:
+        """Which of these running requests a client asked to cancel."""
+        if not request_ids:
+            return {}
+        pipe = self._r.pipeline(transaction=False)
+        for request_id in request_ids:
+            pipe.hget(keys.RequestKeys.of(request_id).meta, "cancel")
+        flags = await pipe.execute()
+        return {rid: flag == b"1" for rid, flag in zip(request_ids, flags, strict=True)}
+
+    async def finish_queue_entry(self, model: str, entry_id: bytes) -> None:
+        """Acknowledge and delete a request's queue entry once the request has ended."""
+        queue = keys.queue_key(model)
+        pipe = self._r.pipeline(transaction=False)
+        pipe.xack(queue, keys.WORKER_GROUP, entry_id)
+        pipe.xdel(queue, entry_id)
+        await pipe.execute()

@@ -1,0 +1,164 @@
+"""The wire format: every payload tokenspool stores in Redis, as versioned msgpack.
+
+One pair of functions, :func:`encode` and :func:`decode`, is the only place payloads are built or
+read. Each payload is a msgpack array ``[version, tag, *fields]``: positional fields keep a retained
+token event small (tens of bytes), and the version lets a later release read what an older one wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass, field
+from typing import Any, Final, Literal, TypeVar
+
+import msgpack
+
+WIRE_VERSION: Final = 1
+
+EventKind = Literal["delta", "end", "error"]
+FinishReason = Literal["stop", "length"]
+WorkerState = Literal["active", "draining", "stopped"]
+
+
+class WireError(ValueError):
+    """A payload that is not tokenspool wire data of a version this code reads."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    """The OpenAI sampling parameters a request carries; ``None`` leaves the engine's default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What a worker needs to run a request: enqueued on the model's queue and kept beside its events."""
+
+    request_id: str
+    kind: Literal["chat", "completion"]
+    model: str
+    prompt: str
+    messages: tuple[ChatMessage, ...]
+    sampling: SamplingOptions
+    created_s: int
+    enqueued_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One stored event of a request's stream.
+
+    ``delta`` carries new text and its token ids (and, on the last one, why generation stopped);
+    ``end`` closes a stream that finished, with its usage; ``error`` closes one that failed or was
+    cancelled (``error_type`` says which).
+    """
+
+    kind: EventKind
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error_type: str = ""
+    message: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind != "delta"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What a worker registers and refreshes on every heartbeat."""
+
+    worker_id: str
+    model: str
+    engine: str
+    capacity: int
+    running: int
+    state: WorkerState
+    host: str
+    pid: int
+    started_ms: int
+    heartbeat_ms: int
+    owned_by: str = field(default="tokenspool")
+
+
+Payload = Job | Event | WorkerInfo
+_TAGS: Final[dict[type[Any], int]] = {Job: 1, Event: 2, WorkerInfo: 3}
+P = TypeVar("P", Job, Event, WorkerInfo)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def encode(payload: Payload) -> bytes:
+    """Serialise a payload; the single writer of tokenspool's stored bytes."""
+    tag = _TAGS[type(payload)]
+    if isinstance(payload, Event):
+        fields: list[Any] = [
+            payload.kind,
+            payload.text,
+            list(payload.token_ids),
+            payload.finish_reason,
+            payload.prompt_tokens,
+            payload.completion_tokens,
+            payload.error_type,
+            payload.message,
+        ]
+    else:
+        fields = [_plain(value) for value in astuple(payload)]
+    packed: bytes = msgpack.packb([WIRE_VERSION, tag, *fields], use_bin_type=True)
+    return packed
+
+
+def decode(data: bytes, kind: type[P]) -> P:
+    """Read a payload of the expected type; :class:`WireError` on anything else."""
+    try:
+        items = msgpack.unpackb(data, raw=False, use_list=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise WireError(f"undecodable payload: {exc}") from exc
+    if not isinstance(items, list) or len(items) < 2:
+        raise WireError("payload is not a versioned array")
+    version, tag, *fields = items
+    if version != WIRE_VERSION:
+        raise WireError(f"wire version {version!r} is not readable by this release (reads {WIRE_VERSION})")
+    if tag != _TAGS[kind]:
+        raise WireError(f"expected a {kind.__name__} payload, got tag {tag!r}")
+    try:
+        if kind is Event:
+            (ev_kind, text, token_ids, finish_reason, prompt_tokens, completion_tokens, error_type, message) = fields
+            event = Event(
+                ev_kind, text, tuple(token_ids), finish_reason, prompt_tokens, completion_tokens, error_type, message
+            )
+            return event  # type: ignore[return-value]
+        if kind is Job:
+            request_id, job_kind, model, prompt, messages, sampling, created_s, enqueued_ms = fields
+            max_tokens, temperature, top_p, seed, stop = sampling
+            job = Job(
+                request_id,
+                job_kind,
+                model,
+                prompt,
+                tuple(ChatMessage(role, content) for role, content in messages),
+                SamplingOptions(max_tokens, temperature, top_p, seed, tuple(stop)),
+                created_s,
+                enqueued_ms,
+            )
+            return job  # type: ignore[return-value]
+        return WorkerInfo(*fields)  # type: ignore[return-value]
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"malformed {kind.__name__} payload: {exc}") from exc

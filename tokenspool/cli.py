@@ -1,0 +1,197 @@
+"""``tokenspool``: the command line. Each subcommand builds its process's one settings object from its
+flags and ``TOKENSPOOL_*`` variables, fails fast with a clear message, and runs one piece."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shared.redis_client import RedisUnreachableError, check_reachable
+from shared.settings import (
+    CommonSettings,
+    GatewaySettings,
+    SettingsError,
+    WorkerSettings,
+    env_name,
+    flag_name,
+    load_settings,
+)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, cls: type[CommonSettings], *, hidden: set[str]) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        help_text = argparse.SUPPRESS if f.name in hidden else f"{f.metadata['help']} [{env_name(f.name)}]"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if hints[f.name] is bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        else:
+            kwargs["metavar"] = f.name.rsplit("_", 1)[-1].upper() if f.name.endswith(("_s", "_ms")) else "VALUE"
+        parser.add_argument(flag_name(f), **kwargs)
+
+
+def _flags(args: argparse.Namespace, cls: type[CommonSettings]) -> dict[str, str | None]:
+    return {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+
+
+def _fail(command: str, message: str, code: int = 2) -> int:
+    print(f"tokenspool {command}: {message}", file=sys.stderr)
+    return code
+
+
+def _require_redis(command: str, settings: CommonSettings) -> int | None:
+    if not settings.redis_url:
+        return _fail(
+            command,
+            "TOKENSPOOL_REDIS_URL (or --redis-url) is required; `tokenspool up` starts a server "
+            "for you, `tokenspool redis` starts one alone",
+        )
+    try:
+        check_reachable(settings.redis_url)
+    except RedisUnreachableError as exc:
+        return _fail(command, str(exc))
+    return None
+
+
+def run_gateway(settings: GatewaySettings) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from shared import logs
+
+    failure = _require_redis("gateway", settings)
+    if failure is not None:
+        return failure
+    logs.configure(settings, "gateway")
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        fd=settings.fd,
+        loop="auto",
+        http="auto",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 3
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    from shared import logs
+    from worker.main import serve
+
+    failure = _require_redis("worker", settings)
+    if failure is not None:
+        return failure
+    if settings.engine == "vllm" and not settings.model:
+        return _fail("worker", "--model (TOKENSPOOL_MODEL) is required with --engine vllm")
+    logs.configure(settings, "worker")
+    try:
+        import uvloop
+
+        loop_factory: Any = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(serve(settings))
+
+
+def run_redis(port: int, data_dir: str | None, appendonly: bool) -> int:
+    import signal
+    import threading
+
+    from tokenspool.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(port, data_dir=Path(data_dir) if data_dir else None, appendonly=appendonly).start()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    print(f"embedded Redis-compatible server (valkey) at {server.url}")
+    print(f"  export TOKENSPOOL_REDIS_URL={server.url}")
+    sys.stdout.flush()
+    try:
+        while not stop.is_set() and server.process is not None and server.process.poll() is None:
+            stop.wait(0.5)
+    finally:
+        server.stop()
+    return 0
+
+
+def print_settings() -> int:
+    hints: dict[str, Any] = {}
+    for cls in (CommonSettings, GatewaySettings, WorkerSettings):
+        hints.update(typing.get_type_hints(cls))
+        print(f"\n{cls.__name__}:")
+        own = {f.name for f in dataclasses.fields(cls)} - (
+            set() if cls is CommonSettings else {f.name for f in dataclasses.fields(CommonSettings)}
+        )
+        for f in dataclasses.fields(cls):
+            if f.name in own:
+                print(f"  {env_name(f.name):42} {flag_name(f):28} default={f.default!r}  {f.metadata['help']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenspool", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run Redis (unless TOKENSPOOL_REDIS_URL is set), gateways and workers together")
+    up.add_argument("--host", default=None, help="gateway listen address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=None, help="gateway port (default 8000)")
+    up.add_argument("--gateways", type=int, default=1, help="gateway processes sharing the port")
+    up.add_argument("--workers", type=int, default=1, help="worker processes")
+    up.add_argument("--engine", choices=("sim", "vllm"), default=None, help="worker engine (default sim)")
+    up.add_argument("--model", default=None, help="model to serve")
+    up.add_argument("--ready-timeout-s", type=float, default=300.0, help="how long to wait for the stack")
+
+    redis_cmd = sub.add_parser("redis", help="run the embedded Redis-compatible server alone")
+    redis_cmd.add_argument("--port", type=int, default=6379, help="port (0 picks a free one)")
+    redis_cmd.add_argument("--dir", default=None, help="data directory (default: a temporary one, removed at exit)")
+    redis_cmd.add_argument("--appendonly", action="store_true", help="persist with an append-only file (everysec)")
+
+    gateway = sub.add_parser("gateway", help="run one gateway process (FastAPI on uvicorn)")
+    _add_setting_flags(gateway, GatewaySettings, hidden={"fd"})
+
+    worker = sub.add_parser("worker", help="run one worker process")
+    _add_setting_flags(worker, WorkerSettings, hidden=set())
+
+    model = sub.add_parser("make-test-model", help="write a small random-weight Llama model for tests (offline)")
+    model.add_argument("directory")
+
+    sub.add_parser("settings", help="list every setting with its variable, flag and default")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    environ = dict(os.environ)
+    try:
+        if args.command == "gateway":
+            return run_gateway(load_settings(GatewaySettings, environ, _flags(args, GatewaySettings)))
+        if args.command == "worker":
+            return run_worker(load_settings(WorkerSettings, environ, _flags(args, WorkerSettings)))
+        if args.command == "up":
+            from tokenspool.supervisor import run_stack
+
+            return run_stack(args, environ)
+    except SettingsError as exc:
+        return _fail(args.command, str(exc))
+    if args.command == "redis":
+        return run_redis(args.port, args.dir, args.appendonly)
+    if args.command == "make-test-model":
+        from tokenspool.test_model import make_test_model
+
+        print(make_test_model(Path(args.directory)))
+        return 0
+    return print_settings()

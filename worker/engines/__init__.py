@@ -1,0 +1,1 @@
+"""Inference engines behind one interface (:class:`worker.engines.base.Engine`)."""

@@ -1,0 +1,70 @@
+"""The engine interface the worker drives: a model that streams deltas for many requests at once."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from shared.wire import ChatMessage, SamplingOptions
+
+
+class EngineError(Exception):
+    """This request failed in the engine; the stream ends with an error event, the worker goes on."""
+
+
+class EngineDeadError(Exception):
+    """The engine itself is gone; the worker must stop pulling and exit non-zero."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One generation, as the engine sees it.
+
+    ``emitted_token_ids`` are tokens already delivered to the client by an earlier attempt: the
+    engine continues after them (prompt + emitted) and spends only the remaining ``max_tokens``.
+    """
+
+    request_id: str
+    kind: str
+    prompt: str
+    messages: tuple[ChatMessage, ...]
+    sampling: SamplingOptions
+    emitted_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineDelta:
+    """New output of one request since its previous delta.
+
+    ``finish_reason`` is set on the last delta only (``stop`` or ``length``); ``prompt_tokens`` is the
+    prompt's length in tokens as the engine counted it.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    prompt_tokens: int
+
+
+class Engine(Protocol):
+    """An inference engine shared by all requests one worker runs."""
+
+    name: str
+    """``sim`` or ``vllm``."""
+    model_name: str
+    """The model name clients send (and the queue the worker reads)."""
+    owned_by: str
+    """What ``GET /v1/models`` says serves the model; the simulated engine says it is simulated."""
+    capacity: int
+    """How many requests it runs at once; the worker pulls no more than this."""
+
+    async def start(self) -> None:
+        """Load the model; raise with a clear message when it cannot."""
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        """Stream the request's deltas. Closing the iterator early (``aclose`` or cancelling the task
+        that iterates it) aborts the request in the engine and frees its slot."""
+
+    async def shutdown(self) -> None:
+        """Release the engine."""

@@ -1,0 +1,207 @@
+"""The simulated engine: a stand-in for a GPU, for broker tests, demos and benchmarks.
+
+It is not a language model and says so (in ``owned_by`` and in the worker's log). What it does model is
+what the broker sees of a real engine: a time to first token, then one token per engine step for every
+running request at once (all requests advance on one shared step clock, as under continuous batching),
+a bounded number of concurrent sequences, stop strings, ``max_tokens``, and cancellation. Its output is
+deterministic for a given prompt and seed — filler words from a fixed vocabulary — so tests can compare
+an interrupted stream with an uninterrupted one, and a continuation (``emitted_token_ids``) produces
+exactly the rest of the uninterrupted reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import random
+from collections.abc import AsyncIterator
+from typing import Final
+
+from shared.settings import WorkerSettings
+from worker.engines.base import EngineDelta, EngineRequest
+
+VOCABULARY: Final = tuple(
+    [
+        "the",
+        "a",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "that",
+        "it",
+        "for",
+        "on",
+        "with",
+        "as",
+        "was",
+        "at",
+        "by",
+        "an",
+        "be",
+        "this",
+        "from",
+        "are",
+        "or",
+        "have",
+        "not",
+        "but",
+        "stream",
+        "token",
+        "broker",
+        "queue",
+        "event",
+        "replay",
+        "gateway",
+        "worker",
+        "request",
+        "reply",
+        "model",
+        "redis",
+        "client",
+        "server",
+        "river",
+        "stone",
+        "light",
+        "cloud",
+        "paper",
+        "window",
+        "garden",
+        "signal",
+        "harbor",
+        "lantern",
+        "meadow",
+        "orbit",
+        "pixel",
+        "quiet",
+        "rapid",
+        "silver",
+        "timber",
+        "velvet",
+        "amber",
+        "bright",
+        "calm",
+        "distant",
+        "early",
+        "gentle",
+        "hollow",
+        "narrow",
+        "open",
+        "plain",
+        "steady",
+        "warm",
+        "carry",
+        "follow",
+        "gather",
+        "listen",
+        "measure",
+        "notice",
+        "open",
+        "reach",
+        "settle",
+        "travel",
+        "wander",
+        "whisper",
+        "answer",
+        "begin",
+        "again",
+        "always",
+        "before",
+        "between",
+        "during",
+        "inside",
+        "nothing",
+        "nearly",
+        "often",
+        "perhaps",
+        "rather",
+        "second",
+        "simply",
+        "today",
+        "together",
+        "under",
+        "until",
+        "within",
+        "without",
+        "yellow",
+        "zero",
+        "seven",
+        "eleven",
+        "hundred",
+        "morning",
+        "evening",
+    ]
+)
+SIM_OWNED_BY: Final = "tokenspool-sim (simulated engine: deterministic filler words, not a language model)"
+
+
+def prompt_text(request: EngineRequest) -> str:
+    if request.kind == "chat":
+        return "\n".join(f"{message.role}: {message.content}" for message in request.messages)
+    return request.prompt
+
+
+class SimEngine:
+    """Deterministic, step-clocked, cancellable token generator."""
+
+    name = "sim"
+    owned_by = SIM_OWNED_BY
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.model_name = settings.served_model_name or settings.model or "tokenspool-sim"
+        self.capacity = settings.max_num_seqs
+        self._ttft_s = settings.sim_ttft_ms / 1000
+        self._step_s = settings.sim_itl_ms / 1000
+        self._natural_max = settings.sim_default_max_tokens
+
+    async def start(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+    def plan(self, request: EngineRequest) -> tuple[list[int], int]:
+        """The whole reply this request would get uninterrupted: (token ids, prompt tokens)."""
+        text = prompt_text(request)
+        digest = hashlib.sha256(f"{text}\0{request.sampling.seed}".encode()).digest()
+        rng = random.Random(digest)
+        natural = rng.randint(max(1, self._natural_max // 2), self._natural_max)
+        limit = natural if request.sampling.max_tokens is None else min(natural, request.sampling.max_tokens)
+        return [rng.randrange(len(VOCABULARY)) for _ in range(limit)], max(1, len(text.split()))
+
+    async def _sleep_until_step(self, earliest: float) -> None:
+        loop = asyncio.get_running_loop()
+        target = earliest if self._step_s <= 0 else math.ceil(earliest / self._step_s) * self._step_s
+        delay = target - loop.time()
+        await asyncio.sleep(delay if delay > 0 else 0)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        token_ids, prompt_tokens = self.plan(request)
+        requested = request.sampling.max_tokens
+        natural_stop = requested is None or len(token_ids) < requested
+        loop = asyncio.get_running_loop()
+        await self._sleep_until_step(loop.time() + self._ttft_s)
+        done = len(request.emitted_token_ids)
+        text_so_far = ""
+        for index in range(done, len(token_ids)):
+            word = VOCABULARY[token_ids[index]]
+            piece = word if index == 0 else " " + word
+            last = index == len(token_ids) - 1
+            cut = self._stop_position(text_so_far + piece, request.sampling.stop)
+            if cut is not None:
+                yield EngineDelta(piece[: max(0, cut - len(text_so_far))], (token_ids[index],), "stop", prompt_tokens)
+                return
+            text_so_far += piece
+            finish = ("stop" if natural_stop else "length") if last else None
+            yield EngineDelta(piece, (token_ids[index],), finish, prompt_tokens)
+            if not last:
+                await self._sleep_until_step(loop.time() + self._step_s)
+        if done >= len(token_ids):
+            yield EngineDelta("", (), "stop" if natural_stop else "length", prompt_tokens)
+
+    @staticmethod
+    def _stop_position(text: str, stops: tuple[str, ...]) -> int | None:
+        found = [pos for pos in (text.find(stop) for stop in stops if stop) if pos >= 0]
+        return min(found) if found else None

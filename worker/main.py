@@ -1,0 +1,60 @@
+"""Worker process entry: build the engine and Redis clients, run until a signal, exit with a status."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+
+from shared.redis_client import connect
+from shared.settings import WorkerSettings
+from worker.engines.base import Engine, EngineDeadError
+from worker.service import PULL_BLOCK_MS, Worker
+
+log = logging.getLogger("tokenspool.worker")
+
+
+def build_engine(settings: WorkerSettings) -> Engine:
+    if settings.engine == "sim":
+        from worker.engines.sim import SimEngine
+
+        return SimEngine(settings)
+    from worker.engines.vllm_engine import VllmEngine
+
+    engine: Engine = VllmEngine(settings)
+    return engine
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+async def serve(settings: WorkerSettings) -> int:
+    """Run one worker until SIGTERM/SIGINT (drain, then exit 0) or an engine failure (exit 1)."""
+    assert settings.redis_url is not None
+    engine = build_engine(settings)
+    if engine.name == "sim":
+        log.warning("engine: SIMULATED (deterministic filler words for broker tests and demos, not a model)")
+    await engine.start()
+    client = connect(settings.redis_url)
+    pull_client = connect(settings.redis_url, socket_timeout_s=PULL_BLOCK_MS / 1000 + 10, max_connections=4)
+    worker = Worker(settings, engine, client, pull_client, settings.worker_id or default_worker_id())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    engine_failed = False
+    try:
+        await worker.run(stop)
+    except* EngineDeadError as group:
+        log.error("engine failed: %s; unfinished requests stay claimable in the queue", group.exceptions[0])
+        engine_failed = True
+    finally:
+        await engine.shutdown()
+        await pull_client.aclose()
+        await client.aclose()
+    log.info("worker %s stopped", worker.worker_id)
+    return 1 if engine_failed else 0

@@ -1,0 +1,160 @@
+"""Group commit of events to Redis: every delta of every running request, one round trip per engine step.
+
+Request tasks :meth:`Outbox.put` events and go on; one flusher task takes everything that arrived since
+its last round trip and sends it as one pipeline of atomic append scripts. Sequence numbers are fixed
+when an event is put, and the script writes them as explicit stream ids, so a retried append after a
+broken connection is exactly-once: the script answers "out of sequence" with what it already has, and
+the outbox drops what was written and resends the rest. Each request's unflushed events are bounded;
+a request whose Redis writes fall behind waits in :meth:`put` (backpressure on the engine consumer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.exceptions
+
+from shared import wire
+from shared.store import (
+    APPEND_ENDED,
+    APPEND_FENCED,
+    APPEND_GONE,
+    APPEND_OUT_OF_SEQUENCE,
+    FinalState,
+    RequestStore,
+)
+
+log = logging.getLogger("tokenspool.worker.outbox")
+
+_LOST_REASONS = {APPEND_GONE: "gone", APPEND_FENCED: "fenced", APPEND_ENDED: "ended"}
+
+
+class RequestLostError(Exception):
+    """The request can no longer be written by this worker (fenced by another attempt, ended, or expired)."""
+
+
+@dataclass(eq=False)
+class RequestLog:
+    """The write side of one running request."""
+
+    request_id: str
+    attempt: int
+    next_seq: int
+    unflushed: list[bytes] = field(default_factory=list)
+    final: FinalState | None = None
+    lost: str = ""
+    cancel_requested: bool = False
+    on_cancel: Callable[[], None] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    space: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_cancel(self) -> None:
+        """A client asked to stop: remember it and interrupt the generation once."""
+        if not self.cancel_requested:
+            self.cancel_requested = True
+            if self.on_cancel is not None:
+                self.on_cancel()
+
+    def mark_lost(self, reason: str) -> None:
+        self.lost = reason
+        self.unflushed.clear()
+        self.done.set()
+        self.space.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
+
+
+class Outbox:
+    def __init__(self, store: RequestStore, *, stream_maxlen: int, max_unflushed: int) -> None:
+        self._store = store
+        self._maxlen = stream_maxlen
+        self._max_unflushed = max_unflushed
+        self._dirty: dict[RequestLog, None] = {}
+        self._wake = asyncio.Event()
+        self.round_trips = 0
+
+    def open(self, request_id: str, attempt: int, last_seq: int) -> RequestLog:
+        return RequestLog(request_id=request_id, attempt=attempt, next_seq=last_seq + 1)
+
+    async def put(self, entry: RequestLog, event: wire.Event, final: FinalState | None = None) -> None:
+        """Queue ``event`` as the request's next; ``final`` marks it the last one."""
+        while len(entry.unflushed) >= self._max_unflushed and not entry.lost:
+            entry.space.clear()
+            await entry.space.wait()
+        if entry.lost:
+            raise RequestLostError(f"{entry.request_id}: {entry.lost}")
+        entry.unflushed.append(wire.encode(event))
+        entry.next_seq += 1
+        if final is not None:
+            entry.final = final
+        self._dirty[entry] = None
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The flusher: runs until cancelled."""
+        backoff_s = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(0)  # let the rest of this engine step's deltas arrive first
+            batch = [entry for entry in self._dirty if entry.unflushed]
+            self._dirty.clear()
+            if not batch:
+                continue
+            try:
+                await self._flush(batch)
+                backoff_s = 0.05
+            except (redis.exceptions.RedisError, OSError) as exc:
+                log.warning("redis write failed (%s); retrying %d requests in %.2fs", exc, len(batch), backoff_s)
+                for entry in batch:
+                    self._dirty[entry] = None
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
+                self._wake.set()
+
+    async def _flush(self, batch: list[RequestLog]) -> None:
+        pipe: Any = self._store.redis.pipeline(transaction=False)
+        sent: list[tuple[RequestLog, int, bool, int]] = []
+        for entry in batch:
+            payloads = list(entry.unflushed)
+            first_seq = entry.next_seq - len(payloads)
+            terminal = entry.final is not None
+            await self._store.append_in(
+                pipe,
+                entry.request_id,
+                entry.attempt,
+                first_seq,
+                payloads,
+                entry.final if terminal else None,
+                self._maxlen,
+            )
+            sent.append((entry, len(payloads), terminal, first_seq))
+        results = await pipe.execute(raise_on_error=False)
+        self.round_trips += 1
+        for (entry, count, terminal, first_seq), result in zip(sent, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("append to %s failed: %s", entry.request_id, result)
+                self._dirty[entry] = None
+                self._wake.set()
+                continue
+            code, value = int(result[0]), int(result[1])
+            if code >= 0:
+                del entry.unflushed[:count]
+                entry.space.set()
+                if value == 1:
+                    entry.request_cancel()
+                if terminal and not entry.unflushed:
+                    entry.done.set()
+            elif code == APPEND_OUT_OF_SEQUENCE and first_seq - 1 <= value < first_seq - 1 + count:
+                # An earlier round trip wrote part of this batch before its reply was lost.
+                del entry.unflushed[: value - (first_seq - 1)]
+                self._dirty[entry] = None
+                self._wake.set()
+            else:
+                reason = _LOST_REASONS.get(code, f"out of sequence at {value}")
+                log.warning("request %s can no longer be written by this worker: %s", entry.request_id, reason)
+                entry.mark_lost(reason)
