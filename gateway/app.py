@@ -10,6 +10,7 @@ from typing import Any
 import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from gateway.catalog import ModelCatalog
@@ -86,6 +87,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(_request: Request, exc: APIError) -> Response:
         return exc.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> Response:
+        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), error_type=error_type, headers=exc.headers).response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> Response:

@@ -241,11 +241,11 @@ class RequestStore:
         queue = keys.queue_key(model)
         pipe = self._r.pipeline(transaction=False)
         pipe.xlen(queue)
-        pipe.execute_command("XPENDING", queue, keys.WORKER_GROUP)
+        pipe.xpending(queue, keys.WORKER_GROUP)
         length, pending = await pipe.execute(raise_on_error=False)
         if isinstance(length, Exception):
             raise length
-        taken = int(pending[0]) if isinstance(pending, list | tuple) and pending else 0
+        taken = int(pending["pending"]) if isinstance(pending, dict) else 0  # no group yet: nothing taken
         return max(0, int(length) - taken)
 
     async def read_events(self, request_id: str, after_seq: int, count: int) -> list[tuple[int, bytes]]:

@@ -1,0 +1,141 @@
+"""Bad input gets a clear OpenAI error with the right status, and changes nothing in Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from shared import keys
+from tests.support import Cluster, Gateway, Worker, chat_body, wait_for
+from tokenspool.redis_server import EmbeddedRedis
+
+Stack = tuple[list[Gateway], list[Worker]]
+
+
+def redis_snapshot(cluster: Cluster) -> tuple[set[bytes], int]:
+    request_keys = {k for k in cluster.redis.keys(f"{keys.PREFIX}:*") if b"{reg}" not in k}  # type: ignore[union-attr]
+    return request_keys, int(cluster.redis.xlen(keys.queue_key("tokenspool-sim")))  # type: ignore[arg-type]
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return dict(error)
+
+
+BAD_CHAT_BODIES: dict[str, tuple[bytes | dict[str, Any], str]] = {
+    "malformed json": (b'{"model": "tokenspool-sim", "messages": [', "not valid JSON"),
+    "not an object": (b"[1, 2]", "invalid value"),
+    "empty body": (b"", "required"),
+    "missing messages": ({"model": "tokenspool-sim"}, "messages"),
+    "missing model": ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+    "messages is a string": (chat_body(messages="hello"), "messages"),
+    "max_tokens is a string": (chat_body(max_tokens="10"), "max_tokens"),  # type: ignore[arg-type]
+    "max_tokens is zero": (chat_body(max_tokens=0), "max_tokens"),
+    "temperature out of range": (chat_body(temperature=5), "temperature"),
+    "n > 1": (chat_body(n=2), "n > 1 is not supported"),
+    "unsupported parameter": (chat_body(logprobs=True), "unsupported parameter 'logprobs'"),
+    "stream_options without stream": (chat_body(stream=False, stream_options={"include_usage": True}),
+                                      "only allowed when stream is true"),
+    "unknown role": (chat_body(messages=[{"role": "robot", "content": "beep"}]), "role"),
+    "empty messages": (chat_body(messages=[]), "messages"),
+    "too many stop sequences": (chat_body(stop=["a", "b", "c", "d", "e"]), "stop"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHAT_BODIES))
+def test_bad_chat_request_is_400_and_enqueues_nothing(cluster: Cluster, stack: Stack, case: str) -> None:
+    body, expected = BAD_CHAT_BODIES[case]
+    before = redis_snapshot(cluster)
+    url = stack[0][0].url + "/v1/chat/completions"
+    if isinstance(body, bytes):
+        response = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
+    else:
+        response = httpx.post(url, json=body)
+    error = assert_openai_error(response, 400)
+    assert expected in error["message"], error
+    assert error["type"] == "invalid_request_error"
+    assert redis_snapshot(cluster) == before
+
+
+def test_completion_with_several_prompts_is_refused(cluster: Cluster, stack: Stack) -> None:
+    before = redis_snapshot(cluster)
+    response = httpx.post(stack[0][0].url + "/v1/completions",
+                          json={"model": "tokenspool-sim", "prompt": ["a", "b"], "max_tokens": 3})
+    assert "prompt" in assert_openai_error(response, 400)["message"]
+    assert redis_snapshot(cluster) == before
+
+
+def test_unknown_model_is_404_and_enqueues_nothing(cluster: Cluster, stack: Stack) -> None:
+    before = redis_snapshot(cluster)
+    response = httpx.post(stack[0][0].url + "/v1/chat/completions", json=chat_body(model="gpt-nope"))
+    error = assert_openai_error(response, 404)
+    assert error["code"] == "model_not_found" and "tokenspool-sim" in error["message"]
+    assert redis_snapshot(cluster) == before
+    assert cluster.redis.exists(keys.queue_key("gpt-nope")) == 0
+
+
+def test_oversized_body_is_413_before_parsing(cluster: Cluster, stack: Stack) -> None:
+    before = redis_snapshot(cluster)
+    huge = chat_body("x" * 2_000_000)
+    response = httpx.post(stack[0][0].url + "/v1/chat/completions", json=huge)
+    assert assert_openai_error(response, 413)["code"] == "body_too_large"
+
+    def chunked() -> Iterator[bytes]:
+        yield b'{"model": "tokenspool-sim", "messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"y" * 50_000
+        yield b'"}]}'
+
+    response = httpx.post(stack[0][0].url + "/v1/chat/completions", content=chunked(),
+                          headers={"Content-Type": "application/json"})
+    assert_openai_error(response, 413)
+    assert redis_snapshot(cluster) == before
+
+
+def test_full_queue_is_429_with_retry_after(cluster: Cluster) -> None:
+    cluster.worker(model="narrow", max_num_seqs=1, sim_itl_ms=20)
+    gateway = cluster.gateway(max_queue_depth=2)
+    url = gateway.url + "/v1/chat/completions"
+    with httpx.Client(timeout=30) as client:
+        wait_for(lambda: "narrow" in client.get(gateway.url + "/v1/models").text, 10, "the model to be listed")
+        ids: list[str] = []
+        with client.stream("POST", url, json=chat_body(model="narrow", max_tokens=400)) as first:
+            ids.append(first.headers["x-request-id"])
+            wait_for(lambda: cluster.meta(ids[0]).get("state") == "running", 10, "the first request to run")
+            with client.stream("POST", url, json=chat_body(model="narrow", max_tokens=5)) as second, \
+                    client.stream("POST", url, json=chat_body(model="narrow", max_tokens=5)) as third:
+                ids += [second.headers["x-request-id"], third.headers["x-request-id"]]
+                before = int(cluster.redis.xlen(keys.queue_key("narrow")))  # type: ignore[arg-type]
+                refused = client.post(url, json=chat_body(model="narrow", max_tokens=5))
+                error = assert_openai_error(refused, 429)
+                assert error["code"] == "queue_full" and refused.headers["retry-after"] == "1"
+                assert int(cluster.redis.xlen(keys.queue_key("narrow"))) == before  # type: ignore[arg-type]
+                for item in second.iter_lines():
+                    if item.startswith(": queued"):
+                        assert "waiting for model narrow" in item
+                        break
+                    assert not item.startswith("data:"), "the second request should still be queued"
+                for request_id in ids:
+                    client.delete(f"{gateway.url}/v1/requests/{request_id}")
+
+
+def test_unreachable_redis_is_503_and_not_ready(tmp_path: Any) -> None:
+    server = EmbeddedRedis().start()
+    cluster = Cluster(server.url, tmp_path)
+    try:
+        gateway = cluster.gateway()
+        server.stop()
+        response = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(), timeout=30)
+        error = assert_openai_error(response, 503)
+        assert error["code"] == "redis_unavailable" and response.headers["retry-after"] == "1"
+        assert httpx.get(gateway.url + "/readyz", timeout=30).status_code == 503
+        assert httpx.get(gateway.url + "/healthz").status_code == 200
+    finally:
+        cluster.close()
+        server.stop()
