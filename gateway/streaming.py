@@ -9,6 +9,7 @@ to range reads from its own cursor, which either fills the gap or reports that e
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from shared.settings import GatewaySettings
 from shared.store import RequestMeta, RequestStore
 
 Batch = list[tuple[int, bytes]]
+
+log = logging.getLogger("tokenspool.gateway.streaming")
 
 
 class EventsExpiredError(Exception):
@@ -127,6 +130,7 @@ class EventReader:
                             yield []
                             continue
                     if sub.overflowed:
+                        log.debug("%s: client fell behind its buffer; catching up from Redis", request_id)
                         break
                     items = sub.take()
                     if not items:

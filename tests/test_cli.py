@@ -1,0 +1,106 @@
+"""The command line: settings fail fast with clear messages, and `tokenspool up` runs and stops the stack."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import Proc, chat_body, clean_env, read_stream, wait_for
+from tokenspool.redis_server import EmbeddedRedis, free_port
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tokenspool", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout_s, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "message"),
+    [
+        ("gateway", {"TOKENSPOOL_PORT": "eighty"}, "TOKENSPOOL_PORT: expected an integer, got 'eighty'"),
+        ("gateway", {"TOKENSPOOL_HEARTBEAT_S": "0"}, "TOKENSPOOL_HEARTBEAT_S (--heartbeat-s): must be at least"),
+        ("worker", {"TOKENSPOOL_ENGINE": "tgi"}, "TOKENSPOOL_ENGINE: expected one of sim, vllm, got 'tgi'"),
+        ("worker", {"TOKENSPOOL_ENFORCE_EAGER": "maybe"}, "expected true or false"),
+        ("worker", {"TOKENSPOOL_MAX_NUM_SEQZ": "4"}, "unknown setting TOKENSPOOL_MAX_NUM_SEQZ"),
+        ("up", {"TOKENSPOOL_RETENTION_S": "soon"}, "TOKENSPOOL_RETENTION_S: expected a number"),
+    ],
+)
+def test_bad_settings_fail_fast_with_a_message_naming_the_variable(command: str, env: dict[str, str],
+                                                                   message: str) -> None:
+    result = run_cli([command], {**clean_env("redis://127.0.0.1:1/0"), **env})
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_bad_flag_value_names_the_flag() -> None:
+    result = run_cli(["worker", "--max-num-seqs", "many"], clean_env("redis://127.0.0.1:1/0"))
+    assert result.returncode == 2 and "--max-num-seqs: expected an integer" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["gateway", "worker"])
+def test_unreachable_redis_fails_fast(command: str) -> None:
+    port = free_port()
+    result = run_cli([command], clean_env(f"redis://127.0.0.1:{port}/0"))
+    assert result.returncode == 2
+    assert f"cannot reach Redis at redis://127.0.0.1:{port}/0" in result.stderr
+    missing = run_cli([command], clean_env(None))
+    assert missing.returncode == 2 and "TOKENSPOOL_REDIS_URL" in missing.stderr
+
+
+def test_up_runs_the_whole_stack_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    port = free_port()
+    up = Proc(["up", "--port", str(port), "--gateways", "2", "--workers", "2"], tmp_path / "up.log", clean_env(None))
+    try:
+        wait_for(lambda: "tokenspool is up at" in up.log() or not up.alive(), 60, "the stack to start")
+        assert up.alive(), up.log()
+        banner = up.log()
+        assert f"http://127.0.0.1:{port}" in banner and "curl -N" in banner
+        redis_port = int(re.search(r"Redis: redis://127\.0\.0\.1:(\d+)/0", banner).group(1))  # type: ignore[union-attr]
+        stream = read_stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=chat_body(max_tokens=5))
+        assert stream.events[-1].data == "[DONE]" and len(stream.events) == 6
+        children = subprocess.run(["pgrep", "-P", str(up.process.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 5, "the server, two workers and two gateways"
+        up.process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        assert up.process.wait(60) == 0
+        assert "stopped" in up.log()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz")
+        import redis
+
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(port=redis_port, socket_connect_timeout=1).ping()
+        alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+        assert alive == [], f"processes left behind: {alive}"
+    finally:
+        if up.alive():
+            up.kill()
+
+
+def test_redis_command_serves_an_embedded_server(tmp_path: Path) -> None:
+    port = free_port()
+    server = Proc(["redis", "--port", str(port)], tmp_path / "redis.log", clean_env(None))
+    try:
+        wait_for(lambda: "export TOKENSPOOL_REDIS_URL" in server.log(), 20, "the server banner")
+        import redis
+
+        assert redis.Redis(port=port).ping()
+        assert server.stop() == 0
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(port=port, socket_connect_timeout=1).ping()
+    finally:
+        if server.alive():
+            server.kill()
+
+
+def test_embedded_server_is_the_bundled_binary() -> None:
+    with EmbeddedRedis() as server:
+        import redis
+
+        info = redis.Redis.from_url(server.url).info("server")
+        assert "valkey_version" in info or "redis_version" in info
