@@ -40,8 +40,10 @@ BAD_CHAT_BODIES: dict[str, tuple[bytes | dict[str, Any], str]] = {
     "temperature out of range": (chat_body(temperature=5), "temperature"),
     "n > 1": (chat_body(n=2), "n > 1 is not supported"),
     "unsupported parameter": (chat_body(logprobs=True), "unsupported parameter 'logprobs'"),
-    "stream_options without stream": (chat_body(stream=False, stream_options={"include_usage": True}),
-                                      "only allowed when stream is true"),
+    "stream_options without stream": (
+        chat_body(stream=False, stream_options={"include_usage": True}),
+        "only allowed when stream is true",
+    ),
     "unknown role": (chat_body(messages=[{"role": "robot", "content": "beep"}]), "role"),
     "empty messages": (chat_body(messages=[]), "messages"),
     "too many stop sequences": (chat_body(stop=["a", "b", "c", "d", "e"]), "stop"),
@@ -65,8 +67,9 @@ def test_bad_chat_request_is_400_and_enqueues_nothing(cluster: Cluster, stack: S
 
 def test_completion_with_several_prompts_is_refused(cluster: Cluster, stack: Stack) -> None:
     before = redis_snapshot(cluster)
-    response = httpx.post(stack[0][0].url + "/v1/completions",
-                          json={"model": "tokenspool-sim", "prompt": ["a", "b"], "max_tokens": 3})
+    response = httpx.post(
+        stack[0][0].url + "/v1/completions", json={"model": "tokenspool-sim", "prompt": ["a", "b"], "max_tokens": 3}
+    )
     assert "prompt" in assert_openai_error(response, 400)["message"]
     assert redis_snapshot(cluster) == before
 
@@ -92,8 +95,9 @@ def test_oversized_body_is_413_before_parsing(cluster: Cluster, stack: Stack) ->
             yield b"y" * 50_000
         yield b'"}]}'
 
-    response = httpx.post(stack[0][0].url + "/v1/chat/completions", content=chunked(),
-                          headers={"Content-Type": "application/json"})
+    response = httpx.post(
+        stack[0][0].url + "/v1/chat/completions", content=chunked(), headers={"Content-Type": "application/json"}
+    )
     assert_openai_error(response, 413)
     assert redis_snapshot(cluster) == before
 
@@ -108,8 +112,10 @@ def test_full_queue_is_429_with_retry_after(cluster: Cluster) -> None:
         with client.stream("POST", url, json=chat_body(model="narrow", max_tokens=400)) as first:
             ids.append(first.headers["x-request-id"])
             wait_for(lambda: cluster.meta(ids[0]).get("state") == "running", 10, "the first request to run")
-            with client.stream("POST", url, json=chat_body(model="narrow", max_tokens=5)) as second, \
-                    client.stream("POST", url, json=chat_body(model="narrow", max_tokens=5)) as third:
+            with (
+                client.stream("POST", url, json=chat_body(model="narrow", max_tokens=5)) as second,
+                client.stream("POST", url, json=chat_body(model="narrow", max_tokens=5)) as third,
+            ):
                 ids += [second.headers["x-request-id"], third.headers["x-request-id"]]
                 before = int(cluster.redis.xlen(keys.queue_key("narrow")))  # type: ignore[arg-type]
                 refused = client.post(url, json=chat_body(model="narrow", max_tokens=5))

@@ -16,8 +16,14 @@ from tokenspool.redis_server import EmbeddedRedis, free_port
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tokenspool", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout_s, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "tokenspool", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.mark.parametrize(
@@ -31,8 +37,9 @@ def run_cli(args: list[str], env: dict[str, str], timeout_s: float = 30) -> subp
         ("up", {"TOKENSPOOL_RETENTION_S": "soon"}, "TOKENSPOOL_RETENTION_S: expected a number"),
     ],
 )
-def test_bad_settings_fail_fast_with_a_message_naming_the_variable(command: str, env: dict[str, str],
-                                                                   message: str) -> None:
+def test_bad_settings_fail_fast_with_a_message_naming_the_variable(
+    command: str, env: dict[str, str], message: str
+) -> None:
     result = run_cli([command], {**clean_env("redis://127.0.0.1:1/0"), **env})
     assert result.returncode == 2
     assert message in result.stderr

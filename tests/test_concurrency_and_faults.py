@@ -18,8 +18,12 @@ def test_fifty_concurrent_streams_over_two_gateways_and_two_workers(cluster: Clu
 
     def one(index: int) -> tuple[str, list[str | None], str, int]:
         gateway = gateways[index % 2]
-        stream = read_stream("POST", gateway.url + "/v1/chat/completions",
-                             json=chat_body(f"stream number {index}", max_tokens=30, seed=index), timeout_s=60)
+        stream = read_stream(
+            "POST",
+            gateway.url + "/v1/chat/completions",
+            json=chat_body(f"stream number {index}", max_tokens=30, seed=index),
+            timeout_s=60,
+        )
         request_id = stream.headers["x-request-id"] if stream.headers else ""
         return request_id, [e.id for e in stream.events], content_of(stream.events), len(stream.events)
 
@@ -37,8 +41,12 @@ def test_a_client_slower_than_its_buffer_still_gets_every_event(cluster: Cluster
     cluster.worker(model="firehose", sim_itl_ms=0, sim_ttft_ms=0, sim_default_max_tokens=4000)
     gateway = cluster.gateway(client_buffer_events=4, replay_batch_events=16, log_level="debug")
     wait_for(lambda: "firehose" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
-    live = read_stream("POST", gateway.url + "/v1/chat/completions",
-                       json=chat_body("flood", max_tokens=1800, model="firehose"), timeout_s=60)
+    live = read_stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json=chat_body("flood", max_tokens=1800, model="firehose"),
+        timeout_s=60,
+    )
     request_id = live.headers["x-request-id"] if live.headers else ""
     assert [e.id for e in live.events[:-1]] == [keys.event_id(request_id, n) for n in range(1, 1801)]
     replay = read_stream("GET", f"{gateway.url}/v1/requests/{request_id}/events")
@@ -50,9 +58,12 @@ def test_gateway_killed_mid_stream_resumes_on_another(cluster: Cluster, stack: S
     (survivor, _), _ = stack
     doomed = cluster.gateway()
     received = []
-    with httpx.Client(timeout=30) as client, client.stream(
-        "POST", doomed.url + "/v1/chat/completions", json=chat_body("survive", max_tokens=60, seed=9)
-    ) as response:
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST", doomed.url + "/v1/chat/completions", json=chat_body("survive", max_tokens=60, seed=9)
+        ) as response,
+    ):
         request_id = response.headers["x-request-id"]
         try:
             for item in iter_sse(response):
@@ -64,12 +75,14 @@ def test_gateway_killed_mid_stream_resumes_on_another(cluster: Cluster, stack: S
         except httpx.HTTPError:
             pass
     assert 10 <= len(received) < 61
-    rest = read_stream("GET", f"{survivor.url}/v1/requests/{request_id}/events",
-                       headers={"Last-Event-ID": received[-1].id or ""})
+    rest = read_stream(
+        "GET", f"{survivor.url}/v1/requests/{request_id}/events", headers={"Last-Event-ID": received[-1].id or ""}
+    )
     whole = received + rest.events
     assert [e.id for e in whole[:-1]] == [keys.event_id(request_id, n) for n in range(1, 61)]
-    uninterrupted = read_stream("POST", survivor.url + "/v1/chat/completions",
-                                json=chat_body("survive", max_tokens=60, seed=9))
+    uninterrupted = read_stream(
+        "POST", survivor.url + "/v1/chat/completions", json=chat_body("survive", max_tokens=60, seed=9)
+    )
     assert content_of(whole) == content_of(uninterrupted.events)
 
 
@@ -77,9 +90,12 @@ def test_sigterm_drains_a_worker_without_cutting_its_requests(cluster: Cluster) 
     worker = cluster.worker(model="drainer", sim_itl_ms=20)
     gateway = cluster.gateway()
     wait_for(lambda: "drainer" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
-    with httpx.Client(timeout=30) as client, client.stream(
-        "POST", gateway.url + "/v1/chat/completions", json=chat_body("drain", max_tokens=50, model="drainer")
-    ) as response:
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST", gateway.url + "/v1/chat/completions", json=chat_body("drain", max_tokens=50, model="drainer")
+        ) as response,
+    ):
         events = iter_sse(response)
         next(item for item in events if not isinstance(item, str))
         worker.proc.signal(signal.SIGTERM)

@@ -27,9 +27,12 @@ def test_status_reports_a_finished_request(stack: Stack) -> None:
 
 def test_cancel_stops_a_running_request_within_a_step(cluster: Cluster, stack: Stack) -> None:
     (gw_a, gw_b), _ = stack
-    with httpx.Client(timeout=30) as client, client.stream(
-        "POST", gw_a.url + "/v1/chat/completions", json=chat_body("long one", max_tokens=2000)
-    ) as response:
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST", gw_a.url + "/v1/chat/completions", json=chat_body("long one", max_tokens=2000)
+        ) as response,
+    ):
         request_id = response.headers["x-request-id"]
         events = iter_sse(response)
         for _ in range(3):
@@ -92,8 +95,7 @@ def test_idle_streams_carry_heartbeat_comments(cluster: Cluster) -> None:
     cluster.worker(model="slowpoke", sim_itl_ms=700, sim_ttft_ms=10)
     gateway = cluster.gateway(heartbeat_s=0.2)
     wait_for(lambda: "slowpoke" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
-    stream = read_stream("POST", gateway.url + "/v1/chat/completions",
-                         json=chat_body(model="slowpoke", max_tokens=3))
+    stream = read_stream("POST", gateway.url + "/v1/chat/completions", json=chat_body(model="slowpoke", max_tokens=3))
     assert "ping" in stream.comments
     assert stream.events[-1].data == "[DONE]" and len(stream.events) == 4
 
