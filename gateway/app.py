@@ -91,7 +91,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> Response:
         error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), error_type=error_type, headers=exc.headers).response()
+        headers = dict(exc.headers) if exc.headers else None
+        return APIError(exc.status_code, str(exc.detail), error_type=error_type, headers=headers).response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> Response:

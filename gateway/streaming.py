@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
+import redis.exceptions
 
 from gateway.chunks import ChunkRenderer, error_body
 from gateway.errors import APIError, bad_request, not_found
@@ -175,6 +176,10 @@ class EventReader:
                     yield comment_frame("ping")
         except EventsExpiredError as exc:
             yield data_frame(orjson.dumps(error_body("events_expired", f"cannot continue the stream: {exc}")))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.warning("%s: Redis failed mid-stream: %s", point.meta.request_id, exc)
+            message = "the request store (Redis) is unavailable; resume with Last-Event-ID"
+            yield data_frame(orjson.dumps(error_body("redis_unavailable", message)))
         yield DONE_FRAME
 
     async def collect(self, point: ResumePoint) -> tuple[str, wire.Event]:

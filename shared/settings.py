@@ -87,6 +87,9 @@ class WorkerSettings(CommonSettings):
     sim_default_max_tokens: int = setting(
         128, "sim engine: longest natural reply when a request sets no max_tokens", minimum=1
     )
+    sim_fail_marker: str = setting(
+        "", "sim engine: a prompt containing this text fails after its first token (fault injection for clients)"
+    )
     dtype: str = setting("auto", "vllm: weight dtype (auto, float32, bfloat16, float16)")
     max_model_len: int | None = setting(None, "vllm: context length", minimum=1)
     gpu_memory_utilization: float = setting(0.9, "vllm: share of GPU memory for weights and KV cache", minimum=0.01)

@@ -107,3 +107,30 @@ def test_non_streaming_and_streaming_requests_share_one_record(stack: Stack, str
     request_id = response.headers["x-request-id"]
     replay = read_stream("GET", f"{gw.url}/v1/requests/{request_id}/events")
     assert len(replay.events) == 5 and replay.events[-1].data == "[DONE]"
+
+
+def test_engine_failure_after_streaming_started_is_an_error_event(cluster: Cluster) -> None:
+    cluster.worker(model="fragile", sim_fail_marker="BREAK")
+    gateway = cluster.gateway()
+    wait_for(lambda: "fragile" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    stream = read_stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json=chat_body("please BREAK here", max_tokens=10, model="fragile"),
+    )
+    request_id = stream.headers["x-request-id"] if stream.headers else ""
+    assert [e.id for e in stream.events] == [keys.event_id(request_id, 1), keys.event_id(request_id, 2), None]
+    assert stream.events[0].json()["choices"][0]["delta"]["content"]
+    error = stream.events[1].json()["error"]
+    assert error["type"] == "engine_error" and "simulated engine failure" in error["message"]
+    assert stream.events[2].data == "[DONE]"
+    assert httpx.get(f"{gateway.url}/v1/requests/{request_id}").json()["state"] == "failed"
+    plain = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json=chat_body("BREAK again", max_tokens=10, model="fragile", stream=False),
+    )
+    assert plain.status_code == 500 and plain.json()["error"]["type"] == "engine_error"
+    healthy = httpx.post(
+        gateway.url + "/v1/chat/completions", json=chat_body("fine", max_tokens=3, model="fragile", stream=False)
+    )
+    assert healthy.status_code == 200, "the worker goes on after a failed request"

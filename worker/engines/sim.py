@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Final
 
 from shared.settings import WorkerSettings
-from worker.engines.base import EngineDelta, EngineRequest
+from worker.engines.base import EngineDelta, EngineError, EngineRequest
 
 VOCABULARY: Final = tuple(
     [
@@ -155,6 +155,7 @@ class SimEngine:
         self._ttft_s = settings.sim_ttft_ms / 1000
         self._step_s = settings.sim_itl_ms / 1000
         self._natural_max = settings.sim_default_max_tokens
+        self._fail_marker = settings.sim_fail_marker
 
     async def start(self) -> None:
         return None
@@ -196,6 +197,8 @@ class SimEngine:
             text_so_far += piece
             finish = ("stop" if natural_stop else "length") if last else None
             yield EngineDelta(piece, (token_ids[index],), finish, prompt_tokens)
+            if self._fail_marker and self._fail_marker in prompt_text(request):
+                raise EngineError("simulated engine failure: the prompt contains the configured failure marker")
             if not last:
                 await self._sleep_until_step(loop.time() + self._step_s)
         if done >= len(token_ids):
