@@ -19,6 +19,9 @@ class ModelEntry:
     live_workers: int
     capacity: int
     last_seen_ms: int
+    max_model_len: int
+    """The smallest context length among its workers (0: no limit)."""
+    unsupported: frozenset[str]
 
 
 class ModelCatalog:
@@ -50,6 +53,10 @@ class ModelCatalog:
                 live_workers=(prev.live_workers if prev else 0) + int(live),
                 capacity=(prev.capacity if prev else 0) + (info.capacity if live else 0),
                 last_seen_ms=max(prev.last_seen_ms if prev else 0, info.heartbeat_ms),
+                max_model_len=min(
+                    (n for n in (prev.max_model_len if prev else 0, info.max_model_len) if n > 0), default=0
+                ),
+                unsupported=(prev.unsupported if prev else frozenset()) | frozenset(info.unsupported),
             )
         self._cached, self._cached_at = out, time.monotonic()
         return out

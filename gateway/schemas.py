@@ -46,6 +46,13 @@ class _GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: Annotated[str | None, Field(max_length=256)] = None
     n: Annotated[int, Field(ge=1)] = 1
+    top_k: Annotated[int | None, Field(ge=-1)] = None
+    min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
+    presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    repetition_penalty: Annotated[float | None, Field(gt=0.0, le=2.0)] = None
+    ignore_eos: bool = False
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]] | None, Field(max_length=64)] = None
 
     @field_validator("n")
     @classmethod
@@ -70,6 +77,9 @@ class _GenerationRequest(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
+    def wants_logprobs(self) -> bool:
+        return False
+
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -83,10 +93,25 @@ class _GenerationRequest(BaseModel):
 class ChatCompletionRequest(_GenerationRequest):
     messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
     max_completion_tokens: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    logprobs: Annotated[int | None, Field(ge=0, le=5)] = None
+
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from gateway.catalog import ModelCatalog
+from gateway.catalog import ModelCatalog, ModelEntry
 from gateway.errors import APIError, not_found
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from shared import keys, wire
@@ -51,6 +51,7 @@ class SubmissionService:
                 f"the model {body.model!r} does not exist or no worker serves it (served: {known})",
                 code="model_not_found",
             )
+        self._check_against_model(body, models[body.model])
         idem_key: str | None = None
         fingerprint = self._fingerprint(body)
         if idempotency_key is not None:
@@ -94,6 +95,13 @@ class SubmissionService:
                 top_p=body.top_p,
                 seed=body.seed,
                 stop=body.stop_sequences(),
+                top_k=body.top_k,
+                min_p=body.min_p,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty,
+                ignore_eos=body.ignore_eos,
+                stop_token_ids=tuple(body.stop_token_ids or ()),
             ),
             created_s=int(time.time()),
             enqueued_ms=now_ms(),
@@ -105,6 +113,25 @@ class SubmissionService:
                 await self.store.redis.delete(idem_key)
             raise
         return Submitted(request_id, created=True)
+
+    def _check_against_model(self, body: ChatCompletionRequest | CompletionRequest, model: ModelEntry) -> None:
+        """Refuse what the model's workers cannot do, before anything is stored."""
+        if body.wants_logprobs() and "logprobs" in model.unsupported:
+            raise APIError(
+                400,
+                f"logprobs are not supported by model {body.model!r}",
+                param="logprobs",
+                code="unsupported_parameter",
+            )
+        max_tokens = self._max_tokens(body)
+        if model.max_model_len and max_tokens is not None and max_tokens >= model.max_model_len:
+            raise APIError(
+                400,
+                f"max_tokens {max_tokens} does not fit model {body.model!r}, whose context is "
+                f"{model.max_model_len} tokens including the prompt",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
 
     @staticmethod
     def _max_tokens(body: ChatCompletionRequest | CompletionRequest) -> int | None:

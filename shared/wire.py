@@ -7,6 +7,7 @@ token event small (tens of bytes), and the version lets a later release read wha
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import astuple, dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
@@ -38,6 +39,13 @@ class SamplingOptions:
     top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +100,12 @@ class WorkerInfo:
     started_ms: int
     heartbeat_ms: int
     owned_by: str = field(default="tokenspool")
+    max_model_len: int = 0
+    """Context length in tokens (0: the engine has no limit)."""
+    unsupported: tuple[str, ...] = ()
+    """Request parameters this worker's engine cannot honour; the gateway refuses them with a 400."""
+    engine_running: int = 0
+    """Requests the engine itself reports as unfinished (vLLM's own count)."""
 
 
 Payload = Job | Event | WorkerInfo
@@ -147,18 +161,21 @@ def decode(data: bytes, kind: type[P]) -> P:
             return event  # type: ignore[return-value]
         if kind is Job:
             request_id, job_kind, model, prompt, messages, sampling, created_s, enqueued_ms = fields
-            max_tokens, temperature, top_p, seed, stop = sampling
+            max_tokens, temperature, top_p, seed, stop, *rest = sampling
+            if len(rest) >= 7:
+                rest[6] = tuple(rest[6])
             job = Job(
                 request_id,
                 job_kind,
                 model,
                 prompt,
                 tuple(ChatMessage(role, content) for role, content in messages),
-                SamplingOptions(max_tokens, temperature, top_p, seed, tuple(stop)),
+                SamplingOptions(max_tokens, temperature, top_p, seed, tuple(stop), *rest),
                 created_s,
                 enqueued_ms,
             )
             return job  # type: ignore[return-value]
-        return WorkerInfo(*fields)  # type: ignore[return-value]
+        info = WorkerInfo(*fields)
+        return dataclasses.replace(info, unsupported=tuple(info.unsupported))  # type: ignore[return-value]
     except (TypeError, ValueError) as exc:
         raise WireError(f"malformed {kind.__name__} payload: {exc}") from exc

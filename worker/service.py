@@ -65,6 +65,9 @@ class Worker:
             started_ms=self._started_ms,
             heartbeat_ms=now_ms(),
             owned_by=self.engine.owned_by,
+            max_model_len=self.engine.max_model_len,
+            unsupported=tuple(sorted(self.engine.unsupported)),
+            engine_running=self.engine.running_requests(),
         )
 
     async def run(self, stop: asyncio.Event) -> None:

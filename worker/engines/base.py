@@ -58,6 +58,14 @@ class Engine(Protocol):
     """What ``GET /v1/models`` says serves the model; the simulated engine says it is simulated."""
     capacity: int
     """How many requests it runs at once; the worker pulls no more than this."""
+    @property
+    def max_model_len(self) -> int:
+        """Context length in tokens, known after :meth:`start` (0: no limit)."""
+    unsupported: frozenset[str]
+    """Request parameters it cannot honour (the gateway refuses them before enqueueing)."""
+
+    def running_requests(self) -> int:
+        """Requests the engine itself holds as unfinished (its own count, not the worker's)."""
 
     async def start(self) -> None:
         """Load the model; raise with a clear message when it cannot."""

@@ -148,6 +148,8 @@ class SimEngine:
 
     name = "sim"
     owned_by = SIM_OWNED_BY
+    max_model_len = 0
+    unsupported = frozenset({"logprobs"})
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.model_name = settings.served_model_name or settings.model or "tokenspool-sim"
@@ -156,6 +158,10 @@ class SimEngine:
         self._step_s = settings.sim_itl_ms / 1000
         self._natural_max = settings.sim_default_max_tokens
         self._fail_marker = settings.sim_fail_marker
+        self._running = 0
+
+    def running_requests(self) -> int:
+        return self._running
 
     async def start(self) -> None:
         return None
@@ -179,6 +185,14 @@ class SimEngine:
         await asyncio.sleep(delay if delay > 0 else 0)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        self._running += 1
+        try:
+            async for delta in self._generate(request):
+                yield delta
+        finally:
+            self._running -= 1
+
+    async def _generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
         token_ids, prompt_tokens = self.plan(request)
         requested = request.sampling.max_tokens
         natural_stop = requested is None or len(token_ids) < requested

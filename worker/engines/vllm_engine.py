@@ -104,6 +104,7 @@ class VllmEngine:
         self.model_name = settings.served_model_name or str(settings.model)
         self.owned_by = "vllm"
         self.capacity = settings.max_num_seqs
+        self.unsupported = frozenset({"logprobs"})
         self._engine: Any = None
         self._tokenizer: Any = None
         self._max_model_len = 0
@@ -154,6 +155,14 @@ class VllmEngine:
         # (otherwise its __del__ runs at interpreter exit and prints a TypeError).
         del engine, tokenizer
 
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def running_requests(self) -> int:
+        engine = self._engine
+        return 0 if engine is None else int(engine.get_num_unfinished_requests())
+
     async def shutdown(self) -> None:
         """Stop vLLM's engine core and release its memory; safe to call twice or before :meth:`start`."""
         engine, self._engine = self._engine, None
@@ -200,6 +209,18 @@ class VllmEngine:
             params["seed"] = sampling.seed
         if sampling.stop:
             params["stop"] = list(sampling.stop)
+        optional = {
+            "top_k": sampling.top_k,
+            "min_p": sampling.min_p,
+            "presence_penalty": sampling.presence_penalty,
+            "frequency_penalty": sampling.frequency_penalty,
+            "repetition_penalty": sampling.repetition_penalty,
+        }
+        params.update({name: value for name, value in optional.items() if value is not None})
+        if sampling.ignore_eos:
+            params["ignore_eos"] = True
+        if sampling.stop_token_ids:
+            params["stop_token_ids"] = list(sampling.stop_token_ids)
         return SamplingParams(max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA, **params)
 
     def _budget(self, sampling: SamplingOptions, prompt_len: int, emitted: int) -> int:
