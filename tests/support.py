@@ -139,10 +139,10 @@ class Cluster:
             wait_for(ready, 30, "the gateway to answer /readyz")
         return gateway
 
-    def worker(self, *, wait: bool = True, **settings: Any) -> Worker:
+    def worker(self, *, wait: bool = True, env: dict[str, str] | None = None, **settings: Any) -> Worker:
         self._count += 1
         worker_id = settings.setdefault("worker_id", f"test-worker-{os.getpid()}-{self._count}")
-        proc = self._proc("worker", ["worker", *flags(settings)])
+        proc = self._proc("worker", ["worker", *flags(settings)], {**clean_env(self.redis_url), **(env or {})})
         worker = Worker(proc, worker_id)
         if wait:
 

@@ -135,6 +135,10 @@ class Outbox:
             sent.append((entry, len(payloads), terminal, first_seq))
         results = await pipe.execute(raise_on_error=False)
         self.round_trips += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "round trip %d: %d requests, %d events", self.round_trips, len(sent), sum(n for _, n, _, _ in sent)
+            )
         for (entry, count, terminal, first_seq), result in zip(sent, results, strict=True):
             if isinstance(result, Exception):
                 log.error("append to %s failed: %s", entry.request_id, result)

@@ -58,9 +58,11 @@ class Engine(Protocol):
     """What ``GET /v1/models`` says serves the model; the simulated engine says it is simulated."""
     capacity: int
     """How many requests it runs at once; the worker pulls no more than this."""
+
     @property
     def max_model_len(self) -> int:
         """Context length in tokens, known after :meth:`start` (0: no limit)."""
+
     unsupported: frozenset[str]
     """Request parameters it cannot honour (the gateway refuses them before enqueueing)."""
 

@@ -26,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from shared.settings import SettingsError, WorkerSettings
+from shared.settings import SettingsError, WorkerSettings, parse_cpu_list
 from shared.wire import SamplingOptions
 from worker.engines.base import EngineDeadError, EngineDelta, EngineError, EngineRequest
 
@@ -133,10 +134,17 @@ class VllmEngine:
         except Exception as exc:  # vLLM checks the arguments (and resolves the model) here already
             raise EngineError(f"vLLM could not start model {self._kwargs['model']!r}: {_describe(exc)}") from exc
         log.info("starting vLLM for %s (served as %s)", self._kwargs["model"], self.model_name)
+        engine_cpus = parse_cpu_list(self._settings.engine_cpus)
+        own_cpus = os.sched_getaffinity(0)
         try:
+            if engine_cpus:
+                # vLLM's processes are started now and inherit this affinity; this process gets its own back.
+                os.sched_setaffinity(0, engine_cpus)
             engine = AsyncLLM.from_engine_args(args)
         except Exception as exc:
             raise EngineError(f"vLLM could not start model {self._kwargs['model']!r}: {_describe(exc)}") from exc
+        finally:
+            os.sched_setaffinity(0, own_cpus)
         try:
             tokenizer = engine.get_tokenizer()
         except Exception as exc:

