@@ -170,10 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("directory")
 
     sub.add_parser("settings", help="list every setting with its variable, flag and default")
+    sub.add_parser(
+        "bench-vllm", help="the same model and load behind vLLM's own server and behind tokenspool", add_help=False
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench-vllm"]:
+        from tokenspool.bench_vllm import main as bench_vllm
+
+        return bench_vllm(argv[1:])
     args = build_parser().parse_args(argv)
     environ = dict(os.environ)
     try:
