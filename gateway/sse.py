@@ -34,7 +34,7 @@ def event_frame(event_id: str, data: bytes) -> bytes:
 
 def data_frame(data: bytes) -> bytes:
     """An SSE event without an id (used for the out-of-band error of a stream that cannot go on)."""
-    return b"data: " + data.replace(b"\n", b" ") + b"\n\n"
+    return b"data: " + data.replace(b"\r", b" ").replace(b"\n", b" ") + b"\n\n"
 
 
 def comment_frame(text: str) -> bytes:

@@ -26,7 +26,7 @@ WORKER_GROUP: Final = "workers"
 RequestKind = Literal["chat", "completion"]
 
 _ID_PREFIX: Final[dict[str, str]] = {"chat": "chatcmpl-", "completion": "cmpl-"}
-_REQUEST_ID_RE: Final = re.compile(r"^(chatcmpl|cmpl)-([0-9a-f]{32})$")
+_REQUEST_ID_RE: Final = re.compile(r"(chatcmpl|cmpl)-([0-9a-f]{32})")
 
 
 def new_request_id(kind: RequestKind) -> str:
@@ -35,12 +35,12 @@ def new_request_id(kind: RequestKind) -> str:
 
 
 def is_request_id(value: str) -> bool:
-    return _REQUEST_ID_RE.match(value) is not None
+    return _REQUEST_ID_RE.fullmatch(value) is not None
 
 
 def partition_of(request_id: str) -> int:
     """The partition (0..15) of a request: the first hex digit of its random part."""
-    match = _REQUEST_ID_RE.match(request_id)
+    match = _REQUEST_ID_RE.fullmatch(request_id)
     if match is None:
         raise ValueError(f"not a tokenspool request id: {request_id!r}")
     return int(match.group(2)[0], 16)
@@ -95,6 +95,7 @@ def event_id(request_id: str, seq: int) -> str:
 def parse_event_id(value: str) -> tuple[str, int]:
     """Split an SSE event id into (request id, sequence number); ValueError when it is not one of ours."""
     request_id, sep, seq_text = value.strip().rpartition(":")
-    if not sep or not is_request_id(request_id) or not seq_text.isdigit() or len(seq_text) > 12:
+    digits = seq_text.isascii() and seq_text.isdigit()
+    if not sep or not is_request_id(request_id) or not digits or len(seq_text) > 12:
         raise ValueError(f"not a tokenspool event id: {value!r}")
     return request_id, int(seq_text)

@@ -199,7 +199,8 @@ class SimEngine:
         loop = asyncio.get_running_loop()
         await self._sleep_until_step(loop.time() + self._ttft_s)
         done = len(request.emitted_token_ids)
-        text_so_far = ""
+        # What was already emitted counts for stop strings that span the resume point.
+        text_so_far = "".join(VOCABULARY[t] if i == 0 else " " + VOCABULARY[t] for i, t in enumerate(token_ids[:done]))
         for index in range(done, len(token_ids)):
             word = VOCABULARY[token_ids[index]]
             piece = word if index == 0 else " " + word
