@@ -228,3 +228,49 @@ def test_a_prompt_longer_than_the_context_ends_with_an_error_event(vllm_stack: t
     error = stream.events[-2].json()["error"]
     assert error["type"] == "engine_error" and "context" in error["message"]
     assert stream.events[-1].data == "[DONE]"
+
+
+def test_engine_death_stops_the_worker_and_leaves_its_requests_claimable(
+    cluster: Cluster, model_dir: Path, vllm_stack: tuple[Gateway, Worker]
+) -> None:
+    import signal
+    import subprocess
+
+    gateway = vllm_stack[0]
+    doomed = cluster.worker(
+        engine="vllm",
+        model=model_dir,
+        served_model_name="doomed-llama",
+        dtype="float32",
+        max_model_len=1024,
+        enforce_eager="true",
+        max_num_seqs=2,
+        engine_cpus="0",
+        wait=False,
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"},
+    )
+    wait_for(
+        lambda: "doomed-llama" in httpx.get(gateway.url + "/v1/models").text, 300, "the second engine", interval_s=0.5
+    )
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream(
+            "POST",
+            gateway.url + "/v1/chat/completions",
+            json=chat_body("doomed", max_tokens=900, model="doomed-llama", ignore_eos=True),
+        ) as response,
+    ):
+        request_id = response.headers["x-request-id"]
+        next(item for item in iter_sse(response) if not isinstance(item, str))
+        children = subprocess.run(
+            ["pgrep", "-P", str(doomed.proc.process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        engine_core = [pid for pid in children if "EngineCor" in Path(f"/proc/{pid}/comm").read_text()]
+        assert engine_core, f"no engine core among {children}"
+        os.kill(int(engine_core[0]), signal.SIGKILL)
+        assert doomed.proc.process.wait(60) == 1
+    assert "engine failed" in doomed.proc.log()
+    meta = cluster.meta(request_id)
+    assert meta["state"] == "running", "an engine death is not a client cancel: the request is left to be claimed"
+    pending = cluster.redis.xpending(keys.queue_key("doomed-llama"), keys.WORKER_GROUP)
+    assert pending["pending"] == 1, "its queue entry stays pending for another worker to claim"
