@@ -24,6 +24,43 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def chat_logprobs(events: list[wire.Event]) -> dict[str, Any] | None:
+    """OpenAI chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    entries = [lp for event in events for lp in event.logprobs]
+    if not entries:
+        return None
+    return {
+        "content": [
+            {
+                "token": lp.token,
+                "logprob": lp.logprob,
+                "bytes": list(lp.token.encode()),
+                "top_logprobs": [{"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in lp.top],
+            }
+            for lp in entries
+        ]
+    }
+
+
+def completion_logprobs(events: list[wire.Event]) -> dict[str, Any] | None:
+    """OpenAI completions ``logprobs``: parallel lists of tokens, their logprobs, alternatives and offsets."""
+    if not any(event.logprobs for event in events):
+        return None
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] = []
+    offsets: list[int] = []
+    for event in events:
+        offset = event.text_offset
+        for lp in event.logprobs:
+            tokens.append(lp.token)
+            token_logprobs.append(lp.logprob)
+            top_logprobs.append(dict(lp.top))
+            offsets.append(offset)
+            offset += len(lp.token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
 def error_body(error_type: str, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": None, "code": error_type}}
 
@@ -68,11 +105,12 @@ class ChunkRenderer:
             choice: dict[str, Any] = {
                 "index": 0,
                 "delta": delta,
-                "logprobs": None,
+                "logprobs": chat_logprobs([event]),
                 "finish_reason": event.finish_reason,
             }
         else:
-            choice = {"index": 0, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+            logprobs = completion_logprobs([event])
+            choice = {"index": 0, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
         chunk = {**self._base, "object": self._object(), "choices": [choice]}
         if self.meta.include_usage:
             chunk["usage"] = None
@@ -82,13 +120,15 @@ class ChunkRenderer:
         return "chat.completion.chunk" if self.meta.stream_format == "chat" else "text_completion"
 
 
-def completion_body(meta: RequestMeta, text: str, end: wire.Event) -> dict[str, Any]:
+def completion_body(meta: RequestMeta, deltas: list[wire.Event], end: wire.Event) -> dict[str, Any]:
     """The non-streaming OpenAI response of a finished request."""
+    text = "".join(event.text for event in deltas)
     usage = usage_body(end.prompt_tokens, end.completion_tokens)
     base = {"id": meta.request_id, "created": meta.created_s, "model": meta.model, "usage": usage}
     if meta.kind == "chat":
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": end.finish_reason}
+        choice = {"index": 0, "message": message, "logprobs": chat_logprobs(deltas), "finish_reason": end.finish_reason}
         return {**base, "object": "chat.completion", "choices": [choice]}
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": end.finish_reason}
+    logprobs = completion_logprobs(deltas)
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": end.finish_reason}
     return {**base, "object": "text_completion", "choices": [choice]}

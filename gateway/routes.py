@@ -60,11 +60,11 @@ async def _generate(
     point = await svc.events.open(submitted.request_id, None)
     if body.stream:
         return SSEResponse(svc.events.sse_frames(point), send_timeout_s=svc.settings.send_timeout_s, headers=headers)
-    text, last = await svc.events.collect(point)
+    deltas, last = await svc.events.collect(point)
     if last.kind == "error":
         status = 409 if last.error_type == "cancelled" else 500
         raise APIError(status, last.message, error_type=last.error_type, code=last.error_type, headers=headers)
-    return _json(completion_body(point.meta, text, last), headers=headers)
+    return _json(completion_body(point.meta, deltas, last), headers=headers)
 
 
 @router.post("/v1/chat/completions")

@@ -78,7 +78,11 @@ class _GenerationRequest(BaseModel):
         return self
 
     def wants_logprobs(self) -> bool:
-        return False
+        return self.logprobs_top() is not None
+
+    def logprobs_top(self) -> int | None:
+        """How many alternatives per token to return, or None for no log probabilities."""
+        return None
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -102,16 +106,16 @@ class ChatCompletionRequest(_GenerationRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
-    def wants_logprobs(self) -> bool:
-        return bool(self.logprobs)
+    def logprobs_top(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     logprobs: Annotated[int | None, Field(ge=0, le=5)] = None
 
-    def wants_logprobs(self) -> bool:
-        return self.logprobs is not None
+    def logprobs_top(self) -> int | None:
+        return self.logprobs
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

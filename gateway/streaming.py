@@ -182,14 +182,14 @@ class EventReader:
             yield data_frame(orjson.dumps(error_body("redis_unavailable", message)))
         yield DONE_FRAME
 
-    async def collect(self, point: ResumePoint) -> tuple[str, wire.Event]:
-        """Wait for a request to end; (full text, terminal event)."""
-        parts: list[str] = []
+    async def collect(self, point: ResumePoint) -> tuple[list[wire.Event], wire.Event]:
+        """Wait for a request to end; (its delta events, its terminal event)."""
+        deltas: list[wire.Event] = []
         async for batch in self.batches(point, tick_s=max(self.settings.heartbeat_s, 1.0)):
             for _seq, payload in batch:
                 event = wire.decode(payload, wire.Event)
                 if event.kind == "delta":
-                    parts.append(event.text)
+                    deltas.append(event)
                 else:
-                    return "".join(parts), event
+                    return deltas, event
         raise EventsExpiredError("stream ended without a terminal event")

@@ -102,6 +102,7 @@ class SubmissionService:
                 repetition_penalty=body.repetition_penalty,
                 ignore_eos=body.ignore_eos,
                 stop_token_ids=tuple(body.stop_token_ids or ()),
+                logprobs=body.logprobs_top(),
             ),
             created_s=int(time.time()),
             enqueued_ms=now_ms(),

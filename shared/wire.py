@@ -46,6 +46,8 @@ class SamplingOptions:
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    """Return log probabilities with this many alternatives per token (0: the sampled token's only)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,15 @@ class Job:
     sampling: SamplingOptions
     created_s: int
     enqueued_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's text and log probability, with the most likely alternatives at that position."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +90,10 @@ class Event:
     completion_tokens: int = 0
     error_type: str = ""
     message: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One entry per token id, when the request asked for log probabilities."""
+    text_offset: int = 0
+    """Characters of reply text before this event (completions' ``text_offset`` needs it)."""
 
     @property
     def terminal(self) -> bool:
@@ -133,6 +148,9 @@ def encode(payload: Payload) -> bytes:
             payload.error_type,
             payload.message,
         ]
+        if payload.logprobs or payload.text_offset:
+            fields.append([[lp.token, lp.logprob, [list(alt) for alt in lp.top]] for lp in payload.logprobs])
+            fields.append(payload.text_offset)
     else:
         fields = [_plain(value) for value in astuple(payload)]
     packed: bytes = msgpack.packb([WIRE_VERSION, tag, *fields], use_bin_type=True)
@@ -154,16 +172,33 @@ def decode(data: bytes, kind: type[P]) -> P:
         raise WireError(f"expected a {kind.__name__} payload, got tag {tag!r}")
     try:
         if kind is Event:
-            (ev_kind, text, token_ids, finish_reason, prompt_tokens, completion_tokens, error_type, message) = fields
+            (ev_kind, text, token_ids, finish_reason, prompt_tokens, completion_tokens, error_type, message, *extra) = (
+                fields
+            )
+            logprobs = tuple(
+                TokenLogprob(token, logprob, tuple((alt, alt_lp) for alt, alt_lp in top))
+                for token, logprob, top in (extra[0] if extra else ())
+            )
             event = Event(
-                ev_kind, text, tuple(token_ids), finish_reason, prompt_tokens, completion_tokens, error_type, message
+                ev_kind,
+                text,
+                tuple(token_ids),
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+                error_type,
+                message,
+                logprobs,
+                extra[1] if len(extra) > 1 else 0,
             )
             return event  # type: ignore[return-value]
         if kind is Job:
             request_id, job_kind, model, prompt, messages, sampling, created_s, enqueued_ms = fields
-            max_tokens, temperature, top_p, seed, stop, *rest = sampling
+            sampling_fields: list[Any] = list(sampling)
+            max_tokens, temperature, top_p, seed, stop = sampling_fields[:5]
+            rest = sampling_fields[5:]
             if len(rest) >= 7:
-                rest[6] = tuple(rest[6])
+                rest[6] = tuple(rest[6])  # stop_token_ids
             job = Job(
                 request_id,
                 job_kind,

@@ -40,7 +40,6 @@ BAD_CHAT_BODIES: dict[str, tuple[bytes | dict[str, Any], str]] = {
     "temperature out of range": (chat_body(temperature=5), "temperature"),
     "n > 1": (chat_body(n=2), "n > 1 is not supported"),
     "unsupported parameter": (chat_body(tools=[]), "unsupported parameter 'tools'"),
-    "logprobs the engine cannot give": (chat_body(logprobs=True), "logprobs are not supported by model"),
     "top_logprobs without logprobs": (chat_body(top_logprobs=2), "top_logprobs requires logprobs"),
     "repetition_penalty zero": (chat_body(repetition_penalty=0), "repetition_penalty"),
     "stream_options without stream": (

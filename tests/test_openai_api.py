@@ -107,3 +107,42 @@ def test_same_prompt_and_seed_give_the_same_reply(stack: Stack) -> None:
     other = read_stream("POST", stack[0][1].url + "/v1/chat/completions", json=chat_body("determinism", seed=43))
     assert content_of(first.events) == content_of(second.events)
     assert content_of(first.events) != content_of(other.events)
+
+
+def test_sdk_receives_logprobs_streamed_and_not(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="tokenspool-sim",
+        messages=[{"role": "user", "content": "odds"}],
+        max_tokens=5,
+        seed=2,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = reply.choices[0].logprobs.content if reply.choices[0].logprobs else None
+    assert content is not None and len(content) == 5
+    assert (
+        "".join(c.token if i == 0 else " " + c.token for i, c in enumerate(content)) == reply.choices[0].message.content
+    )
+    assert all(len(c.top_logprobs) == 2 and c.logprob < 0 for c in content)
+    chunks = list(
+        client.chat.completions.create(
+            model="tokenspool-sim",
+            messages=[{"role": "user", "content": "odds"}],
+            max_tokens=5,
+            seed=2,
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+        )
+    )
+    streamed = [
+        c
+        for chunk in chunks
+        if chunk.choices and chunk.choices[0].logprobs
+        for c in chunk.choices[0].logprobs.content or []
+    ]
+    assert [c.token for c in streamed] == [c.token for c in content]
+    plain = client.chat.completions.create(
+        model="tokenspool-sim", messages=[{"role": "user", "content": "odds"}], max_tokens=5, seed=2
+    )
+    assert plain.choices[0].logprobs is None

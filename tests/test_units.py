@@ -824,11 +824,12 @@ def test_rendered_text_with_newlines_survives_the_frame() -> None:
 
 def test_completion_body_for_chat_and_completion() -> None:
     end = STREAM_EVENTS[3]
-    chat = completion_body(meta("chat"), "Hello world", end)
+    deltas = [wire.Event("delta", "Hello", (1,)), wire.Event("delta", " world", (2,))]
+    chat = completion_body(meta("chat"), deltas, end)
     assert chat["object"] == "chat.completion"
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": "Hello world"}
     assert chat["usage"]["total_tokens"] == 9
-    text = completion_body(meta("completion"), "Hello world", end)
+    text = completion_body(meta("completion"), deltas, end)
     assert text["object"] == "text_completion"
     assert text["choices"][0]["text"] == "Hello world"
     assert text["choices"][0]["finish_reason"] == "stop"
@@ -1006,4 +1007,30 @@ def test_sim_identity_and_model_name() -> None:
     engine = sim_engine(max_num_seqs="5")
     assert engine.capacity == 5
     assert "simulated" in engine.owned_by
-    assert "logprobs" in engine.unsupported
+    assert engine.unsupported == frozenset()
+
+
+def test_sim_logprobs_are_uniform_and_rendered_as_openai_expects() -> None:
+    import math
+
+    engine = sim_engine(sim_itl_ms="0", sim_ttft_ms="0")
+    request = EngineRequest("r", "completion", "p", (), wire.SamplingOptions(max_tokens=3, seed=1, logprobs=2))
+    deltas = run_sim(engine, request)
+    uniform = -math.log(len(VOCABULARY))
+    assert [len(d.logprobs) for d in deltas] == [1, 1, 1]
+    assert all(d.logprobs[0].logprob == uniform and len(d.logprobs[0].top) == 2 for d in deltas)
+    events = [wire.Event("delta", d.text, d.token_ids, logprobs=d.logprobs) for d in deltas]
+    assert all(wire.decode(wire.encode(e), wire.Event) == e for e in events)
+    offset_events = [
+        dataclasses.replace(e, text_offset=sum(len(x.text) for x in events[:i])) for i, e in enumerate(events)
+    ]
+    body = completion_body(meta("completion"), offset_events, wire.Event("end", finish_reason="length"))
+    logprobs = body["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == [d.logprobs[0].token for d in deltas]
+    assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"][1] == len(deltas[0].text)
+    chat = completion_body(meta("chat"), offset_events, wire.Event("end", finish_reason="length"))
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == logprobs["tokens"]
+    assert all(len(c["top_logprobs"]) == 2 and c["bytes"] == list(c["token"].encode()) for c in content)
+    no_logprobs = run_sim(engine, dataclasses.replace(request, sampling=wire.SamplingOptions(max_tokens=3)))
+    assert all(d.logprobs == () for d in no_logprobs)

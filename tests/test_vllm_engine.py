@@ -213,9 +213,29 @@ def test_requests_the_model_cannot_take_are_refused_before_enqueueing(
     queue_length = cluster.redis.xlen(keys.queue_key(MODEL))
     too_long = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(max_tokens=5000, model=MODEL))
     assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
-    logprobs = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(model=MODEL, logprobs=True))
-    assert logprobs.status_code == 400 and logprobs.json()["error"]["param"] == "logprobs"
     assert cluster.redis.xlen(keys.queue_key(MODEL)) == queue_length
+
+
+def test_logprobs_come_from_vllm(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "odds"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content is not None
+    content = reply.choices[0].logprobs.content
+    assert reply.usage is not None and len(content) == reply.usage.completion_tokens == 6
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token, "greedy decoding samples the most likely token"
+    streamed = list(
+        client.completions.create(model=MODEL, prompt="odds", max_tokens=4, temperature=0, logprobs=2, stream=True)
+    )
+    tokens = [t for chunk in streamed if chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.tokens or []]
+    assert len(tokens) == 4
 
 
 def test_a_prompt_longer_than_the_context_ends_with_an_error_event(vllm_stack: tuple[Gateway, Worker]) -> None:

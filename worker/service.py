@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -198,8 +199,9 @@ class Worker:
         request = EngineRequest(
             request_id=job.request_id, kind=job.kind, prompt=job.prompt, messages=job.messages, sampling=job.sampling
         )
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = text_offset = 0
         finish_reason = "stop"
+        wants_logprobs = job.sampling.logprobs is not None
         stream = self.engine.generate(request)
         try:
             async for delta in stream:
@@ -208,7 +210,11 @@ class Worker:
                 if delta.finish_reason:
                     finish_reason = delta.finish_reason
                 if delta.text or delta.token_ids or delta.finish_reason:
-                    await self.outbox.put(entry, wire.Event("delta", delta.text, delta.token_ids, delta.finish_reason))
+                    event = wire.Event("delta", delta.text, delta.token_ids, delta.finish_reason)
+                    if wants_logprobs:
+                        event = dataclasses.replace(event, logprobs=delta.logprobs, text_offset=text_offset)
+                    text_offset += len(delta.text)
+                    await self.outbox.put(entry, event)
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
         return (

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from shared.wire import ChatMessage, SamplingOptions
+from shared.wire import ChatMessage, SamplingOptions, TokenLogprob
 
 
 class EngineError(Exception):
@@ -45,6 +45,8 @@ class EngineDelta:
     token_ids: tuple[int, ...]
     finish_reason: str | None
     prompt_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One entry per token id when the request asked for log probabilities."""
 
 
 class Engine(Protocol):

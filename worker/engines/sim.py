@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Final
 
 from shared.settings import WorkerSettings
+from shared.wire import TokenLogprob
 from worker.engines.base import EngineDelta, EngineError, EngineRequest
 
 VOCABULARY: Final = tuple(
@@ -149,7 +150,7 @@ class SimEngine:
     name = "sim"
     owned_by = SIM_OWNED_BY
     max_model_len = 0
-    unsupported = frozenset({"logprobs"})
+    unsupported: frozenset[str] = frozenset()
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.model_name = settings.served_model_name or settings.model or "tokenspool-sim"
@@ -206,18 +207,30 @@ class SimEngine:
             piece = word if index == 0 else " " + word
             last = index == len(token_ids) - 1
             cut = self._stop_position(text_so_far + piece, request.sampling.stop)
+            logprobs = self._logprobs(token_ids[index], request.sampling.logprobs)
             if cut is not None:
-                yield EngineDelta(piece[: max(0, cut - len(text_so_far))], (token_ids[index],), "stop", prompt_tokens)
+                yield EngineDelta(
+                    piece[: max(0, cut - len(text_so_far))], (token_ids[index],), "stop", prompt_tokens, logprobs
+                )
                 return
             text_so_far += piece
             finish = ("stop" if natural_stop else "length") if last else None
-            yield EngineDelta(piece, (token_ids[index],), finish, prompt_tokens)
+            yield EngineDelta(piece, (token_ids[index],), finish, prompt_tokens, logprobs)
             if self._fail_marker and self._fail_marker in prompt_text(request):
                 raise EngineError("simulated engine failure: the prompt contains the configured failure marker")
             if not last:
                 await self._sleep_until_step(loop.time() + self._step_s)
         if done >= len(token_ids):
             yield EngineDelta("", (), "stop" if natural_stop else "length", prompt_tokens)
+
+    @staticmethod
+    def _logprobs(token_id: int, top: int | None) -> tuple[TokenLogprob, ...]:
+        """The sim draws words uniformly: every word has log probability -ln(vocabulary size)."""
+        if top is None:
+            return ()
+        uniform = -math.log(len(VOCABULARY))
+        alternatives = tuple((VOCABULARY[(token_id + offset) % len(VOCABULARY)], uniform) for offset in range(top))
+        return (TokenLogprob(VOCABULARY[token_id], uniform, alternatives),)
 
     @staticmethod
     def _stop_position(text: str, stops: tuple[str, ...]) -> int | None:

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from shared.settings import SettingsError, WorkerSettings, parse_cpu_list
-from shared.wire import SamplingOptions
+from shared.wire import SamplingOptions, TokenLogprob
 from worker.engines.base import EngineDeadError, EngineDelta, EngineError, EngineRequest
 
 log = logging.getLogger("tokenspool.worker.vllm")
@@ -79,6 +79,24 @@ def engine_kwargs(settings: WorkerSettings) -> dict[str, Any]:
     return kwargs
 
 
+def _token_logprobs(completion: Any, top: int | None) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-position ``{token id: Logprob}`` maps as (token, logprob, top alternatives by rank)."""
+    if top is None or not completion.logprobs:
+        return ()
+    out = []
+    for token_id, candidates in zip(completion.token_ids, completion.logprobs, strict=False):
+        sampled = candidates.get(token_id)
+        ranked = sorted(candidates.values(), key=lambda c: c.rank if c.rank is not None else 1 << 30)[:top]
+        out.append(
+            TokenLogprob(
+                sampled.decoded_token or "" if sampled is not None else "",
+                float(sampled.logprob) if sampled is not None else float("-inf"),
+                tuple((c.decoded_token or "", float(c.logprob)) for c in ranked),
+            )
+        )
+    return tuple(out)
+
+
 def _describe(exc: BaseException) -> str:
     """A one-line description of a failure, looking through vLLM's message-less wrapper errors."""
     cause = exc.__cause__ if type(exc).__name__ == "EngineGenerateError" and exc.__cause__ else exc
@@ -105,7 +123,7 @@ class VllmEngine:
         self.model_name = settings.served_model_name or str(settings.model)
         self.owned_by = "vllm"
         self.capacity = settings.max_num_seqs
-        self.unsupported = frozenset({"logprobs"})
+        self.unsupported: frozenset[str] = frozenset()
         self._engine: Any = None
         self._tokenizer: Any = None
         self._max_model_len = 0
@@ -229,6 +247,8 @@ class VllmEngine:
             params["ignore_eos"] = True
         if sampling.stop_token_ids:
             params["stop_token_ids"] = list(sampling.stop_token_ids)
+        if sampling.logprobs is not None:
+            params["logprobs"] = sampling.logprobs
         return SamplingParams(max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA, **params)
 
     def _budget(self, sampling: SamplingOptions, prompt_len: int, emitted: int) -> int:
@@ -290,7 +310,8 @@ class VllmEngine:
                     reason = FINISH_REASONS.get(vllm_reason)
                     if reason is None:
                         raise EngineError(f"vLLM ended the request with finish reason {vllm_reason!r}")
-                yield EngineDelta(completion.text, tuple(completion.token_ids), reason, prompt_tokens)
+                logprobs = _token_logprobs(completion, request.sampling.logprobs)
+                yield EngineDelta(completion.text, tuple(completion.token_ids), reason, prompt_tokens, logprobs)
         except VllmEngineDeadError as exc:
             dead = True
             raise EngineDeadError(f"the vLLM engine died: {_describe(exc)}") from exc
