@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from gateway.sse import event_frame
+from gateway.sse import comment_frame, event_frame
 from shared import keys, wire
 from shared.store import RequestMeta
 
@@ -75,13 +75,19 @@ class ChunkRenderer:
     def frames(self, items: list[tuple[int, bytes]]) -> bytes:
         out = []
         for seq, payload in items:
-            data = self.data(seq, wire.decode(payload, wire.Event))
+            event = wire.decode(payload, wire.Event)
+            if event.kind == "handover":
+                out.append(comment_frame(event.message))
+                continue
+            data = self.data(seq, event)
             if data is not None:
                 out.append(event_frame(keys.event_id(self.meta.request_id, seq), data))
         return b"".join(out)
 
     def data(self, seq: int, event: wire.Event) -> bytes | None:
         """The ``data:`` JSON of one event, or None for an event this format does not show."""
+        if event.kind == "handover":
+            return None
         if event.kind == "error":
             body = error_body(event.error_type, event.message)
             if self.meta.stream_format == "simple":

@@ -66,6 +66,11 @@ def queue_key(model: str) -> str:
     return f"{PREFIX}:q:{{{model}}}"
 
 
+def dead_letter_key(model: str) -> str:
+    """Requests of ``model`` given up after too many attempts (a stream, for operators)."""
+    return f"{PREFIX}:dead:{{{model}}}"
+
+
 def workers_key() -> str:
     """The hash of registered workers: worker id -> wire-encoded WorkerInfo."""
     return f"{PREFIX}:{{reg}}:workers"

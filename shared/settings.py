@@ -81,6 +81,10 @@ class WorkerSettings(CommonSettings):
     worker_heartbeat_s: float = setting(1.0, "registry heartbeat interval", minimum=0.01)
     stream_maxlen: int = setting(100_000, "events kept per request stream while it runs", minimum=1)
     max_unflushed_events: int = setting(4096, "events a request may buffer while Redis is slow", minimum=1)
+    lease_timeout_s: float = setting(
+        3.0, "a running request whose worker stops renewing its lease this long is taken over", minimum=0.1
+    )
+    max_attempts: int = setting(3, "attempts before a request that keeps failing workers is dead-lettered", minimum=1)
     drain_timeout_s: float = setting(30.0, "on SIGTERM, how long running requests may take to finish", minimum=0.0)
     sim_ttft_ms: float = setting(50.0, "sim engine: time to first token", minimum=0.0)
     sim_itl_ms: float = setting(20.0, "sim engine: time between tokens", minimum=0.0)
@@ -89,6 +93,9 @@ class WorkerSettings(CommonSettings):
     )
     sim_fail_marker: str = setting(
         "", "sim engine: a prompt containing this text fails after its first token (fault injection for clients)"
+    )
+    sim_crash_marker: str = setting(
+        "", "sim engine: a prompt containing this text kills the worker process mid-request (fault injection)"
     )
     dtype: str = setting("auto", "vllm: weight dtype (auto, float32, bfloat16, float16)")
     max_model_len: int | None = setting(None, "vllm: context length", minimum=1)

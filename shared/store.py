@@ -124,11 +124,12 @@ if cur[4] == '1' then return {last, 1} end
 return {last, 0}
 """
 
-# Take a queued request: KEYS meta; ARGV worker_id, now_ms. Returns {attempt, last_seq}, attempt 0 when
-# the request is not queued (cancelled meanwhile, expired, or taken).
+# Take a request: KEYS meta; ARGV worker_id, now_ms, takeover ('1': a running request whose worker lost
+# its lease may be taken too). Returns {attempt, last_seq}; attempt 0 when it cannot be taken (cancelled
+# meanwhile, ended, expired). The new attempt number fences every earlier holder's appends.
 _CLAIM_LUA: Final = """
 local st = redis.call('HGET', KEYS[1], 'state')
-if st ~= 'queued' then return {0, 0} end
+if not (st == 'queued' or (st == 'running' and ARGV[3] == '1')) then return {0, 0} end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1], 'started_ms', ARGV[2])
 return {attempt, tonumber(redis.call('HGET', KEYS[1], 'last_seq'))}
@@ -156,6 +157,21 @@ elseif cur[1] == 'running' then
   return {2, 'running'}
 end
 return {0, cur[1]}
+"""
+
+# Renew a worker's leases: KEYS queue; ARGV group, consumer, entry ids... Each entry still pending for this
+# consumer has its idle time reset (XCLAIM ... JUSTID does not count a delivery); returns the ids renewed.
+# An entry another worker has claimed is left alone: its lease is lost.
+_RENEW_LUA: Final = """
+local renewed = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    renewed[#renewed + 1] = ARGV[i]
+  end
+end
+return renewed
 """
 
 APPEND_GONE: Final = -1
@@ -188,6 +204,7 @@ class RequestStore:
         self._append: AsyncScript = client.register_script(_APPEND_LUA)
         self._claim: AsyncScript = client.register_script(_CLAIM_LUA)
         self._cancel: AsyncScript = client.register_script(_CANCEL_LUA)
+        self._renew: AsyncScript = client.register_script(_RENEW_LUA)
 
     # -- gateway side -------------------------------------------------------------------------------
 
@@ -257,10 +274,76 @@ class RequestStore:
 
     # -- worker side --------------------------------------------------------------------------------
 
-    async def claim(self, request_id: str, worker_id: str) -> tuple[int, int]:
-        """Take a queued request; (attempt, last_seq), attempt 0 when it is no longer queued."""
-        attempt, last_seq = await self._claim(keys=[keys.RequestKeys.of(request_id).meta], args=[worker_id, now_ms()])
+    async def claim(self, request_id: str, worker_id: str, *, takeover: bool = False) -> tuple[int, int]:
+        """Take a queued request (or, with ``takeover``, a running one whose worker lost its lease);
+        (attempt, last_seq), attempt 0 when it cannot be taken."""
+        attempt, last_seq = await self._claim(
+            keys=[keys.RequestKeys.of(request_id).meta], args=[worker_id, now_ms(), "1" if takeover else "0"]
+        )
         return int(attempt), int(last_seq)
+
+    async def all_events(self, request_id: str, batch: int = 1024) -> list[wire.Event]:
+        """Every stored event of a request, read in bounded batches (what a takeover continues from)."""
+        events: list[wire.Event] = []
+        cursor = 0
+        while True:
+            items = await self.read_events(request_id, cursor, batch)
+            events.extend(wire.decode(payload, wire.Event) for _seq, payload in items)
+            if len(items) < batch:
+                return events
+            cursor = items[-1][0]
+
+    async def renew_leases(self, model: str, consumer: str, entry_ids: list[bytes]) -> set[bytes]:
+        """Reset the idle time of this consumer's pending entries; the ids it still holds."""
+        if not entry_ids:
+            return set()
+        renewed = await self._renew(keys=[keys.queue_key(model)], args=[keys.WORKER_GROUP, consumer, *entry_ids])
+        return {bytes(entry) for entry in renewed}
+
+    async def claim_abandoned(
+        self, model: str, consumer: str, min_idle_ms: int, count: int
+    ) -> list[tuple[bytes, dict[bytes, bytes] | None, int]]:
+        """Entries of ``model`` whose holder stopped renewing them, now claimed by ``consumer``:
+        (entry id, fields or None when the entry was deleted, times delivered)."""
+        queue = keys.queue_key(model)
+        claimed: list[tuple[bytes, dict[bytes, bytes] | None]] = []
+        cursor: Any = "0-0"
+        while len(claimed) < count:
+            reply = await self._r.xautoclaim(
+                queue, keys.WORKER_GROUP, consumer, min_idle_ms, start_id=cursor, count=count - len(claimed)
+            )
+            cursor, entries = reply[0], reply[1]
+            claimed.extend((entry_id, fields) for entry_id, fields in entries)
+            if cursor in (b"0-0", "0-0"):
+                break
+        out = []
+        for entry_id, fields in claimed:
+            info = await self._r.xpending_range(queue, keys.WORKER_GROUP, min=entry_id, max=entry_id, count=1)
+            delivered = int(info[0]["times_delivered"]) if info else 1
+            out.append((entry_id, fields or None, delivered))
+        return out
+
+    async def dead_letter(self, model: str, entry_id: bytes, request_id: str, reason: str) -> None:
+        """Give up on a request: record it for operators and take it off the queue."""
+        await self._r.xadd(
+            keys.dead_letter_key(model),
+            {"request_id": request_id, "reason": reason, "at_ms": now_ms()},
+            maxlen=10_000,
+            approximate=True,
+        )
+        await self.finish_queue_entry(model, entry_id)
+
+    async def fail_abandoned(self, request_id: str, worker_id: str, message: str) -> bool:
+        """End a request no worker could finish: take it over once more and write its terminal error."""
+        attempt, last_seq = await self.claim(request_id, worker_id, takeover=True)
+        if attempt == 0:
+            return False
+        payload = wire.encode(wire.Event("error", error_type="failed", message=message))
+        script_keys, args = self.append_args(
+            request_id, attempt, last_seq + 1, [payload], FinalState("failed", error=message), 100_000
+        )
+        await self._append(keys=script_keys, args=args)
+        return True
 
     def append_args(
         self,

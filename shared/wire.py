@@ -15,7 +15,7 @@ import msgpack
 
 WIRE_VERSION: Final = 1
 
-EventKind = Literal["delta", "end", "error"]
+EventKind = Literal["delta", "end", "error", "handover"]
 FinishReason = Literal["stop", "length"]
 WorkerState = Literal["active", "draining", "stopped"]
 
@@ -79,7 +79,8 @@ class Event:
 
     ``delta`` carries new text and its token ids (and, on the last one, why generation stopped);
     ``end`` closes a stream that finished, with its usage; ``error`` closes one that failed or was
-    cancelled (``error_type`` says which).
+    cancelled (``error_type`` says which); ``handover`` marks where another worker continued the
+    request (shown to clients as an SSE comment only).
     """
 
     kind: EventKind
@@ -97,7 +98,7 @@ class Event:
 
     @property
     def terminal(self) -> bool:
-        return self.kind != "delta"
+        return self.kind in ("end", "error")
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,8 @@ import functools
 import logging
 import os
 import socket
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aredis
@@ -23,6 +25,15 @@ from worker.outbox import Outbox, RequestLog, RequestLostError
 log = logging.getLogger("tokenspool.worker")
 
 PULL_BLOCK_MS = 1000
+
+
+@dataclass(eq=False)
+class RunningRequest:
+    """A request this worker holds: its queue entry (the lease), its task, and its write side."""
+
+    entry_id: bytes
+    task: asyncio.Task[None] | None = None
+    log: RequestLog | None = None
 
 
 class Worker:
@@ -46,7 +57,7 @@ class Worker:
             self.store, stream_maxlen=settings.stream_maxlen, max_unflushed=settings.max_unflushed_events
         )
         self.queue = keys.queue_key(engine.model_name)
-        self._running: dict[str, tuple[asyncio.Task[None], RequestLog | None]] = {}
+        self._running: dict[str, RunningRequest] = {}
         self._slot_freed = asyncio.Event()
         self._housekeeping: set[asyncio.Task[None]] = set()
         self._started_ms = now_ms()
@@ -131,34 +142,49 @@ class Worker:
                     self._start(entry_id, fields)
         raise self.engine_failure
 
-    def _start(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    def _start(self, entry_id: bytes, fields: dict[bytes, bytes] | None, *, takeover: bool = False) -> None:
         try:
+            if fields is None:
+                raise wire.WireError("the entry was deleted")
             job = wire.decode(fields[b"d"], wire.Job)
         except (KeyError, wire.WireError) as exc:
             log.error("dropping undecodable queue entry %s: %s", entry_id, exc)
-            cleanup = asyncio.create_task(self.store.finish_queue_entry(self.engine.model_name, entry_id))
-            self._housekeeping.add(cleanup)
-            cleanup.add_done_callback(self._housekeeping.discard)
+            self._background(self.store.finish_queue_entry(self.engine.model_name, entry_id))
             return
-        task = asyncio.create_task(self._handle(entry_id, job), name=f"request {job.request_id}")
-        self._running[job.request_id] = (task, None)
-        task.add_done_callback(functools.partial(self._finished, job.request_id))
+        running = RunningRequest(entry_id=entry_id)
+        self._running[job.request_id] = running
+        running.task = asyncio.create_task(self._handle(running, job, takeover), name=f"request {job.request_id}")
+        running.task.add_done_callback(functools.partial(self._finished, job.request_id))
+
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._housekeeping.add(task)
+        task.add_done_callback(self._housekeeping.discard)
 
     def _finished(self, request_id: str, _task: asyncio.Task[None]) -> None:
         self._running.pop(request_id, None)
         self._slot_freed.set()
 
-    async def _handle(self, entry_id: bytes, job: wire.Job) -> None:
+    async def _handle(self, running: RunningRequest, job: wire.Job, takeover: bool) -> None:
         request_id = job.request_id
-        attempt, last_seq = await self.store.claim(request_id, self.worker_id)
+        entry_id = running.entry_id
+        attempt, last_seq = await self.store.claim(request_id, self.worker_id, takeover=takeover)
         if attempt == 0:
-            log.info("request %s is no longer queued; skipping it", request_id)
+            log.info("request %s can no longer be taken (cancelled, ended or expired); skipping it", request_id)
             await self.store.finish_queue_entry(job.model, entry_id)
             return
+        emitted: list[wire.Event] = []
+        if takeover:
+            emitted = [e for e in await self.store.all_events(request_id) if e.kind == "delta"]
         entry = self.outbox.open(request_id, attempt, last_seq)
-        self._running[request_id] = (self._running[request_id][0], entry)
-        log.info("request %s started (attempt %d)", request_id, attempt)
-        generation = asyncio.create_task(self._generate(job, entry))
+        running.log = entry
+        if takeover:
+            log.warning("request %s taken over at event %d (attempt %d)", request_id, last_seq, attempt)
+            handover = f"continued by worker {self.worker_id} after event {last_seq} (attempt {attempt})"
+            await self.outbox.put(entry, wire.Event("handover", message=handover))
+        else:
+            log.info("request %s started (attempt %d)", request_id, attempt)
+        generation = asyncio.create_task(self._generate(job, entry, emitted))
 
         def interrupt_generation() -> None:
             generation.cancel()
@@ -172,15 +198,13 @@ class Worker:
                 generation.cancel()
                 raise
             if entry.lost:
-                log.info("request %s abandoned: %s", request_id, entry.lost)
-                await self.store.finish_queue_entry(job.model, entry_id)
+                self._abandon(job, running, entry)
                 return
             message = "cancelled by the client"
             final_event = wire.Event("error", error_type="cancelled", message=message)
             final = FinalState("cancelled", error=message)
         except RequestLostError:
-            log.info("request %s abandoned: %s", request_id, entry.lost)
-            await self.store.finish_queue_entry(job.model, entry_id)
+            self._abandon(job, running, entry)
             return
         except EngineError as exc:
             final_event = wire.Event("error", error_type="engine_error", message=str(exc))
@@ -189,19 +213,45 @@ class Worker:
             log.error("engine died while running %s: %s", request_id, exc)
             self.engine_failure = exc
             raise
-        with contextlib.suppress(RequestLostError):
+        try:
             await self.outbox.put(entry, final_event, final)
             await entry.done.wait()
+        except RequestLostError:
+            self._abandon(job, running, entry)
+            return
+        if entry.lost:
+            self._abandon(job, running, entry)
+            return
         await self.store.finish_queue_entry(job.model, entry_id)
         log.info("request %s %s (%s)", request_id, final.state, final.finish_reason or final.error)
 
-    async def _generate(self, job: wire.Job, entry: RequestLog) -> tuple[wire.Event, FinalState]:
+    def _abandon(self, job: wire.Job, running: RunningRequest, entry: RequestLog) -> None:
+        """Stop working on a request this worker no longer holds. Its queue entry is left alone: another
+        worker owns it now (fenced, lease lost), or whoever ended it acknowledges it."""
+        log.warning("request %s abandoned by this worker: %s", job.request_id, entry.lost)
+        if entry.lost == "gone":
+            self._background(self.store.finish_queue_entry(job.model, running.entry_id))
+
+    async def _generate(
+        self, job: wire.Job, entry: RequestLog, emitted: list[wire.Event]
+    ) -> tuple[wire.Event, FinalState]:
+        emitted_ids = tuple(token for event in emitted for token in event.token_ids)
         request = EngineRequest(
-            request_id=job.request_id, kind=job.kind, prompt=job.prompt, messages=job.messages, sampling=job.sampling
+            request_id=job.request_id,
+            kind=job.kind,
+            prompt=job.prompt,
+            messages=job.messages,
+            sampling=job.sampling,
+            emitted_token_ids=emitted_ids,
         )
-        prompt_tokens = completion_tokens = text_offset = 0
+        prompt_tokens = 0
+        completion_tokens = len(emitted_ids)
+        text_offset = sum(len(event.text) for event in emitted)
         finish_reason = "stop"
         wants_logprobs = job.sampling.logprobs is not None
+        # A previous holder that emitted the last token but died before closing the stream: the engine
+        # still reports the prompt's length, and no second finish is streamed.
+        finished_before = bool(emitted and emitted[-1].finish_reason)
         stream = self.engine.generate(request)
         try:
             async for delta in stream:
@@ -209,7 +259,7 @@ class Worker:
                 completion_tokens += len(delta.token_ids)
                 if delta.finish_reason:
                     finish_reason = delta.finish_reason
-                if delta.text or delta.token_ids or delta.finish_reason:
+                if delta.text or delta.token_ids or (delta.finish_reason and not finished_before):
                     event = wire.Event("delta", delta.text, delta.token_ids, delta.finish_reason)
                     if wants_logprobs:
                         event = dataclasses.replace(event, logprobs=delta.logprobs, text_offset=text_offset)
@@ -217,6 +267,10 @@ class Worker:
                     await self.outbox.put(entry, event)
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+        return self._end(finish_reason, prompt_tokens, completion_tokens)
+
+    @staticmethod
+    def _end(finish_reason: str, prompt_tokens: int, completion_tokens: int) -> tuple[wire.Event, FinalState]:
         return (
             wire.Event(
                 "end", finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
@@ -225,22 +279,60 @@ class Worker:
         )
 
     async def _heartbeat(self) -> None:
-        """Refresh the registry entry and pick up cancellations of requests that emit nothing yet."""
+        """Every beat: refresh the registry entry, renew the leases of running requests (dropping those
+        another worker took), pick up cancellations of requests that emit nothing yet, and take over
+        requests whose workers stopped renewing theirs."""
         while True:
             await asyncio.sleep(self.settings.worker_heartbeat_s)
             try:
                 await registry.publish(self._client, self.info())
+                await self._renew_leases()
                 flags = await self.store.cancel_flags(list(self._running))
+                for request_id, flagged in flags.items():
+                    running = self._running.get(request_id)
+                    if flagged and running is not None and running.log is not None:
+                        running.log.request_cancel()
+                if self._state == "active" and self.engine_failure is None:
+                    await self._take_over_abandoned()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 log.warning("heartbeat failed: %s", exc)
-                continue
-            for request_id, flagged in flags.items():
-                running = self._running.get(request_id)
-                if flagged and running is not None and running[1] is not None:
-                    running[1].request_cancel()
+
+    async def _renew_leases(self) -> None:
+        held = {r.entry_id: rid for rid, r in self._running.items() if r.log is not None and not r.log.lost}
+        renewed = await self.store.renew_leases(self.engine.model_name, self.worker_id, list(held))
+        for entry_id in set(held) - renewed:
+            running = self._running.get(held[entry_id])
+            if running is not None and running.log is not None and not running.log.done.is_set():
+                running.log.mark_lost("lease lost to another worker")
+
+    async def _take_over_abandoned(self) -> None:
+        free = self.engine.capacity - len(self._running)
+        if free <= 0:
+            return
+        claimed = await self.store.claim_abandoned(
+            self.engine.model_name, self.worker_id, int(self.settings.lease_timeout_s * 1000), free
+        )
+        for entry_id, fields, delivered in claimed:
+            if delivered > self.settings.max_attempts:
+                self._background(self._dead_letter(entry_id, fields, delivered))
+            else:
+                self._start(entry_id, fields, takeover=True)
+
+    async def _dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes] | None, delivered: int) -> None:
+        """A request whose workers kept dying: end it with an error and record it for operators."""
+        try:
+            job = wire.decode(fields[b"d"], wire.Job) if fields else None
+        except (KeyError, wire.WireError):
+            job = None
+        request_id = job.request_id if job else "?"
+        reason = f"gave up after {delivered - 1} attempts: every worker that ran it stopped"
+        if job is not None:
+            await self.store.fail_abandoned(job.request_id, self.worker_id, f"request failed: {reason}")
+        await self.store.dead_letter(self.engine.model_name, entry_id, request_id, reason)
+        log.error("request %s dead-lettered: %s", request_id, reason)
 
     async def _drain(self) -> None:
-        tasks = [task for task, _ in self._running.values()]
+        tasks = [r.task for r in self._running.values() if r.task is not None]
         if not tasks:
             return
         log.info("draining: waiting up to %.1fs for %d running requests", self.settings.drain_timeout_s, len(tasks))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import os
 import random
 from collections.abc import AsyncIterator
 from typing import Final
@@ -159,6 +160,7 @@ class SimEngine:
         self._step_s = settings.sim_itl_ms / 1000
         self._natural_max = settings.sim_default_max_tokens
         self._fail_marker = settings.sim_fail_marker
+        self._crash_marker = settings.sim_crash_marker
         self._running = 0
 
     def running_requests(self) -> int:
@@ -218,6 +220,9 @@ class SimEngine:
             yield EngineDelta(piece, (token_ids[index],), finish, prompt_tokens, logprobs)
             if self._fail_marker and self._fail_marker in prompt_text(request):
                 raise EngineError("simulated engine failure: the prompt contains the configured failure marker")
+            if self._crash_marker and self._crash_marker in prompt_text(request):
+                await asyncio.sleep(0.2)  # let the token reach Redis, then die as a crashing GPU process would
+                os._exit(70)
             if not last:
                 await self._sleep_until_step(loop.time() + self._step_s)
         if done >= len(token_ids):

@@ -1,0 +1,154 @@
+"""Workers that die, stall or keep dying: the stream goes on from its emitted tokens, once and in order."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+import httpx
+import pytest
+
+from shared import keys, wire
+from tests.support import Cluster, Gateway, Worker, chat_body, content_of, iter_sse, read_stream, wait_for
+
+MODEL = "failover-sim"
+FAST_LEASE = {"lease_timeout_s": 1.0, "worker_heartbeat_s": 0.2, "sim_itl_ms": 10, "sim_ttft_ms": 10}
+
+
+@pytest.fixture(scope="module")
+def gateway(cluster: Cluster) -> Gateway:
+    return cluster.gateway()
+
+
+def start_worker(cluster: Cluster, gateway: Gateway, *, wait: bool = True, **extra: object) -> Worker:
+    worker = cluster.worker(model=MODEL, wait=wait, **FAST_LEASE, **extra)
+    if wait:
+        wait_for(lambda: MODEL in httpx.get(gateway.url + "/v1/models").text, 10, "the model to be listed")
+    return worker
+
+
+def stop_all_workers(cluster: Cluster) -> None:
+    for proc in cluster.procs:
+        if proc.argv[0] == "worker" and proc.alive():
+            proc.stop()
+
+
+def stored(cluster: Cluster, request_id: str) -> list[wire.Event]:
+    entries = cluster.redis.xrange(keys.RequestKeys.of(request_id).events)
+    return [wire.decode(fields[b"d"], wire.Event) for _id, fields in entries]  # type: ignore[union-attr]
+
+
+def assert_complete(cluster: Cluster, request_id: str, ids: list[str | None], max_tokens: int) -> None:
+    data_ids = [i for i in ids if i is not None]
+    events = stored(cluster, request_id)
+    expected = [
+        keys.event_id(request_id, n) for n, e in enumerate(events, 1) if e.kind != "handover" and e.kind != "end"
+    ]
+    assert data_ids == expected, "lost, duplicated or out-of-order events"
+    assert sum(len(e.token_ids) for e in events if e.kind == "delta") == max_tokens
+    assert events[-1].kind == "end" and events[-1].completion_tokens == max_tokens
+
+
+def test_worker_killed_mid_stream_is_continued_by_another(cluster: Cluster, gateway: Gateway) -> None:
+    rng = random.Random(20261124)
+    workers = [start_worker(cluster, gateway), start_worker(cluster, gateway)]
+    gaps: list[float] = []
+    for trial in range(20):
+        max_tokens = 40
+        body = chat_body(f"failover trial {trial}", max_tokens=max_tokens, model=MODEL, seed=trial)
+        kill_after = rng.randint(1, max_tokens - 5)
+        seen: list[str | None] = []
+        comments: list[str] = []
+        with (
+            httpx.Client(timeout=30) as http,
+            http.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response,
+        ):
+            request_id = response.headers["x-request-id"]
+            killed_at = 0.0
+            for item in iter_sse(response):
+                if isinstance(item, str):
+                    comments.append(item)
+                    continue
+                if item.data == "[DONE]":
+                    break
+                if killed_at and len(gaps) == trial:
+                    gaps.append(time.monotonic() - killed_at)
+                seen.append(item.id)
+                if len(seen) == kill_after:
+                    holder = cluster.meta(request_id)["worker"]
+                    victim = next(w for w in workers if w.worker_id == holder)
+                    victim.proc.kill()
+                    killed_at = time.monotonic()
+                    workers.remove(victim)
+                    workers.append(start_worker(cluster, gateway, wait=False))
+        assert_complete(cluster, request_id, seen, max_tokens)
+        assert any(c.startswith("continued by worker") for c in comments), "the handover is visible as a comment"
+        meta = cluster.meta(request_id)
+        assert meta["state"] == "done" and int(meta["attempt"]) == 2
+        if trial % 5 == 0:
+            uninterrupted = read_stream("POST", gateway.url + "/v1/chat/completions", json=body)
+            replay = read_stream("GET", f"{gateway.url}/v1/requests/{request_id}/events")
+            assert content_of(replay.events) == content_of(uninterrupted.events)
+    assert len(gaps) == 20 and max(gaps) < 10, gaps
+    print(f"failover gap p50 {sorted(gaps)[10]:.3f}s max {max(gaps):.3f}s over 20 kills")
+
+
+def test_stalled_worker_resumed_after_losing_its_lease_cannot_write(cluster: Cluster, gateway: Gateway) -> None:
+    stop_all_workers(cluster)
+    first = start_worker(cluster, gateway)
+    second = start_worker(cluster, gateway)
+    body = chat_body("stall me", max_tokens=60, model=MODEL, seed=5)
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response,
+    ):
+        request_id = response.headers["x-request-id"]
+        events = iter_sse(response)
+        seen = [next(item for item in events if not isinstance(item, str)) for _ in range(5)]
+        holder = cluster.meta(request_id)["worker"]
+        stalled = first if holder == first.worker_id else second
+        stalled.proc.signal(signal.SIGSTOP)
+        wait_for(lambda: cluster.meta(request_id).get("attempt") == "2", 15, "another worker to take over")
+        stalled.proc.signal(signal.SIGCONT)
+        seen += [item for item in events if not isinstance(item, str)]
+    assert seen[-1].data == "[DONE]"
+    assert_complete(cluster, request_id, [e.id for e in seen[:-1]], 60)
+    wait_for(lambda: "abandoned by this worker" in stalled.proc.log(), 10, "the stale worker to stand down")
+    assert stalled.proc.alive(), "a fenced worker goes on serving"
+    assert cluster.redis.xpending(keys.queue_key(MODEL), keys.WORKER_GROUP)["pending"] == 0
+    again = read_stream(
+        "POST", gateway.url + "/v1/chat/completions", json=chat_body("after the stall", max_tokens=5, model=MODEL)
+    )
+    assert again.events[-1].data == "[DONE]"
+
+
+def test_a_request_that_keeps_killing_workers_is_dead_lettered(cluster: Cluster, gateway: Gateway) -> None:
+    stop_all_workers(cluster)
+    gateway = cluster.gateway(heartbeat_s=0.2)  # its pings wake the loop below when a worker died
+    poison_settings = {"sim_crash_marker": "POISON", "max_attempts": 3}
+    start_worker(cluster, gateway, **poison_settings)
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream(
+            "POST", gateway.url + "/v1/chat/completions", json=chat_body("POISON pill", max_tokens=30, model=MODEL)
+        ) as response,
+    ):
+        request_id = response.headers["x-request-id"]
+        deaths = 0
+        items = []
+        for item in iter_sse(response):
+            items.append(item)
+            if not isinstance(item, str) and item.data == "[DONE]":
+                break
+            alive = [p for p in cluster.procs if p.argv[0] == "worker" and p.alive()]
+            if not alive and deaths < 4:
+                deaths += 1
+                start_worker(cluster, gateway, **poison_settings)
+    data = [i for i in items if not isinstance(i, str)]
+    error = data[-2].json()["error"]
+    assert error["type"] == "failed" and "gave up after 3 attempts" in error["message"]
+    assert cluster.meta(request_id)["state"] == "failed"
+    dead = cluster.redis.xrange(keys.dead_letter_key(MODEL))
+    assert [fields[b"request_id"].decode() for _id, fields in dead] == [request_id]  # type: ignore[union-attr]
+    assert cluster.redis.xpending(keys.queue_key(MODEL), keys.WORKER_GROUP)["pending"] == 0
