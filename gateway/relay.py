@@ -86,6 +86,9 @@ class PartitionReader:
         self._subs.setdefault(sub.key, {})[sub] = None
         current = self._positions.get(sub.key)
         self._positions[sub.key] = sub.cursor if current is None else min(current, sub.cursor)
+        self.wake()
+
+    def wake(self) -> None:
         self._changed.set()
         if self._blocked and (self._waker is None or self._waker.done()):
             self._waker = asyncio.create_task(self._unblock())
@@ -198,6 +201,11 @@ class Relay:
         sub = Subscription(keys.RequestKeys.of(request_id).events.encode(), partition, cursor, self._buffer_events)
         self._readers[partition].add(sub)
         return sub
+
+    def nudge(self, request_id: str) -> None:
+        """Make the reader of this request's partition re-issue its XREAD now."""
+        reader = self._readers[keys.partition_of(request_id)]
+        reader.wake()
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._readers[sub.partition].remove(sub)

@@ -122,12 +122,16 @@ class EventReader:
                     break
             # Live: the multiplexed reader fills this subscription from the cursor on.
             sub = self.relay.subscribe(request_id, cursor)
+            last_check = time.monotonic()
             try:
                 while True:
                     if not sub.items and not sub.overflowed:
                         try:
                             await asyncio.wait_for(sub.wake.wait(), tick_s)
                         except TimeoutError:
+                            if time.monotonic() - last_check >= self.settings.heartbeat_s:
+                                last_check = time.monotonic()
+                                await self._check_still_there(request_id, cursor)
                             yield []
                             continue
                     if sub.overflowed:
@@ -145,6 +149,15 @@ class EventReader:
             finally:
                 self.relay.unsubscribe(sub)
             pending = await self.store.read_events(request_id, cursor, self.settings.replay_batch_events)
+
+    async def _check_still_there(self, request_id: str, cursor: int) -> None:
+        """An idle stream checks now and then that its request still exists: if Redis lost it (a restart
+        without persistence), the client is told so instead of waiting for events that cannot come."""
+        state, last_seq = await self.store.state(request_id)
+        if not state:
+            raise EventsExpiredError("the request is gone from Redis (it expired, or Redis lost its data)")
+        if last_seq > cursor:
+            self.relay.nudge(request_id)
 
     async def sse_frames(self, point: ResumePoint) -> AsyncIterator[bytes]:
         """The SSE body of a stream: rendered events (several per write when the client is behind),

@@ -398,9 +398,12 @@ class RequestStore:
         return {rid: flag == b"1" for rid, flag in zip(request_ids, flags, strict=True)}
 
     async def finish_queue_entry(self, model: str, entry_id: bytes) -> None:
-        """Acknowledge and delete a request's queue entry once the request has ended."""
+        """Acknowledge and delete a request's queue entry once the request has ended (a queue that
+        vanished with its group, when Redis lost its data, has nothing left to acknowledge)."""
         queue = keys.queue_key(model)
         pipe = self._r.pipeline(transaction=False)
         pipe.xack(queue, keys.WORKER_GROUP, entry_id)
         pipe.xdel(queue, entry_id)
-        await pipe.execute()
+        for result in await pipe.execute(raise_on_error=False):
+            if isinstance(result, Exception) and "NOGROUP" not in str(result):
+                raise result

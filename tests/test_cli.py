@@ -50,7 +50,7 @@ def test_bad_flag_value_names_the_flag() -> None:
     assert result.returncode == 2 and "--max-num-seqs: expected an integer" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["gateway", "worker"])
+@pytest.mark.parametrize("command", ["gateway", "worker", "status"])
 def test_unreachable_redis_fails_fast(command: str) -> None:
     port = free_port()
     result = run_cli([command], clean_env(f"redis://127.0.0.1:{port}/0"))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from shared import keys, wire
-from tests.support import Cluster, Gateway, Worker, chat_body, content_of, iter_sse, read_stream, wait_for
+from tests.support import Cluster, Gateway, Worker, chat_body, clean_env, content_of, iter_sse, read_stream, wait_for
 
 MODEL = "failover-sim"
 FAST_LEASE = {"lease_timeout_s": 1.0, "worker_heartbeat_s": 0.2, "sim_itl_ms": 10, "sim_ttft_ms": 10}
@@ -152,3 +156,60 @@ def test_a_request_that_keeps_killing_workers_is_dead_lettered(cluster: Cluster,
     dead = cluster.redis.xrange(keys.dead_letter_key(MODEL))
     assert [fields[b"request_id"].decode() for _id, fields in dead] == [request_id]  # type: ignore[union-attr]
     assert cluster.redis.xpending(keys.queue_key(MODEL), keys.WORKER_GROUP)["pending"] == 0
+    status = subprocess.run(
+        [sys.executable, "-m", "tokenspool", "status", "--json"],
+        env=clean_env(cluster.redis_url),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["models"][MODEL]["dead_letters"] == 1 and report["models"][MODEL]["running"] == 0
+    assert any(w["model"] == MODEL and w["state"] == "active" for w in report["workers"])
+    table = subprocess.run(
+        [sys.executable, "-m", "tokenspool", "status"],
+        env=clean_env(cluster.redis_url),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "DEAD LETTERS" in table.stdout and MODEL in table.stdout
+
+
+def test_redis_losing_its_data_ends_open_streams_and_workers_recover(tmp_path: Path) -> None:
+    from tokenspool.redis_server import EmbeddedRedis, free_port
+
+    port = free_port()
+    server = EmbeddedRedis(port).start()
+    cluster = Cluster(server.url, tmp_path)
+    try:
+        cluster.worker(model="amnesia", sim_itl_ms=200, worker_heartbeat_s=0.2)
+        gateway = cluster.gateway(heartbeat_s=0.3)
+        wait_for(lambda: "amnesia" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+        with (
+            httpx.Client(timeout=30) as http,
+            http.stream(
+                "POST",
+                gateway.url + "/v1/chat/completions",
+                json=chat_body("forget me", max_tokens=200, model="amnesia"),
+            ) as response,
+        ):
+            events = iter_sse(response)
+            first = next(item for item in events if not isinstance(item, str))
+            server.stop()
+            server = EmbeddedRedis(port).start()  # same address, no data: a restart without persistence
+            rest = [item for item in events if not isinstance(item, str)]
+        assert first.id is not None and rest[-1].data == "[DONE]"
+        error = rest[-2].json()["error"]
+        assert error["type"] in ("events_expired", "redis_unavailable"), error
+        # Workers re-register and recreate their consumer group; new requests are served again.
+        wait_for(lambda: "amnesia" in httpx.get(gateway.url + "/v1/models").text, 15, "the worker to re-register")
+        again = read_stream(
+            "POST", gateway.url + "/v1/chat/completions", json=chat_body("remember this", max_tokens=3, model="amnesia")
+        )
+        assert again.events[-1].data == "[DONE]" and len(again.events) == 4
+        assert all(p.alive() for p in cluster.procs), "no process crashed"
+    finally:
+        cluster.close()
+        server.stop()

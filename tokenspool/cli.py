@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("make-test-model", help="write a small random-weight Llama model for tests (offline)")
     model.add_argument("directory")
 
+    status = sub.add_parser("status", help="workers, queues, dead letters and Redis memory")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--redis-url", default=None, help="default: TOKENSPOOL_REDIS_URL")
     sub.add_parser("settings", help="list every setting with its variable, flag and default")
     sub.add_parser(
         "bench-vllm", help="the same model and load behind vLLM's own server and behind tokenspool", add_help=False
@@ -189,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_gateway(load_settings(GatewaySettings, environ, _flags(args, GatewaySettings)))
         if args.command == "worker":
             return run_worker(load_settings(WorkerSettings, environ, _flags(args, WorkerSettings)))
+        if args.command == "status":
+            from tokenspool.status import run as run_status
+
+            common = load_settings(CommonSettings, environ, {"redis_url": args.redis_url})
+            return run_status(common.redis_url, args.json, common.worker_ttl_s)
         if args.command == "up":
             from tokenspool.supervisor import run_stack
 

@@ -137,6 +137,12 @@ class Worker:
                 log.warning("queue read failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
+            except redis.exceptions.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("the queue or its consumer group vanished (Redis lost its data?); recreating it")
+                await self._ensure_group()
+                continue
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     self._start(entry_id, fields)
@@ -296,6 +302,10 @@ class Worker:
                     await self._take_over_abandoned()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 log.warning("heartbeat failed: %s", exc)
+            except redis.exceptions.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._ensure_group()
 
     async def _renew_leases(self) -> None:
         held = {r.entry_id: rid for rid, r in self._running.items() if r.log is not None and not r.log.lost}

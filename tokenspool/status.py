@@ -1,0 +1,100 @@
+"""``tokenspool status``: what an operator needs at a glance, read from Redis (a table, or ``--json``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+import redis
+
+from shared import keys, registry, wire
+from shared.redis_client import RedisUnreachableError, check_reachable
+
+
+def collect(url: str, worker_ttl_s: float) -> dict[str, Any]:
+    check_reachable(url)
+    client: Any = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        now = int(time.time() * 1000)
+        infos = []
+        for raw in client.hgetall(keys.workers_key()).values():
+            try:
+                infos.append(wire.decode(raw, wire.WorkerInfo))
+            except wire.WireError:
+                continue
+        workers = [
+            {
+                "id": info.worker_id,
+                "host": info.host,
+                "model": info.model,
+                "engine": info.engine,
+                "state": info.state if registry.is_live(info, now, worker_ttl_s) or info.state == "stopped" else "dead",
+                "running": info.running,
+                "capacity": info.capacity,
+                "last_heartbeat_s": round((now - info.heartbeat_ms) / 1000, 1),
+            }
+            for info in sorted(infos, key=lambda i: (i.model, i.worker_id))
+        ]
+        models: dict[str, Any] = {}
+        for model in sorted({info.model for info in infos}):
+            queue = keys.queue_key(model)
+            length = int(client.xlen(queue))
+            try:
+                pending: Any = client.xpending(queue, keys.WORKER_GROUP)
+            except redis.ResponseError:
+                pending = {"pending": 0, "consumers": []}
+            per_worker = {
+                c["name"].decode() if isinstance(c["name"], bytes) else c["name"]: int(c["pending"])
+                for c in pending.get("consumers") or []
+            }
+            models[model] = {
+                "waiting": max(0, length - int(pending["pending"])),
+                "running": int(pending["pending"]),
+                "pending_per_worker": per_worker,
+                "dead_letters": int(client.xlen(keys.dead_letter_key(model))),
+            }
+        retained = sum(1 for _ in client.scan_iter(match=f"{keys.PREFIX}:{{p*}}:r:*:ev", count=1000))
+        memory: Any = client.info("memory")
+        return {
+            "workers": workers,
+            "models": models,
+            "retained_streams": retained,
+            "redis_used_memory_bytes": int(memory["used_memory"]),
+        }
+    finally:
+        client.close()
+
+
+def render(status: dict[str, Any]) -> str:
+    lines = [f"{'WORKER':34} {'MODEL':20} {'ENGINE':6} {'STATE':9} {'RUNNING':>9} {'HEARTBEAT':>10}"]
+    for w in status["workers"]:
+        lines.append(
+            f"{w['id']:34} {w['model']:20} {w['engine']:6} {w['state']:9} "
+            f"{w['running']:>4}/{w['capacity']:<4} {w['last_heartbeat_s']:>9}s"
+        )
+    lines.append("")
+    lines.append(f"{'MODEL':20} {'WAITING':>8} {'RUNNING':>8} {'DEAD LETTERS':>13}")
+    for name, m in status["models"].items():
+        lines.append(f"{name:20} {m['waiting']:>8} {m['running']:>8} {m['dead_letters']:>13}")
+    lines.append("")
+    lines.append(
+        f"retained request streams: {status['retained_streams']}; "
+        f"Redis memory: {status['redis_used_memory_bytes'] / 1_048_576:.1f} MiB"
+    )
+    return "\n".join(lines)
+
+
+def run(url: str | None, as_json: bool, worker_ttl_s: float) -> int:
+    import sys
+
+    if not url:
+        print("tokenspool status: TOKENSPOOL_REDIS_URL (or --redis-url) is required", file=sys.stderr)
+        return 2
+    try:
+        status = collect(url, worker_ttl_s)
+    except RedisUnreachableError as exc:
+        print(f"tokenspool status: {exc}", file=sys.stderr)
+        return 2
+    print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode() if as_json else render(status))
+    return 0
