@@ -66,6 +66,11 @@ def queue_key(model: str) -> str:
     return f"{PREFIX}:q:{{{model}}}"
 
 
+def commands_key() -> str:
+    """Operator commands waiting for workers: worker id -> command (``drain``, ``migrate``, ``shed N``)."""
+    return f"{PREFIX}:{{reg}}:commands"
+
+
 def dead_letter_key(model: str) -> str:
     """Requests of ``model`` given up after too many attempts (a stream, for operators)."""
     return f"{PREFIX}:dead:{{{model}}}"

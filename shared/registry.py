@@ -23,5 +23,14 @@ async def read_all(client: aredis.Redis) -> list[wire.WorkerInfo]:
     return out
 
 
+async def take_command(client: aredis.Redis, worker_id: str) -> str | None:
+    """The operator command waiting for this worker, removed as it is read."""
+    pipe = client.pipeline(transaction=True)
+    pipe.hget(keys.commands_key(), worker_id)
+    pipe.hdel(keys.commands_key(), worker_id)
+    command, _ = await pipe.execute()
+    return command.decode() if command else None
+
+
 def is_live(info: wire.WorkerInfo, now_ms: int, ttl_s: float) -> bool:
     return info.state != "stopped" and now_ms - info.heartbeat_ms <= ttl_s * 1000

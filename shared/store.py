@@ -323,6 +323,16 @@ class RequestStore:
             out.append((entry_id, fields or None, delivered))
         return out
 
+    async def release_entries(self, model: str, consumer: str, entry_ids: list[bytes], idle_ms: int) -> None:
+        """Give up leases at once: mark the entries idle for ``idle_ms`` so another worker's next scan takes
+        them (a migration); the attempt fencing stops this worker writing to them after that."""
+        if not entry_ids:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.xclaim(keys.queue_key(model), keys.WORKER_GROUP, consumer, 0, [entry_id], idle=idle_ms, justid=True)
+        await pipe.execute()
+
     async def dead_letter(self, model: str, entry_id: bytes, request_id: str, reason: str) -> None:
         """Give up on a request: record it for operators and take it off the queue."""
         await self._r.xadd(

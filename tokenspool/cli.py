@@ -169,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("make-test-model", help="write a small random-weight Llama model for tests (offline)")
     model.add_argument("directory")
 
+    drain = sub.add_parser("drain", help="stop a worker: it finishes (or with --migrate hands over) its requests")
+    drain.add_argument("worker_id")
+    drain.add_argument("--migrate", action="store_true", help="hand running requests to other workers at once")
+    drain.add_argument("--wait", action="store_true", help="return when the worker has stopped")
+    drain.add_argument("--timeout-s", type=float, default=120.0, help="how long --wait waits")
+    drain.add_argument("--redis-url", default=None, help="default: TOKENSPOOL_REDIS_URL")
+    rebalance = sub.add_parser("rebalance", help="move running requests from the busiest workers to idle ones")
+    rebalance.add_argument("--redis-url", default=None, help="default: TOKENSPOOL_REDIS_URL")
     status = sub.add_parser("status", help="workers, queues, dead letters and Redis memory")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--redis-url", default=None, help="default: TOKENSPOOL_REDIS_URL")
@@ -192,6 +200,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_gateway(load_settings(GatewaySettings, environ, _flags(args, GatewaySettings)))
         if args.command == "worker":
             return run_worker(load_settings(WorkerSettings, environ, _flags(args, WorkerSettings)))
+        if args.command in ("drain", "rebalance"):
+            from tokenspool import control
+
+            common = load_settings(CommonSettings, environ, {"redis_url": args.redis_url})
+            if args.command == "rebalance":
+                return control.rebalance(common.redis_url, common.worker_ttl_s)
+            return control.drain(
+                common.redis_url,
+                args.worker_id,
+                migrate=args.migrate,
+                wait=args.wait,
+                timeout_s=args.timeout_s,
+                ttl_s=common.worker_ttl_s,
+            )
         if args.command == "status":
             from tokenspool.status import run as run_status
 

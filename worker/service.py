@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import socket
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,9 @@ class Worker:
         self._housekeeping: set[asyncio.Task[None]] = set()
         self._started_ms = now_ms()
         self._state: wire.WorkerState = "active"
+        self._stop: asyncio.Event | None = None
+        self._migrate_on_drain = False
+        self._no_takeover_until = 0.0
         self.engine_failure: BaseException | None = None
 
     def info(self) -> wire.WorkerInfo:
@@ -84,6 +88,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pull and run requests until ``stop`` is set or the engine dies; then drain and deregister."""
+        self._stop = stop
         await self._ensure_group()
         await registry.publish(self._client, self.info())
         log.info(
@@ -292,13 +297,20 @@ class Worker:
             await asyncio.sleep(self.settings.worker_heartbeat_s)
             try:
                 await registry.publish(self._client, self.info())
+                command = await registry.take_command(self._client, self.worker_id)
+                if command:
+                    await self._obey(command)
                 await self._renew_leases()
                 flags = await self.store.cancel_flags(list(self._running))
                 for request_id, flagged in flags.items():
                     running = self._running.get(request_id)
                     if flagged and running is not None and running.log is not None:
                         running.log.request_cancel()
-                if self._state == "active" and self.engine_failure is None:
+                if (
+                    self._state == "active"
+                    and self.engine_failure is None
+                    and time.monotonic() >= self._no_takeover_until
+                ):
                     await self._take_over_abandoned()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 log.warning("heartbeat failed: %s", exc)
@@ -341,7 +353,39 @@ class Worker:
         await self.store.dead_letter(self.engine.model_name, entry_id, request_id, reason)
         log.error("request %s dead-lettered: %s", request_id, reason)
 
+    async def _release(self, request_ids: list[str]) -> int:
+        """Hand running requests to other workers now (drain --migrate, rebalance): stop generating them
+        and release their leases; another worker continues each from its emitted tokens."""
+        entries = []
+        for request_id in request_ids:
+            running = self._running.get(request_id)
+            if running is None or running.log is None or running.log.done.is_set() or running.log.lost:
+                continue
+            running.log.mark_lost("migrated to another worker")
+            entries.append(running.entry_id)
+        idle_ms = int(self.settings.lease_timeout_s * 1000) * 10
+        await self.store.release_entries(self.engine.model_name, self.worker_id, entries, idle_ms)
+        self._no_takeover_until = time.monotonic() + 3 * self.settings.lease_timeout_s
+        log.info("released %d running request(s) to other workers", len(entries))
+        return len(entries)
+
+    async def _obey(self, command: str) -> None:
+        """An operator command: ``drain`` (finish, then exit), ``migrate`` (hand everything over, then exit)
+        or ``shed N`` (hand N running requests to idle workers and go on)."""
+        verb, _, argument = command.partition(" ")
+        log.warning("operator command: %s", command)
+        if verb in ("drain", "migrate") and self._stop is not None:
+            self._migrate_on_drain = verb == "migrate"
+            self._state = "draining"
+            self._stop.set()
+        elif verb == "shed" and argument.isdigit():
+            await self._release(list(self._running)[: int(argument)])
+        else:
+            log.error("unknown operator command %r", command)
+
     async def _drain(self) -> None:
+        if self._migrate_on_drain:
+            await self._release(list(self._running))
         tasks = [r.task for r in self._running.values() if r.task is not None]
         if not tasks:
             return
