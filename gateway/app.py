@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from gateway.attachments import Attachments
 from gateway.catalog import ModelCatalog
 from gateway.errors import APIError
 from gateway.limits import BodySizeLimit
@@ -66,18 +67,21 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             buffer_events=settings.client_buffer_events,
         )
         relay.start()
+        attachments = Attachments(store, refresh_s=settings.attach_refresh_s, grace_s=settings.disconnect_grace_s)
+        attachments.start()
         catalog = ModelCatalog(client, worker_ttl_s=settings.worker_ttl_s, model_grace_s=settings.model_grace_s)
         app.state.services = Services(
             settings=settings,
             store=store,
             catalog=catalog,
             submissions=SubmissionService(store, catalog, settings),
-            events=EventReader(store, relay, settings),
+            events=EventReader(store, relay, attachments, settings),
         )
         log.info("gateway ready, Redis at %s", redact(redis_url))
         try:
             yield
         finally:
+            await attachments.close()
             await relay.close()
             await client.aclose()
 

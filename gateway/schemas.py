@@ -53,6 +53,8 @@ class _GenerationRequest(BaseModel):
     repetition_penalty: Annotated[float | None, Field(gt=0.0, le=2.0)] = None
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]] | None, Field(max_length=64)] = None
+    background: bool = False
+    """tokenspool: run to the end even if every client leaves (it stays replayable for the retention window)."""
 
     @field_validator("n")
     @classmethod

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import orjson
 import redis.exceptions
 
+from gateway.attachments import Attachments
 from gateway.chunks import ChunkRenderer, error_body
 from gateway.errors import APIError, bad_request, not_found
 from gateway.relay import Relay
@@ -48,9 +49,10 @@ class ResumePoint:
 class EventReader:
     """Opens and follows request event streams for this gateway process."""
 
-    def __init__(self, store: RequestStore, relay: Relay, settings: GatewaySettings) -> None:
+    def __init__(self, store: RequestStore, relay: Relay, attachments: Attachments, settings: GatewaySettings) -> None:
         self.store = store
         self.relay = relay
+        self.attachments = attachments
         self.settings = settings
 
     async def open(self, request_id: str, last_event_id: str | None) -> ResumePoint:
@@ -164,10 +166,13 @@ class EventReader:
         queue-position comments while the request waits, heartbeats while idle, then ``[DONE]``."""
         renderer = ChunkRenderer(point.meta)
         settings = self.settings
+        connection_id: str | None = None
         tick_s = min(settings.heartbeat_s, settings.queue_status_interval_s)
         last_write = time.monotonic()
         seen_event = point.after_seq > 0
         try:
+            if not point.meta.terminal:
+                connection_id = await self.attachments.attach(point.meta.request_id)
             async for batch in self.batches(point, tick_s):
                 now = time.monotonic()
                 if batch:
@@ -193,16 +198,23 @@ class EventReader:
             log.warning("%s: Redis failed mid-stream: %s", point.meta.request_id, exc)
             message = "the request store (Redis) is unavailable; resume with Last-Event-ID"
             yield data_frame(orjson.dumps(error_body("redis_unavailable", message)))
+        finally:
+            if connection_id is not None:
+                self.attachments.detach(connection_id)
         yield DONE_FRAME
 
     async def collect(self, point: ResumePoint) -> tuple[list[wire.Event], wire.Event]:
         """Wait for a request to end; (its delta events, its terminal event)."""
         deltas: list[wire.Event] = []
-        async for batch in self.batches(point, tick_s=max(self.settings.heartbeat_s, 1.0)):
-            for _seq, payload in batch:
-                event = wire.decode(payload, wire.Event)
-                if event.kind == "delta":
-                    deltas.append(event)
-                else:
-                    return deltas, event
+        connection_id = await self.attachments.attach(point.meta.request_id)
+        try:
+            async for batch in self.batches(point, tick_s=max(self.settings.heartbeat_s, 1.0)):
+                for _seq, payload in batch:
+                    event = wire.decode(payload, wire.Event)
+                    if event.kind == "delta":
+                        deltas.append(event)
+                    elif event.terminal:
+                        return deltas, event
+        finally:
+            self.attachments.detach(connection_id)
         raise EventsExpiredError("stream ended without a terminal event")

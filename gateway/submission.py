@@ -106,6 +106,7 @@ class SubmissionService:
             ),
             created_s=int(time.time()),
             enqueued_ms=now_ms(),
+            background=body.background,
         )
         try:
             await self.store.create(job, stream_format=stream_format, owner=owner, include_usage=body.include_usage)

@@ -54,11 +54,15 @@ class RequestKeys:
     events: str
     meta: str
     job: str
+    attached: str
+    """Sorted set: connection id -> until when (ms) a client counts as attached (refreshed while connected)."""
 
     @classmethod
     def of(cls, request_id: str) -> RequestKeys:
         base = f"{PREFIX}:{{p{partition_of(request_id)}}}:r:{request_id}"
-        return cls(request_id=request_id, events=f"{base}:ev", meta=f"{base}:meta", job=f"{base}:job")
+        return cls(
+            request_id=request_id, events=f"{base}:ev", meta=f"{base}:meta", job=f"{base}:job", attached=f"{base}:att"
+        )
 
 
 def queue_key(model: str) -> str:

@@ -47,6 +47,11 @@ class CommonSettings:
         3600.0, "upper bound on how long an unfinished request's keys live in Redis", minimum=1.0
     )
     worker_ttl_s: float = setting(5.0, "a worker not heard from for this long is not live", minimum=0.1)
+    disconnect_grace_s: float = setting(
+        30.0,
+        "a request nobody is attached to for this long is cancelled (unless created with background)",
+        minimum=0.0,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,7 @@ class GatewaySettings(CommonSettings):
     )
     reader_block_ms: int = setting(5000, "how long the multiplexed reader's XREAD blocks", minimum=1)
     queue_status_interval_s: float = setting(1.0, "how often a queued stream reports its position", minimum=0.01)
+    attach_refresh_s: float = setting(5.0, "how often a gateway renews its clients' attachments", minimum=0.05)
     model_grace_s: float = setting(
         300.0, "a model stays accepted this long after its last worker was heard from", minimum=0.0
     )

@@ -253,6 +253,28 @@ class RequestStore:
         )
         return int(code), state.decode() if isinstance(state, bytes) else str(state)
 
+    async def attach(self, entries: list[tuple[str, str, int]]) -> None:
+        """Mark connections attached until the given times: [(request id, connection id, until ms)]."""
+        if not entries:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for request_id, connection_id, until_ms in entries:
+            key = keys.RequestKeys.of(request_id).attached
+            pipe.zadd(key, {connection_id: until_ms})
+            pipe.pexpire(key, self.running_ttl_ms)
+        await pipe.execute()
+
+    async def unattended(self, request_ids: list[str], now: int) -> list[str]:
+        """Of these requests, those whose every attachment has run out (requests never attached to are
+        left alone)."""
+        if not request_ids:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        for request_id in request_ids:
+            pipe.zrange(keys.RequestKeys.of(request_id).attached, -1, -1, withscores=True)
+        latest = await pipe.execute()
+        return [rid for rid, top in zip(request_ids, latest, strict=True) if top and top[0][1] < now]
+
     async def queue_waiting(self, model: str) -> int:
         """Requests of ``model`` not yet taken by any worker (queue length minus pending entries)."""
         queue = keys.queue_key(model)

@@ -62,6 +62,8 @@ class Job:
     sampling: SamplingOptions
     created_s: int
     enqueued_ms: int
+    background: bool = False
+    """Runs to the end even when no client stays attached."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +196,8 @@ def decode(data: bytes, kind: type[P]) -> P:
             )
             return event  # type: ignore[return-value]
         if kind is Job:
-            request_id, job_kind, model, prompt, messages, sampling, created_s, enqueued_ms = fields
+            request_id, job_kind, model, prompt, messages, sampling, created_s, enqueued_ms = fields[:8]
+            job_extra: list[Any] = list(fields[8:])
             sampling_fields: list[Any] = list(sampling)
             max_tokens, temperature, top_p, seed, stop = sampling_fields[:5]
             rest = sampling_fields[5:]
@@ -209,6 +212,7 @@ def decode(data: bytes, kind: type[P]) -> P:
                 SamplingOptions(max_tokens, temperature, top_p, seed, tuple(stop), *rest),
                 created_s,
                 enqueued_ms,
+                *job_extra,
             )
             return job  # type: ignore[return-value]
         info = WorkerInfo(*fields)

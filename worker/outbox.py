@@ -48,14 +48,16 @@ class RequestLog:
     final: FinalState | None = None
     lost: str = ""
     cancel_requested: bool = False
+    cancel_reason: str = ""
     on_cancel: Callable[[], None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     space: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def request_cancel(self) -> None:
-        """A client asked to stop: remember it and interrupt the generation once."""
+    def request_cancel(self, reason: str = "cancelled by the client") -> None:
+        """Stop this request (a client asked, or nobody stayed attached): remember why, interrupt once."""
         if not self.cancel_requested:
             self.cancel_requested = True
+            self.cancel_reason = reason
             if self.on_cancel is not None:
                 self.on_cancel()
 

@@ -35,6 +35,7 @@ class RunningRequest:
     entry_id: bytes
     task: asyncio.Task[None] | None = None
     log: RequestLog | None = None
+    background: bool = False
 
 
 class Worker:
@@ -162,7 +163,7 @@ class Worker:
             log.error("dropping undecodable queue entry %s: %s", entry_id, exc)
             self._background(self.store.finish_queue_entry(self.engine.model_name, entry_id))
             return
-        running = RunningRequest(entry_id=entry_id)
+        running = RunningRequest(entry_id=entry_id, background=job.background)
         self._running[job.request_id] = running
         running.task = asyncio.create_task(self._handle(running, job, takeover), name=f"request {job.request_id}")
         running.task.add_done_callback(functools.partial(self._finished, job.request_id))
@@ -211,7 +212,7 @@ class Worker:
             if entry.lost:
                 self._abandon(job, running, entry)
                 return
-            message = "cancelled by the client"
+            message = entry.cancel_reason or "cancelled by the client"
             final_event = wire.Event("error", error_type="cancelled", message=message)
             final = FinalState("cancelled", error=message)
         except RequestLostError:
@@ -306,6 +307,7 @@ class Worker:
                     running = self._running.get(request_id)
                     if flagged and running is not None and running.log is not None:
                         running.log.request_cancel()
+                await self._cancel_unattended()
                 if (
                     self._state == "active"
                     and self.engine_failure is None
@@ -318,6 +320,24 @@ class Worker:
                 if "NOGROUP" not in str(exc):
                     raise
                 await self._ensure_group()
+
+    async def _cancel_unattended(self) -> None:
+        """Cancel requests whose clients all left more than the grace period ago (zombie generation),
+        unless they were created to run in the background."""
+        candidates = [
+            rid for rid, r in self._running.items() if r.log is not None and not r.background and not r.log.lost
+        ]
+        for request_id in await self.store.unattended(candidates, now_ms()):
+            running = self._running.get(request_id)
+            if running is not None and running.log is not None:
+                log.info(
+                    "request %s: no client attached for %.0fs; cancelling it",
+                    request_id,
+                    self.settings.disconnect_grace_s,
+                )
+                running.log.request_cancel(
+                    f"cancelled: no client was attached for {self.settings.disconnect_grace_s:g}s"
+                )
 
     async def _renew_leases(self) -> None:
         held = {r.entry_id: rid for rid, r in self._running.items() if r.log is not None and not r.log.lost}

@@ -1,0 +1,70 @@
+"""Which clients are attached to which requests, kept in Redis so that any worker can tell a request
+that somebody still reads (or may come back to, within the grace period) from a zombie generation.
+
+Each connection is a member of its request's ``attached`` sorted set, scored with the time until which
+it counts as attached. While connected, the gateway renews that every ``attach_refresh_s``, to three
+refresh periods plus the grace period ahead (a gateway that dies leaves its clients the grace period to
+reconnect elsewhere); when the client leaves, its score becomes "now + grace".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+import redis.exceptions
+
+from shared.store import RequestStore, now_ms
+
+log = logging.getLogger("tokenspool.gateway.attachments")
+
+
+class Attachments:
+    def __init__(self, store: RequestStore, *, refresh_s: float, grace_s: float) -> None:
+        self._store = store
+        self._refresh_s = refresh_s
+        self._grace_ms = int(grace_s * 1000)
+        self._live: dict[str, str] = {}  # connection id -> request id
+        self._pending: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def _attached_until(self) -> int:
+        return now_ms() + int(self._refresh_s * 3000) + self._grace_ms
+
+    async def attach(self, request_id: str) -> str:
+        connection_id = secrets.token_hex(8)
+        await self._store.attach([(request_id, connection_id, self._attached_until())])
+        self._live[connection_id] = request_id
+        return connection_id
+
+    def detach(self, connection_id: str) -> None:
+        """Start the grace period of a connection that ended (written in the background: this runs while
+        the connection's task is being torn down)."""
+        request_id = self._live.pop(connection_id, None)
+        if request_id is None:
+            return
+        task = asyncio.create_task(self._write([(request_id, connection_id, now_ms() + self._grace_ms)]))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _write(self, entries: list[tuple[str, str, int]]) -> None:
+        try:
+            await self._store.attach(entries)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.warning("could not record %d attachment(s): %s", len(entries), exc)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            until = self._attached_until()
+            await self._write([(rid, cid, until) for cid, rid in list(self._live.items())])
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._refresh_forever(), name="attachments")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*self._pending, return_exceptions=True)
