@@ -168,7 +168,7 @@ class EventReader:
         settings = self.settings
         connection_id: str | None = None
         tick_s = min(settings.heartbeat_s, settings.queue_status_interval_s)
-        last_write = time.monotonic()
+        last_write = last_event = time.monotonic()
         seen_event = point.after_seq > 0
         try:
             if not point.meta.terminal:
@@ -177,7 +177,7 @@ class EventReader:
                 now = time.monotonic()
                 if batch:
                     seen_event = True
-                    last_write = now
+                    last_write = last_event = now
                     frames = renderer.frames(batch)
                     if frames:
                         yield frames
@@ -185,10 +185,16 @@ class EventReader:
                 if not seen_event:
                     state, _ = await self.store.state(point.meta.request_id)
                     if state == "queued":
-                        waiting = await self.store.queue_waiting(point.meta.model)
+                        yield await self._queued_comment(point.meta)
                         last_write = now
-                        yield comment_frame(f"queued: {waiting} request(s) waiting for model {point.meta.model}")
                         continue
+                elif now - last_event >= settings.inter_token_timeout_s:
+                    message = (
+                        f"no event for {settings.inter_token_timeout_s:g}s; the request goes on: "
+                        "resume with Last-Event-ID"
+                    )
+                    yield data_frame(orjson.dumps(error_body("inter_token_timeout", message)))
+                    break
                 if now - last_write >= settings.heartbeat_s:
                     last_write = now
                     yield comment_frame("ping")
@@ -202,6 +208,16 @@ class EventReader:
             if connection_id is not None:
                 self.attachments.detach(connection_id)
         yield DONE_FRAME
+
+    async def _queued_comment(self, meta: RequestMeta) -> bytes:
+        """Say how many requests wait; end this one if it has waited past the queue timeout."""
+        waited_s = time.time() - meta.enqueued_ms / 1000
+        if waited_s > self.settings.queue_timeout_s:
+            message = f"timed out after {waited_s:.1f}s in the queue (queue timeout {self.settings.queue_timeout_s:g}s)"
+            if await self.store.expire_queued(meta.request_id, message):
+                log.info("%s: %s", meta.request_id, message)
+        waiting = await self.store.queue_waiting(meta.model)
+        return comment_frame(f"queued: {waiting} request(s) waiting for model {meta.model}")
 
     async def collect(self, point: ResumePoint) -> tuple[list[wire.Event], wire.Event]:
         """Wait for a request to end; (its delta events, its terminal event)."""

@@ -47,6 +47,10 @@ class CommonSettings:
         3600.0, "upper bound on how long an unfinished request's keys live in Redis", minimum=1.0
     )
     worker_ttl_s: float = setting(5.0, "a worker not heard from for this long is not live", minimum=0.1)
+    queue_timeout_s: float = setting(600.0, "a request still queued after this long ends with an error", minimum=0.01)
+    request_deadline_s: float = setting(
+        3600.0, "a request still running this long after it was enqueued ends with an error", minimum=0.01
+    )
     disconnect_grace_s: float = setting(
         30.0,
         "a request nobody is attached to for this long is cancelled (unless created with background)",
@@ -71,6 +75,12 @@ class GatewaySettings(CommonSettings):
     )
     reader_block_ms: int = setting(5000, "how long the multiplexed reader's XREAD blocks", minimum=1)
     queue_status_interval_s: float = setting(1.0, "how often a queued stream reports its position", minimum=0.01)
+    inter_token_timeout_s: float = setting(
+        60.0,
+        "a stream that gets no event for this long while its request runs is closed with an error "
+        "(the request goes on; keep it above the failover time)",
+        minimum=0.01,
+    )
     attach_refresh_s: float = setting(5.0, "how often a gateway renews its clients' attachments", minimum=0.05)
     model_grace_s: float = setting(
         300.0, "a model stays accepted this long after its last worker was heard from", minimum=0.0

@@ -135,7 +135,8 @@ redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1], 'started_ms',
 return {attempt, tonumber(redis.call('HGET', KEYS[1], 'last_seq'))}
 """
 
-# Cancel: KEYS meta, events, job; ARGV now_ms, cancel_event_payload, retention_ms, meta_ttl_ms, maxlen.
+# Cancel: KEYS meta, events, job; ARGV now_ms, terminal event payload, retention_ms, meta_ttl_ms, maxlen,
+# final state, error text, queued_only ('1': end it only if it is still queued — the queue timeout).
 # A queued request ends here (its terminal event is written now); a running one is flagged and its worker
 # writes the terminal event within one engine step. Returns {code, state}: 1 cancelled now, 2 flagged,
 # 0 already ended, -1 unknown.
@@ -146,13 +147,12 @@ if not cur[1] then return {-1, ''} end
 if cur[1] == 'queued' then
   local seq = tonumber(cur[2]) + 1
   redis.call('XADD', ev, 'MAXLEN', '~', ARGV[5], seq .. '-0', 'd', ARGV[2])
-  redis.call('HSET', meta, 'state', 'cancelled', 'last_seq', seq, 'finished_ms', ARGV[1],
-             'error', 'cancelled by the client')
+  redis.call('HSET', meta, 'state', ARGV[6], 'last_seq', seq, 'finished_ms', ARGV[1], 'error', ARGV[7])
   redis.call('PEXPIRE', ev, ARGV[3])
   redis.call('PEXPIRE', job, ARGV[3])
   redis.call('PEXPIRE', meta, ARGV[4])
-  return {1, 'cancelled'}
-elseif cur[1] == 'running' then
+  return {1, ARGV[6]}
+elseif cur[1] == 'running' and ARGV[8] ~= '1' then
   redis.call('HSET', meta, 'cancel', '1')
   return {2, 'running'}
 end
@@ -245,13 +245,34 @@ class RequestStore:
         return (state or b"").decode(), int(last_seq or 0)
 
     async def cancel(self, request_id: str) -> tuple[int, str]:
+        """A client's cancel: (1, state) ended now, (2, _) flagged for its worker, (0, state) already ended,
+        (-1, _) unknown."""
+        return await self._end_from_outside(request_id, "cancelled", "cancelled", "cancelled by the client", False)
+
+    async def expire_queued(self, request_id: str, message: str) -> bool:
+        """End a request that waited in the queue too long (only while it is still queued)."""
+        code, _ = await self._end_from_outside(request_id, "queue_timeout", "failed", message, True)
+        return code == 1
+
+    async def _end_from_outside(
+        self, request_id: str, error_type: str, state: str, message: str, queued_only: bool
+    ) -> tuple[int, str]:
         rk = keys.RequestKeys.of(request_id)
-        payload = wire.encode(wire.Event("error", error_type="cancelled", message="cancelled by the client"))
-        code, state = await self._cancel(
+        payload = wire.encode(wire.Event("error", error_type=error_type, message=message))
+        code, result = await self._cancel(
             keys=[rk.meta, rk.events, rk.job],
-            args=[now_ms(), payload, self.retention_ms, self.meta_ttl_ms, 100_000],
+            args=[
+                now_ms(),
+                payload,
+                self.retention_ms,
+                self.meta_ttl_ms,
+                100_000,
+                state,
+                message,
+                "1" if queued_only else "0",
+            ],
         )
-        return int(code), state.decode() if isinstance(state, bytes) else str(state)
+        return int(code), result.decode() if isinstance(result, bytes) else str(result)
 
     async def attach(self, entries: list[tuple[str, str, int]]) -> None:
         """Mark connections attached until the given times: [(request id, connection id, until ms)]."""

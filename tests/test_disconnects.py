@@ -56,3 +56,53 @@ def test_a_background_request_runs_to_the_end_without_a_client(cluster: Cluster,
     wait_for(lambda: cluster.meta(request_id).get("state") in ("done", "cancelled"), 20, "the request to end")
     assert cluster.meta(request_id)["state"] == "done"
     assert cluster.meta(request_id)["completion_tokens"] == "120"
+
+
+def test_queue_timeout_ends_a_request_that_waited_too_long(cluster: Cluster) -> None:
+    cluster.worker(model="slow-queue", max_num_seqs=1, sim_itl_ms=20, sim_default_max_tokens=2000, queue_timeout_s=1.0)
+    gateway = cluster.gateway(queue_timeout_s=1.0, queue_status_interval_s=0.2)
+    wait_for(lambda: "slow-queue" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream(
+            "POST", gateway.url + "/v1/chat/completions", json=chat_body("hog", max_tokens=1000, model="slow-queue")
+        ) as hog,
+    ):
+        hog_id = hog.headers["x-request-id"]
+        wait_for(lambda: cluster.meta(hog_id).get("state") == "running", 10, "the hog to run")
+        waiting = read_stream(
+            "POST", gateway.url + "/v1/chat/completions", json=chat_body("patient", max_tokens=3, model="slow-queue")
+        )
+        http.delete(f"{gateway.url}/v1/requests/{hog_id}")
+    assert any(c.startswith("queued:") for c in waiting.comments)
+    error = waiting.events[-2].json()["error"]
+    assert error["type"] == "queue_timeout" and "in the queue" in error["message"]
+    assert cluster.meta(waiting.headers["x-request-id"])["state"] == "failed"  # type: ignore[index]
+
+
+def test_deadline_ends_a_request_that_runs_too_long(cluster: Cluster) -> None:
+    cluster.worker(
+        model="deadline-sim", sim_itl_ms=20, sim_default_max_tokens=2000, request_deadline_s=1.0, worker_heartbeat_s=0.2
+    )
+    gateway = cluster.gateway()
+    wait_for(lambda: "deadline-sim" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    stream = read_stream(
+        "POST", gateway.url + "/v1/chat/completions", json=chat_body("forever", max_tokens=1500, model="deadline-sim")
+    )
+    error = stream.events[-2].json()["error"]
+    assert error["type"] == "deadline_exceeded" and len(stream.events) < 200
+    assert cluster.meta(stream.headers["x-request-id"])["state"] == "failed"  # type: ignore[index]
+
+
+def test_inter_token_timeout_closes_a_silent_stream_but_not_the_request(cluster: Cluster) -> None:
+    cluster.worker(model="sluggish", sim_itl_ms=1500, sim_ttft_ms=10)
+    gateway = cluster.gateway(inter_token_timeout_s=0.5, heartbeat_s=0.1)
+    wait_for(lambda: "sluggish" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    stream = read_stream(
+        "POST", gateway.url + "/v1/chat/completions", json=chat_body("slow", max_tokens=3, model="sluggish")
+    )
+    request_id = stream.headers["x-request-id"]  # type: ignore[index]
+    error = stream.events[-2].json()["error"]
+    assert error["type"] == "inter_token_timeout" and "resume with Last-Event-ID" in error["message"]
+    assert stream.events[-1].data == "[DONE]"
+    wait_for(lambda: cluster.meta(request_id).get("state") == "done", 15, "the request to finish anyway")

@@ -49,15 +49,22 @@ class RequestLog:
     lost: str = ""
     cancel_requested: bool = False
     cancel_reason: str = ""
+    cancel_type: str = "cancelled"
+    cancel_state: str = "cancelled"
     on_cancel: Callable[[], None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     space: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def request_cancel(self, reason: str = "cancelled by the client") -> None:
-        """Stop this request (a client asked, or nobody stayed attached): remember why, interrupt once."""
+    def request_cancel(
+        self, reason: str = "cancelled by the client", error_type: str = "cancelled", state: str = "cancelled"
+    ) -> None:
+        """Stop this request (a client asked, nobody stayed attached, its deadline passed): remember why,
+        interrupt the generation once."""
         if not self.cancel_requested:
             self.cancel_requested = True
             self.cancel_reason = reason
+            self.cancel_type = error_type
+            self.cancel_state = state
             if self.on_cancel is not None:
                 self.on_cancel()
 

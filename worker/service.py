@@ -36,6 +36,7 @@ class RunningRequest:
     task: asyncio.Task[None] | None = None
     log: RequestLog | None = None
     background: bool = False
+    enqueued_ms: int = 0
 
 
 class Worker:
@@ -163,7 +164,7 @@ class Worker:
             log.error("dropping undecodable queue entry %s: %s", entry_id, exc)
             self._background(self.store.finish_queue_entry(self.engine.model_name, entry_id))
             return
-        running = RunningRequest(entry_id=entry_id, background=job.background)
+        running = RunningRequest(entry_id=entry_id, background=job.background, enqueued_ms=job.enqueued_ms)
         self._running[job.request_id] = running
         running.task = asyncio.create_task(self._handle(running, job, takeover), name=f"request {job.request_id}")
         running.task.add_done_callback(functools.partial(self._finished, job.request_id))
@@ -180,6 +181,13 @@ class Worker:
     async def _handle(self, running: RunningRequest, job: wire.Job, takeover: bool) -> None:
         request_id = job.request_id
         entry_id = running.entry_id
+        waited_s = (now_ms() - job.enqueued_ms) / 1000
+        if not takeover and waited_s > self.settings.queue_timeout_s:
+            message = f"timed out after {waited_s:.1f}s in the queue (queue timeout {self.settings.queue_timeout_s:g}s)"
+            await self.store.expire_queued(request_id, message)
+            await self.store.finish_queue_entry(job.model, entry_id)
+            log.info("request %s: %s", request_id, message)
+            return
         attempt, last_seq = await self.store.claim(request_id, self.worker_id, takeover=takeover)
         if attempt == 0:
             log.info("request %s can no longer be taken (cancelled, ended or expired); skipping it", request_id)
@@ -213,8 +221,8 @@ class Worker:
                 self._abandon(job, running, entry)
                 return
             message = entry.cancel_reason or "cancelled by the client"
-            final_event = wire.Event("error", error_type="cancelled", message=message)
-            final = FinalState("cancelled", error=message)
+            final_event = wire.Event("error", error_type=entry.cancel_type, message=message)
+            final = FinalState(entry.cancel_state, error=message)  # type: ignore[arg-type]
         except RequestLostError:
             self._abandon(job, running, entry)
             return
@@ -308,6 +316,7 @@ class Worker:
                     if flagged and running is not None and running.log is not None:
                         running.log.request_cancel()
                 await self._cancel_unattended()
+                self._enforce_deadlines()
                 if (
                     self._state == "active"
                     and self.engine_failure is None
@@ -337,6 +346,18 @@ class Worker:
                 )
                 running.log.request_cancel(
                     f"cancelled: no client was attached for {self.settings.disconnect_grace_s:g}s"
+                )
+
+    def _enforce_deadlines(self) -> None:
+        deadline_ms = self.settings.request_deadline_s * 1000
+        now = now_ms()
+        for request_id, running in self._running.items():
+            if running.log is not None and now - running.enqueued_ms > deadline_ms:
+                log.info("request %s passed its deadline", request_id)
+                running.log.request_cancel(
+                    f"deadline exceeded: still running {self.settings.request_deadline_s:g}s after it was submitted",
+                    error_type="deadline_exceeded",
+                    state="failed",
                 )
 
     async def _renew_leases(self) -> None:
