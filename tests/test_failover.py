@@ -17,7 +17,8 @@ from shared import keys, wire
 from tests.support import Cluster, Gateway, Worker, chat_body, clean_env, content_of, iter_sse, read_stream, wait_for
 
 MODEL = "failover-sim"
-FAST_LEASE = {"lease_timeout_s": 1.0, "worker_heartbeat_s": 0.2, "sim_itl_ms": 10, "sim_ttft_ms": 10}
+FAST_LEASE_NO_SIM = {"lease_timeout_s": 1.0, "worker_heartbeat_s": 0.2}
+FAST_LEASE = {**FAST_LEASE_NO_SIM, "sim_itl_ms": 10, "sim_ttft_ms": 10}
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +211,83 @@ def test_redis_losing_its_data_ends_open_streams_and_workers_recover(tmp_path: P
         )
         assert again.events[-1].data == "[DONE]" and len(again.events) == 4
         assert all(p.alive() for p in cluster.procs), "no process crashed"
+    finally:
+        cluster.close()
+        server.stop()
+
+
+def read_resuming(gateway: Gateway, body: dict[str, object]) -> tuple[str, list[str | None], int]:
+    """Read a stream to its end as a resilient client does: on an error event or a dropped connection,
+    resume from the last event id. (request id, data event ids, resumes)."""
+    ids: list[str | None] = []
+    resumes = 0
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response:
+            request_id = response.headers["x-request-id"]
+            done = False
+            try:
+                for item in iter_sse(response):
+                    if isinstance(item, str):
+                        continue
+                    if item.data == "[DONE]":
+                        done = True
+                        break
+                    if item.id is None:
+                        break  # an out-of-band error (Redis unavailable): resume
+                    ids.append(item.id)
+            except httpx.HTTPError:
+                pass
+        while not done:
+            resumes += 1
+            assert resumes < 50, "could not finish the stream"
+            try:
+                headers = {"Last-Event-ID": ids[-1]} if ids and ids[-1] else {}
+                with http.stream("GET", f"{gateway.url}/v1/requests/{request_id}/events", headers=headers) as response:
+                    if response.status_code != 200:
+                        time.sleep(0.2)
+                        continue
+                    for item in iter_sse(response):
+                        if isinstance(item, str):
+                            continue
+                        if item.data == "[DONE]":
+                            done = True
+                            break
+                        if item.id is None:
+                            break
+                        ids.append(item.id)
+            except httpx.HTTPError:
+                time.sleep(0.2)
+    return request_id, ids, resumes
+
+
+def test_redis_killed_and_restarted_with_aof_loses_no_acknowledged_event(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tokenspool.redis_server import EmbeddedRedis, free_port
+
+    port = free_port()
+    data = tmp_path / "aof"
+    server = EmbeddedRedis(port, data_dir=data, appendonly=True, appendfsync="always").start()
+    cluster = Cluster(server.url, tmp_path)
+    try:
+        cluster.worker(model="durable", sim_itl_ms=20, sim_default_max_tokens=1000, **FAST_LEASE_NO_SIM)
+        cluster.worker(model="durable", sim_itl_ms=20, sim_default_max_tokens=1000, **FAST_LEASE_NO_SIM)
+        gateway = cluster.gateway()
+        wait_for(lambda: "durable" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            futures = [
+                pool.submit(read_resuming, gateway, chat_body(f"durable {i}", max_tokens=120, model="durable", seed=i))
+                for i in range(6)
+            ]
+            wait_for(lambda: cluster.redis.dbsize() > 10, 10, "traffic")
+            time.sleep(0.5)
+            server.process.kill()  # type: ignore[union-attr]
+            server.process.wait()  # type: ignore[union-attr]
+            time.sleep(0.5)
+            server = EmbeddedRedis(port, data_dir=data, appendonly=True, appendfsync="always").start()
+            results = [f.result(timeout=120) for f in futures]
+        for request_id, ids, _resumes in results:
+            assert_complete(cluster, request_id, ids, 120)
     finally:
         cluster.close()
         server.stop()

@@ -52,8 +52,15 @@ class EmbeddedRedis:
     """A private server process; ``with EmbeddedRedis() as server: server.url``."""
 
     def __init__(
-        self, port: int = 0, *, data_dir: Path | None = None, appendonly: bool = False, extra_args: tuple[str, ...] = ()
+        self,
+        port: int = 0,
+        *,
+        data_dir: Path | None = None,
+        appendonly: bool = False,
+        appendfsync: str = "everysec",
+        extra_args: tuple[str, ...] = (),
     ) -> None:
+        self.appendfsync = appendfsync
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="tokenspool-redis-"))
@@ -80,7 +87,7 @@ class EmbeddedRedis:
             "--appendonly",
             "yes" if self.appendonly else "no",
             "--appendfsync",
-            "everysec",
+            self.appendfsync,
             "--protected-mode",
             "yes",
             *self.extra_args,

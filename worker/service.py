@@ -174,8 +174,10 @@ class Worker:
         self._housekeeping.add(task)
         task.add_done_callback(self._housekeeping.discard)
 
-    def _finished(self, request_id: str, _task: asyncio.Task[None]) -> None:
-        self._running.pop(request_id, None)
+    def _finished(self, request_id: str, task: asyncio.Task[None]) -> None:
+        running = self._running.get(request_id)
+        if running is not None and running.task is task:
+            del self._running[request_id]
         self._slot_freed.set()
 
     async def _handle(self, running: RunningRequest, job: wire.Job, takeover: bool) -> None:
@@ -376,6 +378,8 @@ class Worker:
             self.engine.model_name, self.worker_id, int(self.settings.lease_timeout_s * 1000), free
         )
         for entry_id, fields, delivered in claimed:
+            if any(r.entry_id == entry_id for r in self._running.values()):
+                continue  # ours all along (its lease only looked expired, e.g. after a Redis outage)
             if delivered > self.settings.max_attempts:
                 self._background(self._dead_letter(entry_id, fields, delivered))
             else:
