@@ -291,3 +291,34 @@ def test_redis_killed_and_restarted_with_aof_loses_no_acknowledged_event(tmp_pat
     finally:
         cluster.close()
         server.stop()
+
+
+def test_checker_classifies_lost_duplicated_and_out_of_order_events() -> None:
+    from tokenspool.checker import classify
+
+    rid = keys.new_request_id("chat")
+    stored = [
+        wire.Event("delta", "a", (1,)),
+        wire.Event("handover", message="x"),
+        wire.Event("delta", "b", (2,)),
+        wire.Event("end", finish_reason="length", completion_tokens=2),
+    ]
+    ids = [keys.event_id(rid, 1), keys.event_id(rid, 3)]
+    assert classify(rid, ids, stored, 2) == "ok"
+    assert classify(rid, ids[:1], stored, 2) == "lost"
+    assert classify(rid, [ids[0], ids[0], ids[1]], stored, 2) == "duplicated"
+    assert classify(rid, list(reversed(ids)), stored, 2) == "out_of_order"
+    assert classify(rid, ids, stored[:-1], 2) == "lost", "a stream without its end event is cut short"
+    assert classify(rid, ids, stored, 3) == "lost", "fewer tokens than max_tokens"
+
+
+def test_soak_command_kills_workers_and_reports_only_ok() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenspool", "soak", "--trials", "3", "--streams", "3"],
+        env=clean_env(None),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verdicts: ok 9" in result.stdout and "failover gap" in result.stdout
