@@ -15,7 +15,7 @@ from gateway.chunks import completion_body, usage_body
 from gateway.errors import APIError, bad_request, not_found
 from gateway.schemas import ChatCompletionRequest, ChatMessageIn, CompletionRequest
 from gateway.sse import SSEResponse
-from gateway.streaming import EventReader
+from gateway.streaming import EventReader, parse_resume_id
 from gateway.submission import SubmissionService
 from shared import keys
 from shared.settings import GatewaySettings
@@ -96,12 +96,7 @@ async def simple_stream(
     svc = services(request)
     resume = last_event_id_header or last_event_id
     if resume:
-        try:
-            request_id, _ = keys.parse_event_id(resume)
-        except ValueError:
-            raise bad_request(
-                f"malformed event id {resume!r}", param="last_event_id", code="invalid_event_id"
-            ) from None
+        request_id, _ = parse_resume_id(resume)
         point = await svc.events.open(request_id, resume)
         return SSEResponse(
             svc.events.sse_frames(point),

@@ -35,6 +35,16 @@ class EventsExpiredError(Exception):
     """Events a client still needs are no longer in Redis (retention ran out or the stream was trimmed)."""
 
 
+def parse_resume_id(last_event_id: str) -> tuple[str, int]:
+    """The (request id, sequence) a client's Last-Event-ID names; a 400 when it is not one of ours."""
+    try:
+        return keys.parse_event_id(last_event_id)
+    except ValueError:
+        raise bad_request(
+            f"malformed event id {last_event_id!r}", param="last_event_id", code="invalid_event_id"
+        ) from None
+
+
 def is_terminal(payload: bytes) -> bool:
     return wire.decode(payload, wire.Event).terminal
 
@@ -61,12 +71,7 @@ class EventReader:
             raise not_found(f"no request {request_id!r}", code="request_not_found")
         after_seq = 0
         if last_event_id:
-            try:
-                named_request, after_seq = keys.parse_event_id(last_event_id)
-            except ValueError:
-                raise bad_request(
-                    f"malformed event id {last_event_id!r}", param="last_event_id", code="invalid_event_id"
-                ) from None
+            named_request, after_seq = parse_resume_id(last_event_id)
             if named_request != request_id:
                 raise bad_request(
                     f"event id {last_event_id!r} belongs to another request",
