@@ -200,10 +200,11 @@ def run_vllm_server(args: argparse.Namespace, model: Path, log_dir: Path) -> Run
     finally:
         os.sched_setaffinity(0, own)
     try:
-        if cpus:
-            time.sleep(1.0)
-            os.sched_setaffinity(process.pid, own)  # ... and its HTTP front-end gets every CPU back, like ours
         wait_http(f"http://127.0.0.1:{port}/v1/models", process, 600)
+        if cpus:
+            # Its engine processes have started (inheriting the engine CPUs); its HTTP front-end gets every
+            # CPU back, exactly as tokenspool's worker front-end does.
+            os.sched_setaffinity(process.pid, own)
         return asyncio.run(
             drive("vllm serve", f"http://127.0.0.1:{port}", args.requests, args.concurrency, args.max_tokens)
         )
