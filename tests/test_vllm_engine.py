@@ -294,3 +294,12 @@ def test_engine_death_stops_the_worker_and_leaves_its_requests_claimable(
     assert meta["state"] == "running", "an engine death is not a client cancel: the request is left to be claimed"
     pending = cluster.redis.xpending(keys.queue_key("doomed-llama"), keys.WORKER_GROUP)
     assert pending["pending"] == 1, "its queue entry stays pending for another worker to claim"
+
+
+def test_make_test_model_writes_the_same_bytes_every_time(model_dir: Path, tmp_path: Path) -> None:
+    from tokenspool.model_maker import folder_digest, make_test_model
+
+    again = make_test_model(tmp_path / "again")
+    assert folder_digest(again) == folder_digest(model_dir)
+    assert sum(f.stat().st_size for f in again.iterdir()) < 1_000_000
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= {f.name for f in again.iterdir()}
