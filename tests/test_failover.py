@@ -236,7 +236,7 @@ def read_resuming(gateway: Gateway, body: dict[str, object]) -> tuple[str, list[
                         break  # an out-of-band error (Redis unavailable): resume
                     ids.append(item.id)
             except httpx.HTTPError:
-                pass
+                pass  # dropped: resume below
         while not done:
             resumes += 1
             assert resumes < 50, "could not finish the stream"

@@ -142,7 +142,7 @@ def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> N
             if SERVED_NAME in httpx.get(url, timeout=2).text:
                 return
         except httpx.HTTPError:
-            pass
+            pass  # not answering yet
         time.sleep(0.5)
     raise RuntimeError(f"{url} not ready within {timeout_s:.0f}s")
 

@@ -18,7 +18,7 @@ import redis
 
 
 class EmbeddedServerError(RuntimeError):
-    pass
+    """The bundled server is missing for this platform, or did not start."""
 
 
 def server_binary() -> Path:

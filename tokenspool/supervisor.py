@@ -27,7 +27,7 @@ from tokenspool.redis_server import EmbeddedRedis
 
 
 class StackError(RuntimeError):
-    pass
+    """The stack could not start: a process exited, or it was not ready in time."""
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict[str, str | None]:
@@ -65,7 +65,7 @@ def _wait_ready(base_url: str, model: str, children: list[subprocess.Popen[bytes
             if isinstance(models, dict) and any(m.get("id") == model for m in models.get("data", [])):
                 return
         except (urllib.error.URLError, OSError, ValueError):
-            pass
+            pass  # not answering yet
         time.sleep(0.2)
     raise StackError(f"the stack was not ready within {timeout_s:.0f}s")
 
