@@ -17,6 +17,7 @@ from gateway.attachments import Attachments
 from gateway.catalog import ModelCatalog
 from gateway.errors import APIError
 from gateway.limits import BodySizeLimit
+from gateway.metrics import CountResponses, GatewayMetrics
 from gateway.relay import Relay
 from gateway.routes import Services, router
 from gateway.streaming import EventReader
@@ -53,6 +54,7 @@ def validation_message(exc: RequestValidationError) -> APIError:
 def create_app(settings: GatewaySettings) -> FastAPI:
     assert settings.redis_url is not None, "the CLI resolves the Redis URL before building the app"
     redis_url = settings.redis_url
+    metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -75,7 +77,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             store=store,
             catalog=catalog,
             submissions=SubmissionService(store, catalog, settings),
-            events=EventReader(store, relay, attachments, settings),
+            events=EventReader(store, relay, attachments, settings, metrics),
         )
         log.info("gateway ready, Redis at %s", redact(redis_url))
         try:
@@ -87,6 +89,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="tokenspool gateway", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, exc: APIError) -> Response:
@@ -115,4 +121,5 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         ).response()
 
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(CountResponses, metrics=metrics)
     return app

@@ -70,6 +70,7 @@ class ChunkRenderer:
 
     def __init__(self, meta: RequestMeta) -> None:
         self.meta = meta
+        self.deltas_rendered = 0
         self._base: dict[str, Any] = {"id": meta.request_id, "created": meta.created_s, "model": meta.model}
 
     def frames(self, items: list[tuple[int, bytes]]) -> bytes:
@@ -79,6 +80,8 @@ class ChunkRenderer:
             if event.kind == "handover":
                 out.append(comment_frame(event.message))
                 continue
+            if event.kind == "delta":
+                self.deltas_rendered += 1
             data = self.data(seq, event)
             if data is not None:
                 out.append(event_frame(keys.event_id(self.meta.request_id, seq), data))

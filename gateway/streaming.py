@@ -20,6 +20,7 @@ import redis.exceptions
 from gateway.attachments import Attachments
 from gateway.chunks import ChunkRenderer, error_body
 from gateway.errors import APIError, bad_request, not_found
+from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
 from gateway.sse import DONE_FRAME, comment_frame, data_frame
 from shared import keys, wire
@@ -59,7 +60,15 @@ class ResumePoint:
 class EventReader:
     """Opens and follows request event streams for this gateway process."""
 
-    def __init__(self, store: RequestStore, relay: Relay, attachments: Attachments, settings: GatewaySettings) -> None:
+    def __init__(
+        self,
+        store: RequestStore,
+        relay: Relay,
+        attachments: Attachments,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.metrics = metrics
         self.store = store
         self.relay = relay
         self.attachments = attachments
@@ -117,6 +126,7 @@ class EventReader:
                     if pending[0][0] != cursor + 1:
                         raise EventsExpiredError(f"events after {cursor} are gone")
                     cursor = pending[-1][0]
+                    self.metrics.replayed_events.inc(len(pending))
                     yield pending
                     if is_terminal(pending[-1][1]):
                         return
@@ -171,7 +181,14 @@ class EventReader:
         queue-position comments while the request waits, heartbeats while idle, then ``[DONE]``."""
         renderer = ChunkRenderer(point.meta)
         settings = self.settings
+        metrics = self.metrics
         connection_id: str | None = None
+        opened = time.monotonic()
+        first_delta_at = last_delta_at = 0.0
+        ended = "disconnected"
+        metrics.streams_active.inc()
+        if point.after_seq:
+            metrics.resumes.inc()
         tick_s = min(settings.heartbeat_s, settings.queue_status_interval_s)
         last_write = last_event = time.monotonic()
         seen_event = point.after_seq > 0
@@ -183,7 +200,17 @@ class EventReader:
                 if batch:
                     seen_event = True
                     last_write = last_event = now
+                    before = renderer.deltas_rendered
                     frames = renderer.frames(batch)
+                    if renderer.deltas_rendered > before:
+                        if not first_delta_at:
+                            first_delta_at = now
+                            if point.after_seq:
+                                metrics.ttft_after_resume.observe(now - opened)
+                            else:
+                                metrics.ttft.observe(max(0.0, time.time() - point.meta.enqueued_ms / 1000))
+                        last_delta_at = now
+                    metrics.events_sent.inc(len(batch))
                     if frames:
                         yield frames
                     continue
@@ -199,19 +226,28 @@ class EventReader:
                         "resume with Last-Event-ID"
                     )
                     yield data_frame(orjson.dumps(error_body("inter_token_timeout", message)))
+                    ended = "error"
                     break
                 if now - last_write >= settings.heartbeat_s:
                     last_write = now
                     yield comment_frame("ping")
+            ended = "done"
         except EventsExpiredError as exc:
+            ended = "error"
             yield data_frame(orjson.dumps(error_body("events_expired", f"cannot continue the stream: {exc}")))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            ended = "error"
             log.warning("%s: Redis failed mid-stream: %s", point.meta.request_id, exc)
             message = "the request store (Redis) is unavailable; resume with Last-Event-ID"
             yield data_frame(orjson.dumps(error_body("redis_unavailable", message)))
         finally:
             if connection_id is not None:
                 self.attachments.detach(connection_id)
+            metrics.streams_active.dec()
+            metrics.streams_ended.labels(ended).inc()
+            metrics.stream_duration.observe(time.monotonic() - opened)
+            if renderer.deltas_rendered > 1:
+                metrics.tpot.observe((last_delta_at - first_delta_at) / (renderer.deltas_rendered - 1))
         yield DONE_FRAME
 
     async def _queued_comment(self, meta: RequestMeta) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,7 @@ class Outbox:
         self._dirty: dict[RequestLog, None] = {}
         self._wake = asyncio.Event()
         self.round_trips = 0
+        self.observe_flush: Callable[[float], None] | None = None
 
     def open(self, request_id: str, attempt: int, last_seq: int) -> RequestLog:
         return RequestLog(request_id=request_id, attempt=attempt, next_seq=last_seq + 1)
@@ -142,7 +144,10 @@ class Outbox:
                 self._maxlen,
             )
             sent.append((entry, len(payloads), terminal, first_seq))
+        started = time.perf_counter()
         results = await pipe.execute(raise_on_error=False)
+        if self.observe_flush is not None:
+            self.observe_flush(time.perf_counter() - started)
         self.round_trips += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug(

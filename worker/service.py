@@ -21,6 +21,7 @@ from shared import keys, registry, wire
 from shared.settings import WorkerSettings
 from shared.store import FinalState, RequestStore, now_ms
 from worker.engines.base import Engine, EngineDeadError, EngineError, EngineRequest
+from worker.metrics import WorkerMetrics
 from worker.outbox import Outbox, RequestLog, RequestLostError
 
 log = logging.getLogger("tokenspool.worker")
@@ -69,6 +70,9 @@ class Worker:
         self._migrate_on_drain = False
         self._no_takeover_until = 0.0
         self.engine_failure: BaseException | None = None
+        self.metrics = WorkerMetrics(engine.model_name)
+        self.metrics.capacity.set(engine.capacity)
+        self.outbox.observe_flush = self.metrics.redis_write.observe
 
     def info(self) -> wire.WorkerInfo:
         return wire.WorkerInfo(
@@ -191,6 +195,10 @@ class Worker:
             log.info("request %s: %s", request_id, message)
             return
         attempt, last_seq = await self.store.claim(request_id, self.worker_id, takeover=takeover)
+        if attempt and not takeover:
+            self.metrics.queue_wait.observe(max(0.0, waited_s))
+        if attempt and takeover:
+            self.metrics.takeovers.inc()
         if attempt == 0:
             log.info("request %s can no longer be taken (cancelled, ended or expired); skipping it", request_id)
             await self.store.finish_queue_entry(job.model, entry_id)
@@ -245,12 +253,14 @@ class Worker:
             self._abandon(job, running, entry)
             return
         await self.store.finish_queue_entry(job.model, entry_id)
+        self.metrics.requests.labels(final.state).inc()
         log.info("request %s %s (%s)", request_id, final.state, final.finish_reason or final.error)
 
     def _abandon(self, job: wire.Job, running: RunningRequest, entry: RequestLog) -> None:
         """Stop working on a request this worker no longer holds. Its queue entry is left alone: another
         worker owns it now (fenced, lease lost), or whoever ended it acknowledges it."""
         log.warning("request %s abandoned by this worker: %s", job.request_id, entry.lost)
+        self.metrics.requests.labels("abandoned").inc()
         if entry.lost == "gone":
             self._background(self.store.finish_queue_entry(job.model, running.entry_id))
 
@@ -279,6 +289,7 @@ class Worker:
             async for delta in stream:
                 prompt_tokens = delta.prompt_tokens
                 completion_tokens += len(delta.token_ids)
+                self.metrics.output_tokens.inc(len(delta.token_ids))
                 if delta.finish_reason:
                     finish_reason = delta.finish_reason
                 if delta.text or delta.token_ids or (delta.finish_reason and not finished_before):
@@ -308,6 +319,8 @@ class Worker:
             await asyncio.sleep(self.settings.worker_heartbeat_s)
             try:
                 await registry.publish(self._client, self.info())
+                self.metrics.running.set(len(self._running))
+                self.metrics.waiting.set(await self.store.queue_waiting(self.engine.model_name))
                 command = await registry.take_command(self._client, self.worker_id)
                 if command:
                     await self._obey(command)
@@ -396,6 +409,7 @@ class Worker:
         if job is not None:
             await self.store.fail_abandoned(job.request_id, self.worker_id, f"request failed: {reason}")
         await self.store.dead_letter(self.engine.model_name, entry_id, request_id, reason)
+        self.metrics.dead_letters.inc()
         log.error("request %s dead-lettered: %s", request_id, reason)
 
     async def _release(self, request_ids: list[str]) -> int:
@@ -411,6 +425,7 @@ class Worker:
         idle_ms = int(self.settings.lease_timeout_s * 1000) * 10
         await self.store.release_entries(self.engine.model_name, self.worker_id, entries, idle_ms)
         self._no_takeover_until = time.monotonic() + 3 * self.settings.lease_timeout_s
+        self.metrics.migrations.inc(len(entries))
         log.info("released %d running request(s) to other workers", len(entries))
         return len(entries)
 

@@ -1,0 +1,83 @@
+"""Gateway metrics (prometheus-client), in a registry of this app's own: no process globals.
+
+Buckets fit LLM latencies: time to first token from 5 ms to a minute, time per output token from 1 ms
+to 2 s. No label ever carries a request id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2)
+DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.responses = Counter(
+            "tokenspool_gateway_responses", "HTTP responses by route and status code", ["route", "status"], registry=r
+        )
+        self.streams_active = Gauge("tokenspool_gateway_streams_active", "SSE streams open now", registry=r)
+        self.ttft = Histogram(
+            "tokenspool_gateway_time_to_first_token_seconds",
+            "From submission to the first token written to the client (new streams only)",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.ttft_after_resume = Histogram(
+            "tokenspool_gateway_resume_time_to_first_event_seconds",
+            "From a resume request to the first event written to the client",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "tokenspool_gateway_time_per_output_token_seconds",
+            "Mean time between tokens of a stream, observed when it ends",
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.stream_duration = Histogram(
+            "tokenspool_gateway_stream_duration_seconds",
+            "How long SSE streams stay open",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.streams_ended = Counter(
+            "tokenspool_gateway_streams_ended",
+            "SSE streams by how they ended (done, disconnected, error)",
+            ["how"],
+            registry=r,
+        )
+        self.resumes = Counter("tokenspool_gateway_resumes", "Streams opened from a Last-Event-ID", registry=r)
+        self.replayed_events = Counter(
+            "tokenspool_gateway_replayed_events", "Events sent from Redis range reads (replay, catch-up)", registry=r
+        )
+        self.events_sent = Counter("tokenspool_gateway_events_sent", "Events written to clients", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class CountResponses:
+    """Pure ASGI (it must not buffer streaming bodies): counts responses by route template and status."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.metrics.responses.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
