@@ -312,13 +312,15 @@ def test_checker_classifies_lost_duplicated_and_out_of_order_events() -> None:
     assert classify(rid, ids, stored, 3) == "lost", "fewer tokens than max_tokens"
 
 
-def test_soak_command_kills_workers_and_reports_only_ok() -> None:
+def test_soak_command_kills_workers_and_reports_only_ok(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tokenspool", "soak", "--trials", "3", "--streams", "3"],
+        [sys.executable, "-m", "tokenspool", "soak", "--trials", "3", "--streams", "3", "--log-dir", str(tmp_path)],
         env=clean_env(None),
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=240,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    logs = "".join(f"\n== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
+    assert result.returncode == 0, result.stdout + result.stderr + logs
+    assert "did not stop" not in result.stderr, logs
     assert "verdicts: ok 9" in result.stdout and "failover gap" in result.stdout

@@ -1034,3 +1034,16 @@ def test_sim_logprobs_are_uniform_and_rendered_as_openai_expects() -> None:
     assert all(len(c["top_logprobs"]) == 2 and c["bytes"] == list(c["token"].encode()) for c in content)
     no_logprobs = run_sim(engine, dataclasses.replace(request, sampling=wire.SamplingOptions(max_tokens=3)))
     assert all(d.logprobs == () for d in no_logprobs)
+
+
+def test_a_full_subscription_buffer_overflows_instead_of_blocking_the_reader() -> None:
+    from gateway.relay import Subscription
+
+    async def scenario() -> None:
+        sub = Subscription(b"key", 0, cursor=3, limit=2)
+        assert sub.push(3, b"old") and sub.items == [], "events at or below the cursor are dropped"
+        assert sub.push(4, b"a") and sub.push(5, b"b")
+        assert not sub.push(6, b"c"), "a third event overflows a 2-event buffer"
+        assert sub.overflowed and sub.items == [] and sub.wake.is_set()
+
+    asyncio.run(scenario())

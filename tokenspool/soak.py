@@ -71,6 +71,8 @@ class Stack:
                 str(self.lease_s),
                 "--worker-heartbeat-s",
                 str(self.lease_s / 5),
+                "--drain-timeout-s",
+                "5",
             ],
         )
         return worker_id
@@ -84,7 +86,13 @@ class Stack:
         for process in [*self.workers.values(), self.gateway]:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
-                process.wait(30)
+        for process in [*self.workers.values(), self.gateway]:
+            try:
+                process.wait(45)
+            except subprocess.TimeoutExpired:
+                print(f"tokenspool soak: process {process.pid} did not stop on SIGTERM; killing it", file=sys.stderr)
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 class Trial:
@@ -159,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--lease-timeout-s", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--log-dir", default=None, help="keep the processes' logs here (default: discarded)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     verdicts: Counter[str] = Counter()
     gaps: list[float] = []
     with tempfile.TemporaryDirectory(prefix="tokenspool-soak-") as scratch, EmbeddedRedis() as server:
-        stack = Stack(server.url, Path(scratch), args.lease_timeout_s)
+        log_dir = Path(args.log_dir or scratch)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        stack = Stack(server.url, log_dir, args.lease_timeout_s)
         client = redis.Redis.from_url(server.url)
         base = f"http://127.0.0.1:{stack.gateway_port}"
         try:

@@ -153,9 +153,10 @@ class Outbox:
             log.debug(
                 "round trip %d: %d requests, %d events", self.round_trips, len(sent), sum(n for _, n, _, _ in sent)
             )
+        failed: list[str] = []
         for (entry, count, terminal, first_seq), result in zip(sent, results, strict=True):
             if isinstance(result, Exception):
-                log.error("append to %s failed: %s", entry.request_id, result)
+                failed.append(f"{entry.request_id}: {result}")
                 self._dirty[entry] = None
                 self._wake.set()
                 continue
@@ -176,3 +177,7 @@ class Outbox:
                 reason = _LOST_REASONS.get(code, f"out of sequence at {value}")
                 log.warning("request %s can no longer be written by this worker: %s", entry.request_id, reason)
                 entry.mark_lost(reason)
+        if failed:
+            # Retried with the flusher's backoff rather than at once (a script error is not transient
+            # the way a dropped connection is, and must not become a hot loop).
+            raise redis.exceptions.ResponseError(f"{len(failed)} append(s) failed, first: {failed[0]}")
