@@ -317,6 +317,11 @@ class Worker:
         requests whose workers stopped renewing theirs."""
         while True:
             await asyncio.sleep(self.settings.worker_heartbeat_s)
+            reason = self.engine.dead()
+            if reason is not None and self.engine_failure is None:
+                log.error("%s", reason)
+                self.engine_failure = EngineDeadError(reason)
+                self._slot_freed.set()  # wake the pull loop, which then stops the worker
             try:
                 await registry.publish(self._client, self.info())
                 self.metrics.running.set(len(self._running))

@@ -71,6 +71,10 @@ class Engine(Protocol):
     def running_requests(self) -> int:
         """Requests the engine itself holds as unfinished (its own count, not the worker's)."""
 
+    def dead(self) -> str | None:
+        """Why the engine can no longer run anything, or None while it is healthy. Checked every heartbeat,
+        so an engine that dies while idle stops its worker too."""
+
     async def start(self) -> None:
         """Load the model; raise with a clear message when it cannot."""
 

@@ -166,6 +166,9 @@ class SimEngine:
     def running_requests(self) -> int:
         return self._running
 
+    def dead(self) -> str | None:
+        return None
+
     async def start(self) -> None:
         return None
 

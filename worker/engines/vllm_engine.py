@@ -187,7 +187,15 @@ class VllmEngine:
 
     def running_requests(self) -> int:
         engine = self._engine
-        return 0 if engine is None else int(engine.get_num_unfinished_requests())
+        if engine is None or getattr(engine, "errored", False):
+            return 0
+        return int(engine.get_num_unfinished_requests())
+
+    def dead(self) -> str | None:
+        engine = self._engine
+        if engine is not None and getattr(engine, "errored", False):
+            return "the vLLM engine died (its engine core process is gone)"
+        return None
 
     async def shutdown(self) -> None:
         """Stop vLLM's engine core and release its memory; safe to call twice or before :meth:`start`."""
