@@ -15,6 +15,7 @@ import secrets
 
 import redis.exceptions
 
+from shared.aio import reraise_if_cancelling
 from shared.store import RequestStore, now_ms
 
 log = logging.getLogger("tokenspool.gateway.attachments")
@@ -52,6 +53,7 @@ class Attachments:
         try:
             await self._store.attach(entries)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            reraise_if_cancelling()
             log.warning("could not record %d attachment(s): %s", len(entries), exc)
 
     async def _refresh_forever(self) -> None:

@@ -26,6 +26,7 @@ import redis.exceptions
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
 from shared import keys
+from shared.aio import reraise_if_cancelling
 
 log = logging.getLogger("tokenspool.gateway.relay")
 
@@ -147,6 +148,7 @@ class PartitionReader:
                     reply = await self._conn.read_response()
                     backoff_s = 0.05
                 except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                    reraise_if_cancelling()
                     log.warning("partition %d reader: %s; reconnecting in %.2fs", self.partition, exc, backoff_s)
                     await self._disconnect()
                     await asyncio.sleep(backoff_s)

@@ -20,6 +20,7 @@ from typing import Any
 import redis.exceptions
 
 from shared import wire
+from shared.aio import reraise_if_cancelling
 from shared.store import (
     APPEND_ENDED,
     APPEND_FENCED,
@@ -120,6 +121,7 @@ class Outbox:
                 await self._flush(batch)
                 backoff_s = 0.05
             except (redis.exceptions.RedisError, OSError) as exc:
+                reraise_if_cancelling()
                 log.warning("redis write failed (%s); retrying %d requests in %.2fs", exc, len(batch), backoff_s)
                 for entry in batch:
                     self._dirty[entry] = None

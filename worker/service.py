@@ -18,6 +18,7 @@ import redis.asyncio as aredis
 import redis.exceptions
 
 from shared import keys, registry, wire
+from shared.aio import reraise_if_cancelling
 from shared.settings import WorkerSettings
 from shared.store import FinalState, RequestStore, now_ms
 from worker.engines.base import Engine, EngineDeadError, EngineError, EngineRequest
@@ -67,6 +68,7 @@ class Worker:
         self._started_ms = now_ms()
         self._state: wire.WorkerState = "active"
         self._stop: asyncio.Event | None = None
+        self._closing = False
         self._migrate_on_drain = False
         self._no_takeover_until = 0.0
         self.engine_failure: BaseException | None = None
@@ -121,6 +123,7 @@ class Worker:
                 await self._drain()
             finally:
                 self._state = "stopped"
+                self._closing = True
                 with contextlib.suppress(redis.exceptions.RedisError, OSError):
                     await registry.publish(self._client, self.info())
                 heartbeat.cancel()
@@ -145,6 +148,7 @@ class Worker:
                     keys.WORKER_GROUP, self.worker_id, {self.queue: ">"}, count=free, block=PULL_BLOCK_MS
                 )
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                reraise_if_cancelling()
                 log.warning("queue read failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
@@ -315,7 +319,7 @@ class Worker:
         """Every beat: refresh the registry entry, renew the leases of running requests (dropping those
         another worker took), pick up cancellations of requests that emit nothing yet, and take over
         requests whose workers stopped renewing theirs."""
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.settings.worker_heartbeat_s)
             reason = self.engine.dead()
             if reason is not None and self.engine_failure is None:
@@ -344,6 +348,7 @@ class Worker:
                 ):
                     await self._take_over_abandoned()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                reraise_if_cancelling()
                 log.warning("heartbeat failed: %s", exc)
             except redis.exceptions.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
