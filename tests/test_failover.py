@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
@@ -220,43 +221,38 @@ def read_resuming(gateway: Gateway, body: dict[str, object]) -> tuple[str, list[
     """Read a stream to its end as a resilient client does: on an error event or a dropped connection,
     resume from the last event id. (request id, data event ids, resumes)."""
     ids: list[str | None] = []
+
+    def read_until_done(response: httpx.Response) -> bool:
+        """Collect event ids; True at [DONE], False at an out-of-band error (Redis unavailable)."""
+        for item in iter_sse(response):
+            if isinstance(item, str):
+                continue
+            if item.data == "[DONE]":
+                return True
+            if item.id is None:
+                return False
+            ids.append(item.id)
+        return False
+
     resumes = 0
+    done = False
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response:
             request_id = response.headers["x-request-id"]
-            done = False
-            try:
-                for item in iter_sse(response):
-                    if isinstance(item, str):
-                        continue
-                    if item.data == "[DONE]":
-                        done = True
-                        break
-                    if item.id is None:
-                        break  # an out-of-band error (Redis unavailable): resume
-                    ids.append(item.id)
-            except httpx.HTTPError:
-                pass  # dropped: resume below
+            with contextlib.suppress(httpx.HTTPError):  # dropped: resume below
+                done = read_until_done(response)
         while not done:
             resumes += 1
             assert resumes < 50, "could not finish the stream"
+            headers = {"Last-Event-ID": ids[-1]} if ids and ids[-1] else {}
             try:
-                headers = {"Last-Event-ID": ids[-1]} if ids and ids[-1] else {}
                 with http.stream("GET", f"{gateway.url}/v1/requests/{request_id}/events", headers=headers) as response:
-                    if response.status_code != 200:
-                        time.sleep(0.2)
+                    if response.status_code == 200:
+                        done = read_until_done(response)
                         continue
-                    for item in iter_sse(response):
-                        if isinstance(item, str):
-                            continue
-                        if item.data == "[DONE]":
-                            done = True
-                            break
-                        if item.id is None:
-                            break
-                        ids.append(item.id)
             except httpx.HTTPError:
-                time.sleep(0.2)
+                pass  # Redis or the gateway not back yet: retry
+            time.sleep(0.2)
     return request_id, ids, resumes
 
 
