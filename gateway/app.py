@@ -54,7 +54,7 @@ def validation_message(exc: RequestValidationError) -> APIError:
 def create_app(settings: GatewaySettings) -> FastAPI:
     assert settings.redis_url is not None, "the CLI resolves the Redis URL before building the app"
     redis_url = settings.redis_url
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(settings.metrics_multiproc_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -86,6 +86,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await attachments.close()
             await relay.close()
             await client.aclose()
+            metrics.process_exited()
 
     app = FastAPI(title="tokenspool gateway", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
@@ -94,31 +95,37 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def metrics_endpoint() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
+    def answer(error: APIError) -> Response:
+        metrics.errors.labels(str(error.status), error.code or error.error_type).inc()
+        return error.response()
+
     @app.exception_handler(APIError)
     async def api_error(_request: Request, exc: APIError) -> Response:
-        return exc.response()
+        return answer(exc)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> Response:
         error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         headers = dict(exc.headers) if exc.headers else None
-        return APIError(exc.status_code, str(exc.detail), error_type=error_type, headers=headers).response()
+        return answer(APIError(exc.status_code, str(exc.detail), error_type=error_type, headers=headers))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> Response:
-        return validation_message(exc).response()
+        return answer(validation_message(exc))
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
     async def redis_down(_request: Request, exc: Exception) -> Response:
         log.warning("Redis unavailable: %s", exc)
-        return APIError(
-            503,
-            "the request store (Redis) is unavailable; retry later",
-            error_type="server_error",
-            code="redis_unavailable",
-            headers={"Retry-After": "1"},
-        ).response()
+        return answer(
+            APIError(
+                503,
+                "the request store (Redis) is unavailable; retry later",
+                error_type="server_error",
+                code="redis_unavailable",
+                headers={"Retry-After": "1"},
+            )
+        )
 
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(CountResponses, metrics=metrics)

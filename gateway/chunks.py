@@ -71,6 +71,7 @@ class ChunkRenderer:
     def __init__(self, meta: RequestMeta) -> None:
         self.meta = meta
         self.deltas_rendered = 0
+        self.handovers_rendered = 0
         self._base: dict[str, Any] = {"id": meta.request_id, "created": meta.created_s, "model": meta.model}
 
     def frames(self, items: list[tuple[int, bytes]]) -> bytes:
@@ -78,6 +79,7 @@ class ChunkRenderer:
         for seq, payload in items:
             event = wire.decode(payload, wire.Event)
             if event.kind == "handover":
+                self.handovers_rendered += 1
                 out.append(comment_frame(event.message))
                 continue
             if event.kind == "delta":

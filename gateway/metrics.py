@@ -6,22 +6,45 @@ to 2 s. No label ever carries a request id.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2)
+BACKLOG_BUCKETS = (0, 1, 5, 10, 50, 100, 500, 1000, 5000, 10000)
 DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
+def use_multiprocess_mode(directory: str) -> None:
+    """Keep this process's metric values in ``directory``, beside its sibling gateways'.
+
+    prometheus-client chooses where values live from ``PROMETHEUS_MULTIPROC_DIR`` when it is first imported;
+    setting it here and choosing again makes the choice independent of import order. Called once, at
+    process start, before any metric exists.
+    """
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.get_value_class()
+
+
 class GatewayMetrics:
-    def __init__(self) -> None:
+    """All the gateway's metrics. With ``multiproc_dir`` set (several gateway processes sharing one port),
+    a scrape of any one of them merges the values of all, so the kernel's choice of process does not matter.
+    """
+
+    def __init__(self, multiproc_dir: str = "") -> None:
+        self.multiproc_dir = multiproc_dir
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.responses = Counter(
             "tokenspool_gateway_responses", "HTTP responses by route and status code", ["route", "status"], registry=r
         )
-        self.streams_active = Gauge("tokenspool_gateway_streams_active", "SSE streams open now", registry=r)
+        self.streams_active = Gauge(
+            "tokenspool_gateway_streams_active", "SSE streams open now", multiprocess_mode="livesum", registry=r
+        )
         self.ttft = Histogram(
             "tokenspool_gateway_time_to_first_token_seconds",
             "From submission to the first token written to the client (new streams only)",
@@ -57,9 +80,35 @@ class GatewayMetrics:
             "tokenspool_gateway_replayed_events", "Events sent from Redis range reads (replay, catch-up)", registry=r
         )
         self.events_sent = Counter("tokenspool_gateway_events_sent", "Events written to clients", registry=r)
+        self.resume_backlog = Histogram(
+            "tokenspool_gateway_resume_backlog_events",
+            "How far behind the stored tail a resuming client was: events it had to replay",
+            buckets=BACKLOG_BUCKETS,
+            registry=r,
+        )
+        self.handovers = Counter(
+            "tokenspool_gateway_handovers",
+            "Worker handovers relayed to clients (a request continued by another worker)",
+            registry=r,
+        )
+        self.errors = Counter(
+            "tokenspool_gateway_errors",
+            "Error answers by HTTP status and error code (429 and 503 are load shedding; 410 an expired resume)",
+            ["status", "code"],
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiproc_dir:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=self.multiproc_dir)
+        return generate_latest(merged)
+
+    def process_exited(self) -> None:
+        """Drop this process's live gauges from the shared directory (its counters stay: they happened)."""
+        if self.multiproc_dir:
+            multiprocess.mark_process_dead(os.getpid(), self.multiproc_dir)
 
 
 class CountResponses:

@@ -189,6 +189,7 @@ class EventReader:
         metrics.streams_active.inc()
         if point.after_seq:
             metrics.resumes.inc()
+            metrics.resume_backlog.observe(max(0, point.meta.last_seq - point.after_seq))
         tick_s = min(settings.heartbeat_s, settings.queue_status_interval_s)
         last_write = last_event = time.monotonic()
         seen_event = point.after_seq > 0
@@ -245,6 +246,8 @@ class EventReader:
                 self.attachments.detach(connection_id)
             metrics.streams_active.dec()
             metrics.streams_ended.labels(ended).inc()
+            if renderer.handovers_rendered:
+                metrics.handovers.inc(renderer.handovers_rendered)
             metrics.stream_duration.observe(time.monotonic() - opened)
             if renderer.deltas_rendered > 1:
                 metrics.tpot.observe((last_delta_at - first_delta_at) / (renderer.deltas_rendered - 1))

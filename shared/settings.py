@@ -82,6 +82,11 @@ class GatewaySettings(CommonSettings):
         minimum=0.01,
     )
     attach_refresh_s: float = setting(5.0, "how often a gateway renews its clients' attachments", minimum=0.05)
+    metrics_multiproc_dir: str = setting(
+        "",
+        "directory shared by gateway processes behind one port, so that /metrics on any of them reports all "
+        "(prometheus-client's multiprocess mode; `tokenspool up` sets it; empty: this process only)",
+    )
     model_grace_s: float = setting(
         300.0, "a model stays accepted this long after its last worker was heard from", minimum=0.0
     )

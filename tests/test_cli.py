@@ -71,6 +71,10 @@ def test_up_runs_the_whole_stack_and_ctrl_c_stops_every_process(tmp_path: Path) 
         redis_port = int(re.search(r"Redis: redis://127\.0\.0\.1:(\d+)/0", banner).group(1))  # type: ignore[union-attr]
         stream = read_stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=chat_body(max_tokens=5))
         assert stream.events[-1].data == "[DONE]" and len(stream.events) == 6
+        # Scrapes land on either gateway (new connection each); both pool their metrics, so each says 1.
+        for _ in range(6):
+            exposition = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            assert 'tokenspool_gateway_responses_total{route="/v1/chat/completions",status="200"} 1.0' in exposition
         children = subprocess.run(["pgrep", "-P", str(up.process.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) == 5, "the server, two workers and two gateways"
         up.process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process

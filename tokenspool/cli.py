@@ -64,11 +64,14 @@ def run_gateway(settings: GatewaySettings) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.metrics import use_multiprocess_mode
     from shared import logs
 
     failure = _require_redis("gateway", settings)
     if failure is not None:
         return failure
+    if settings.metrics_multiproc_dir:
+        use_multiprocess_mode(settings.metrics_multiproc_dir)
     logs.configure(settings, "gateway")
     config = uvicorn.Config(
         create_app(settings),

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -117,6 +119,9 @@ def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         stop_requested = True
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Gateways behind one port pool their metrics, so a scrape reaching any of them reports all of them.
+    metrics_dir = tempfile.mkdtemp(prefix="tokenspool-gateway-metrics-")
+    gateway_env = {**env, "TOKENSPOOL_METRICS_MULTIPROC_DIR": metrics_dir}
     listener = socket.create_server((gateway_settings.host, gateway_settings.port), backlog=2048, reuse_port=False)
     listener.set_inheritable(True)
     host, port = listener.getsockname()[:2]
@@ -127,7 +132,7 @@ def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         for index in range(args.workers):
             workers.append(_spawn(["worker", "--id", f"{socket.gethostname()}-w{index}"], env))
         for _ in range(args.gateways):
-            gateways.append(_spawn(["gateway", "--fd", str(listener.fileno())], env, (listener.fileno(),)))
+            gateways.append(_spawn(["gateway", "--fd", str(listener.fileno())], gateway_env, (listener.fileno(),)))
         base_url = f"http://{host}:{port}"
         model = worker_settings.model or "tokenspool-sim"
         _wait_ready(base_url, worker_settings.served_model_name or model, [*workers, *gateways], args.ready_timeout_s)
@@ -161,6 +166,7 @@ def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         _stop(workers, worker_settings.drain_timeout_s + 5)
         if server is not None:
             server.stop()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if stop_requested and status == 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2)
 WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
@@ -19,6 +20,15 @@ class WorkerMetrics:
             "tokenspool_worker_requests", "Requests this worker ended, by outcome", ["outcome"], registry=r
         )
         self.output_tokens = Counter("tokenspool_worker_output_tokens", "Tokens generated", registry=r)
+        self.claims = Counter(
+            "tokenspool_worker_claims", "Requests this worker started (fresh from the queue or taken over)", registry=r
+        )
+        self.engine_step = Histogram(
+            "tokenspool_worker_engine_step_seconds",
+            "Time between successive outputs of one request from the engine (one engine step as a request sees it)",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
         self.takeovers = Counter(
             "tokenspool_worker_takeovers", "Requests continued after another worker lost them", registry=r
         )

@@ -199,6 +199,8 @@ class Worker:
             log.info("request %s: %s", request_id, message)
             return
         attempt, last_seq = await self.store.claim(request_id, self.worker_id, takeover=takeover)
+        if attempt:
+            self.metrics.claims.inc()
         if attempt and not takeover:
             self.metrics.queue_wait.observe(max(0.0, waited_s))
         if attempt and takeover:
@@ -289,8 +291,12 @@ class Worker:
         # still reports the prompt's length, and no second finish is streamed.
         finished_before = bool(emitted and emitted[-1].finish_reason)
         stream = self.engine.generate(request)
+        step_started = time.monotonic()
         try:
             async for delta in stream:
+                now = time.monotonic()
+                self.metrics.engine_step.observe(now - step_started)
+                step_started = now
                 prompt_tokens = delta.prompt_tokens
                 completion_tokens += len(delta.token_ids)
                 self.metrics.output_tokens.inc(len(delta.token_ids))
