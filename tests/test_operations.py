@@ -144,3 +144,46 @@ def test_drain_of_an_unknown_worker_is_refused(cluster: Cluster) -> None:
     command = run_cli(cluster, "drain", "nobody")
     _out, err = command.communicate(timeout=30)
     assert command.returncode == 2 and "no live worker 'nobody'" in err
+
+
+def test_status_reports_running_waiting_lag_and_pending_per_worker(cluster: Cluster, gateway: Gateway) -> None:
+    import contextlib
+    import json
+
+    worker = start(cluster, gateway, "status-model", max_num_seqs=1)
+    with httpx.Client(timeout=30) as client, contextlib.ExitStack() as streams:
+        ids = []
+        for i in range(3):
+            body = chat_body(f"status {i}", max_tokens=1000, model="status-model")
+            response = streams.enter_context(client.stream("POST", gateway.url + "/v1/chat/completions", json=body))
+            ids.append(response.headers["x-request-id"])
+        wait_for(lambda: cluster.meta(ids[0]).get("state") == "running", 10, "the first request to run")
+        wait_for(
+            lambda: any(w.worker_id == worker.worker_id and w.running == 1 for w in cluster.live_workers()),
+            10,
+            "the worker's heartbeat to report it",
+        )
+        report = subprocess.run(
+            [sys.executable, "-m", "tokenspool", "status", "--json"],
+            env=clean_env(cluster.redis_url),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert report.returncode == 0, report.stderr
+        model = json.loads(report.stdout)["models"]["status-model"]
+        assert (model["running"], model["waiting"], model["group_lag"]) == (1, 2, 2)
+        assert model["pending_per_worker"] == {worker.worker_id: 1}
+        mine = [w for w in json.loads(report.stdout)["workers"] if w["id"] == worker.worker_id]
+        assert mine and (mine[0]["running"], mine[0]["capacity"], mine[0]["state"]) == (1, 1, "active")
+        table = subprocess.run(
+            [sys.executable, "-m", "tokenspool", "status"],
+            env=clean_env(cluster.redis_url),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+        assert f"{worker.worker_id}=1" in table and "GROUP LAG" in table
+        for request_id in ids:
+            assert client.delete(f"{gateway.url}/v1/requests/{request_id}").status_code in (200, 202)
+    worker.proc.stop()

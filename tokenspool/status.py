@@ -48,9 +48,18 @@ def collect(url: str, worker_ttl_s: float) -> dict[str, Any]:
                 c["name"].decode() if isinstance(c["name"], bytes) else c["name"]: int(c["pending"])
                 for c in pending.get("consumers") or []
             }
+            lag: int | None = None
+            try:
+                for group in client.xinfo_groups(queue):
+                    name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+                    if name == keys.WORKER_GROUP and group.get("lag") is not None:
+                        lag = int(group["lag"])
+            except redis.ResponseError:
+                pass  # no queue yet
             models[model] = {
                 "waiting": max(0, length - int(pending["pending"])),
                 "running": int(pending["pending"]),
+                "group_lag": lag,
                 "pending_per_worker": per_worker,
                 "dead_letters": int(client.xlen(keys.dead_letter_key(model))),
             }
@@ -74,9 +83,15 @@ def render(status: dict[str, Any]) -> str:
             f"{w['running']:>4}/{w['capacity']:<4} {w['last_heartbeat_s']:>9}s"
         )
     lines.append("")
-    lines.append(f"{'MODEL':20} {'WAITING':>8} {'RUNNING':>8} {'DEAD LETTERS':>13}")
+    lines.append(
+        f"{'MODEL':20} {'WAITING':>8} {'RUNNING':>8} {'GROUP LAG':>10} {'DEAD LETTERS':>13}  PENDING PER WORKER"
+    )
     for name, m in status["models"].items():
-        lines.append(f"{name:20} {m['waiting']:>8} {m['running']:>8} {m['dead_letters']:>13}")
+        lag = "-" if m["group_lag"] is None else m["group_lag"]
+        per_worker = ", ".join(f"{worker}={count}" for worker, count in sorted(m["pending_per_worker"].items()))
+        lines.append(
+            f"{name:20} {m['waiting']:>8} {m['running']:>8} {lag:>10} {m['dead_letters']:>13}  {per_worker or '-'}"
+        )
     lines.append("")
     lines.append(
         f"retained request streams: {status['retained_streams']}; "
