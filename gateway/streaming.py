@@ -24,6 +24,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
 from gateway.sse import DONE_FRAME, comment_frame, data_frame
 from shared import keys, wire
+from shared.logs import about
 from shared.settings import GatewaySettings
 from shared.store import RequestMeta, RequestStore
 
@@ -152,7 +153,11 @@ class EventReader:
                             yield []
                             continue
                     if sub.overflowed:
-                        log.debug("%s: client fell behind its buffer; catching up from Redis", request_id)
+                        log.debug(
+                            "%s: client fell behind its buffer; catching up from Redis",
+                            request_id,
+                            extra=about(request_id),
+                        )
                         break
                     items = sub.take()
                     if not items:
@@ -238,7 +243,9 @@ class EventReader:
             yield data_frame(orjson.dumps(error_body("events_expired", f"cannot continue the stream: {exc}")))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             ended = "error"
-            log.warning("%s: Redis failed mid-stream: %s", point.meta.request_id, exc)
+            log.warning(
+                "%s: Redis failed mid-stream: %s", point.meta.request_id, exc, extra=about(point.meta.request_id)
+            )
             message = "the request store (Redis) is unavailable; resume with Last-Event-ID"
             yield data_frame(orjson.dumps(error_body("redis_unavailable", message)))
         finally:
@@ -248,6 +255,15 @@ class EventReader:
             metrics.streams_ended.labels(ended).inc()
             if renderer.handovers_rendered:
                 metrics.handovers.inc(renderer.handovers_rendered)
+            log.info(
+                "%s: stream closed (%s) after %d tokens in %.2fs, opened after event %d",
+                point.meta.request_id,
+                ended,
+                renderer.deltas_rendered,
+                time.monotonic() - opened,
+                point.after_seq,
+                extra=about(point.meta.request_id),
+            )
             metrics.stream_duration.observe(time.monotonic() - opened)
             if renderer.deltas_rendered > 1:
                 metrics.tpot.observe((last_delta_at - first_delta_at) / (renderer.deltas_rendered - 1))
@@ -259,7 +275,7 @@ class EventReader:
         if waited_s > self.settings.queue_timeout_s:
             message = f"timed out after {waited_s:.1f}s in the queue (queue timeout {self.settings.queue_timeout_s:g}s)"
             if await self.store.expire_queued(meta.request_id, message):
-                log.info("%s: %s", meta.request_id, message)
+                log.info("%s: %s", meta.request_id, message, extra=about(meta.request_id))
         waiting = await self.store.queue_waiting(meta.model)
         return comment_frame(f"queued: {waiting} request(s) waiting for model {meta.model}")
 

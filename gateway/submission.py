@@ -7,6 +7,7 @@ A request that is refused leaves nothing in Redis: every check runs before the f
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +18,13 @@ from gateway.catalog import ModelCatalog, ModelEntry
 from gateway.errors import APIError, not_found
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from shared import keys, wire
+from shared.logs import about
 from shared.settings import GatewaySettings
 from shared.store import RequestStore, StreamFormat, now_ms
 
 MAX_IDEMPOTENCY_KEY = 255
+
+log = logging.getLogger("tokenspool.gateway.submission")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,15 @@ class SubmissionService:
             if idem_key is not None:
                 await self.store.redis.delete(idem_key)
             raise
+        log.info(
+            "request %s accepted: model %s, %s, %s, max_tokens %s",
+            request_id,
+            body.model,
+            kind,
+            stream_format,
+            job.sampling.max_tokens,
+            extra=about(request_id),
+        )
         return Submitted(request_id, created=True)
 
     def _check_against_model(self, body: ChatCompletionRequest | CompletionRequest, model: ModelEntry) -> None:

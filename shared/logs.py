@@ -1,9 +1,15 @@
-"""Logging set-up, once per process: plain lines for people or JSON lines for collectors."""
+"""Logging set-up, once per process: plain lines for people or JSON lines for collectors.
+
+A line about one request passes ``extra=about(request_id)``: plain lines already name the id in their
+text, and JSON lines carry it as a ``request_id`` field a collector can index. Prompts and generated text
+are users' data: they are logged only when ``log_content`` is set, and then only through :func:`content`.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 
 import orjson
 
@@ -18,6 +24,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            body["request_id"] = request_id
         if record.exc_info:
             body["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(body).decode()
@@ -32,3 +41,14 @@ def configure(settings: CommonSettings, process: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+
+
+def about(request_id: str) -> Mapping[str, str]:
+    """The ``extra`` of a log line about one request."""
+    return {"request_id": request_id}
+
+
+def content(text: str, limit: int = 2000) -> str:
+    """Users' text for a debug log line (only where ``log_content`` is set), bounded and on one line."""
+    clipped = text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+    return repr(clipped)

@@ -39,6 +39,9 @@ class CommonSettings:
     )
     log_level: LogLevel = setting("info", "log level")
     log_format: Literal["plain", "json"] = setting("plain", "log line format")
+    log_content: bool = setting(
+        False, "also log prompts and generated text (debugging only: off by default, they are users' data)"
+    )
     retention_s: float = setting(600.0, "how long a finished request stays replayable", minimum=0.001)
     tombstone_s: float = setting(
         86400.0, "how long after expiry a request id still answers 410 Gone instead of 404", minimum=0.0

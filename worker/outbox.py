@@ -21,6 +21,7 @@ import redis.exceptions
 
 from shared import wire
 from shared.aio import reraise_if_cancelling
+from shared.logs import about
 from shared.store import (
     APPEND_ENDED,
     APPEND_FENCED,
@@ -177,7 +178,12 @@ class Outbox:
                 self._wake.set()
             else:
                 reason = _LOST_REASONS.get(code, f"out of sequence at {value}")
-                log.warning("request %s can no longer be written by this worker: %s", entry.request_id, reason)
+                log.warning(
+                    "request %s can no longer be written by this worker: %s",
+                    entry.request_id,
+                    reason,
+                    extra=about(entry.request_id),
+                )
                 entry.mark_lost(reason)
         if failed:
             # Retried with the flusher's backoff rather than at once (a script error is not transient

@@ -19,6 +19,7 @@ import redis.exceptions
 
 from shared import keys, registry, wire
 from shared.aio import reraise_if_cancelling
+from shared.logs import about, content
 from shared.settings import WorkerSettings
 from shared.store import FinalState, RequestStore, now_ms
 from worker.engines.base import Engine, EngineDeadError, EngineError, EngineRequest
@@ -196,7 +197,7 @@ class Worker:
             message = f"timed out after {waited_s:.1f}s in the queue (queue timeout {self.settings.queue_timeout_s:g}s)"
             await self.store.expire_queued(request_id, message)
             await self.store.finish_queue_entry(job.model, entry_id)
-            log.info("request %s: %s", request_id, message)
+            log.info("request %s: %s", request_id, message, extra=about(request_id))
             return
         attempt, last_seq = await self.store.claim(request_id, self.worker_id, takeover=takeover)
         if attempt:
@@ -206,7 +207,11 @@ class Worker:
         if attempt and takeover:
             self.metrics.takeovers.inc()
         if attempt == 0:
-            log.info("request %s can no longer be taken (cancelled, ended or expired); skipping it", request_id)
+            log.info(
+                "request %s can no longer be taken (cancelled, ended or expired); skipping it",
+                request_id,
+                extra=about(request_id),
+            )
             await self.store.finish_queue_entry(job.model, entry_id)
             return
         emitted: list[wire.Event] = []
@@ -215,11 +220,16 @@ class Worker:
         entry = self.outbox.open(request_id, attempt, last_seq)
         running.log = entry
         if takeover:
-            log.warning("request %s taken over at event %d (attempt %d)", request_id, last_seq, attempt)
+            log.warning(
+                "request %s taken over at event %d (attempt %d)", request_id, last_seq, attempt, extra=about(request_id)
+            )
             handover = f"continued by worker {self.worker_id} after event {last_seq} (attempt {attempt})"
             await self.outbox.put(entry, wire.Event("handover", message=handover))
         else:
-            log.info("request %s started (attempt %d)", request_id, attempt)
+            log.info("request %s started (attempt %d)", request_id, attempt, extra=about(request_id))
+        if self.settings.log_content:
+            prompt = job.prompt or "\n".join(f"{m.role}: {m.content}" for m in job.messages)
+            log.info("request %s prompt: %s", request_id, content(prompt), extra=about(request_id))
         generation = asyncio.create_task(self._generate(job, entry, emitted))
 
         def interrupt_generation() -> None:
@@ -246,7 +256,7 @@ class Worker:
             final_event = wire.Event("error", error_type="engine_error", message=str(exc))
             final = FinalState("failed", error=str(exc))
         except EngineDeadError as exc:
-            log.error("engine died while running %s: %s", request_id, exc)
+            log.error("engine died while running %s: %s", request_id, exc, extra=about(request_id))
             self.engine_failure = exc
             raise
         try:
@@ -260,12 +270,14 @@ class Worker:
             return
         await self.store.finish_queue_entry(job.model, entry_id)
         self.metrics.requests.labels(final.state).inc()
-        log.info("request %s %s (%s)", request_id, final.state, final.finish_reason or final.error)
+        log.info(
+            "request %s %s (%s)", request_id, final.state, final.finish_reason or final.error, extra=about(request_id)
+        )
 
     def _abandon(self, job: wire.Job, running: RunningRequest, entry: RequestLog) -> None:
         """Stop working on a request this worker no longer holds. Its queue entry is left alone: another
         worker owns it now (fenced, lease lost), or whoever ended it acknowledges it."""
-        log.warning("request %s abandoned by this worker: %s", job.request_id, entry.lost)
+        log.warning("request %s abandoned by this worker: %s", job.request_id, entry.lost, extra=about(job.request_id))
         self.metrics.requests.labels("abandoned").inc()
         if entry.lost == "gone":
             self._background(self.store.finish_queue_entry(job.model, running.entry_id))
@@ -290,6 +302,7 @@ class Worker:
         # A previous holder that emitted the last token but died before closing the stream: the engine
         # still reports the prompt's length, and no second finish is streamed.
         finished_before = bool(emitted and emitted[-1].finish_reason)
+        generated: list[str] | None = [] if self.settings.log_content else None
         stream = self.engine.generate(request)
         step_started = time.monotonic()
         try:
@@ -308,8 +321,12 @@ class Worker:
                         event = dataclasses.replace(event, logprobs=delta.logprobs, text_offset=text_offset)
                     text_offset += len(delta.text)
                     await self.outbox.put(entry, event)
+                    if generated is not None:
+                        generated.append(delta.text)
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+        if generated is not None:
+            log.info("request %s output: %s", job.request_id, content("".join(generated)), extra=about(job.request_id))
         return self._end(finish_reason, prompt_tokens, completion_tokens)
 
     @staticmethod
@@ -384,7 +401,7 @@ class Worker:
         now = now_ms()
         for request_id, running in self._running.items():
             if running.log is not None and now - running.enqueued_ms > deadline_ms:
-                log.info("request %s passed its deadline", request_id)
+                log.info("request %s passed its deadline", request_id, extra=about(request_id))
                 running.log.request_cancel(
                     f"deadline exceeded: still running {self.settings.request_deadline_s:g}s after it was submitted",
                     error_type="deadline_exceeded",
@@ -426,7 +443,7 @@ class Worker:
             await self.store.fail_abandoned(job.request_id, self.worker_id, f"request failed: {reason}")
         await self.store.dead_letter(self.engine.model_name, entry_id, request_id, reason)
         self.metrics.dead_letters.inc()
-        log.error("request %s dead-lettered: %s", request_id, reason)
+        log.error("request %s dead-lettered: %s", request_id, reason, extra=about(request_id))
 
     async def _release(self, request_ids: list[str]) -> int:
         """Hand running requests to other workers now (drain --migrate, rebalance): stop generating them
