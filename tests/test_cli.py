@@ -115,3 +115,30 @@ def test_embedded_server_is_the_bundled_binary() -> None:
 
         info = redis.Redis.from_url(server.url).info("server")
         assert "valkey_version" in info or "redis_version" in info
+
+
+def test_footprint_measures_redis_memory_per_request_and_event() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenspool", "footprint", "--requests", "6", "--tokens", "20", "--concurrency", "3"],
+        env=clean_env(None),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = dict(re.findall(r"^\s+(.+?):\s+([\d.]+)$", result.stdout, re.MULTILINE))
+    assert 1 <= float(figures["events per request"]) <= 21  # up to 20 tokens and the end marker
+    per_event = float(figures["bytes per event (its stream)"])
+    assert 8 < per_event < 1000, result.stdout
+    assert float(figures["bytes per request (its keys)"]) > per_event * float(figures["events per request"])
+
+
+def test_footprint_refuses_a_zero_request_count() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenspool", "footprint", "--requests", "0"],
+        env=clean_env(None),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "at least 1" in result.stderr

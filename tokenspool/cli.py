@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--redis-url", default=None, help="default: TOKENSPOOL_REDIS_URL")
     sub.add_parser("settings", help="list every setting with its variable, flag and default")
     sub.add_parser("soak", help="kill workers mid-stream many times and check every stream", add_help=False)
+    sub.add_parser("footprint", help="measure Redis memory per retained request and token", add_help=False)
     sub.add_parser(
         "bench-vllm", help="the same model and load behind vLLM's own server and behind tokenspool", add_help=False
     )
@@ -197,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tokenspool.bench_vllm import main as bench_vllm
 
         return bench_vllm(argv[1:])
+    if argv[:1] == ["footprint"]:
+        from tokenspool.footprint import main as footprint
+
+        return footprint(argv[1:])
     if argv[:1] == ["soak"]:
         from tokenspool.soak import main as soak
 

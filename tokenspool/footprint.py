@@ -1,0 +1,129 @@
+"""``tokenspool footprint``: how much Redis memory a retained request costs, measured on a private stack.
+
+It starts the embedded server, one sim worker and one gateway, runs ``--requests`` real requests of
+``--tokens`` tokens each through the gateway, and reports what Redis holds for them afterwards: bytes per
+request and per retained event (token), from ``MEMORY USAGE`` of each request's keys and from the
+server's ``used_memory`` before and after. These are the figures the operations guide sizes Redis with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from shared import keys
+from tokenspool.redis_server import EmbeddedRedis, free_port
+
+MODEL = "footprint-sim"
+
+
+def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tokenspool", *argv], env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+
+
+def _wait(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def measure(requests: int, tokens: int, concurrency: int, log_dir: Path) -> dict[str, float]:
+    with EmbeddedRedis(data_dir=log_dir / "redis") as server:
+        client: Any = redis.Redis.from_url(server.url)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSPOOL_")}
+        env.update({"TOKENSPOOL_REDIS_URL": server.url, "TOKENSPOOL_LOG_LEVEL": "warning"})
+        port = free_port()
+        procs = [
+            _spawn(
+                ["worker", "--model", MODEL, "--sim-ttft-ms", "0", "--sim-itl-ms", "0", "--max-num-seqs", "64"],
+                env,
+                log_dir / "worker.log",
+            ),
+            _spawn(["gateway", "--port", str(port)], env, log_dir / "gateway.log"),
+        ]
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait(lambda: MODEL in httpx.get(url + "/v1/models").text, 60, "the stack")
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "size me"}], "max_tokens": tokens}
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=60).raise_for_status()  # warm up
+            before = int(client.info("memory")["used_memory"])
+            retained_before = set(client.scan_iter(match=f"{keys.PREFIX}:{{p*}}:r:*", count=1000))
+
+            def one(index: int) -> str:
+                payload = {**body, "messages": [{"role": "user", "content": f"size me {index}"}]}
+                response = httpx.post(url + "/v1/chat/completions", json=payload, timeout=120)
+                response.raise_for_status()
+                return str(response.json()["id"])
+
+            with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+                ids = list(pool.map(one, range(requests)))
+            after = int(client.info("memory")["used_memory"])
+            per_request: list[int] = []
+            per_stream: list[int] = []
+            events = 0
+            for request_id in ids:
+                request_keys = keys.RequestKeys.of(request_id)
+                names = [request_keys.events, request_keys.meta, request_keys.job, request_keys.attached]
+                usage = [int(client.memory_usage(name, samples=0) or 0) for name in names]
+                per_request.append(sum(usage))
+                per_stream.append(usage[0])
+                events += int(client.xlen(request_keys.events))
+            new_keys = set(client.scan_iter(match=f"{keys.PREFIX}:{{p*}}:r:*", count=1000)) - retained_before
+            return {
+                "requests": requests,
+                "tokens_per_request": tokens,
+                "events_per_request": events / requests,
+                "keys_per_request": len(new_keys) / requests,
+                "bytes_per_request_keys": statistics.mean(per_request),
+                "bytes_per_event_stream": statistics.mean(per_stream) / (events / requests),
+                "bytes_per_request_used_memory": (after - before) / requests,
+                "bytes_per_event_used_memory": (after - before) / events,
+            }
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tokenspool footprint", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=200, help="requests to run and keep (default 200)")
+    parser.add_argument("--tokens", type=int, default=100, help="tokens per request (default 100)")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at once (default 16)")
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.tokens < 1 or args.concurrency < 1:
+        parser.error("--requests, --tokens and --concurrency must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="tokenspool-footprint-") as tmp:
+        result = measure(args.requests, args.tokens, args.concurrency, Path(tmp))
+    print(f"{result['requests']:.0f} requests of {result['tokens_per_request']:.0f} tokens (sim engine), retained:")
+    print(f"  events per request:            {result['events_per_request']:.1f}")
+    print(f"  keys per request:              {result['keys_per_request']:.1f}")
+    print(f"  bytes per request (its keys):  {result['bytes_per_request_keys']:.0f}")
+    print(f"  bytes per event (its stream):  {result['bytes_per_event_stream']:.1f}")
+    print(f"  bytes per request (used_memory delta): {result['bytes_per_request_used_memory']:.0f}")
+    print(f"  bytes per event (used_memory delta):   {result['bytes_per_event_used_memory']:.1f}")
+    return 0
