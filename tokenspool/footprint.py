@@ -64,7 +64,7 @@ def measure(requests: int, tokens: int, concurrency: int, log_dir: Path) -> dict
         url = f"http://127.0.0.1:{port}"
         try:
             _wait(lambda: MODEL in httpx.get(url + "/v1/models").text, 60, "the stack")
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "size me"}], "max_tokens": tokens}
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "size me"}], "max_tokens": tokens, "ignore_eos": True}
             httpx.post(url + "/v1/chat/completions", json=body, timeout=60).raise_for_status()  # warm up
             before = int(client.info("memory")["used_memory"])
             retained_before = set(client.scan_iter(match=f"{keys.PREFIX}:{{p*}}:r:*", count=1000))
@@ -80,6 +80,7 @@ def measure(requests: int, tokens: int, concurrency: int, log_dir: Path) -> dict
             after = int(client.info("memory")["used_memory"])
             per_request: list[int] = []
             per_stream: list[int] = []
+            per_meta: list[int] = []
             events = 0
             for request_id in ids:
                 request_keys = keys.RequestKeys.of(request_id)
@@ -87,6 +88,7 @@ def measure(requests: int, tokens: int, concurrency: int, log_dir: Path) -> dict
                 usage = [int(client.memory_usage(name, samples=0) or 0) for name in names]
                 per_request.append(sum(usage))
                 per_stream.append(usage[0])
+                per_meta.append(usage[1])
                 events += int(client.xlen(request_keys.events))
             new_keys = set(client.scan_iter(match=f"{keys.PREFIX}:{{p*}}:r:*", count=1000)) - retained_before
             return {
@@ -96,6 +98,7 @@ def measure(requests: int, tokens: int, concurrency: int, log_dir: Path) -> dict
                 "keys_per_request": len(new_keys) / requests,
                 "bytes_per_request_keys": statistics.mean(per_request),
                 "bytes_per_event_stream": statistics.mean(per_stream) / (events / requests),
+                "bytes_per_tombstone": statistics.mean(per_meta),
                 "bytes_per_request_used_memory": (after - before) / requests,
                 "bytes_per_event_used_memory": (after - before) / events,
             }
@@ -124,6 +127,7 @@ def main(argv: list[str]) -> int:
     print(f"  keys per request:              {result['keys_per_request']:.1f}")
     print(f"  bytes per request (its keys):  {result['bytes_per_request_keys']:.0f}")
     print(f"  bytes per event (its stream):  {result['bytes_per_event_stream']:.1f}")
+    print(f"  bytes per tombstone (the metadata kept after retention): {result['bytes_per_tombstone']:.0f}")
     print(f"  bytes per request (used_memory delta): {result['bytes_per_request_used_memory']:.0f}")
     print(f"  bytes per event (used_memory delta):   {result['bytes_per_event_used_memory']:.1f}")
     return 0

@@ -182,6 +182,8 @@ class SimEngine:
         rng = random.Random(digest)
         natural = rng.randint(max(1, self._natural_max // 2), self._natural_max)
         limit = natural if request.sampling.max_tokens is None else min(natural, request.sampling.max_tokens)
+        if request.sampling.ignore_eos and request.sampling.max_tokens is not None:
+            limit = request.sampling.max_tokens  # like a real engine told to ignore its end-of-sequence token
         return [rng.randrange(len(VOCABULARY)) for _ in range(limit)], max(1, len(text.split()))
 
     async def _sleep_until_step(self, earliest: float) -> None:
