@@ -103,6 +103,9 @@ class WorkerSettings(CommonSettings):
     worker_id: str | None = setting(None, "this worker's id (default: host-pid-random)", flag="--id")
     max_num_seqs: int = setting(64, "requests run at once; the worker pulls only this many", minimum=1)
     metrics_port: int | None = setting(None, "serve Prometheus metrics on this port (default: off)", minimum=0)
+    metrics_host: str = setting(
+        "127.0.0.1", "address the metrics port listens on (0.0.0.0 in a container, so Prometheus can reach it)"
+    )
     worker_heartbeat_s: float = setting(1.0, "registry heartbeat interval", minimum=0.01)
     stream_maxlen: int = setting(100_000, "events kept per request stream while it runs", minimum=1)
     max_unflushed_events: int = setting(4096, "events a request may buffer while Redis is slow", minimum=1)

@@ -43,7 +43,7 @@ async def serve(settings: WorkerSettings) -> int:
     pull_client = connect(settings.redis_url, socket_timeout_s=PULL_BLOCK_MS / 1000 + 10, max_connections=4)
     worker = Worker(settings, engine, client, pull_client, settings.worker_id or default_worker_id())
     if settings.metrics_port is not None:
-        worker.metrics.serve(settings.metrics_port)
+        worker.metrics.serve(settings.metrics_port, settings.metrics_host)
         log.info("metrics on http://127.0.0.1:%d/metrics", settings.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
