@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from gateway import page, websocket
 from gateway.attachments import Attachments
 from gateway.catalog import ModelCatalog
 from gateway.errors import APIError
@@ -90,6 +91,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="tokenspool gateway", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
+    app.include_router(websocket.router)
+    app.include_router(page.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint() -> Response:

@@ -33,8 +33,9 @@ apt_install() {  # apt_install PACKAGE: Debian's package, when this user may ins
             apt-get install -y --no-install-recommends "$1" >/dev/null; }
 }
 
-tools() {  # the real programs the tests drive besides Python: nginx, promtool, workerd
+tools() {  # the real programs the tests drive besides Python: nginx, chromium, promtool, workerd
     command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_install nginx
+    command -v chromium >/dev/null 2>&1 || apt_install chromium
     mkdir -p .cache/tools
     if [ ! -x .cache/tools/promtool ]; then
         # Only the static promtool binary out of Debian's prometheus package: no service is installed.

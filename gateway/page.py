@@ -1,0 +1,7 @@
+"""The browser chat page (``/``): being written."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()
