@@ -18,7 +18,9 @@ from starlette.types import Message, Receive, Scope, Send
 log = logging.getLogger("tokenspool.gateway.sse")
 
 DONE_FRAME: Final = b"data: [DONE]\n\n"
-STREAM_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+# No "Connection: keep-alive" (some guides add it): it is a hop-by-hop header the server manages, and
+# proxies (nginx, Cloudflare) strip it anyway.
+STREAM_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def event_frame(event_id: str, data: bytes) -> bytes:
