@@ -142,3 +142,8 @@ def test_footprint_refuses_a_zero_request_count() -> None:
         timeout=60,
     )
     assert result.returncode == 2 and "at least 1" in result.stderr
+
+
+def test_an_abbreviated_flag_is_refused() -> None:
+    result = run_cli(["worker", "--max-num-seq", "3"], clean_env("redis://127.0.0.1:1/0"))
+    assert result.returncode == 2 and "--max-num-seq" in result.stderr

@@ -145,9 +145,18 @@ def print_settings() -> int:
     return 0
 
 
+class StrictParser(argparse.ArgumentParser):
+    """A subcommand's parser that takes only whole flag names."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenspool", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="tokenspool", description=__doc__, allow_abbrev=False)
+    # No abbreviated flags: a typo that happens to be a prefix (--max-num-seq) must not pass silently.
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=StrictParser)
 
     up = sub.add_parser("up", help="run Redis (unless TOKENSPOOL_REDIS_URL is set), gateways and workers together")
     up.add_argument("--host", default=None, help="gateway listen address (default 127.0.0.1)")

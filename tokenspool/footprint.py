@@ -64,7 +64,12 @@ def measure(requests: int, tokens: int, concurrency: int, log_dir: Path) -> dict
         url = f"http://127.0.0.1:{port}"
         try:
             _wait(lambda: MODEL in httpx.get(url + "/v1/models").text, 60, "the stack")
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "size me"}], "max_tokens": tokens, "ignore_eos": True}
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "size me"}],
+                "max_tokens": tokens,
+                "ignore_eos": True,
+            }
             httpx.post(url + "/v1/chat/completions", json=body, timeout=60).raise_for_status()  # warm up
             before = int(client.info("memory")["used_memory"])
             retained_before = set(client.scan_iter(match=f"{keys.PREFIX}:{{p*}}:r:*", count=1000))
