@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 from fastapi import FastAPI, Request
@@ -26,6 +26,9 @@ from gateway.submission import SubmissionService
 from shared.redis_client import connect, redact
 from shared.settings import GatewaySettings
 from shared.store import RequestStore
+
+if TYPE_CHECKING:
+    from gateway.grpc_service import GrpcServer
 
 log = logging.getLogger("tokenspool.gateway")
 
@@ -73,17 +76,28 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         attachments = Attachments(store, refresh_s=settings.attach_refresh_s, grace_s=settings.disconnect_grace_s)
         attachments.start()
         catalog = ModelCatalog(client, worker_ttl_s=settings.worker_ttl_s, model_grace_s=settings.model_grace_s)
-        app.state.services = Services(
+        services = Services(
             settings=settings,
             store=store,
             catalog=catalog,
             submissions=SubmissionService(store, catalog, settings),
             events=EventReader(store, relay, attachments, settings, metrics),
         )
-        log.info("gateway ready, Redis at %s", redact(redis_url))
+        app.state.services = services
+        grpc_server: GrpcServer | None = None
         try:
+            if settings.grpc_port is not None:
+                # Imported here: it uses this module's validation_message, and a gateway without a gRPC
+                # port never loads grpc.
+                from gateway.grpc_service import GrpcServer
+
+                grpc_server = GrpcServer(services, settings)
+                await grpc_server.start()
+            log.info("gateway ready, Redis at %s", redact(redis_url))
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop()
             await attachments.close()
             await relay.close()
             await client.aclose()

@@ -66,6 +66,7 @@ class GatewaySettings(CommonSettings):
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(8000, "port to listen on", minimum=0)
     fd: int | None = setting(None, "listen on this inherited socket instead (used by `tokenspool up`)", minimum=0)
+    grpc_port: int | None = setting(None, "serve the gRPC ChatService on this port (default: off)", minimum=0)
     heartbeat_s: float = setting(15.0, "SSE comment heartbeat interval on idle streams", minimum=0.01)
     send_timeout_s: float = setting(
         30.0, "a client that takes longer than this to accept a write is dropped", minimum=0.01
