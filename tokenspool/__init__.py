@@ -1,4 +1,4 @@
-"""The ``tokenspool`` command: starts gateways, workers and the embedded Redis-compatible server.
+"""The ``tokenspool`` command, and the Python client (:mod:`tokenspool.client`).
 
-It stands apart from ``gateway``, ``worker`` and ``shared``: it only starts processes and wires their
-settings; the processes meet in Redis."""
+It stands apart from ``gateway``, ``worker`` and ``shared``: the command starts processes and wires their
+settings (the processes meet in Redis); the client speaks to gateways over HTTP only."""
