@@ -26,7 +26,7 @@ from gateway.sse import DONE_FRAME, comment_frame, data_frame
 from shared import keys, wire
 from shared.logs import about
 from shared.settings import GatewaySettings
-from shared.store import RequestMeta, RequestStore
+from shared.store import TERMINAL_STATES, RequestMeta, RequestStore
 
 Batch = list[tuple[int, bytes]]
 
@@ -120,6 +120,8 @@ class EventReader:
         request_id = point.meta.request_id
         cursor = point.after_seq
         pending = point.first_batch
+        if point.meta.terminal and cursor >= point.meta.last_seq:
+            return  # resumed after the final event (the usage chunk's id): there is nothing left to send
         while True:
             # Replay: range reads of bounded size until caught up.
             while True:
@@ -149,7 +151,8 @@ class EventReader:
                         except TimeoutError:
                             if time.monotonic() - last_check >= self.settings.heartbeat_s:
                                 last_check = time.monotonic()
-                                await self._check_still_there(request_id, cursor)
+                                if await self._ended_before(request_id, cursor):
+                                    return
                             yield []
                             continue
                     if sub.overflowed:
@@ -172,14 +175,17 @@ class EventReader:
                 self.relay.unsubscribe(sub)
             pending = await self.store.read_events(request_id, cursor, self.settings.replay_batch_events)
 
-    async def _check_still_there(self, request_id: str, cursor: int) -> None:
+    async def _ended_before(self, request_id: str, cursor: int) -> bool:
         """An idle stream checks now and then that its request still exists: if Redis lost it (a restart
-        without persistence), the client is told so instead of waiting for events that cannot come."""
+        without persistence), the client is told so instead of waiting for events that cannot come.
+        True when the request has ended and the client already has its last event."""
         state, last_seq = await self.store.state(request_id)
         if not state:
             raise EventsExpiredError("the request is gone from Redis (it expired, or Redis lost its data)")
         if last_seq > cursor:
             self.relay.nudge(request_id)
+            return False
+        return state in TERMINAL_STATES
 
     async def sse_frames(self, point: ResumePoint) -> AsyncIterator[bytes]:
         """The SSE body of a stream: rendered events (several per write when the client is behind),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -42,6 +44,21 @@ def test_resume_after_completion_and_with_query_parameter(stack: Stack) -> None:
         "GET", f"{gw_b.url}/v1/requests/{request_id}/events", headers={"Last-Event-ID": done.events[-2].id or ""}
     )
     assert [e.data for e in after_last.events] == ["[DONE]"]
+
+
+def test_resume_after_the_final_usage_chunk_ends_at_once(stack: Stack) -> None:
+    (gw_a, gw_b), _ = stack
+    body = {**chat_body("usage last", max_tokens=4), "stream_options": {"include_usage": True}}
+    done = read_stream("POST", gw_a.url + "/v1/chat/completions", json=body)
+    final = done.events[-2]
+    assert final.json()["usage"] is not None and final.id
+    request_id = done.headers["x-request-id"] if done.headers else ""
+    started = time.monotonic()
+    after_final = read_stream(
+        "GET", f"{gw_b.url}/v1/requests/{request_id}/events", headers={"Last-Event-ID": final.id}, timeout_s=10
+    )
+    assert [e.data for e in after_final.events] == ["[DONE]"]
+    assert time.monotonic() - started < 5, "the stream waited for events that can never come"
 
 
 def test_header_wins_over_query_parameter(stack: Stack) -> None:
