@@ -78,6 +78,10 @@ async def websocket_streams(websocket: WebSocket) -> None:
     await WebSocketSession(websocket, services).run()
 
 
+class SocketGoneError(Exception):
+    """The socket's writer has stopped (the client left, or did not take messages in time)."""
+
+
 class WebSocketSession:
     """One client socket: a reader that handles commands in order, one relay task per stream, and one
     writer that sends whatever they queue."""
@@ -87,6 +91,7 @@ class WebSocketSession:
         self._svc = services
         self._outgoing: asyncio.Queue[str] = asyncio.Queue(maxsize=services.settings.client_buffer_events)
         self._relays: dict[str, asyncio.Task[None]] = {}
+        self._writer_gone = asyncio.Event()
 
     async def run(self) -> None:
         reader = asyncio.create_task(self._read_loop(), name="ws-read")
@@ -99,13 +104,31 @@ class WebSocketSession:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         for task in (reader, writer):
-            if not task.cancelled() and task.exception() is not None:
+            if (
+                not task.cancelled()
+                and task.exception() is not None
+                and not isinstance(task.exception(), SocketGoneError)
+            ):
                 raise task.exception()  # type: ignore[misc]
 
     async def _send(self, message: dict[str, Any]) -> None:
-        await self._outgoing.put(protocol.encode(message))
+        """Queue a message for the writer. Bounded in time as well as in size: once the writer has gone, or
+        the queue stays full past the send timeout, the sender stops (a relay never waits forever)."""
+        if self._writer_gone.is_set():
+            raise SocketGoneError("the socket is closed")
+        try:
+            await asyncio.wait_for(self._outgoing.put(protocol.encode(message)), self._svc.settings.send_timeout_s)
+        except TimeoutError:
+            reraise_if_cancelling()
+            raise SocketGoneError("the client did not take messages in time") from None
 
     async def _write_loop(self) -> None:
+        try:
+            await self._write_until_gone()
+        finally:
+            self._writer_gone.set()
+
+    async def _write_until_gone(self) -> None:
         timeout_s = self._svc.settings.send_timeout_s
         while True:
             text = await self._outgoing.get()
@@ -267,6 +290,8 @@ class WebSocketSession:
             log.warning("%s: Redis failed mid-stream: %s", request_id, exc, extra=about(request_id))
             message = "the request store (Redis) is unavailable; resume with last_event_id"
             await self._interrupted(request_id, tag, "redis_unavailable", message)
+        except SocketGoneError:
+            ended = "disconnected"
         finally:
             if connection_id is not None:
                 events.attachments.detach(connection_id)
