@@ -25,7 +25,7 @@ ENDED = f"() => ['done', 'error', 'cancelled'].includes({STATE})"
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian package 'chromium')")
+        pytest.fail(f"no Chromium at {CHROMIUM}: the test command (make test) installs Debian's 'chromium'")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
