@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("soak", help="kill workers mid-stream many times and check every stream", add_help=False)
     sub.add_parser("footprint", help="measure Redis memory per retained request and token", add_help=False)
     sub.add_parser(
+        "bench", help="load benchmark: tokenspool against the floor and a naive relay (sim engine)", add_help=False
+    )
+    sub.add_parser(
         "bench-vllm", help="the same model and load behind vLLM's own server and behind tokenspool", add_help=False
     )
     return parser
@@ -203,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from tokenspool.bench.main import main as bench
+
+        return bench(argv[1:])
     if argv[:1] == ["bench-vllm"]:
         from tokenspool.bench_vllm import main as bench_vllm
 

@@ -186,11 +186,13 @@ class SimEngine:
             limit = request.sampling.max_tokens  # like a real engine told to ignore its end-of-sequence token
         return [rng.randrange(len(VOCABULARY)) for _ in range(limit)], max(1, len(text.split()))
 
-    async def _sleep_until_step(self, earliest: float) -> None:
+    async def _sleep_until_step(self, earliest: float) -> float:
+        """Sleep to the first step boundary at or after ``earliest``; return that boundary."""
         loop = asyncio.get_running_loop()
         target = earliest if self._step_s <= 0 else math.ceil(earliest / self._step_s) * self._step_s
         delay = target - loop.time()
         await asyncio.sleep(delay if delay > 0 else 0)
+        return target
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
         self._running += 1
@@ -205,7 +207,7 @@ class SimEngine:
         requested = request.sampling.max_tokens
         natural_stop = requested is None or len(token_ids) < requested
         loop = asyncio.get_running_loop()
-        await self._sleep_until_step(loop.time() + self._ttft_s)
+        step_at = await self._sleep_until_step(loop.time() + self._ttft_s)
         done = len(request.emitted_token_ids)
         # What was already emitted counts for stop strings that span the resume point.
         text_so_far = "".join(VOCABULARY[t] if i == 0 else " " + VOCABULARY[t] for i, t in enumerate(token_ids[:done]))
@@ -229,7 +231,9 @@ class SimEngine:
                 await asyncio.sleep(0.2)  # let the token reach Redis, then die as a crashing GPU process would
                 os._exit(70)
             if not last:
-                await self._sleep_until_step(loop.time() + self._step_s)
+                # The next step is one step after this one, however long the consumer took with this token:
+                # a real engine keeps stepping while its output waits to be read.
+                step_at = await self._sleep_until_step(step_at + self._step_s)
         if done >= len(token_ids):
             yield EngineDelta("", (), "stop" if natural_stop else "length", prompt_tokens)
 

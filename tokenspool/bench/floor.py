@@ -1,0 +1,104 @@
+"""The floor: the same sim engine streamed straight from the process that runs it, with no broker.
+
+This is the least any server can cost for the same replies: one process, the engine's generator driven by
+the request's own coroutine, each delta rendered as the same OpenAI chunk tokenspool sends and written at
+once. No queue, no Redis, no resume — whatever tokenspool measures above this is the broker's price.
+Run by ``tokenspool bench``; ``python -m tokenspool.bench.floor --port N`` runs it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import orjson
+
+from gateway.sse import DONE_FRAME, event_frame
+from shared import keys, wire
+from shared.settings import WorkerSettings, load_settings
+from worker.engines.base import EngineRequest
+from worker.engines.sim import SimEngine
+
+ASGIMessage = dict[str, Any]
+
+_STREAM_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+class FloorApp:
+    """A bare ASGI app: ``POST /v1/chat/completions`` (stream only) and ``GET /healthz``."""
+
+    def __init__(self, engine: SimEngine) -> None:
+        self.engine = engine
+
+    async def __call__(self, scope: ASGIMessage, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()  # lifespan.startup: nothing to start
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["path"] != "/v1/chat/completions" or scope["method"] != "POST":
+            status = 200 if scope["path"] == "/healthz" else 404
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        body = orjson.loads(raw)
+        request_id = keys.new_request_id("chat")
+        request = EngineRequest(
+            request_id=request_id,
+            kind="chat",
+            prompt="",
+            messages=tuple(wire.ChatMessage(m["role"], m["content"]) for m in body["messages"]),
+            sampling=wire.SamplingOptions(max_tokens=body.get("max_tokens"), ignore_eos=bool(body.get("ignore_eos"))),
+        )
+        base = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body["model"],
+        }
+        await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
+        seq = 0
+        async for delta in self.engine.generate(request):
+            seq += 1
+            content: dict[str, Any] = (
+                {"role": "assistant", "content": delta.text} if seq == 1 else {"content": delta.text}
+            )
+            choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": delta.finish_reason}
+            data = orjson.dumps({**base, "choices": [choice]})
+            frame = event_frame(keys.event_id(request_id, seq), data)
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": DONE_FRAME, "more_body": False})
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="python -m tokenspool.bench.floor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--sim-ttft-ms", default="50")
+    parser.add_argument("--sim-itl-ms", default="20")
+    args = parser.parse_args(argv)
+    settings = load_settings(
+        WorkerSettings, {}, {"sim_ttft_ms": args.sim_ttft_ms, "sim_itl_ms": args.sim_itl_ms, "max_num_seqs": "100000"}
+    )
+    uvicorn.run(
+        FloorApp(SimEngine(settings)),
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,509 @@
+"""``tokenspool bench``: load over real HTTP/SSE against tokenspool, the floor and a naive relay, side by side.
+
+Scenarios:
+
+- ``latency`` (default): closed-loop users (``--levels`` concurrent streams) or open-loop Poisson arrivals
+  (``--mode open``, ``--levels`` requests/s) against every target in turn, ``--repeat`` times interleaved;
+  client-side TTFT, inter-token and end-to-end latency (p50/p90/p99), tokens/s, errors, lost and duplicated
+  events, CPU per event of every process, and Redis memory per request and per event. Prints the time to
+  first token tokenspool adds over the floor and the naive relay's figures as multiples of tokenspool's.
+- ``relay``: ``--clients`` concurrent streams through one gateway process that has a CPU of its own:
+  events/s, and the gateway's CPU per event against the ceiling (a bare ASGI app writing pre-built events).
+- ``streams``: ``--streams`` streams held open at once on one gateway: its memory per open stream.
+
+Everything runs on this machine: servers pinned to ``--server-cpus``, this client to ``--client-cpus``.
+The engine is the sim engine (it says so): the benchmark measures the broker, not a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from shared.settings import SettingsError, parse_cpu_list
+from tokenspool.bench import targets as tg
+from tokenspool.bench.load import LoadResult, LoadSpec, chat_body, run_load
+from tokenspool.bench.report import plot_latency, table
+from tokenspool.bench.sse_client import open_stream
+
+TARGET_NAMES = ("tokenspool", "floor", "naive")
+SUMMED = {"requests", "ok", "errors", "lost_events", "duplicated_events"}
+
+
+def _levels(text: str) -> list[float]:
+    try:
+        levels = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not levels or any(level <= 0 for level in levels):
+        raise argparse.ArgumentTypeError(f"levels must be positive numbers, got {text!r}")
+    return levels
+
+
+def _cpus(text: str) -> frozenset[int]:
+    if text in ("", "all"):
+        return frozenset()
+    try:
+        cpus = parse_cpu_list(text)
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    missing = cpus - os.sched_getaffinity(0)
+    if missing:
+        raise argparse.ArgumentTypeError(f"CPUs {sorted(missing)} are not available here")
+    return cpus
+
+
+def _targets(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in TARGET_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"targets are a comma-separated subset of {', '.join(TARGET_NAMES)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenspool bench",
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
+    add = parser.add_argument
+    add("--scenario", choices=("latency", "relay", "streams"), default="latency")
+    add("--targets", type=_targets, default=list(TARGET_NAMES), help="latency: which targets (default all three)")
+    add("--mode", choices=("closed", "open"), default="closed", help="latency: closed or open loop")
+    add("--levels", type=_levels, default=[10.0, 100.0], help="latency: concurrency or rates (default 10,100)")
+    add("--duration-s", type=float, default=10.0, help="seconds of load per run (default 10)")
+    add("--repeat", type=int, default=1, help="runs per target and level, interleaved; medians are reported")
+    add("--max-tokens", type=int, default=64, help="tokens per reply (default 64; 200 for relay)")
+    add("--sim-ttft-ms", type=float, default=20.0, help="sim engine time to first token (default 20)")
+    add("--sim-itl-ms", type=float, default=10.0, help="sim engine time per token (default 10)")
+    add("--clients", type=int, default=500, help="relay: concurrent streams (default 500)")
+    add("--workers", type=int, default=1, help="relay: sim workers feeding the gateway (default 1)")
+    add("--streams", type=int, default=2000, help="streams: streams held open at once (default 2000)")
+    several = len(os.sched_getaffinity(0)) > 1
+    add(
+        "--server-cpus",
+        type=_cpus,
+        default=_cpus(str(min(os.sched_getaffinity(0)))) if several else frozenset(),
+        help="CPUs the servers are pinned to (default: the first available)",
+    )
+    add(
+        "--client-cpus",
+        type=_cpus,
+        default=frozenset(sorted(os.sched_getaffinity(0))[1:]) if several else frozenset(),
+        help="CPUs this client is pinned to (default: the others)",
+    )
+    add("--json", type=Path, default=None, help="write every run and the summary here")
+    add("--png", type=Path, default=None, help="latency: plot latency against load here")
+    add("--no-progress", action="store_true", help="no progress bar")
+    add("--logs", type=Path, default=None, help="keep the servers' logs here (default: a temporary folder)")
+    return parser
+
+
+class Progress:
+    """A tqdm bar per run, advanced by time, with requests done and errors as its postfix."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    async def track(self, label: str, duration_s: float, work: Any) -> Any:
+        if not self.enabled:
+            return await work(None)
+        from tqdm import tqdm  # type: ignore[import-untyped]
+
+        counts = {"done": 0, "errors": 0}
+
+        def on_record(done: int, errors: int) -> None:
+            counts.update(done=done, errors=errors)
+
+        bar = tqdm(total=round(duration_s, 1), desc=label, unit="s", file=sys.stderr, leave=False)
+        task = asyncio.ensure_future(work(on_record))
+        started = time.monotonic()
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.25)
+                bar.n = round(min(duration_s, time.monotonic() - started), 1)
+                bar.set_postfix(requests=counts["done"], errors=counts["errors"], refresh=False)
+                bar.refresh()
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+            bar.close()
+
+
+def _redis_used_memory(url: str) -> int:
+    import redis
+
+    client: Any = redis.Redis.from_url(url)
+    try:
+        return int(client.info("memory")["used_memory"])
+    finally:
+        client.close()
+
+
+def _median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["target"], run["level"]), []).append(run)
+    rows = []
+    for (target, level), members in groups.items():
+        row: dict[str, Any] = {"target": target, "level": level, "mode": members[0]["mode"], "runs": len(members)}
+        for key, value in members[0].items():
+            if key in row or not isinstance(value, int | float):
+                continue
+            values = [m[key] for m in members if isinstance(m.get(key), int | float)]
+            row[key] = sum(values) if key in SUMMED else statistics.median(values)
+        row["cpu_us_per_event_total"] = statistics.median(sum(m.get("cpu_us_per_event", {}).values()) for m in members)
+        rows.append(row)
+    order = {name: i for i, name in enumerate(("floor", "tokenspool", "naive", "ceiling"))}
+    return sorted(rows, key=lambda row: (row["level"], order.get(row["target"], 9)))
+
+
+def _comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per level: what tokenspool adds over the floor, and the naive relay as multiples of tokenspool."""
+    out = []
+    for level in sorted({row["level"] for row in rows}):
+        by = {row["target"]: row for row in rows if row["level"] == level}
+        ts = by.get("tokenspool")
+        if ts is None:
+            continue
+        entry: dict[str, Any] = {"level": level}
+        floor = by.get("floor")
+        if floor is not None:
+            for q in (50, 90, 99):
+                entry[f"ttft_added_p{q}_ms"] = ts[f"ttft_p{q}_ms"] - floor[f"ttft_p{q}_ms"]
+                entry[f"itl_added_p{q}_ms"] = ts[f"itl_p{q}_ms"] - floor[f"itl_p{q}_ms"]
+            entry["tokens_per_s_vs_floor"] = _ratio(ts["output_tokens_per_s"], floor["output_tokens_per_s"])
+        naive = by.get("naive")
+        if naive is not None:
+            for key in ("ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms", "e2e_p99_ms", "cpu_us_per_event_total"):
+                entry[f"naive_over_tokenspool_{key}"] = _ratio(naive[key], ts[key])
+            entry["naive_over_tokenspool_tokens_per_s"] = _ratio(
+                naive["output_tokens_per_s"], ts["output_tokens_per_s"]
+            )
+        out.append(entry)
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else float("nan")
+
+
+async def _latency(args: argparse.Namespace, log_dir: Path, progress: Progress) -> dict[str, Any]:
+    engine = tg.EngineShape(args.sim_ttft_ms, args.sim_itl_ms)
+    max_level = int(max(args.levels) * (1 if args.mode == "closed" else 4)) + 64
+    started: list[tg.Target] = []
+    try:
+        for name in args.targets:
+            if name == "tokenspool":
+                started.append(tg.start_tokenspool(args.server_cpus, log_dir, engine, max_num_seqs=max_level))
+            elif name == "floor":
+                started.append(tg.start_floor(args.server_cpus, log_dir, engine))
+            else:
+                started.append(tg.start_naive(args.server_cpus, log_dir, engine))
+        memory_before = {t.name: _redis_used_memory(t.redis_url) for t in started if t.redis_url}
+        for target in started:  # warm up: first imports, first connections, the consumer group
+            warm = LoadSpec("closed", 4, 0.5, args.max_tokens, engine.model, engine.itl_ms / 1000)
+            await run_load(warm, "127.0.0.1", target.port, target.path)
+        runs: list[dict[str, Any]] = []
+        events_retained = {t.name: 0 for t in started}
+        requests_retained = {t.name: 0 for t in started}
+        for rep in range(args.repeat):
+            for level in args.levels:
+                for target in started:
+                    spec = LoadSpec(
+                        args.mode, level, args.duration_s, args.max_tokens, engine.model, engine.itl_ms / 1000
+                    )
+                    cpu_before = target.cpu_s()
+                    label = f"{target.name} {args.mode} {level:g} (run {rep + 1}/{args.repeat})"
+
+                    def work(on_record: Any, spec: LoadSpec = spec, target: tg.Target = target) -> Any:
+                        return run_load(spec, "127.0.0.1", target.port, target.path, on_record)
+
+                    records, wall_s = await progress.track(label, args.duration_s, work)
+                    cpu_after = target.cpu_s()
+                    result = LoadResult(target.name, spec, records, wall_s)
+                    result.cpu_s = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
+                    summary = result.summary()
+                    summary["run"] = rep + 1
+                    runs.append(summary)
+                    events_retained[target.name] += sum(r.events for r in records)
+                    requests_retained[target.name] += len(records)
+                    print(_run_line(summary), file=sys.stderr)
+        redis_memory = {}
+        for target in started:
+            if target.redis_url and requests_retained[target.name]:
+                grown = _redis_used_memory(target.redis_url) - memory_before[target.name]
+                redis_memory[target.name] = {
+                    "requests_retained": requests_retained[target.name],
+                    "bytes_per_request": grown / requests_retained[target.name],
+                    "bytes_per_event": grown / max(1, events_retained[target.name]),
+                }
+    finally:
+        for target in started:
+            target.stop()
+    rows = _median_rows(runs)
+    return {"runs": runs, "rows": rows, "comparisons": _comparisons(rows), "redis_memory": redis_memory}
+
+
+def _run_line(s: dict[str, Any]) -> str:
+    return (
+        f"  {s['target']:>10} {s['mode']} {s['level']:g}: {s['requests']} requests, {s['errors']} errors, "
+        f"TTFT p50 {s['ttft_p50_ms']:.1f} ms p99 {s['ttft_p99_ms']:.1f} ms, {s['events_per_s']:,.0f} events/s"
+    )
+
+
+async def _relay(args: argparse.Namespace, log_dir: Path, progress: Progress) -> dict[str, Any]:
+    """Each target's relaying process on ``--server-cpus`` alone; everything else on the client's CPUs."""
+    engine = tg.EngineShape(0.0, args.sim_itl_ms)
+    results = []
+    builders = {
+        "ceiling": lambda: tg.start_ceiling(args.server_cpus, log_dir, args.max_tokens),
+        "tokenspool": lambda: tg.start_tokenspool(
+            args.server_cpus,
+            log_dir,
+            engine,
+            max_num_seqs=args.clients + 16,
+            workers=args.workers,
+            support_cpus=args.client_cpus,
+        ),
+        "naive": lambda: tg.start_naive(args.server_cpus, log_dir, engine, support_cpus=args.client_cpus),
+    }
+    for name in ("ceiling", "tokenspool", "naive"):
+        if name != "ceiling" and name not in args.targets:
+            continue
+        target = builders[name]()
+        relay_role = "server" if name == "ceiling" else "gateway"
+        try:
+            warm = LoadSpec("closed", 8, 0.5, args.max_tokens, engine.model, 0.0)
+            await run_load(warm, "127.0.0.1", target.port, target.path)
+            spec = LoadSpec(
+                "closed", args.clients, args.duration_s, args.max_tokens, engine.model, engine.itl_ms / 1000
+            )
+            cpu_before = target.cpu_s()
+
+            def work(on_record: Any, spec: LoadSpec = spec, target: tg.Target = target) -> Any:
+                return run_load(spec, "127.0.0.1", target.port, target.path, on_record)
+
+            records, wall_s = await progress.track(f"relay {name} x{args.clients}", args.duration_s, work)
+            cpu_after = target.cpu_s()
+        finally:
+            target.stop()
+        result = LoadResult(name, spec, records, wall_s)
+        result.cpu_s = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
+        summary = result.summary()
+        events = sum(r.events for r in records)
+        relay_cpu = result.cpu_s[relay_role]
+        summary["relay_cpu_s"] = relay_cpu
+        summary["relay_cpu_share_of_wall"] = relay_cpu / wall_s if wall_s else float("nan")
+        summary["relay_us_per_event"] = relay_cpu / events * 1e6 if events else float("nan")
+        summary["relay_events_per_core_s"] = events / relay_cpu if relay_cpu else float("nan")
+        results.append(summary)
+        print(_run_line(summary), file=sys.stderr)
+    ceiling = next(r for r in results if r["target"] == "ceiling")
+    for row in results:
+        row["share_of_ceiling"] = _ratio(row["relay_events_per_core_s"], ceiling["relay_events_per_core_s"])
+    return {"rows": results}
+
+
+async def _streams(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    """Hold ``--streams`` streams open at once; the relaying process's memory per open stream."""
+    engine = tg.EngineShape(0.0, 1000.0)
+    rows = []
+    for name in ("tokenspool", "naive"):
+        if name not in args.targets:
+            continue
+        if name == "tokenspool":
+            target = tg.start_tokenspool(
+                args.server_cpus, log_dir, engine, max_num_seqs=args.streams + 16, support_cpus=args.client_cpus
+            )
+        else:
+            target = tg.start_naive(args.server_cpus, log_dir, engine, support_cpus=args.client_cpus)
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            warm = await _hold_streams(target, engine.model, 0, 8)
+            for writer in warm:
+                writer.close()
+            await asyncio.sleep(1.0)
+            idle_rss = tg.rss_bytes(target.pid("gateway"))
+            redis_before = _redis_used_memory(target.redis_url)
+            opened_at = time.perf_counter()
+            writers = await _hold_streams(target, engine.model, 1000, args.streams)
+            open_s = time.perf_counter() - opened_at
+            await asyncio.sleep(2.0)  # a few token steps with every stream open
+            open_rss = tg.rss_bytes(target.pid("gateway"))
+            redis_open = _redis_used_memory(target.redis_url)
+            rows.append(
+                {
+                    "target": name,
+                    "streams": len(writers),
+                    "seconds_to_open_all": open_s,
+                    "gateway_rss_idle_mb": idle_rss / 2**20,
+                    "gateway_rss_open_mb": open_rss / 2**20,
+                    "gateway_bytes_per_open_stream": (open_rss - idle_rss) / len(writers),
+                    "redis_bytes_per_open_stream": (redis_open - redis_before) / len(writers),
+                }
+            )
+            print(
+                f"  {name}: {len(writers)} streams open, {rows[-1]['gateway_bytes_per_open_stream']:,.0f} B each",
+                file=sys.stderr,
+            )
+        finally:
+            for writer in writers:
+                writer.close()
+            target.stop()
+    return {"rows": rows}
+
+
+async def _hold_streams(target: tg.Target, model: str, first: int, count: int) -> list[asyncio.StreamWriter]:
+    """Open ``count`` long streams (64 connecting at a time) and keep them open; the caller closes them."""
+    semaphore = asyncio.Semaphore(64)
+    writers: list[asyncio.StreamWriter] = []
+
+    async def hold(index: int) -> None:
+        async with semaphore:
+            body = chat_body(model, first + index, 1000)
+            writers.append(await open_stream("127.0.0.1", target.port, target.path, body, 120))
+
+    try:
+        await asyncio.gather(*(hold(i) for i in range(count)))
+    except BaseException:
+        for writer in writers:
+            writer.close()
+        raise
+    return writers
+
+
+LATENCY_COLUMNS = [
+    ("target", "target"),
+    ("level", "level"),
+    ("requests", "requests"),
+    ("errors", "errors"),
+    ("lost_events", "lost"),
+    ("duplicated_events", "dup"),
+    ("ttft_p50_ms", "TTFT p50"),
+    ("ttft_p90_ms", "p90"),
+    ("ttft_p99_ms", "p99"),
+    ("itl_p50_ms", "ITL p50"),
+    ("itl_p99_ms", "p99"),
+    ("e2e_p50_ms", "e2e p50"),
+    ("e2e_p99_ms", "p99"),
+    ("output_tokens_per_s", "tokens/s"),
+    ("cpu_us_per_event_total", "CPU µs/event"),
+]
+
+
+def print_latency(result: dict[str, Any], args: argparse.Namespace) -> None:
+    unit = "concurrent streams" if args.mode == "closed" else "requests/s"
+    print(f"\nlatency, {args.mode} loop (level = {unit}), milliseconds; medians of {args.repeat} run(s):")
+    print(table(result["rows"], LATENCY_COLUMNS))
+    if result["comparisons"]:
+        print("\ntokenspool against the floor (added ms) and the naive relay (naive ÷ tokenspool):")
+        columns = [("level", "level")]
+        keys = sorted({key for entry in result["comparisons"] for key in entry if key != "level"})
+        columns += [(key, key.replace("naive_over_tokenspool_", "naive/ts ")) for key in keys]
+        for entry in result["comparisons"]:
+            print(f"  level {entry['level']:g}:")
+            for key, heading in columns[1:]:
+                if key in entry:
+                    print(f"    {heading:<34} {entry[key]:.3f}")
+    for name, memory in result["redis_memory"].items():
+        print(
+            f"\nRedis memory, {name}: {memory['bytes_per_request']:,.0f} B per retained request, "
+            f"{memory['bytes_per_event']:.1f} B per event ({memory['requests_retained']} requests retained)"
+        )
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.duration_s <= 0 or args.repeat < 1 or args.max_tokens < 1 or args.clients < 1 or args.streams < 1:
+        parser.error("--duration-s, --repeat, --max-tokens, --clients and --streams must be positive")
+    if args.sim_ttft_ms < 0 or args.sim_itl_ms < 0:
+        parser.error("--sim-ttft-ms and --sim-itl-ms must not be negative")
+    if args.png is not None and args.scenario != "latency":
+        parser.error("--png plots the latency scenario")
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)
+    progress = Progress(enabled=not args.no_progress)
+    print(
+        f"tokenspool bench {args.scenario}: sim engine (simulated: not a language model), "
+        f"servers on CPUs {sorted(args.server_cpus) or 'all'}, client on {sorted(args.client_cpus) or 'all'}",
+        file=sys.stderr,
+    )
+    with tempfile.TemporaryDirectory(prefix="tokenspool-bench-") as tmp:
+        log_dir = args.logs or Path(tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        import uvloop
+
+        if args.scenario == "latency":
+            result = uvloop.run(_latency(args, log_dir, progress))
+            print_latency(result, args)
+            if args.png is not None:
+                plot_latency(result["rows"], args.png, f"tokenspool bench: {args.mode} loop, sim engine")
+                print(f"\nplot: {args.png}")
+        elif args.scenario == "relay":
+            result = uvloop.run(_relay(args, log_dir, progress))
+            print(f"\nrelay: {args.clients} concurrent streams, the relaying process alone on its CPU:")
+            print(
+                table(
+                    result["rows"],
+                    [
+                        ("target", "target"),
+                        ("events_per_s", "events/s"),
+                        ("relay_cpu_share_of_wall", "relay CPU busy"),
+                        ("relay_us_per_event", "relay CPU µs/event"),
+                        ("relay_events_per_core_s", "events/s per core"),
+                        ("share_of_ceiling", "share of ceiling"),
+                        ("errors", "errors"),
+                        ("lost_events", "lost"),
+                        ("duplicated_events", "dup"),
+                    ],
+                )
+            )
+        else:
+            result = uvloop.run(_streams(args, log_dir))
+            print("\nstreams held open at once (sim engine, one token per second):")
+            print(
+                table(
+                    result["rows"],
+                    [
+                        ("target", "target"),
+                        ("streams", "streams"),
+                        ("seconds_to_open_all", "s to open"),
+                        ("gateway_rss_idle_mb", "gateway RSS idle MB"),
+                        ("gateway_rss_open_mb", "open MB"),
+                        ("gateway_bytes_per_open_stream", "gateway B/stream"),
+                        ("redis_bytes_per_open_stream", "Redis B/stream"),
+                    ],
+                )
+            )
+    if args.json is not None:
+        document = {"scenario": args.scenario, "settings": _jsonable(vars(args)), **result}
+        args.json.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+        print(f"json: {args.json}")
+    return 0
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, frozenset | set):
+            value = sorted(value)
+        elif isinstance(value, Path):
+            value = str(value)
+        out[key] = value
+    return out

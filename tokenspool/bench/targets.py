@@ -1,0 +1,246 @@
+"""The servers a benchmark runs against, each a set of real processes pinned to the server CPUs.
+
+Every target answers ``POST /v1/chat/completions`` with an SSE stream of OpenAI chunks whose ids count up
+(``id: <request>:<n>``), so one client measures them all the same way. Each process's CPU time is read
+from ``/proc`` (its threads and children included) before and after a run: CPU per event is the figure that
+survives a noisy machine, and the one the capacity model is built from.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+import redis.exceptions
+
+from tokenspool.redis_server import free_port
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineShape:
+    """The sim engine every target runs: the same replies at the same pace."""
+
+    ttft_ms: float
+    itl_ms: float
+    model: str = "bench-sim"
+
+    def flags(self) -> list[str]:
+        return ["--sim-ttft-ms", str(self.ttft_ms), "--sim-itl-ms", str(self.itl_ms)]
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and all its descendants, live ones only."""
+    total = 0.0
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            fields = stat.rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return total
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass
+class Target:
+    """One system under test: named processes, the port clients use, and how to tell it is ready."""
+
+    name: str
+    cpus: frozenset[int]
+    log_dir: Path
+    port: int = 0
+    path: str = "/v1/chat/completions"
+    redis_url: str = ""
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def spawn(
+        self, role: str, argv: list[str], env: dict[str, str] | None = None, cpus: frozenset[int] | None = None
+    ) -> None:
+        """Start one process of this target, pinned to ``cpus`` (default: the target's own)."""
+        cpus = self.cpus if cpus is None else cpus
+
+        def pin() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        base = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSPOOL_")}
+        log = open(self.log_dir / f"{self.name}-{role}.log", "ab")  # noqa: SIM115 (closed with the process)
+        self.processes[role] = subprocess.Popen(
+            [sys.executable, *argv],
+            env={**base, "TOKENSPOOL_LOG_LEVEL": "warning", **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=pin,
+            start_new_session=True,
+        )
+        log.close()
+
+    def wait_ready(self, check: Callable[[], bool], timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for role, proc in self.processes.items():
+                if proc.poll() is not None:
+                    log = (self.log_dir / f"{self.name}-{role}.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"{self.name}: {role} exited with {proc.returncode}:\n{log}")
+            try:
+                if check():
+                    return
+            except (OSError, urllib.error.URLError, redis.exceptions.ConnectionError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not become ready within {timeout_s:g}s (logs in {self.log_dir})")
+
+    def cpu_s(self) -> dict[str, float]:
+        return {role: tree_cpu_s(proc.pid) for role, proc in self.processes.items()}
+
+    def pid(self, role: str) -> int:
+        return self.processes[role].pid
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.processes.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return bytes(response.read())
+
+
+def _redis(target: Target, cpus: frozenset[int] | None) -> str:
+    port = free_port()
+    target.spawn("redis", ["-m", "tokenspool", "redis", "--port", str(port)], cpus=cpus)
+    url = target.redis_url = f"redis://127.0.0.1:{port}/0"
+
+    def up() -> bool:
+        return bool(redis.Redis.from_url(url).ping())
+
+    target.wait_ready(up)
+    return url
+
+
+def start_tokenspool(
+    cpus: frozenset[int],
+    log_dir: Path,
+    engine: EngineShape,
+    *,
+    max_num_seqs: int,
+    workers: int = 1,
+    support_cpus: frozenset[int] | None = None,
+) -> Target:
+    """Embedded Valkey, ``workers`` sim workers and one gateway: the broker's whole data path.
+
+    The gateway runs on ``cpus``; Redis and the workers on ``support_cpus`` when given (the relay scenario
+    gives the gateway a core of its own), else on ``cpus`` too."""
+    target = Target("tokenspool", cpus, log_dir, port=free_port())
+    url = _redis(target, support_cpus)
+    for index in range(workers):
+        target.spawn(
+            f"worker{index}" if workers > 1 else "worker",
+            [
+                "-m",
+                "tokenspool",
+                "worker",
+                "--model",
+                engine.model,
+                "--max-num-seqs",
+                str(max_num_seqs),
+                "--sim-ttft-ms",
+                str(engine.ttft_ms),
+                "--sim-itl-ms",
+                str(engine.itl_ms),
+            ],
+            {"TOKENSPOOL_REDIS_URL": url},
+            cpus=support_cpus,
+        )
+    target.spawn(
+        "gateway",
+        ["-m", "tokenspool", "gateway", "--port", str(target.port), "--host", "127.0.0.1"],
+        {"TOKENSPOOL_REDIS_URL": url},
+    )
+    target.wait_ready(lambda: engine.model.encode() in _get(f"http://127.0.0.1:{target.port}/v1/models"))
+    return target
+
+
+def start_floor(cpus: frozenset[int], log_dir: Path, engine: EngineShape) -> Target:
+    """The sim engine served from the one process that runs it."""
+    target = Target("floor", cpus, log_dir, port=free_port())
+    target.spawn(
+        "server",
+        [
+            "-m",
+            "tokenspool.bench.floor",
+            "--port",
+            str(target.port),
+            "--sim-ttft-ms",
+            str(engine.ttft_ms),
+            "--sim-itl-ms",
+            str(engine.itl_ms),
+        ],
+    )
+    target.wait_ready(lambda: bool(_get(f"http://127.0.0.1:{target.port}/healthz") is not None))
+    return target
+
+
+def start_naive(
+    cpus: frozenset[int], log_dir: Path, engine: EngineShape, *, support_cpus: frozenset[int] | None = None
+) -> Target:
+    """The naive relay: a blocking XREAD per client, JSON entries, one XADD per token."""
+    target = Target("naive", cpus, log_dir, port=free_port())
+    url = _redis(target, support_cpus)
+    target.spawn(
+        "worker",
+        [
+            "-m",
+            "tokenspool.bench.naive",
+            "worker",
+            "--redis-url",
+            url,
+            "--sim-ttft-ms",
+            str(engine.ttft_ms),
+            "--sim-itl-ms",
+            str(engine.itl_ms),
+        ],
+        cpus=support_cpus,
+    )
+    target.spawn("gateway", ["-m", "tokenspool.bench.naive", "gateway", "--redis-url", url, "--port", str(target.port)])
+    target.wait_ready(lambda: bool(_get(f"http://127.0.0.1:{target.port}/healthz")))
+    return target
+
+
+def start_ceiling(cpus: frozenset[int], log_dir: Path, max_events: int) -> Target:
+    """The bare ASGI app writing pre-built events (no Redis): the ceiling of a Python relay here."""
+    target = Target("ceiling", cpus, log_dir, port=free_port())
+    target.spawn(
+        "server", ["-m", "tokenspool.bench.ceiling", "--port", str(target.port), "--max-events", str(max_events)]
+    )
+    target.wait_ready(lambda: _get(f"http://127.0.0.1:{target.port}/healthz") is not None)
+    return target
