@@ -173,10 +173,7 @@ def start_tokenspool(
                 engine.model,
                 "--max-num-seqs",
                 str(max_num_seqs),
-                "--sim-ttft-ms",
-                str(engine.ttft_ms),
-                "--sim-itl-ms",
-                str(engine.itl_ms),
+                *engine.flags(),
             ],
             {"TOKENSPOOL_REDIS_URL": url},
             cpus=support_cpus,
@@ -195,16 +192,7 @@ def start_floor(cpus: frozenset[int], log_dir: Path, engine: EngineShape) -> Tar
     target = Target("floor", cpus, log_dir, port=free_port())
     target.spawn(
         "server",
-        [
-            "-m",
-            "tokenspool.bench.floor",
-            "--port",
-            str(target.port),
-            "--sim-ttft-ms",
-            str(engine.ttft_ms),
-            "--sim-itl-ms",
-            str(engine.itl_ms),
-        ],
+        ["-m", "tokenspool.bench.floor", "--port", str(target.port), *engine.flags()],
     )
     target.wait_ready(lambda: bool(_get(f"http://127.0.0.1:{target.port}/healthz") is not None))
     return target
@@ -218,17 +206,7 @@ def start_naive(
     url = _redis(target, support_cpus)
     target.spawn(
         "worker",
-        [
-            "-m",
-            "tokenspool.bench.naive",
-            "worker",
-            "--redis-url",
-            url,
-            "--sim-ttft-ms",
-            str(engine.ttft_ms),
-            "--sim-itl-ms",
-            str(engine.itl_ms),
-        ],
+        ["-m", "tokenspool.bench.naive", "worker", "--redis-url", url, *engine.flags()],
         cpus=support_cpus,
     )
     target.spawn("gateway", ["-m", "tokenspool.bench.naive", "gateway", "--redis-url", url, "--port", str(target.port)])
