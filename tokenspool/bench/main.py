@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--repeat", type=int, default=1, help="runs per target and level, interleaved; medians are reported")
     add("--max-tokens", type=int, default=64, help="tokens per reply (default 64; 200 for relay)")
     add("--sim-ttft-ms", type=float, default=20.0, help="sim engine time to first token (default 20)")
-    add("--sim-itl-ms", type=float, default=10.0, help="sim engine time per token (default 10)")
+    add("--sim-itl-ms", type=float, default=20.0, help="sim engine time per token (default 20: 50 tokens/s)")
     add("--clients", type=int, default=500, help="relay: concurrent streams (default 500)")
     add("--workers", type=int, default=1, help="relay: sim workers feeding the gateway (default 1)")
     add("--streams", type=int, default=2000, help="streams: streams held open at once (default 2000)")
@@ -152,6 +152,18 @@ def _redis_used_memory(url: str) -> int:
         return int(client.info("memory")["used_memory"])
     finally:
         client.close()
+
+
+def _redis_calls(url: str) -> dict[str, int]:
+    """Calls per command so far (``INFO commandstats``), to count the Redis work each event costs."""
+    import redis
+
+    client: Any = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
 
 
 def _median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -228,6 +240,7 @@ async def _latency(args: argparse.Namespace, log_dir: Path, progress: Progress) 
                         args.mode, level, args.duration_s, args.max_tokens, engine.model, engine.itl_ms / 1000
                     )
                     cpu_before = target.cpu_s()
+                    calls_before = _redis_calls(target.redis_url) if target.redis_url else {}
                     label = f"{target.name} {args.mode} {level:g} (run {rep + 1}/{args.repeat})"
 
                     def work(on_record: Any, spec: LoadSpec = spec, target: tg.Target = target) -> Any:
@@ -239,6 +252,11 @@ async def _latency(args: argparse.Namespace, log_dir: Path, progress: Progress) 
                     result.cpu_s = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
                     summary = result.summary()
                     summary["run"] = rep + 1
+                    if target.redis_url and summary["events_per_s"]:
+                        events = summary["events_per_s"] * wall_s
+                        calls = _redis_calls(target.redis_url)
+                        per_event = {k: (v - calls_before.get(k, 0)) / events for k, v in calls.items()}
+                        summary["redis_calls_per_event"] = {k: v for k, v in per_event.items() if v >= 0.001}
                     runs.append(summary)
                     events_retained[target.name] += sum(r.events for r in records)
                     requests_retained[target.name] += len(records)
