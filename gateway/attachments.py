@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Coroutine
+from typing import Any
 
 import redis.exceptions
 
@@ -28,26 +30,41 @@ class Attachments:
         self._grace_ms = int(grace_s * 1000)
         self._live: dict[str, str] = {}  # connection id -> request id
         self._pending: set[asyncio.Task[None]] = set()
+        self._attaching: dict[str, asyncio.Task[None]] = {}  # connection id -> its attach write
         self._task: asyncio.Task[None] | None = None
 
     def _attached_until(self) -> int:
         return now_ms() + int(self._refresh_s * 3000) + self._grace_ms
 
-    async def attach(self, request_id: str) -> str:
+    def attach(self, request_id: str) -> str:
+        """Count a new connection as attached. The write goes on in the background, off the path to the
+        first token: a request nobody has attached to yet is never taken for a zombie."""
         connection_id = secrets.token_hex(8)
-        await self._store.attach([(request_id, connection_id, self._attached_until())])
         self._live[connection_id] = request_id
+        self._attaching[connection_id] = self._background(
+            self._write([(request_id, connection_id, self._attached_until())])
+        )
         return connection_id
 
     def detach(self, connection_id: str) -> None:
         """Start the grace period of a connection that ended (written in the background: this runs while
-        the connection's task is being torn down)."""
+        the connection's task is being torn down), after its attach landed, so the two cannot swap."""
         request_id = self._live.pop(connection_id, None)
+        attaching = self._attaching.pop(connection_id, None)
         if request_id is None:
             return
-        task = asyncio.create_task(self._write([(request_id, connection_id, now_ms() + self._grace_ms)]))
+        self._background(self._after(attaching, [(request_id, connection_id, now_ms() + self._grace_ms)]))
+
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coroutine)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        return task
+
+    async def _after(self, earlier: asyncio.Task[None] | None, entries: list[tuple[str, str, int]]) -> None:
+        if earlier is not None:
+            await asyncio.gather(earlier, return_exceptions=True)
+        await self._write(entries)
 
     async def _write(self, entries: list[tuple[str, str, int]]) -> None:
         try:

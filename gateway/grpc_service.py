@@ -276,7 +276,7 @@ class ChatService:
             submitted = await self.services.submissions.submit(
                 body, stream_format="chat", owner=ANONYMOUS, idempotency_key=request.idempotency_key or None
             )
-            return await self.events.open(submitted.request_id, None), True
+            return await self.events.open_submitted(submitted.request_id, submitted.meta), True
 
     async def _body(self, request: pb.ChatRequest) -> ChatCompletionRequest:
         """The request as the HTTP API's chat schema, so the same rules (and messages) apply."""
@@ -353,7 +353,7 @@ class ChatService:
         last_event = time.monotonic()
         try:
             if not meta.terminal:
-                connection_id = await self.events.attachments.attach(request_id)
+                connection_id = self.events.attachments.attach(request_id)
             async for batch in self.events.batches(point, tick_s):
                 now = time.monotonic()
                 if batch:

@@ -57,7 +57,7 @@ async def _generate(
         body, stream_format=stream_format, owner=ANONYMOUS, idempotency_key=idempotency_key
     )
     headers = {"X-Request-Id": submitted.request_id}
-    point = await svc.events.open(submitted.request_id, None)
+    point = await svc.events.open_submitted(submitted.request_id, submitted.meta)
     if body.stream:
         return SSEResponse(svc.events.sse_frames(point), send_timeout_s=svc.settings.send_timeout_s, headers=headers)
     deltas, last = await svc.events.collect(point)

@@ -74,7 +74,8 @@ class SSEResponse(StreamingResponse):
         async for chunk in self._frames:
             message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
             try:
-                await asyncio.wait_for(send(message), self._send_timeout_s)
+                async with asyncio.timeout(self._send_timeout_s):  # a timer, not a task per write
+                    await send(message)
             except TimeoutError:
                 log.info("client did not accept a write within %.1fs; closing its stream", self._send_timeout_s)
                 return

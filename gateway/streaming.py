@@ -112,6 +112,13 @@ class EventReader:
                 )
         return ResumePoint(meta, after_seq, first_batch)
 
+    async def open_submitted(self, request_id: str, meta: RequestMeta | None) -> ResumePoint:
+        """The start of a request just submitted: from the metadata it was created with when it was created
+        now (no read back, nothing to replay), else (an Idempotency-Key named an earlier one) from Redis."""
+        if meta is None:
+            return await self.open(request_id, None)
+        return ResumePoint(meta, 0, [])
+
     async def batches(self, point: ResumePoint, tick_s: float) -> AsyncIterator[Batch]:
         """Contiguous batches of (seq, payload) until the terminal event; an empty batch every idle ``tick_s``.
 
@@ -122,9 +129,12 @@ class EventReader:
         pending = point.first_batch
         if point.meta.terminal and cursor >= point.meta.last_seq:
             return  # resumed after the final event (the usage chunk's id): there is nothing left to send
+        # Nothing stored after the cursor when the request was read: the live reader's XREAD from the cursor
+        # returns whatever has been written since, so a range read first would only cost a round trip.
+        replay = bool(pending) or point.meta.last_seq > cursor
         while True:
             # Replay: range reads of bounded size until caught up.
-            while True:
+            while replay:
                 if pending:
                     if pending[0][0] != cursor + 1:
                         raise EventsExpiredError(f"events after {cursor} are gone")
@@ -147,7 +157,8 @@ class EventReader:
                 while True:
                     if not sub.items and not sub.overflowed:
                         try:
-                            await asyncio.wait_for(sub.wake.wait(), tick_s)
+                            async with asyncio.timeout(tick_s):
+                                await sub.wake.wait()
                         except TimeoutError:
                             if time.monotonic() - last_check >= self.settings.heartbeat_s:
                                 last_check = time.monotonic()
@@ -173,6 +184,7 @@ class EventReader:
                         return
             finally:
                 self.relay.unsubscribe(sub)
+            replay = True
             pending = await self.store.read_events(request_id, cursor, self.settings.replay_batch_events)
 
     async def _ended_before(self, request_id: str, cursor: int) -> bool:
@@ -206,7 +218,7 @@ class EventReader:
         seen_event = point.after_seq > 0
         try:
             if not point.meta.terminal:
-                connection_id = await self.attachments.attach(point.meta.request_id)
+                connection_id = self.attachments.attach(point.meta.request_id)
             async for batch in self.batches(point, tick_s):
                 now = time.monotonic()
                 if batch:
@@ -288,7 +300,7 @@ class EventReader:
     async def collect(self, point: ResumePoint) -> tuple[list[wire.Event], wire.Event]:
         """Wait for a request to end; (its delta events, its terminal event)."""
         deltas: list[wire.Event] = []
-        connection_id = await self.attachments.attach(point.meta.request_id)
+        connection_id = self.attachments.attach(point.meta.request_id)
         try:
             async for batch in self.batches(point, tick_s=max(self.settings.heartbeat_s, 1.0)):
                 for _seq, payload in batch:

@@ -20,7 +20,7 @@ from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from shared import keys, wire
 from shared.logs import about
 from shared.settings import GatewaySettings
-from shared.store import RequestStore, StreamFormat, now_ms
+from shared.store import RequestMeta, RequestStore, StreamFormat, now_ms
 
 MAX_IDEMPOTENCY_KEY = 255
 
@@ -32,6 +32,8 @@ class Submitted:
     request_id: str
     created: bool
     """False when an Idempotency-Key mapped this submission onto an earlier request."""
+    meta: RequestMeta | None = None
+    """What was stored for a request created now (None for an earlier one: read it from Redis)."""
 
 
 class SubmissionService:
@@ -113,7 +115,9 @@ class SubmissionService:
             background=body.background,
         )
         try:
-            await self.store.create(job, stream_format=stream_format, owner=owner, include_usage=body.include_usage)
+            meta = await self.store.create(
+                job, stream_format=stream_format, owner=owner, include_usage=body.include_usage
+            )
         except BaseException:
             if idem_key is not None:
                 await self.store.redis.delete(idem_key)
@@ -127,7 +131,7 @@ class SubmissionService:
             job.sampling.max_tokens,
             extra=about(request_id),
         )
-        return Submitted(request_id, created=True)
+        return Submitted(request_id, created=True, meta=meta)
 
     def _check_against_model(self, body: ChatCompletionRequest | CompletionRequest, model: ModelEntry) -> None:
         """Refuse what the model's workers cannot do, before anything is stored."""

@@ -261,7 +261,7 @@ class WebSocketSession:
             events.metrics.resume_backlog.observe(max(0, meta.last_seq - point.after_seq))
         try:
             if not meta.terminal:
-                connection_id = await events.attachments.attach(request_id)
+                connection_id = events.attachments.attach(request_id)
             async for batch in events.batches(point, tick_s):
                 if batch:
                     seen_event = True

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import redis.asyncio as aredis
+import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from shared import keys, wire
@@ -87,41 +88,57 @@ class RequestMeta:
         )
 
 
-# Append events to a running request, as the worker holding attempt ARGV[1].
-# KEYS: meta, events, job.  ARGV: attempt, maxlen, running_ttl_ms, retention_ms, meta_ttl_ms, now_ms,
-#   final_state ('' unless the last event is terminal), finish_reason, prompt_tokens, completion_tokens,
-#   error, first_seq, payload...
-# Returns {last_seq, cancel_requested} on success, or {code, last_seq} with code -1 (request gone),
-# -2 (fenced: another attempt owns the request), -3 (request already ended), -4 (first_seq is not
-# last_seq + 1: the caller resends from last_seq + 1).
+# Append events to running requests of one partition (one hash slot), as the worker holding each.
+# One call per partition per engine step: a worker with a hundred running requests sends at most
+# sixteen scripts per step, not a hundred.
+# KEYS: meta, events, job of each request in turn.
+# ARGV: maxlen, running_ttl_ms, retention_ms, meta_ttl_ms, now_ms, then for each request: attempt,
+#   first_seq, n (payload count), refresh ('1': renew the running TTL of its keys), final_state ('' unless
+#   its last event is terminal), finish_reason, prompt_tokens, completion_tokens, error, then n payloads.
+# Returns a flat list, two entries per request: {last_seq, cancel_requested} on success, or {code,
+# last_seq} with code -1 (request gone), -2 (fenced: another attempt owns the request), -3 (request
+# already ended), -4 (first_seq is not last_seq + 1: the caller resends from last_seq + 1).
 _APPEND_LUA: Final = """
-local meta, ev, job = KEYS[1], KEYS[2], KEYS[3]
-local cur = redis.call('HMGET', meta, 'attempt', 'last_seq', 'state', 'cancel')
-if not cur[1] then return {-1, 0} end
-local last = tonumber(cur[2])
-if cur[1] ~= ARGV[1] then return {-2, last} end
-if cur[3] ~= 'running' then return {-3, last} end
-local first = tonumber(ARGV[12])
-if first ~= last + 1 then return {-4, last} end
-local n = #ARGV - 12
-for i = 1, n do
-  redis.call('XADD', ev, 'MAXLEN', '~', ARGV[2], (first + i - 1) .. '-0', 'd', ARGV[12 + i])
+local maxlen, running_ttl, retention, meta_ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local function append(meta, ev, job, a)
+  local cur = redis.call('HMGET', meta, 'attempt', 'last_seq', 'state', 'cancel')
+  if not cur[1] then return -1, 0 end
+  local last = tonumber(cur[2])
+  if cur[1] ~= ARGV[a] then return -2, last end
+  if cur[3] ~= 'running' then return -3, last end
+  local first, n = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  if first ~= last + 1 then return -4, last end
+  for i = 1, n do
+    redis.call('XADD', ev, 'MAXLEN', '~', maxlen, (first + i - 1) .. '-0', 'd', ARGV[a + 8 + i])
+  end
+  last = first + n - 1
+  if ARGV[a + 4] ~= '' then
+    redis.call('HSET', meta, 'last_seq', last, 'state', ARGV[a + 4], 'finish_reason', ARGV[a + 5],
+               'prompt_tokens', ARGV[a + 6], 'completion_tokens', ARGV[a + 7], 'error', ARGV[a + 8],
+               'finished_ms', now)
+    redis.call('PEXPIRE', ev, retention)
+    redis.call('PEXPIRE', job, retention)
+    redis.call('PEXPIRE', meta, meta_ttl)
+  else
+    redis.call('HSET', meta, 'last_seq', last)
+    if ARGV[a + 3] == '1' then
+      redis.call('PEXPIRE', ev, running_ttl)
+      redis.call('PEXPIRE', job, running_ttl)
+      redis.call('PEXPIRE', meta, running_ttl)
+    end
+  end
+  if cur[4] == '1' then return last, 1 end
+  return last, 0
 end
-last = first + n - 1
-redis.call('HSET', meta, 'last_seq', last)
-if ARGV[7] ~= '' then
-  redis.call('HSET', meta, 'state', ARGV[7], 'finish_reason', ARGV[8], 'prompt_tokens', ARGV[9],
-             'completion_tokens', ARGV[10], 'error', ARGV[11], 'finished_ms', ARGV[6])
-  redis.call('PEXPIRE', ev, ARGV[4])
-  redis.call('PEXPIRE', job, ARGV[4])
-  redis.call('PEXPIRE', meta, ARGV[5])
-else
-  redis.call('PEXPIRE', ev, ARGV[3])
-  redis.call('PEXPIRE', job, ARGV[3])
-  redis.call('PEXPIRE', meta, ARGV[3])
+local out = {}
+local a = 6
+for r = 0, #KEYS / 3 - 1 do
+  local code, value = append(KEYS[r * 3 + 1], KEYS[r * 3 + 2], KEYS[r * 3 + 3], a)
+  out[#out + 1] = code
+  out[#out + 1] = value
+  a = a + 9 + tonumber(ARGV[a + 2])
 end
-if cur[4] == '1' then return {last, 1} end
-return {last, 0}
+return out
 """
 
 # Take a request: KEYS meta; ARGV worker_id, now_ms, takeover ('1': a running request whose worker lost
@@ -191,6 +208,19 @@ class FinalState:
     error: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Append:
+    """Events for one running request, written by the worker holding ``attempt``."""
+
+    request_id: str
+    attempt: int
+    first_seq: int
+    payloads: list[bytes]
+    final: FinalState | None = None
+    refresh_ttl: bool = True
+    """Renew the running TTL of the request's keys (a worker does it now and then, not every step)."""
+
+
 class RequestStore:
     """The operations on request records; one per process, built on that process's Redis client."""
 
@@ -208,8 +238,11 @@ class RequestStore:
 
     # -- gateway side -------------------------------------------------------------------------------
 
-    async def create(self, job: wire.Job, *, stream_format: StreamFormat, owner: str, include_usage: bool) -> None:
-        """Record a new request and enqueue it on its model's queue, in one round trip."""
+    async def create(
+        self, job: wire.Job, *, stream_format: StreamFormat, owner: str, include_usage: bool
+    ) -> RequestMeta:
+        """Record a new request and enqueue it on its model's queue, in one round trip; the metadata written
+        (so a stream of it can start without reading it back)."""
         rk = keys.RequestKeys.of(job.request_id)
         payload = wire.encode(job)
         fields: dict[str, Any] = {
@@ -234,6 +267,7 @@ class RequestStore:
         except BaseException:
             await self._r.delete(rk.meta, rk.job)
             raise
+        return RequestMeta.from_hash(job.request_id, {k.encode(): str(v).encode() for k, v in fields.items()})
 
     async def meta(self, request_id: str) -> RequestMeta | None:
         raw = await self._r.hgetall(keys.RequestKeys.of(request_id).meta)
@@ -392,53 +426,58 @@ class RequestStore:
         if attempt == 0:
             return False
         payload = wire.encode(wire.Event("error", error_type="failed", message=message))
-        script_keys, args = self.append_args(
-            request_id, attempt, last_seq + 1, [payload], FinalState("failed", error=message), 100_000
-        )
-        await self._append(keys=script_keys, args=args)
-        return True
+        final = FinalState("failed", error=message)
+        (result,) = await self.append_many([Append(request_id, attempt, last_seq + 1, [payload], final)], 100_000)
+        if isinstance(result, Exception):
+            raise result
+        return result[0] >= 0
 
-    def append_args(
-        self,
-        request_id: str,
-        attempt: int,
-        first_seq: int,
-        payloads: list[bytes],
-        final: FinalState | None,
-        maxlen: int,
-    ) -> tuple[list[str], list[Any]]:
-        rk = keys.RequestKeys.of(request_id)
-        final_fields: list[Any] = (
-            [final.state, final.finish_reason, final.prompt_tokens, final.completion_tokens, final.error]
-            if final is not None
-            else ["", "", 0, 0, ""]
-        )
-        args: list[Any] = [
-            attempt,
-            maxlen,
-            self.running_ttl_ms,
-            self.retention_ms,
-            self.meta_ttl_ms,
-            now_ms(),
-            *final_fields,
-            first_seq,
-            *payloads,
-        ]
-        return [rk.meta, rk.events, rk.job], args
+    async def append_many(self, appends: list[Append], maxlen: int) -> list[tuple[int, int] | Exception]:
+        """Run these appends in one round trip: one script call per partition (its keys share a hash slot).
 
-    async def append_in(
-        self,
-        pipe: Any,
-        request_id: str,
-        attempt: int,
-        first_seq: int,
-        payloads: list[bytes],
-        final: FinalState | None,
-        maxlen: int,
-    ) -> None:
-        """Queue one atomic append on ``pipe`` (a pipeline); its reply is ``[last_seq_or_code, flag]``."""
-        script_keys, args = self.append_args(request_id, attempt, first_seq, payloads, final, maxlen)
-        await self._append(keys=script_keys, args=args, client=pipe)
+        The answer for each append, in order, is ``(last_seq, cancel_requested)`` on success, ``(code,
+        last_seq)`` with a negative code when the request refused it (see ``_APPEND_LUA``), or the Redis
+        error its partition's call met. The script is called by hash (no ``SCRIPT EXISTS`` round trip per
+        call); if the server lost it (a restart), it is loaded again and the calls retried once."""
+        groups: dict[int, list[int]] = {}
+        for index, item in enumerate(appends):
+            groups.setdefault(keys.partition_of(item.request_id), []).append(index)
+        calls: list[list[int]] = list(groups.values())
+        results: list[Any] = []
+        for attempt in range(2):
+            pipe: Any = self.redis.pipeline(transaction=False)
+            for members in calls:
+                script_keys, args = self._append_call([appends[i] for i in members], maxlen)
+                pipe.evalsha(self._append.sha, len(script_keys), *script_keys, *args)
+            results = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                await self.redis.script_load(_APPEND_LUA)
+                continue
+            break
+        out: list[tuple[int, int] | Exception] = [ValueError("not sent")] * len(appends)
+        for members, result in zip(calls, results, strict=True):
+            for position, index in enumerate(members):
+                if isinstance(result, Exception):
+                    out[index] = result
+                else:
+                    out[index] = (int(result[2 * position]), int(result[2 * position + 1]))
+        return out
+
+    def _append_call(self, group: list[Append], maxlen: int) -> tuple[list[str], list[Any]]:
+        script_keys: list[str] = []
+        args: list[Any] = [maxlen, self.running_ttl_ms, self.retention_ms, self.meta_ttl_ms, now_ms()]
+        for item in group:
+            rk = keys.RequestKeys.of(item.request_id)
+            script_keys += [rk.meta, rk.events, rk.job]
+            final = item.final
+            final_fields: list[Any] = (
+                [final.state, final.finish_reason, final.prompt_tokens, final.completion_tokens, final.error]
+                if final is not None
+                else ["", "", 0, 0, ""]
+            )
+            refresh = 1 if item.refresh_ttl else 0
+            args += [item.attempt, item.first_seq, len(item.payloads), refresh, *final_fields, *item.payloads]
+        return script_keys, args
 
     async def cancel_flags(self, request_ids: list[str]) -> dict[str, bool]:
         """Which of these running requests a client asked to cancel."""

@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis.exceptions
 
@@ -27,6 +26,7 @@ from shared.store import (
     APPEND_FENCED,
     APPEND_GONE,
     APPEND_OUT_OF_SEQUENCE,
+    Append,
     FinalState,
     RequestStore,
 )
@@ -57,6 +57,8 @@ class RequestLog:
     on_cancel: Callable[[], None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     space: asyncio.Event = field(default_factory=asyncio.Event)
+    ttl_renewed_at: float = float("-inf")
+    """When an append last renewed the running TTL of the request's keys (monotonic seconds)."""
 
     def request_cancel(
         self, reason: str = "cancelled by the client", error_type: str = "cancelled", state: str = "cancelled"
@@ -83,6 +85,9 @@ class RequestLog:
 class Outbox:
     def __init__(self, store: RequestStore, *, stream_maxlen: int, max_unflushed: int) -> None:
         self._store = store
+        # Renewing the keys' TTL on every append cost three commands per event; a quarter of the TTL
+        # between renewals keeps a running request's keys alive just as surely.
+        self._ttl_renew_s = store.running_ttl_ms / 1000 / 4
         self._maxlen = stream_maxlen
         self._max_unflushed = max_unflushed
         self._dirty: dict[RequestLog, None] = {}
@@ -131,24 +136,18 @@ class Outbox:
                 self._wake.set()
 
     async def _flush(self, batch: list[RequestLog]) -> None:
-        pipe: Any = self._store.redis.pipeline(transaction=False)
+        appends: list[Append] = []
         sent: list[tuple[RequestLog, int, bool, int]] = []
+        now = time.monotonic()
         for entry in batch:
             payloads = list(entry.unflushed)
             first_seq = entry.next_seq - len(payloads)
             terminal = entry.final is not None
-            await self._store.append_in(
-                pipe,
-                entry.request_id,
-                entry.attempt,
-                first_seq,
-                payloads,
-                entry.final if terminal else None,
-                self._maxlen,
-            )
+            refresh = now - entry.ttl_renewed_at >= self._ttl_renew_s
+            appends.append(Append(entry.request_id, entry.attempt, first_seq, payloads, entry.final, refresh))
             sent.append((entry, len(payloads), terminal, first_seq))
         started = time.perf_counter()
-        results = await pipe.execute(raise_on_error=False)
+        results = await self._store.append_many(appends, self._maxlen)
         if self.observe_flush is not None:
             self.observe_flush(time.perf_counter() - started)
         self.round_trips += 1
@@ -157,25 +156,31 @@ class Outbox:
                 "round trip %d: %d requests, %d events", self.round_trips, len(sent), sum(n for _, n, _, _ in sent)
             )
         failed: list[str] = []
-        for (entry, count, terminal, first_seq), result in zip(sent, results, strict=True):
+        for (entry, count, terminal, first_seq), append, result in zip(sent, appends, results, strict=True):
             if isinstance(result, Exception):
                 failed.append(f"{entry.request_id}: {result}")
                 self._dirty[entry] = None
                 self._wake.set()
                 continue
-            code, value = int(result[0]), int(result[1])
+            code, value = result
             if code >= 0:
+                if append.refresh_ttl:
+                    entry.ttl_renewed_at = now
                 del entry.unflushed[:count]
                 entry.space.set()
                 if value == 1:
                     entry.request_cancel()
                 if terminal and not entry.unflushed:
                     entry.done.set()
-            elif code == APPEND_OUT_OF_SEQUENCE and first_seq - 1 <= value < first_seq - 1 + count:
-                # An earlier round trip wrote part of this batch before its reply was lost.
+            elif code == APPEND_OUT_OF_SEQUENCE and first_seq - 1 < value <= first_seq - 1 + count:
+                # An earlier round trip wrote part or all of this batch before its reply was lost.
                 del entry.unflushed[: value - (first_seq - 1)]
-                self._dirty[entry] = None
-                self._wake.set()
+                entry.space.set()
+                if entry.unflushed:
+                    self._dirty[entry] = None
+                    self._wake.set()
+                elif terminal:
+                    entry.done.set()
             else:
                 reason = _LOST_REASONS.get(code, f"out of sequence at {value}")
                 log.warning(
