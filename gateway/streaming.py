@@ -75,8 +75,11 @@ class EventReader:
         self.attachments = attachments
         self.settings = settings
 
-    async def open(self, request_id: str, last_event_id: str | None) -> ResumePoint:
-        """Check that a stream can be read from the given position; raise the right API error if not."""
+    async def open(self, request_id: str, last_event_id: str | None, owner: str) -> ResumePoint:
+        """Check that ``owner`` may read the stream from the given position; raise the right API error if not.
+
+        A request of another owner is answered exactly as an unknown one, before any check that could tell
+        them apart (its length, its retention)."""
         if not keys.is_request_id(request_id):
             raise not_found(f"no request {request_id!r}", code="request_not_found")
         after_seq = 0
@@ -89,7 +92,7 @@ class EventReader:
                     code="invalid_event_id",
                 )
         meta = await self.store.meta(request_id)
-        if meta is None:
+        if meta is None or meta.owner != owner:
             raise not_found(
                 f"no request {request_id!r} (unknown, or expired past its tombstone)", code="request_not_found"
             )

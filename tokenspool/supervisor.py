@@ -38,6 +38,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, str | None]:
         "port": None if args.port is None else str(args.port),
         "engine": args.engine,
         "model": args.model,
+        "allow_open": args.allow_open,
     }
 
 
