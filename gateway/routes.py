@@ -7,13 +7,14 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.responses import Response
 
 from gateway.auth import KeyRing, Principal
 from gateway.catalog import ModelCatalog
 from gateway.chunks import completion_body, usage_body
-from gateway.errors import APIError, bad_request
+from gateway.errors import ERROR_RESPONSES, APIError, bad_request
 from gateway.limits import KeyLimits
 from gateway.schemas import ChatCompletionRequest, ChatMessageIn, CompletionRequest
 from gateway.sse import SSEResponse
@@ -41,7 +42,13 @@ def services(request: Request) -> Services:
     return svc
 
 
-def caller(request: Request) -> Principal:
+_BEARER = HTTPBearer(auto_error=False, description="an API key, when the gateway has keys")
+"""Declares the scheme in the OpenAPI document; the header itself is read by :func:`caller`."""
+
+
+def caller(
+    request: Request, _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+) -> Principal:
     """The API key a request carries (``Authorization: Bearer``); 401 without a valid one when keys are set."""
     return services(request).keys.from_authorization(request.headers.get("authorization"))
 
@@ -50,6 +57,10 @@ Caller = Annotated[Principal, Depends(caller)]
 
 
 router = APIRouter()
+api = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
+"""The API proper: authenticated, its errors documented."""
+JSON_OR_SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -105,7 +116,7 @@ async def _generate(
     return _json(completion_body(point.meta, deltas, last), headers=headers)
 
 
-@router.post("/v1/chat/completions")
+@api.post("/chat/completions", responses=JSON_OR_SSE)
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
@@ -115,7 +126,7 @@ async def chat_completions(
     return await _generate(services(request), who, body, "chat", idempotency_key)
 
 
-@router.post("/v1/completions")
+@api.post("/completions", responses=JSON_OR_SSE)
 async def completions(
     body: CompletionRequest,
     request: Request,
@@ -125,7 +136,7 @@ async def completions(
     return await _generate(services(request), who, body, "completion", idempotency_key)
 
 
-@router.get("/v1/chat/completions/stream")
+@api.get("/chat/completions/stream", responses=SSE)
 async def simple_stream(
     request: Request,
     who: Caller,
@@ -168,7 +179,7 @@ async def simple_stream(
     return await _generate(svc, who, body, "simple", None)
 
 
-@router.get("/v1/requests/{request_id}/events")
+@api.get("/requests/{request_id}/events", responses=SSE)
 async def request_events(
     request_id: str,
     request: Request,
@@ -180,7 +191,7 @@ async def request_events(
     return await _sse(services(request), who, request_id, last_event_id_header or last_event_id)
 
 
-@router.get("/v1/requests/{request_id}")
+@api.get("/requests/{request_id}")
 async def request_status(request_id: str, request: Request, who: Caller) -> Response:
     meta = await services(request).submissions.status(request_id, who)
     return _json(
@@ -205,7 +216,7 @@ async def request_status(request_id: str, request: Request, who: Caller) -> Resp
     )
 
 
-@router.delete("/v1/requests/{request_id}")
+@api.delete("/requests/{request_id}", responses={202: {"description": "a running request is being stopped"}})
 async def cancel_request(request_id: str, request: Request, who: Caller) -> Response:
     """Stop a request: at once when queued, within one engine step when running."""
     state = await services(request).submissions.cancel(request_id, who)
@@ -215,7 +226,7 @@ async def cancel_request(request_id: str, request: Request, who: Caller) -> Resp
     )
 
 
-@router.get("/v1/models")
+@api.get("/models")
 async def list_models(request: Request, _who: Caller) -> Response:
     models = await services(request).catalog.models()
     data = [
@@ -236,3 +247,6 @@ async def readyz(request: Request) -> Response:
     svc = services(request)
     await svc.store.redis.ping()
     return _json({"status": "ready"})
+
+
+router.include_router(api)
