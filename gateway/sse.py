@@ -31,7 +31,7 @@ def event_frame(event_id: str, data: bytes) -> bytes:
     else:
         body = b"data: " + data + b"\n"
     clean_id = event_id.replace("\r", "").replace("\n", "").replace("\0", "")
-    return b"id: " + clean_id.encode() + b"\n" + body + b"\n"
+    return b"id: " + _utf8(clean_id) + b"\n" + body + b"\n"
 
 
 def data_frame(data: bytes) -> bytes:
@@ -41,7 +41,13 @@ def data_frame(data: bytes) -> bytes:
 
 def comment_frame(text: str) -> bytes:
     """An SSE comment: clients ignore it; proxies see traffic; people reading the stream see why it waits."""
-    return b": " + text.replace("\r", " ").replace("\n", " ").encode() + b"\n\n"
+    return b": " + _utf8(text.replace("\r", " ").replace("\n", " ")) + b"\n\n"
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8, with any lone surrogate (which has none) replaced: a frame is always valid UTF-8, so a client's
+    decoder never fails on it, whatever text reached the encoder."""
+    return text.encode("utf-8", "replace")
 
 
 class SSEResponse(StreamingResponse):
