@@ -25,6 +25,7 @@ from gateway.proto import tokenspool_chat_pb2 as pb
 from gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
 from shared import keys
 from tests.support import Cluster, Gateway, chat_body, clean_env, content_of, read_stream, wait_for
+from tokenspool.client import AuthenticationError, Client, NotFoundError
 from tokenspool.redis_server import free_port
 
 ALICE = "sk-alice-" + secrets.token_hex(16)
@@ -316,3 +317,16 @@ def test_a_key_file_with_names_comments_and_hashes_is_read_and_an_empty_one_stop
         assert result.returncode == 2 and "TOKENSPOOL_API_KEYS_FILE" in result.stderr
     short = run_gateway_briefly(["--api-keys", "tiny-secret"], cluster.redis_url)
     assert short.returncode == 2 and "at least 16" in short.stderr and "tiny-secret" not in short.stderr
+
+
+def test_the_python_client_sends_its_api_key_and_sees_other_keys_requests_as_unknown(keyed: KeyedGateway) -> None:
+    with Client(keyed.url, api_key=ALICE) as alice, Client(keyed.url, api_key=BOB) as bob:
+        with alice.stream_chat([{"role": "user", "content": "hi"}], model=MODEL, max_tokens=4) as stream:
+            text = "".join(event.text for event in stream)
+        assert text and stream.request_id
+        assert alice.status(stream.request_id).state == "done"
+        with pytest.raises(NotFoundError):
+            bob.status(stream.request_id)
+    with Client(keyed.url) as anonymous, pytest.raises(AuthenticationError) as refused:
+        anonymous.status(stream.request_id)
+    assert refused.value.status == 401 and refused.value.code == "missing_api_key"
