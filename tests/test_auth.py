@@ -24,7 +24,7 @@ from websockets.sync.client import ClientConnection, connect
 from gateway.proto import tokenspool_chat_pb2 as pb
 from gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
 from shared import keys
-from tests.support import Cluster, Gateway, chat_body, clean_env, content_of, read_stream, wait_for
+from tests.support import Cluster, Gateway, Proc, chat_body, clean_env, content_of, read_stream, wait_for
 from tokenspool.client import AuthenticationError, Client, NotFoundError
 from tokenspool.redis_server import free_port
 
@@ -330,3 +330,26 @@ def test_the_python_client_sends_its_api_key_and_sees_other_keys_requests_as_unk
     with Client(keyed.url) as anonymous, pytest.raises(AuthenticationError) as refused:
         anonymous.status(stream.request_id)
     assert refused.value.status == 401 and refused.value.code == "missing_api_key"
+
+
+def test_up_with_keys_starts_a_stack_that_requires_them_and_refuses_open_beyond_loopback(tmp_path: Path) -> None:
+    refused = subprocess.run(
+        [sys.executable, "-m", "tokenspool", "up", "--host", "0.0.0.0"],
+        env=clean_env(None),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 2 and "no API key is configured" in refused.stderr
+    port = free_port()
+    up = Proc(["up", "--port", str(port)], tmp_path / "up.log", {**clean_env(None), "TOKENSPOOL_API_KEYS": ALICE})
+    try:
+        wait_for(lambda: "tokenspool is up at" in up.log() or not up.alive(), 60, "the stack to start")
+        assert up.alive(), up.log()
+        assert "Authorization: Bearer $YOUR_KEY" in up.log() and ALICE not in up.log()
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        assert httpx.post(url, json=chat_body(max_tokens=3)).status_code == 401
+        stream = read_stream("POST", url, json=chat_body(max_tokens=3), headers=bearer(ALICE))
+        assert stream.events[-1].data == "[DONE]"
+    finally:
+        up.stop()
