@@ -43,5 +43,6 @@ WORKDIR /home/tokenspool
 # 8000: gateway (API, /healthz, /readyz, /metrics); 9100: worker metrics (`--metrics-port 9100`).
 EXPOSE 8000 9100
 ENTRYPOINT ["tokenspool"]
-# With no command: Redis (embedded), one gateway and one sim worker, reachable from outside the container.
-CMD ["up", "--host", "0.0.0.0", "--port", "8000"]
+# With no command: Redis (embedded), one gateway and one sim worker, reachable from outside the container:
+# a demo, so it serves without API keys (--allow-open) unless TOKENSPOOL_API_KEYS is set (`docker run -e`).
+CMD ["up", "--host", "0.0.0.0", "--port", "8000", "--allow-open"]

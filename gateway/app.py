@@ -11,20 +11,22 @@ import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from gateway import page, websocket
 from gateway.attachments import Attachments
+from gateway.auth import KeyRing
 from gateway.catalog import ModelCatalog
 from gateway.errors import APIError
-from gateway.limits import BodySizeLimit
+from gateway.limits import BodySizeLimit, ConnectionLimit, KeyLimits
 from gateway.metrics import CountResponses, GatewayMetrics
 from gateway.relay import Relay
 from gateway.routes import Services, router
 from gateway.streaming import EventReader
 from gateway.submission import SubmissionService
 from shared.redis_client import connect, redact
-from shared.settings import GatewaySettings
+from shared.settings import GatewaySettings, is_loopback
 from shared.store import RequestStore
 
 if TYPE_CHECKING:
@@ -55,10 +57,33 @@ def validation_message(exc: RequestValidationError) -> APIError:
     return APIError(400, f"invalid value for {param!r}: {message}", param=param, code="invalid_value")
 
 
+CORS_HEADERS = ("Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key")
+CORS_EXPOSED = ("X-Request-Id", "Retry-After")
+
+
+def announce_access(settings: GatewaySettings, key_ring: KeyRing) -> None:
+    """Say at start who may use this gateway, loudest when anyone may."""
+    if not key_ring.open:
+        log.info("API keys required: %d key(s) configured", len(key_ring))
+    elif is_loopback(settings.host):
+        log.warning(
+            "no API key is configured: this gateway serves without authentication, to anyone on this machine "
+            "(set TOKENSPOOL_API_KEYS or TOKENSPOOL_API_KEYS_FILE to require keys)"
+        )
+    else:
+        log.warning(
+            "no API key is configured and TOKENSPOOL_ALLOW_OPEN is set: this gateway serves WITHOUT "
+            "authentication to anyone who can reach %s, and every client can read every stream",
+            settings.host,
+        )
+
+
 def create_app(settings: GatewaySettings) -> FastAPI:
+    """The gateway app. Raises SettingsError when the API key file cannot be used (the gateway does not start)."""
     assert settings.redis_url is not None, "the CLI resolves the Redis URL before building the app"
     redis_url = settings.redis_url
     metrics = GatewayMetrics(settings.metrics_multiproc_dir)
+    key_ring = KeyRing.load(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,12 +101,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         attachments = Attachments(store, refresh_s=settings.attach_refresh_s, grace_s=settings.disconnect_grace_s)
         attachments.start()
         catalog = ModelCatalog(client, worker_ttl_s=settings.worker_ttl_s, model_grace_s=settings.model_grace_s)
+        limits = KeyLimits(client, settings)
+        limits.start()
         services = Services(
             settings=settings,
             store=store,
             catalog=catalog,
-            submissions=SubmissionService(store, catalog, settings),
+            submissions=SubmissionService(store, catalog, limits, settings),
             events=EventReader(store, relay, attachments, settings, metrics),
+            keys=key_ring,
+            limits=limits,
         )
         app.state.services = services
         grpc_server: GrpcServer | None = None
@@ -93,11 +122,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
                 grpc_server = GrpcServer(services, settings)
                 await grpc_server.start()
+            announce_access(settings, key_ring)
             log.info("gateway ready, Redis at %s", redact(redis_url))
             yield
         finally:
             if grpc_server is not None:
                 await grpc_server.stop()
+            await limits.close()
             await attachments.close()
             await relay.close()
             await client.aclose()
@@ -144,6 +175,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             )
         )
 
+    # Outermost last: CORS answers preflights and decorates every answer (refusals included); the
+    # connection limit refuses before any work; the body limit before any parsing.
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(CountResponses, metrics=metrics)
+    app.add_middleware(ConnectionLimit, max_connections=settings.max_connections)
+    if settings.cors_origin_list():
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list(),
+            allow_methods=("GET", "POST", "DELETE"),
+            allow_headers=CORS_HEADERS,
+            expose_headers=CORS_EXPOSED,
+            allow_credentials=False,
+        )
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 from starlette.responses import Response
 
 
@@ -44,3 +45,33 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = No
 
 def not_found(message: str, *, code: str = "not_found") -> APIError:
     return APIError(404, message, error_type="not_found_error", code=code)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer (for the OpenAPI document, which the fuzz tests check answers against)."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "a bad parameter",
+        401: "no valid API key (when the gateway has keys)",
+        404: "unknown model, or unknown request (another key's request answers the same)",
+        409: "the request already ended, or was cancelled",
+        410: "the events asked for have expired",
+        413: "the body is too large",
+        422: "an Idempotency-Key reused with another body",
+        429: "the model's queue is full, or the key's per-minute or open-stream limit is reached (Retry-After)",
+        503: "Redis is unreachable, or the gateway serves too many connections (Retry-After)",
+    }.items()
+}
+"""The error answers of the API routes, as documented in the OpenAPI document."""

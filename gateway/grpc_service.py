@@ -9,9 +9,13 @@ The HTTP API's answers in gRPC's terms:
 ==========================================  ======================  ==========================================
 HTTP                                        gRPC status             when
 ==========================================  ======================  ==========================================
+401                                         UNAUTHENTICATED         no valid API key in the ``authorization``
+                                                                    metadata (``Bearer KEY``) when the
+                                                                    gateway has keys
 400                                         INVALID_ARGUMENT        a bad parameter, a malformed or foreign
                                                                     event id (the same message as over HTTP)
-404                                         NOT_FOUND               unknown model, unknown request
+404                                         NOT_FOUND               unknown model, unknown request (or
+                                                                    another key's: the same answer)
 409                                         FAILED_PRECONDITION     cancelling a request that already ended
 410                                         OUT_OF_RANGE            a resume from before the events still kept
                                                                     (like reading a log from a trimmed offset:
@@ -20,7 +24,9 @@ HTTP                                        gRPC status             when
                                                                     ``max_body_bytes``
 422                                         ALREADY_EXISTS          an idempotency_key already used for
                                                                     another request
-429                                         RESOURCE_EXHAUSTED      the model's queue is full; retry later
+429                                         RESOURCE_EXHAUSTED      the model's queue is full, or the key's
+                                                                    requests per minute or open streams
+                                                                    are used up; retry later
 503                                         UNAVAILABLE             Redis is unreachable; retry later
 ==========================================  ======================  ==========================================
 
@@ -47,11 +53,13 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from gateway.app import validation_message
-from gateway.errors import APIError, bad_request, not_found
+from gateway.auth import Principal
+from gateway.errors import APIError, bad_request
+from gateway.limits import StreamLease
 from gateway.metrics import GatewayMetrics
 from gateway.proto import tokenspool_chat_pb2 as pb
 from gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
-from gateway.routes import ANONYMOUS, Services
+from gateway.routes import Services
 from gateway.schemas import ChatCompletionRequest
 from gateway.streaming import EventsExpiredError, ResumePoint, parse_resume_id
 from shared import keys, wire
@@ -72,6 +80,7 @@ MAX_STREAMS_PER_CALL = 64
 
 _BY_HTTP_STATUS: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     409: grpc.StatusCode.FAILED_PRECONDITION,
     410: grpc.StatusCode.OUT_OF_RANGE,
@@ -163,28 +172,36 @@ class ChatService:
             await self._send(context, response)
 
         try:
+            caller = self._caller(context)
             if request.WhichOneof("action") == "cancel":
                 raise Refusal(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "invalid_value",
                     "StreamChat does not take a cancel: call Cancel (or send it on BiStreamChat)",
                 )
-            point, accepted = await self._open(request)
-            await context.send_initial_metadata((("x-request-id", point.meta.request_id),))
-            if accepted:
-                await emit(self._notice(point.meta.request_id, request.tag, pb.ChatResponse.ACCEPTED, "", opened))
-            await self._relay(point, request.tag, emit, opened)
+            point, accepted, lease = await self._open(request, caller)
+            try:
+                await context.send_initial_metadata((("x-request-id", point.meta.request_id),))
+                if accepted:
+                    await emit(self._notice(point.meta.request_id, request.tag, pb.ChatResponse.ACCEPTED, "", opened))
+                await self._relay(point, request.tag, emit, opened)
+            finally:
+                self.services.limits.close_stream(lease)
         except Refusal as refusal:
             await context.abort(refusal.status, refusal.message, refusal.trailers())
 
     async def BiStreamChat(self, request_iterator: AsyncIterator[pb.ChatRequest], context: Any) -> None:
         opened = time.monotonic()
+        try:
+            caller = self._caller(context)
+        except Refusal as refusal:
+            await context.abort(refusal.status, refusal.message, refusal.trailers())
         outbox: asyncio.Queue[pb.ChatResponse | None] = asyncio.Queue(maxsize=OUTBOX_RESPONSES)
         live: set[asyncio.Task[None]] = set()
 
         async def read_commands(group: asyncio.TaskGroup) -> None:
             async for request in request_iterator:
-                await self._command(request, outbox.put, group, live, opened)
+                await self._command(request, caller, outbox.put, group, live, opened)
             while live:  # the client half-closed: the call ends when its streams have
                 await asyncio.wait(set(live))
             await outbox.put(None)
@@ -205,16 +222,25 @@ class ChatService:
 
     async def Cancel(self, request: pb.CancelRequest, context: Any) -> pb.CancelResponse:
         try:
-            request_id, state = await self._cancel(request.request_id)
+            request_id, state = await self._cancel(request.request_id, self._caller(context))
         except Refusal as refusal:
             await context.abort(refusal.status, refusal.message, refusal.trailers())
         return pb.CancelResponse(request_id=request_id, state=state)
+
+    def _caller(self, context: Any) -> Principal:
+        """The API key in the call's ``authorization`` metadata (``Bearer KEY``); UNAUTHENTICATED if needed
+        and missing or unknown."""
+        metadata = context.invocation_metadata() or ()
+        header = next((str(value) for key, value in metadata if key == "authorization"), None)
+        with _refusals(self.metrics):
+            return self.services.keys.from_authorization(header)
 
     # -- the work -----------------------------------------------------------------------------------------
 
     async def _command(
         self,
         request: pb.ChatRequest,
+        caller: Principal,
         emit: Emit,
         group: asyncio.TaskGroup,
         live: set[asyncio.Task[None]],
@@ -225,7 +251,7 @@ class ChatService:
         action = request.WhichOneof("action")
         if action == "cancel":
             try:
-                request_id, state = await self._cancel(request.cancel.request_id)
+                request_id, state = await self._cancel(request.cancel.request_id, caller)
             except Refusal as refusal:
                 await emit(self._failure(request.cancel.request_id, tag, refusal, opened))
                 return
@@ -241,15 +267,20 @@ class ChatService:
             await emit(self._failure(named, tag, too_many, opened))
             return
         try:
-            point, accepted = await self._open(request)
+            point, accepted, lease = await self._open(request, caller)
         except Refusal as refused:
             await emit(self._failure(named, tag, refused, opened))
             return
-        if accepted:
-            await emit(self._notice(point.meta.request_id, tag, pb.ChatResponse.ACCEPTED, "", opened))
-        task = group.create_task(self._stream_in_call(point, tag, emit, opened))
+        try:
+            if accepted:
+                await emit(self._notice(point.meta.request_id, tag, pb.ChatResponse.ACCEPTED, "", opened))
+            task = group.create_task(self._stream_in_call(point, tag, emit, opened))
+        except BaseException:
+            self.services.limits.close_stream(lease)
+            raise
         live.add(task)
         task.add_done_callback(live.discard)
+        task.add_done_callback(lambda _task: self.services.limits.close_stream(lease))
 
     async def _stream_in_call(self, point: ResumePoint, tag: str, emit: Emit, opened: float) -> None:
         try:
@@ -257,8 +288,19 @@ class ChatService:
         except Refusal as refusal:
             await emit(self._failure(point.meta.request_id, tag, refusal, opened))
 
-    async def _open(self, request: pb.ChatRequest) -> tuple[ResumePoint, bool]:
-        """Where a request's stream starts: a new submission (True), or the resume position it names."""
+    async def _open(self, request: pb.ChatRequest, caller: Principal) -> tuple[ResumePoint, bool, StreamLease]:
+        """Where a stream of the caller's starts: a new submission (True), or the resume position it names;
+        with the stream's place among the key's open streams, which the caller gives back when it ends."""
+        with _refusals(self.metrics):
+            lease = await self.services.limits.open_stream(caller)
+        try:
+            point, accepted = await self._position(request, caller)
+        except BaseException:
+            self.services.limits.close_stream(lease)
+            raise
+        return point, accepted, lease
+
+    async def _position(self, request: pb.ChatRequest, caller: Principal) -> tuple[ResumePoint, bool]:
         with _refusals(self.metrics):
             if request.WhichOneof("action") == "resume":
                 given = [name for name in _GENERATION_FIELDS if _is_set(request, name)]
@@ -271,12 +313,12 @@ class ChatService:
                     if not last_event_id:
                         raise bad_request("a resume needs request_id or last_event_id", param="resume.request_id")
                     request_id, _ = parse_resume_id(last_event_id)
-                return await self.events.open(request_id, last_event_id or None), False
+                return await self.events.open(request_id, last_event_id or None, caller.owner), False
             body = await self._body(request)
             submitted = await self.services.submissions.submit(
-                body, stream_format="chat", owner=ANONYMOUS, idempotency_key=request.idempotency_key or None
+                body, stream_format="chat", caller=caller, idempotency_key=request.idempotency_key or None
             )
-            return await self.events.open_submitted(submitted.request_id, submitted.meta), True
+            return await self.events.open_submitted(submitted.request_id, submitted.meta, caller.owner), True
 
     async def _body(self, request: pb.ChatRequest) -> ChatCompletionRequest:
         """The request as the HTTP API's chat schema, so the same rules (and messages) apply."""
@@ -317,19 +359,12 @@ class ChatService:
             raise bad_request(f"missing required parameter 'model' (served: {served})", param="model")
         return live[0]
 
-    async def _cancel(self, request_id: str) -> tuple[str, str]:
+    async def _cancel(self, request_id: str, caller: Principal) -> tuple[str, str]:
         """(request id, "cancelled" or "cancelling"), as ``DELETE /v1/requests/{id}`` answers."""
         with _refusals(self.metrics):
             if not request_id:
                 raise bad_request("missing required parameter 'request_id'", param="request_id")
-            if not keys.is_request_id(request_id):
-                raise not_found(f"no request {request_id!r}", code="request_not_found")
-            code, state = await self.services.store.cancel(request_id)
-            if code == -1:
-                raise not_found(f"no request {request_id!r}", code="request_not_found")
-            if code == 0:
-                raise APIError(409, f"request {request_id} already ended ({state})", code="request_ended")
-        return request_id, "cancelled" if code == 1 else "cancelling"
+            return request_id, await self.services.submissions.cancel(request_id, caller)
 
     async def _relay(self, point: ResumePoint, tag: str, emit: Emit, opened: float) -> None:
         """Send a request's events after the resume point until its terminal event, as ``sse_frames`` does:

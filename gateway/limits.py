@@ -1,14 +1,44 @@
-"""Request body limit, enforced before anything parses the body: 413 when Content-Length or the bytes
-actually received exceed it (chunked uploads included). The body is read here, bounded by the limit,
-and handed on whole, so no parser ever sees more than the limit."""
+"""Limits: what one request, one gateway and one API key may take.
+
+- :class:`BodySizeLimit`: the request body, enforced before anything parses it: 413 when Content-Length or
+  the bytes actually received exceed it (chunked uploads included). The body is read here, bounded by the
+  limit, and handed on whole, so no parser ever sees more than the limit.
+- :class:`ConnectionLimit`: HTTP requests and WebSockets one gateway process serves at once (open streams
+  are requests that last); above it, 503 with ``Retry-After`` before any work. Probes and metrics are never
+  refused, so a busy gateway is not mistaken for a dead one.
+- :class:`KeyLimits`: per API key, across every gateway (the counters live in Redis): requests per minute
+  (fixed one-minute windows, one atomic script per submission) and streams open at once (leases in a sorted
+  set, renewed by the gateway holding each stream, so the place of a stream whose gateway died frees itself
+  when its lease ends). Over either: 429 with ``Retry-After``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import redis.asyncio as aredis
+import redis.exceptions
+from redis.commands.core import AsyncScript
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.auth import Principal
 from gateway.errors import APIError
+from shared import keys
+from shared.aio import reraise_if_cancelling
+from shared.settings import GatewaySettings
+
+log = logging.getLogger("tokenspool.gateway.limits")
 
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+NEVER_REFUSED_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+WINDOW_MS: Final = 60_000
 
 
 class BodySizeLimit:
@@ -52,3 +82,177 @@ class BodySizeLimit:
             return await receive()
 
         await self.app(scope, replay_receive, send)
+
+
+class ConnectionLimit:
+    """At most ``max_connections`` HTTP requests and WebSockets in this process at once."""
+
+    def __init__(self, app: ASGIApp, max_connections: int) -> None:
+        self.app = app
+        self.max_connections = max_connections
+        self.open = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in NEVER_REFUSED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.open >= self.max_connections:
+            error = APIError(
+                503,
+                f"this gateway serves {self.max_connections} connections already; retry later or elsewhere",
+                error_type="server_error",
+                code="too_many_connections",
+                headers={"Retry-After": "1"},
+            )
+            if scope["type"] == "http" or "websocket.http.response" in scope.get("extensions", {}):
+                await error.response()(scope, receive, send)
+            else:
+                await send({"type": "websocket.close", "code": 1013, "reason": "too many connections"})
+            return
+        self.open += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open -= 1
+
+
+# Count a submission in its owner's current window unless the window is full.
+# KEYS: window counter; ARGV: limit, ttl_ms. Returns 1 when counted, 0 when the limit is reached.
+_RATE_LUA: Final = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n >= tonumber(ARGV[1]) then return 0 end
+redis.call('INCR', KEYS[1])
+if n == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+# Take a place among an owner's open streams. KEYS: the owner's leases (sorted set stream id -> lease end);
+# ARGV: now_ms, lease_end_ms, limit, stream id, key_ttl_ms. Leases that ran out (their gateway died) are
+# dropped first. Returns 1 when the place is taken, 0 when the owner already has ``limit`` streams open.
+_OPEN_STREAM_LUA: Final = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
+@dataclass(eq=False, slots=True)
+class StreamLease:
+    """One open stream's place among its owner's; :meth:`KeyLimits.close_stream` gives it back."""
+
+    owner: str
+    stream_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    counted: bool = True
+    """False when the owner has no stream limit: nothing is held in Redis."""
+
+
+class KeyLimits:
+    """Per-key limits shared by every gateway through Redis; one per gateway process."""
+
+    def __init__(self, client: aredis.Redis, settings: GatewaySettings) -> None:
+        self._redis = client
+        self._settings = settings
+        self._rate: AsyncScript = client.register_script(_RATE_LUA)
+        self._open_stream: AsyncScript = client.register_script(_OPEN_STREAM_LUA)
+        self._refresh_s = settings.attach_refresh_s
+        self._lease_ms = int(3 * settings.attach_refresh_s * 1000) + 1000
+        self._held: dict[str, StreamLease] = {}
+        self._released: list[StreamLease] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._maintain(), name="key-limits")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await self._flush(time.time())
+
+    # -- requests per minute ------------------------------------------------------------------------------
+
+    async def admit_request(self, caller: Principal) -> None:
+        """Count a new request against its key's per-minute limit; 429 when the window is full."""
+        limit = self._settings.key_requests_per_minute
+        if not limit:
+            return
+        now = int(time.time() * 1000)
+        window = now // WINDOW_MS
+        counted = await self._rate(keys=[keys.rate_window_key(caller.owner, window)], args=[limit, WINDOW_MS + 1000])
+        if not int(counted):
+            retry_after = max(1, math.ceil(((window + 1) * WINDOW_MS - now) / 1000))
+            raise APIError(
+                429,
+                f"this API key may submit {limit} requests per minute; retry in {retry_after}s",
+                error_type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(retry_after)},
+            )
+
+    # -- open streams -------------------------------------------------------------------------------------
+
+    async def open_stream(self, caller: Principal) -> StreamLease:
+        """Take a place for a new stream of this key; 429 when it has ``key_max_streams`` open."""
+        limit = self._settings.key_max_streams
+        if not limit:
+            return StreamLease(caller.owner, counted=False)
+        lease = StreamLease(caller.owner)
+        now = int(time.time() * 1000)
+        taken = await self._open_stream(
+            keys=[keys.open_streams_key(caller.owner)],
+            args=[now, now + self._lease_ms, limit, lease.stream_id, self._lease_ms],
+        )
+        if not int(taken):
+            raise APIError(
+                429,
+                f"this API key has {limit} streams open already; close one, or retry when one ends",
+                error_type="rate_limit_error",
+                code="too_many_streams",
+                headers={"Retry-After": "1"},
+            )
+        self._held[lease.stream_id] = lease
+        return lease
+
+    def close_stream(self, lease: StreamLease) -> None:
+        """Give a stream's place back (in Redis soon after, by the maintenance task; at worst its lease ends)."""
+        if self._held.pop(lease.stream_id, None) is not None:
+            self._released.append(lease)
+            self._wake.set()
+
+    async def _maintain(self) -> None:
+        """Give back released places at once; renew the leases of open streams every refresh period."""
+        last_renewal = time.monotonic()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._refresh_s)
+            self._wake.clear()
+            renew = time.monotonic() - last_renewal >= self._refresh_s
+            try:
+                await self._flush(time.time(), renew=renew)
+                if renew:
+                    last_renewal = time.monotonic()
+            except redis.exceptions.RedisError as exc:
+                reraise_if_cancelling()
+                log.warning("could not update open-stream leases (retrying): %s", exc)
+
+    async def _flush(self, now_s: float, *, renew: bool = False) -> None:
+        released, self._released = self._released, []
+        pipe: Any = self._redis.pipeline(transaction=False)
+        for lease in released:
+            pipe.zrem(keys.open_streams_key(lease.owner), lease.stream_id)
+        if renew:
+            until = int(now_s * 1000) + self._lease_ms
+            for lease in self._held.values():
+                pipe.zadd(keys.open_streams_key(lease.owner), {lease.stream_id: until}, xx=True)
+                pipe.pexpire(keys.open_streams_key(lease.owner), self._lease_ms)
+        if len(pipe):
+            try:
+                await pipe.execute()
+            except BaseException:
+                self._released[:0] = released  # not given back yet: try again next round
+                raise

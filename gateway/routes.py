@@ -6,22 +6,22 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from gateway.auth import KeyRing, Principal
 from gateway.catalog import ModelCatalog
 from gateway.chunks import completion_body, usage_body
-from gateway.errors import APIError, bad_request, not_found
+from gateway.errors import ERROR_RESPONSES, APIError, bad_request
+from gateway.limits import KeyLimits
 from gateway.schemas import ChatCompletionRequest, ChatMessageIn, CompletionRequest
 from gateway.sse import SSEResponse
 from gateway.streaming import EventReader, parse_resume_id
 from gateway.submission import SubmissionService
-from shared import keys
 from shared.settings import GatewaySettings
 from shared.store import RequestStore, StreamFormat
-
-ANONYMOUS = "anonymous"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,8 @@ class Services:
     catalog: ModelCatalog
     submissions: SubmissionService
     events: EventReader
+    keys: KeyRing
+    limits: KeyLimits
 
 
 def services(request: Request) -> Services:
@@ -40,50 +42,104 @@ def services(request: Request) -> Services:
     return svc
 
 
+_BEARER = HTTPBearer(auto_error=False, description="an API key, when the gateway has keys")
+"""Declares the scheme in the OpenAPI document; the header itself is read by :func:`caller`."""
+
+
+def caller(
+    request: Request, _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+) -> Principal:
+    """The API key a request carries (``Authorization: Bearer``); 401 without a valid one when keys are set."""
+    return services(request).keys.from_authorization(request.headers.get("authorization"))
+
+
+Caller = Annotated[Principal, Depends(caller)]
+
+
 router = APIRouter()
+api = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
+"""The API proper: authenticated, its errors documented."""
+JSON_OR_SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
+async def _sse(svc: Services, caller: Principal, request_id: str, last_event_id: str | None) -> Response:
+    """A stream of the caller's request from a position, counted among its key's open streams."""
+    lease = await svc.limits.open_stream(caller)
+    try:
+        point = await svc.events.open(request_id, last_event_id, caller.owner)
+    except BaseException:
+        svc.limits.close_stream(lease)
+        raise
+    return SSEResponse(
+        svc.events.sse_frames(point),
+        send_timeout_s=svc.settings.send_timeout_s,
+        headers={"X-Request-Id": request_id},
+        on_close=lambda: svc.limits.close_stream(lease),
+    )
+
+
 async def _generate(
     svc: Services,
+    caller: Principal,
     body: ChatCompletionRequest | CompletionRequest,
     stream_format: StreamFormat,
     idempotency_key: str | None,
 ) -> Response:
-    submitted = await svc.submissions.submit(
-        body, stream_format=stream_format, owner=ANONYMOUS, idempotency_key=idempotency_key
-    )
-    headers = {"X-Request-Id": submitted.request_id}
-    point = await svc.events.open_submitted(submitted.request_id, submitted.meta)
-    if body.stream:
-        return SSEResponse(svc.events.sse_frames(point), send_timeout_s=svc.settings.send_timeout_s, headers=headers)
-    deltas, last = await svc.events.collect(point)
+    lease = await svc.limits.open_stream(caller)
+    handed_over = False
+    try:
+        submitted = await svc.submissions.submit(
+            body, stream_format=stream_format, caller=caller, idempotency_key=idempotency_key
+        )
+        headers = {"X-Request-Id": submitted.request_id}
+        point = await svc.events.open_submitted(submitted.request_id, submitted.meta, caller.owner)
+        if body.stream:
+            handed_over = True
+            return SSEResponse(
+                svc.events.sse_frames(point),
+                send_timeout_s=svc.settings.send_timeout_s,
+                headers=headers,
+                on_close=lambda: svc.limits.close_stream(lease),
+            )
+        deltas, last = await svc.events.collect(point)
+    finally:
+        if not handed_over:
+            svc.limits.close_stream(lease)
     if last.kind == "error":
         status = 409 if last.error_type == "cancelled" else 500
         raise APIError(status, last.message, error_type=last.error_type, code=last.error_type, headers=headers)
     return _json(completion_body(point.meta, deltas, last), headers=headers)
 
 
-@router.post("/v1/chat/completions")
+@api.post("/chat/completions", responses=JSON_OR_SSE)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, idempotency_key: Annotated[str | None, Header()] = None
+    body: ChatCompletionRequest,
+    request: Request,
+    who: Caller,
+    idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Response:
-    return await _generate(services(request), body, "chat", idempotency_key)
+    return await _generate(services(request), who, body, "chat", idempotency_key)
 
 
-@router.post("/v1/completions")
+@api.post("/completions", responses=JSON_OR_SSE)
 async def completions(
-    body: CompletionRequest, request: Request, idempotency_key: Annotated[str | None, Header()] = None
+    body: CompletionRequest,
+    request: Request,
+    who: Caller,
+    idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Response:
-    return await _generate(services(request), body, "completion", idempotency_key)
+    return await _generate(services(request), who, body, "completion", idempotency_key)
 
 
-@router.get("/v1/chat/completions/stream")
+@api.get("/chat/completions/stream", responses=SSE)
 async def simple_stream(
     request: Request,
+    who: Caller,
     prompt: Annotated[str | None, Query(max_length=100_000)] = None,
     model: Annotated[str | None, Query(max_length=256)] = None,
     max_tokens: Annotated[int | None, Query()] = None,
@@ -97,12 +153,7 @@ async def simple_stream(
     resume = last_event_id_header or last_event_id
     if resume:
         request_id, _ = parse_resume_id(resume)
-        point = await svc.events.open(request_id, resume)
-        return SSEResponse(
-            svc.events.sse_frames(point),
-            send_timeout_s=svc.settings.send_timeout_s,
-            headers={"X-Request-Id": request_id},
-        )
+        return await _sse(svc, who, request_id, resume)
     if not prompt:
         raise bad_request("the query parameter 'prompt' is required", param="prompt")
     if model is None:
@@ -125,30 +176,24 @@ async def simple_stream(
         first = exc.errors()[0]
         param = str(first["loc"][0])
         raise bad_request(f"invalid value for {param!r}: {first['msg']}", param=param) from None
-    return await _generate(svc, body, "simple", None)
+    return await _generate(svc, who, body, "simple", None)
 
 
-@router.get("/v1/requests/{request_id}/events")
+@api.get("/requests/{request_id}/events", responses=SSE)
 async def request_events(
     request_id: str,
     request: Request,
+    who: Caller,
     last_event_id: Annotated[str | None, Query()] = None,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Response:
     """A request's events from any gateway, after ``Last-Event-ID`` (header, else query), then live."""
-    svc = services(request)
-    point = await svc.events.open(request_id, last_event_id_header or last_event_id)
-    return SSEResponse(
-        svc.events.sse_frames(point), send_timeout_s=svc.settings.send_timeout_s, headers={"X-Request-Id": request_id}
-    )
+    return await _sse(services(request), who, request_id, last_event_id_header or last_event_id)
 
 
-@router.get("/v1/requests/{request_id}")
-async def request_status(request_id: str, request: Request) -> Response:
-    svc = services(request)
-    meta = await svc.store.meta(request_id) if keys.is_request_id(request_id) else None
-    if meta is None:
-        raise not_found(f"no request {request_id!r}", code="request_not_found")
+@api.get("/requests/{request_id}")
+async def request_status(request_id: str, request: Request, who: Caller) -> Response:
+    meta = await services(request).submissions.status(request_id, who)
     return _json(
         {
             "id": meta.request_id,
@@ -171,30 +216,18 @@ async def request_status(request_id: str, request: Request) -> Response:
     )
 
 
-@router.delete("/v1/requests/{request_id}")
-async def cancel_request(request_id: str, request: Request) -> Response:
+@api.delete("/requests/{request_id}", responses={202: {"description": "a running request is being stopped"}})
+async def cancel_request(request_id: str, request: Request, who: Caller) -> Response:
     """Stop a request: at once when queued, within one engine step when running."""
-    svc = services(request)
-    if not keys.is_request_id(request_id):
-        raise not_found(f"no request {request_id!r}", code="request_not_found")
-    code, state = await svc.store.cancel(request_id)
-    if code == -1:
-        raise not_found(f"no request {request_id!r}", code="request_not_found")
-    if code == 0:
-        raise APIError(409, f"request {request_id} already ended ({state})", code="request_ended")
+    state = await services(request).submissions.cancel(request_id, who)
     return _json(
-        {
-            "id": request_id,
-            "object": "tokenspool.request",
-            "cancelled": True,
-            "state": "cancelled" if code == 1 else "cancelling",
-        },
-        status=200 if code == 1 else 202,
+        {"id": request_id, "object": "tokenspool.request", "cancelled": True, "state": state},
+        status=200 if state == "cancelled" else 202,
     )
 
 
-@router.get("/v1/models")
-async def list_models(request: Request) -> Response:
+@api.get("/models")
+async def list_models(request: Request, _who: Caller) -> Response:
     models = await services(request).catalog.models()
     data = [
         {"id": entry.name, "object": "model", "created": entry.last_seen_ms // 1000, "owned_by": entry.owned_by}
@@ -214,3 +247,6 @@ async def readyz(request: Request) -> Response:
     svc = services(request)
     await svc.store.redis.ping()
     return _json({"status": "ready"})
+
+
+router.include_router(api)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Final
 
 from starlette.responses import StreamingResponse
@@ -31,7 +31,7 @@ def event_frame(event_id: str, data: bytes) -> bytes:
     else:
         body = b"data: " + data + b"\n"
     clean_id = event_id.replace("\r", "").replace("\n", "").replace("\0", "")
-    return b"id: " + clean_id.encode() + b"\n" + body + b"\n"
+    return b"id: " + _utf8(clean_id) + b"\n" + body + b"\n"
 
 
 def data_frame(data: bytes) -> bytes:
@@ -41,7 +41,13 @@ def data_frame(data: bytes) -> bytes:
 
 def comment_frame(text: str) -> bytes:
     """An SSE comment: clients ignore it; proxies see traffic; people reading the stream see why it waits."""
-    return b": " + text.replace("\r", " ").replace("\n", " ").encode() + b"\n\n"
+    return b": " + _utf8(text.replace("\r", " ").replace("\n", " ")) + b"\n\n"
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8, with any lone surrogate (which has none) replaced: a frame is always valid UTF-8, so a client's
+    decoder never fails on it, whatever text reached the encoder."""
+    return text.encode("utf-8", "replace")
 
 
 class SSEResponse(StreamingResponse):
@@ -50,11 +56,19 @@ class SSEResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     def __init__(
-        self, frames: AsyncIterator[bytes], *, send_timeout_s: float, headers: Mapping[str, str] | None = None
+        self,
+        frames: AsyncIterator[bytes],
+        *,
+        send_timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(frames, media_type=self.media_type, headers={**STREAM_HEADERS, **(headers or {})})
         self._frames = frames
         self._send_timeout_s = send_timeout_s
+        self._on_close = on_close
+        """Called once the response has ended however it ended, even if no frame was ever asked for (a
+        generator that never started runs no ``finally`` of its own)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         writer = asyncio.create_task(self._write(send))
@@ -65,7 +79,11 @@ class SSEResponse(StreamingResponse):
             for task in (writer, listener):
                 task.cancel()
             await asyncio.gather(writer, listener, return_exceptions=True)
-            await self._frames.aclose()  # type: ignore[attr-defined]
+            try:
+                await self._frames.aclose()  # type: ignore[attr-defined]
+            finally:
+                if self._on_close is not None:
+                    self._on_close()
         if writer.done() and not writer.cancelled() and writer.exception() is not None:
             raise writer.exception()  # type: ignore[misc]
 

@@ -75,8 +75,11 @@ class EventReader:
         self.attachments = attachments
         self.settings = settings
 
-    async def open(self, request_id: str, last_event_id: str | None) -> ResumePoint:
-        """Check that a stream can be read from the given position; raise the right API error if not."""
+    async def open(self, request_id: str, last_event_id: str | None, owner: str) -> ResumePoint:
+        """Check that ``owner`` may read the stream from the given position; raise the right API error if not.
+
+        A request of another owner is answered exactly as an unknown one, before any check that could tell
+        them apart (its length, its retention)."""
         if not keys.is_request_id(request_id):
             raise not_found(f"no request {request_id!r}", code="request_not_found")
         after_seq = 0
@@ -89,7 +92,7 @@ class EventReader:
                     code="invalid_event_id",
                 )
         meta = await self.store.meta(request_id)
-        if meta is None:
+        if meta is None or meta.owner != owner:
             raise not_found(
                 f"no request {request_id!r} (unknown, or expired past its tombstone)", code="request_not_found"
             )
@@ -112,11 +115,11 @@ class EventReader:
                 )
         return ResumePoint(meta, after_seq, first_batch)
 
-    async def open_submitted(self, request_id: str, meta: RequestMeta | None) -> ResumePoint:
+    async def open_submitted(self, request_id: str, meta: RequestMeta | None, owner: str) -> ResumePoint:
         """The start of a request just submitted: from the metadata it was created with when it was created
         now (no read back, nothing to replay), else (an Idempotency-Key named an earlier one) from Redis."""
         if meta is None:
-            return await self.open(request_id, None)
+            return await self.open(request_id, None, owner)
         return ResumePoint(meta, 0, [])
 
     async def batches(self, point: ResumePoint, tick_s: float) -> AsyncIterator[Batch]:

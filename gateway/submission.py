@@ -1,7 +1,9 @@
-"""Accepting a generation request: check it against what live workers serve and the queue's depth,
-map retries with an Idempotency-Key onto the request they first created, and enqueue it.
+"""Accepting a generation request: check its size and its key's limits, check it against what live
+workers serve and the queue's depth, map retries with an Idempotency-Key onto the request they first
+created, and enqueue it owned by its caller's key. Also the owner-checked status and cancel of a request.
 
-A request that is refused leaves nothing in Redis: every check runs before the first write.
+A request that is refused leaves nothing in Redis: every check runs before the first write (the only
+write before it is the key's per-minute counter, which counts the request being admitted).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Any
 
 import orjson
 
+from gateway.auth import Principal
 from gateway.catalog import ModelCatalog, ModelEntry
-from gateway.errors import APIError, not_found
+from gateway.errors import APIError, bad_request, not_found
+from gateway.limits import KeyLimits
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from shared import keys, wire
 from shared.logs import about
@@ -37,9 +41,12 @@ class Submitted:
 
 
 class SubmissionService:
-    def __init__(self, store: RequestStore, catalog: ModelCatalog, settings: GatewaySettings) -> None:
+    def __init__(
+        self, store: RequestStore, catalog: ModelCatalog, limits: KeyLimits, settings: GatewaySettings
+    ) -> None:
         self.store = store
         self.catalog = catalog
+        self.limits = limits
         self.settings = settings
 
     async def submit(
@@ -47,9 +54,11 @@ class SubmissionService:
         body: ChatCompletionRequest | CompletionRequest,
         *,
         stream_format: StreamFormat,
-        owner: str,
+        caller: Principal,
         idempotency_key: str | None,
     ) -> Submitted:
+        self._check_size(body)
+        owner = caller.owner
         models = await self.catalog.models()
         if body.model not in models:
             known = ", ".join(sorted(models)) or "none: no worker is registered"
@@ -78,6 +87,7 @@ class SubmissionService:
                 code="queue_full",
                 headers={"Retry-After": "1"},
             )
+        await self.limits.admit_request(caller)
         kind: keys.RequestKind = "chat" if isinstance(body, ChatCompletionRequest) else "completion"
         request_id = keys.new_request_id(kind)
         if idem_key is not None:
@@ -96,7 +106,7 @@ class SubmissionService:
             if isinstance(body, ChatCompletionRequest)
             else (),
             sampling=wire.SamplingOptions(
-                max_tokens=self._max_tokens(body),
+                max_tokens=self._max_tokens(body, models[body.model]),
                 temperature=body.temperature,
                 top_p=body.top_p,
                 seed=body.seed,
@@ -123,8 +133,9 @@ class SubmissionService:
                 await self.store.redis.delete(idem_key)
             raise
         log.info(
-            "request %s accepted: model %s, %s, %s, max_tokens %s",
+            "request %s accepted for key %s: model %s, %s, %s, max_tokens %s",
             request_id,
+            caller.name,
             body.model,
             kind,
             stream_format,
@@ -132,6 +143,54 @@ class SubmissionService:
             extra=about(request_id),
         )
         return Submitted(request_id, created=True, meta=meta)
+
+    def _check_size(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        """Refuse a prompt or a max_tokens larger than this gateway and this key accept."""
+        settings = self.settings
+        if isinstance(body, ChatCompletionRequest):
+            if len(body.messages) > settings.max_messages:
+                raise bad_request(
+                    f"at most {settings.max_messages} messages are accepted (got {len(body.messages)})",
+                    param="messages",
+                    code="too_many_messages",
+                )
+            chars = sum(len(m.text()) for m in body.messages)
+            param = "messages"
+        else:
+            chars = len(body.prompt_text())
+            param = "prompt"
+        if chars > settings.max_prompt_chars:
+            raise bad_request(
+                f"the prompt is {chars} characters; at most {settings.max_prompt_chars} are accepted",
+                param=param,
+                code="prompt_too_long",
+            )
+        requested = self._requested_max_tokens(body)
+        if settings.key_max_tokens and requested is not None and requested > settings.key_max_tokens:
+            raise bad_request(
+                f"max_tokens {requested} is above this API key's cap of {settings.key_max_tokens}",
+                param="max_tokens",
+                code="max_tokens_above_limit",
+            )
+
+    async def status(self, request_id: str, caller: Principal) -> RequestMeta:
+        """The request's metadata; 404 when it is unknown or not the caller's (the same answer)."""
+        meta = await self.store.meta(request_id) if keys.is_request_id(request_id) else None
+        if meta is None or meta.owner != caller.owner:
+            raise not_found(f"no request {request_id!r}", code="request_not_found")
+        return meta
+
+    async def cancel(self, request_id: str, caller: Principal) -> str:
+        """Stop the caller's request: ``cancelled`` (it was queued: ended now) or ``cancelling`` (running: its
+        worker stops within one engine step). 404 unknown or not the caller's, 409 already ended."""
+        if not keys.is_request_id(request_id):
+            raise not_found(f"no request {request_id!r}", code="request_not_found")
+        code, state = await self.store.cancel(request_id, caller.owner)
+        if code == -1:
+            raise not_found(f"no request {request_id!r}", code="request_not_found")
+        if code == 0:
+            raise APIError(409, f"request {request_id} already ended ({state})", code="request_ended")
+        return "cancelled" if code == 1 else "cancelling"
 
     def _check_against_model(self, body: ChatCompletionRequest | CompletionRequest, model: ModelEntry) -> None:
         """Refuse what the model's workers cannot do, before anything is stored."""
@@ -142,7 +201,7 @@ class SubmissionService:
                 param="logprobs",
                 code="unsupported_parameter",
             )
-        max_tokens = self._max_tokens(body)
+        max_tokens = self._requested_max_tokens(body)
         if model.max_model_len and max_tokens is not None and max_tokens >= model.max_model_len:
             raise APIError(
                 400,
@@ -152,8 +211,17 @@ class SubmissionService:
                 code="context_length_exceeded",
             )
 
+    def _max_tokens(self, body: ChatCompletionRequest | CompletionRequest, model: ModelEntry) -> int | None:
+        """The request's max_tokens, else the key's cap when the model's context is larger (the context
+        bounds a reply anyway), else None: what fits the context."""
+        requested = self._requested_max_tokens(body)
+        if requested is not None:
+            return requested
+        cap = self.settings.key_max_tokens
+        return cap if cap and not (model.max_model_len and cap >= model.max_model_len) else None
+
     @staticmethod
-    def _max_tokens(body: ChatCompletionRequest | CompletionRequest) -> int | None:
+    def _requested_max_tokens(body: ChatCompletionRequest | CompletionRequest) -> int | None:
         if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
             return body.max_completion_tokens
         return body.max_tokens

@@ -9,10 +9,16 @@ integer, is an optional tag the answers to that message echo back):
   ...), validated exactly as there; ``stream`` may only be true. Without ``model`` the request goes to the
   only model live workers serve (an error when there is not exactly one). ``"idempotency_key"`` does what
   the HTTP ``Idempotency-Key`` header does (a retry maps onto the request the key first created).
-- ``{"cancel": "<request id>"}``: stop a request (any request, not only this socket's), as
+- ``{"cancel": "<request id>"}``: stop a request (any of the caller's, not only this socket's), as
   ``DELETE /v1/requests/{id}`` does.
 - ``{"resume": "<request id>", "last_event_id": "<event id>" | null}``: stream a request's events after the
   given one (from the start when null), on any gateway; what ``GET /v1/requests/{id}/events`` does.
+
+Authentication: when the gateway has API keys, the upgrade request carries ``Authorization: Bearer KEY``,
+or, from a browser (which cannot set that header), offers the subprotocols ``tokenspool.v1`` and
+``tokenspool.bearer.<the key in unpadded base64url>``; the gateway answers with ``tokenspool.v1`` alone (see
+:mod:`gateway.auth`). Without a valid key the upgrade is refused with the HTTP API's 401 body. Every request
+a socket submits belongs to its key; resuming or cancelling another key's request is ``request_not_found``.
 
 Server to client:
 
@@ -56,10 +62,12 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from gateway import ws_protocol as protocol
-from gateway.errors import APIError, bad_request, not_found
-from gateway.routes import ANONYMOUS, Services
+from gateway.auth import WS_PROTOCOL, Principal
+from gateway.errors import APIError, bad_request
+from gateway.limits import StreamLease
+from gateway.routes import Services
 from gateway.streaming import EventsExpiredError, ResumePoint
-from shared import keys, wire
+from shared import wire
 from shared.aio import reraise_if_cancelling
 from shared.logs import about
 
@@ -74,8 +82,18 @@ router = APIRouter()
 @router.websocket("/v1/ws")
 async def websocket_streams(websocket: WebSocket) -> None:
     services: Services = websocket.app.state.services
-    await websocket.accept()
-    await WebSocketSession(websocket, services).run()
+    offered: list[str] = list(websocket.scope.get("subprotocols", []))
+    try:
+        caller = services.keys.from_websocket(websocket.headers.get("authorization"), offered)
+    except APIError as refused:
+        services.events.metrics.errors.labels(str(refused.status), refused.code or refused.error_type).inc()
+        if "websocket.http.response" in websocket.scope.get("extensions", {}):
+            await websocket.send_denial_response(refused.response())
+        else:
+            await websocket.close(code=1008, reason=refused.message[:120])
+        return
+    await websocket.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in offered else None)
+    await WebSocketSession(websocket, services, caller).run()
 
 
 class SocketGoneError(Exception):
@@ -86,9 +104,10 @@ class WebSocketSession:
     """One client socket: a reader that handles commands in order, one relay task per stream, and one
     writer that sends whatever they queue."""
 
-    def __init__(self, websocket: WebSocket, services: Services) -> None:
+    def __init__(self, websocket: WebSocket, services: Services, caller: Principal) -> None:
         self._ws = websocket
         self._svc = services
+        self._caller = caller
         self._outgoing: asyncio.Queue[str] = asyncio.Queue(maxsize=services.settings.client_buffer_events)
         self._relays: dict[str, asyncio.Task[None]] = {}
         self._writer_gone = asyncio.Event()
@@ -184,10 +203,15 @@ class WebSocketSession:
         body = command.body
         if not command.model_given:
             body = body.model_copy(update={"model": await self._default_model()})
-        submitted = await self._svc.submissions.submit(
-            body, stream_format="chat", owner=ANONYMOUS, idempotency_key=command.idempotency_key
-        )
-        await self._start(submitted.request_id, None, command.tag, resumed=False)
+        lease = await self._svc.limits.open_stream(self._caller)
+        try:
+            submitted = await self._svc.submissions.submit(
+                body, stream_format="chat", caller=self._caller, idempotency_key=command.idempotency_key
+            )
+        except BaseException:
+            self._svc.limits.close_stream(lease)
+            raise
+        await self._start(submitted.request_id, None, command.tag, resumed=False, lease=lease)
 
     async def _default_model(self) -> str:
         """The model of a request that names none: the only one live workers serve."""
@@ -209,20 +233,41 @@ class WebSocketSession:
                 code="too_many_streams",
             )
 
-    async def _start(self, request_id: str, last_event_id: str | None, tag: protocol.Tag, *, resumed: bool) -> None:
-        """Open a stream of the request (checking the position as an SSE resume does), then relay it."""
-        if request_id in self._relays:
-            raise APIError(409, f"request {request_id} is already streaming on this socket", code="already_streaming")
-        self._check_room()
-        point = await self._svc.events.open(request_id, last_event_id)
-        if resumed:
-            await self._send(protocol.answer("resumed", request_id, tag, last_event_id=last_event_id))
-        else:
-            await self._send(protocol.answer("accepted", request_id, tag))
+    async def _start(
+        self,
+        request_id: str,
+        last_event_id: str | None,
+        tag: protocol.Tag,
+        *,
+        resumed: bool,
+        lease: StreamLease | None = None,
+    ) -> None:
+        """Open a stream of the caller's request (checking the position as an SSE resume does), counted among
+        its key's open streams (``lease``: the place already taken for it), then relay it."""
+        limits = self._svc.limits
+        try:
+            if request_id in self._relays:
+                raise APIError(
+                    409, f"request {request_id} is already streaming on this socket", code="already_streaming"
+                )
+            self._check_room()
+            if lease is None:
+                lease = await limits.open_stream(self._caller)
+            point = await self._svc.events.open(request_id, last_event_id, self._caller.owner)
+            if resumed:
+                await self._send(protocol.answer("resumed", request_id, tag, last_event_id=last_event_id))
+            else:
+                await self._send(protocol.answer("accepted", request_id, tag))
+        except BaseException:
+            if lease is not None:
+                limits.close_stream(lease)
+            raise
         task = asyncio.create_task(self._relay(point, tag), name=f"ws-relay-{request_id}")
         self._relays[request_id] = task
+        held = lease
 
         def ended(task: asyncio.Task[None]) -> None:
+            limits.close_stream(held)
             if self._relays.get(request_id) is task:
                 del self._relays[request_id]
             if not task.cancelled() and task.exception() is not None:
@@ -232,14 +277,7 @@ class WebSocketSession:
 
     async def _cancel(self, command: protocol.Cancel) -> None:
         request_id = command.request_id
-        if not keys.is_request_id(request_id):
-            raise not_found(f"no request {request_id!r}", code="request_not_found")
-        code, state = await self._svc.store.cancel(request_id)
-        if code == -1:
-            raise not_found(f"no request {request_id!r}", code="request_not_found")
-        if code == 0:
-            raise APIError(409, f"request {request_id} already ended ({state})", code="request_ended")
-        state = "cancelled" if code == 1 else "cancelling"
+        state = await self._svc.submissions.cancel(request_id, self._caller)
         await self._send(protocol.answer("cancel", request_id, command.tag, cancelled=True, state=state))
 
     # -- relaying one stream -------------------------------------------------------------------------

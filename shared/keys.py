@@ -7,7 +7,8 @@ Redis Cluster unchanged:
   (``{p0}`` .. ``{p15}``), taken from the first hex digit of the request id; a gateway can therefore
   read the event streams of all its live connections in at most 16 multi-key XREADs, one per slot;
 - a model's request queue is tagged by the model name;
-- the worker registry and the idempotency records stand alone.
+- the worker registry and the idempotency records stand alone;
+- an owner's (API key's) rate-limit counters and open-stream leases are tagged by the owner.
 """
 
 from __future__ import annotations
@@ -89,6 +90,17 @@ def idempotency_key(owner: str, client_key: str) -> str:
     """Maps an Idempotency-Key (scoped to its owner) to the request it created."""
     digest = hashlib.sha256(f"{owner}\0{client_key}".encode()).hexdigest()[:32]
     return f"{PREFIX}:idem:{{{digest}}}"
+
+
+def rate_window_key(owner: str, window: int) -> str:
+    """Requests an owner (an API key's id) submitted in one fixed one-minute window (a counter)."""
+    return f"{PREFIX}:rl:{{{owner}}}:{window}"
+
+
+def open_streams_key(owner: str) -> str:
+    """The streams an owner has open on any gateway: sorted set stream id -> lease end (ms), renewed by the
+    gateway holding the stream, so a gateway that dies frees its streams' places when their leases end."""
+    return f"{PREFIX}:streams:{{{owner}}}"
 
 
 def stream_entry_id(seq: int) -> str:

@@ -8,12 +8,35 @@ are users' data: they are logged only when ``log_content`` is set, and then only
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Mapping
+from typing import Final
 
 import orjson
 
 from shared.settings import CommonSettings
+
+_CREDENTIALS: Final = (
+    re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)[^\r\n\"']+"),
+    re.compile(r"(?i)(bearer\s+)[^\s\"',;]+"),
+    re.compile(r"(tokenspool\.bearer\.)[A-Za-z0-9_=-]+"),
+)
+
+
+class RedactCredentials(logging.Filter):
+    """Replaces credentials in every line, whoever logs it: libraries log request headers at debug level
+    (the WebSocket server logs its handshake), and API keys ride in ``Authorization`` headers and, from
+    browsers, in the WebSocket subprotocol offer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = message
+        for pattern in _CREDENTIALS:
+            redacted = pattern.sub(lambda m: m.group(1) + "[redacted]", redacted)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -38,6 +61,7 @@ def configure(settings: CommonSettings, process: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {process} %(name)s: %(message)s"))
+    handler.addFilter(RedactCredentials())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())

@@ -153,14 +153,16 @@ return {attempt, tonumber(redis.call('HGET', KEYS[1], 'last_seq'))}
 """
 
 # Cancel: KEYS meta, events, job; ARGV now_ms, terminal event payload, retention_ms, meta_ttl_ms, maxlen,
-# final state, error text, queued_only ('1': end it only if it is still queued — the queue timeout).
+# final state, error text, queued_only ('1': end it only if it is still queued — the queue timeout), owner
+# (a request of another owner is answered as unknown; '' for any owner).
 # A queued request ends here (its terminal event is written now); a running one is flagged and its worker
 # writes the terminal event within one engine step. Returns {code, state}: 1 cancelled now, 2 flagged,
 # 0 already ended, -1 unknown.
 _CANCEL_LUA: Final = """
 local meta, ev, job = KEYS[1], KEYS[2], KEYS[3]
-local cur = redis.call('HMGET', meta, 'state', 'last_seq')
+local cur = redis.call('HMGET', meta, 'state', 'last_seq', 'owner')
 if not cur[1] then return {-1, ''} end
+if ARGV[9] ~= '' and cur[3] ~= ARGV[9] then return {-1, ''} end
 if cur[1] == 'queued' then
   local seq = tonumber(cur[2]) + 1
   redis.call('XADD', ev, 'MAXLEN', '~', ARGV[5], seq .. '-0', 'd', ARGV[2])
@@ -278,18 +280,20 @@ class RequestStore:
         state, last_seq = await self._r.hmget(keys.RequestKeys.of(request_id).meta, ["state", "last_seq"])
         return (state or b"").decode(), int(last_seq or 0)
 
-    async def cancel(self, request_id: str) -> tuple[int, str]:
+    async def cancel(self, request_id: str, owner: str) -> tuple[int, str]:
         """A client's cancel: (1, state) ended now, (2, _) flagged for its worker, (0, state) already ended,
-        (-1, _) unknown."""
-        return await self._end_from_outside(request_id, "cancelled", "cancelled", "cancelled by the client", False)
+        (-1, _) unknown or owned by someone else (checked in the same script, so it cannot race)."""
+        return await self._end_from_outside(
+            request_id, "cancelled", "cancelled", "cancelled by the client", False, owner
+        )
 
     async def expire_queued(self, request_id: str, message: str) -> bool:
         """End a request that waited in the queue too long (only while it is still queued)."""
-        code, _ = await self._end_from_outside(request_id, "queue_timeout", "failed", message, True)
+        code, _ = await self._end_from_outside(request_id, "queue_timeout", "failed", message, True, "")
         return code == 1
 
     async def _end_from_outside(
-        self, request_id: str, error_type: str, state: str, message: str, queued_only: bool
+        self, request_id: str, error_type: str, state: str, message: str, queued_only: bool, owner: str
     ) -> tuple[int, str]:
         rk = keys.RequestKeys.of(request_id)
         payload = wire.encode(wire.Event("error", error_type=error_type, message=message))
@@ -304,6 +308,7 @@ class RequestStore:
                 state,
                 message,
                 "1" if queued_only else "0",
+                owner,
             ],
         )
         return int(code), result.decode() if isinstance(result, bytes) else str(result)

@@ -184,3 +184,29 @@ def test_the_page_shows_the_error_of_a_refused_or_failed_request(
     assert shown in (page.text_content("#error") or "")
     assert (page.get_attribute("#request-id", "data-request-id") is not None) == accepted
     assert page.is_enabled("#send") and page.is_disabled("#stop")
+
+
+def test_on_a_gateway_with_keys_the_page_asks_for_one_keeps_it_in_the_tab_and_sends_it(
+    page: Page, cluster: Cluster, worker: Worker
+) -> None:
+    key = "sk-browser-0123456789abcdef"
+    keyed = cluster.gateway(api_keys=f"browser:{key}")
+    page.goto(keyed.url + "/")
+    page.wait_for_function("() => !document.getElementById('error').hidden")
+    assert "missing_api_key" in (page.text_content("#error") or "")
+    page.fill("#api-key", key)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function("() => document.getElementById('model').dataset.loaded === 'true'")
+    ask(page, "hello with a key", max_tokens=6)
+    assert wait_until_ended(page) == "done"
+    request_id = page.get_attribute("#reply", "data-request-id") or ""
+    stored = read_stream(
+        "GET", f"{keyed.url}/v1/requests/{request_id}/events", headers={"Authorization": f"Bearer {key}"}
+    )
+    assert content_of(stored.events) == reply_of(page)
+    # the key lives in this tab's session storage only, and survives a reload of the tab
+    assert page.evaluate("() => sessionStorage.getItem('tokenspool.apiKey')") == key
+    assert page.evaluate("() => localStorage.length + document.cookie.length") == 0
+    page.reload()
+    page.wait_for_function("() => document.getElementById('model').dataset.loaded === 'true'")
+    assert page.input_value("#api-key") == key

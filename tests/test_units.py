@@ -528,6 +528,8 @@ _CUSTOM_TEXT = {
     "engine_cpus": "0-1,3",
     "engine_args_json": '{"seed": 1, "x": "a b"}',
     "host": "0.0.0.0",
+    "api_keys": "alpha:0123456789abcdef-key,sha256:f84b9046dc1ae19fc4f1b17ef561aa2cdf628fe35fedfcc00d8d09bf5c3a692d",
+    "cors_origins": "https://app.example.com,http://localhost:5173",
 }
 
 

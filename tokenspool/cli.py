@@ -166,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--engine", choices=("sim", "vllm"), default=None, help="worker engine (default sim)")
     up.add_argument("--model", default=None, help="model to serve")
     up.add_argument("--ready-timeout-s", type=float, default=300.0, help="how long to wait for the stack")
+    up.add_argument(
+        "--allow-open",
+        action="store_const",
+        const="true",
+        default=None,
+        help="let gateways serve without API keys on a non-loopback host [TOKENSPOOL_ALLOW_OPEN]",
+    )
 
     redis_cmd = sub.add_parser("redis", help="run the embedded Redis-compatible server alone")
     redis_cmd.add_argument("--port", type=int, default=6379, help="port (0 picks a free one)")

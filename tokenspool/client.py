@@ -42,6 +42,7 @@ from tokenspool.client_core import (
     FINISHED,
     RETRYABLE_STATUS,
     APIStatusError,
+    AuthenticationError,
     Backoff,
     BadRequestError,
     CancelResult,
@@ -65,6 +66,7 @@ from tokenspool.client_core import (
     TokenspoolError,
     UnprocessableError,
     Usage,
+    auth_headers,
     chat_body,
     completion_body,
     error_from_response,
@@ -75,6 +77,7 @@ __all__ = [
     "APIStatusError",
     "AsyncClient",
     "AsyncEventStream",
+    "AuthenticationError",
     "Backoff",
     "BadRequestError",
     "CancelResult",
@@ -309,6 +312,8 @@ class AsyncClient:
     ``base_url``: one gateway or several (``http://host:8000`` or ``.../v1``); on a failure the client
     moves on to the next, round-robin. ``inter_token_timeout_s``: a stream silent this long (no event and
     no comment) is dropped and resumed. ``backoff``: the retry policy for connecting, resuming and 429/503.
+    ``api_key``: sent as ``Authorization: Bearer`` on every call, for gateways that require keys (requests
+    belong to the key that created them: only it can attach to, inspect or cancel them).
     """
 
     def __init__(
@@ -320,6 +325,7 @@ class AsyncClient:
         request_timeout_s: float = 30.0,
         backoff: Backoff | None = None,
         headers: Mapping[str, str] | None = None,
+        api_key: str | None = None,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         rng: random.Random | None = None,
     ) -> None:
@@ -332,7 +338,7 @@ class AsyncClient:
             max_event_bytes=max_event_bytes,
             rng=rng,
         )
-        self._http = httpx.AsyncClient(headers=dict(headers or {}), timeout=self._options.call_timeout)
+        self._http = httpx.AsyncClient(headers=auth_headers(api_key, headers), timeout=self._options.call_timeout)
 
     async def __aenter__(self) -> Self:
         return self
@@ -473,6 +479,7 @@ class Client:
         request_timeout_s: float = 30.0,
         backoff: Backoff | None = None,
         headers: Mapping[str, str] | None = None,
+        api_key: str | None = None,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         rng: random.Random | None = None,
     ) -> None:
@@ -485,7 +492,7 @@ class Client:
             max_event_bytes=max_event_bytes,
             rng=rng,
         )
-        self._http = httpx.Client(headers=dict(headers or {}), timeout=self._options.call_timeout)
+        self._http = httpx.Client(headers=auth_headers(api_key, headers), timeout=self._options.call_timeout)
 
     def __enter__(self) -> Self:
         return self

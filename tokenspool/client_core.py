@@ -73,8 +73,12 @@ class BadRequestError(APIStatusError):
     """400: a parameter the gateway refuses, or a resume position this request never had."""
 
 
+class AuthenticationError(APIStatusError):
+    """401: the gateway has API keys and this client sent none it knows (``api_key=``)."""
+
+
 class NotFoundError(APIStatusError):
-    """404: unknown model or request (or a request whose tombstone expired too)."""
+    """404: unknown model or request (or a request whose tombstone expired too, or another key's request)."""
 
 
 class ConflictError(APIStatusError):
@@ -99,6 +103,7 @@ class ServerError(APIStatusError):
 
 _BY_STATUS: Final[dict[int, type[APIStatusError]]] = {
     400: BadRequestError,
+    401: AuthenticationError,
     404: NotFoundError,
     409: ConflictError,
     410: GoneError,
@@ -518,3 +523,11 @@ def _body(model: str, params: Mapping[str, Any], **fields: Any) -> dict[str, Any
     body: dict[str, Any] = {"model": model, **fields, **params, "stream": True}
     body.setdefault("stream_options", {"include_usage": True})
     return body
+
+
+def auth_headers(api_key: str | None, headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The headers every call of a client carries: its own, plus ``Authorization: Bearer`` for its key."""
+    out = dict(headers or {})
+    if api_key:
+        out["Authorization"] = f"Bearer {api_key}"
+    return out

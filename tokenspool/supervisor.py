@@ -10,6 +10,7 @@ workers (they drain), then the server. If any child dies, everything is stopped 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import signal
@@ -23,6 +24,9 @@ import urllib.request
 from collections.abc import Mapping
 from types import FrameType
 
+import redis
+
+from shared import keys, registry, wire
 from shared.redis_client import RedisUnreachableError, check_reachable
 from shared.settings import GatewaySettings, WorkerSettings, load_settings
 from tokenspool.redis_server import EmbeddedRedis
@@ -38,6 +42,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, str | None]:
         "port": None if args.port is None else str(args.port),
         "engine": args.engine,
         "model": args.model,
+        "allow_open": args.allow_open,
     }
 
 
@@ -56,7 +61,25 @@ def _get_json(url: str) -> object:
         return json.load(response)
 
 
-def _wait_ready(base_url: str, model: str, children: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+def _model_registered(redis_url: str, model: str, ttl_s: float) -> bool:
+    """Whether a live worker serves ``model``, read from the registry itself (for gateways that need a key)."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    try:
+        raw: dict[bytes, bytes] = client.hgetall(keys.workers_key())  # type: ignore[assignment]
+    finally:
+        client.close()
+    now = int(time.time() * 1000)
+    for payload in raw.values():
+        with contextlib.suppress(wire.WireError):
+            info = wire.decode(payload, wire.WorkerInfo)
+            if info.model == model and registry.is_live(info, now, ttl_s):
+                return True
+    return False
+
+
+def _wait_ready(
+    base_url: str, model: str, children: list[subprocess.Popen[bytes]], timeout_s: float, redis_url: str, ttl_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for child in children:
@@ -65,6 +88,11 @@ def _wait_ready(base_url: str, model: str, children: list[subprocess.Popen[bytes
         try:
             models = _get_json(f"{base_url}/v1/models")
             if isinstance(models, dict) and any(m.get("id") == model for m in models.get("data", [])):
+                return
+        except urllib.error.HTTPError as exc:
+            # 401: the gateways require API keys (the supervisor holds only their hashes): the gateway
+            # answers, so ask the registry whether the model is served.
+            if exc.code == 401 and _model_registered(redis_url, model, ttl_s):
                 return
         except (urllib.error.URLError, OSError, ValueError):
             pass  # not answering yet
@@ -122,6 +150,8 @@ def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     # Gateways behind one port pool their metrics, so a scrape reaching any of them reports all of them.
     metrics_dir = tempfile.mkdtemp(prefix="tokenspool-gateway-metrics-")
     gateway_env = {**env, "TOKENSPOOL_METRICS_MULTIPROC_DIR": metrics_dir}
+    # Workers never see the API keys: only gateways check them.
+    worker_env = {k: v for k, v in env.items() if k not in ("TOKENSPOOL_API_KEYS", "TOKENSPOOL_API_KEYS_FILE")}
     listener = socket.create_server((gateway_settings.host, gateway_settings.port), backlog=2048, reuse_port=False)
     listener.set_inheritable(True)
     host, port = listener.getsockname()[:2]
@@ -130,19 +160,31 @@ def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     status = 0
     try:
         for index in range(args.workers):
-            workers.append(_spawn(["worker", "--id", f"{socket.gethostname()}-w{index}"], env))
+            workers.append(_spawn(["worker", "--id", f"{socket.gethostname()}-w{index}"], worker_env))
         for _ in range(args.gateways):
             gateways.append(_spawn(["gateway", "--fd", str(listener.fileno())], gateway_env, (listener.fileno(),)))
         base_url = f"http://{host}:{port}"
         model = worker_settings.model or "tokenspool-sim"
-        _wait_ready(base_url, worker_settings.served_model_name or model, [*workers, *gateways], args.ready_timeout_s)
+        _wait_ready(
+            base_url,
+            worker_settings.served_model_name or model,
+            [*workers, *gateways],
+            args.ready_timeout_s,
+            env["TOKENSPOOL_REDIS_URL"],
+            worker_settings.worker_ttl_s,
+        )
+        key_header = (
+            ' -H "Authorization: Bearer $YOUR_KEY"'
+            if gateway_settings.api_keys or gateway_settings.api_keys_file
+            else ""
+        )
         engine_note = (
             " (SIMULATED engine: filler words, for trying the broker)" if worker_settings.engine == "sim" else ""
         )
         print(
             f"\ntokenspool is up at {base_url}: {args.gateways} gateway(s), {args.workers} worker(s), "
             f"model {model!r}{engine_note}\nRedis: {env['TOKENSPOOL_REDIS_URL']}\n\nTry:\n"
-            f"  curl -N {base_url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+            f"  curl -N {base_url}/v1/chat/completions{key_header} -H 'Content-Type: application/json' \\\n"
             f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], '
             f'"stream": true}}\'\n\nCtrl-C stops everything.',
             flush=True,

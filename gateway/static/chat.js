@@ -7,6 +7,10 @@
 // queued, streaming, reconnecting, resumed, stopping, done, cancelled, error) and data-resumes;
 // #ttft and #tps carry data-ms and data-value; #request-id and #reply carry data-request-id, and
 // #reply data-last-event-id and data-duplicates (replayed events that were skipped).
+//
+// API key: when the gateway requires one, the user pastes it into #api-key. It lives only in this tab
+// (sessionStorage, gone when the tab closes; never localStorage, a cookie or a URL) and is sent as
+// "Authorization: Bearer ..." on every API call.
 
 const RESUMABLE_ERROR_CODES = new Set(['inter_token_timeout', 'redis_unavailable']);
 const RETRYABLE_STATUS = new Set([502, 503, 504]);
@@ -14,9 +18,11 @@ const MAX_ATTEMPTS = 15;
 const BACKOFF_FIRST_MS = 200;
 const BACKOFF_MAX_MS = 4000;
 const MAX_EVENT_CHARS = 4 * 1024 * 1024; // one unfinished SSE event larger than this is not ours: give up
+const KEY_STORAGE = 'tokenspool.apiKey';
 
 const ui = {
   form: document.getElementById('composer'),
+  apiKey: document.getElementById('api-key'),
   model: document.getElementById('model'),
   modelList: document.getElementById('model-list'),
   maxTokens: document.getElementById('max-tokens'),
@@ -48,6 +54,11 @@ function showError(error) {
 function clearError() {
   ui.error.textContent = '';
   ui.error.hidden = true;
+}
+
+function authHeaders() {
+  const key = ui.apiKey.value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
 function randomKey() {
@@ -282,12 +293,12 @@ function open(turn) {
   if (turn.requestId === null) {
     return fetch('/v1/chat/completions', {
       method: 'POST',
-      headers: { 'Content-Type': 'application/json', 'Idempotency-Key': turn.idempotencyKey },
+      headers: { ...authHeaders(), 'Content-Type': 'application/json', 'Idempotency-Key': turn.idempotencyKey },
       body: JSON.stringify(turn.body),
       signal,
     });
   }
-  const headers = turn.lastEventId === null ? {} : { 'Last-Event-ID': turn.lastEventId };
+  const headers = turn.lastEventId === null ? authHeaders() : { ...authHeaders(), 'Last-Event-ID': turn.lastEventId };
   return fetch(`/v1/requests/${encodeURIComponent(turn.requestId)}/events`, { headers, signal, cache: 'no-store' });
 }
 
@@ -418,7 +429,7 @@ async function stop() {
   setStatus('stopping', 'stopping…');
   // The stream itself then ends with the request's "cancelled" event.
   try {
-    const response = await fetch(`/v1/requests/${encodeURIComponent(turn.requestId)}`, { method: 'DELETE' });
+    const response = await fetch(`/v1/requests/${encodeURIComponent(turn.requestId)}`, { method: 'DELETE', headers: authHeaders() });
     if (!response.ok && response.status !== 409) showError(await errorOf(response));
   } catch (err) {
     showError({ message: `could not cancel: ${err.message}`, code: 'network_error' });
@@ -427,7 +438,13 @@ async function stop() {
 
 async function loadModels() {
   try {
-    const response = await fetch('/v1/models', { cache: 'no-store' });
+    const response = await fetch('/v1/models', { cache: 'no-store', headers: authHeaders() });
+    if (response.status === 401) {
+      ui.model.placeholder = 'paste an API key first';
+      ui.apiKey.focus();
+      showError(await errorOf(response));
+      return;
+    }
     if (!response.ok) {
       showError(await errorOf(response));
       return;
@@ -442,6 +459,14 @@ async function loadModels() {
   }
 }
 
+ui.apiKey.value = sessionStorage.getItem(KEY_STORAGE) ?? '';
+ui.apiKey.addEventListener('change', () => {
+  const key = ui.apiKey.value.trim();
+  if (key) sessionStorage.setItem(KEY_STORAGE, key);
+  else sessionStorage.removeItem(KEY_STORAGE);
+  clearError();
+  loadModels();
+});
 ui.form.addEventListener('submit', send);
 ui.stop.addEventListener('click', stop);
 ui.prompt.addEventListener('keydown', (event) => {
