@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--png", type=Path, default=None, help="latency: plot latency against load here")
     add("--no-progress", action="store_true", help="no progress bar")
     add("--logs", type=Path, default=None, help="keep the servers' logs here (default: a temporary folder)")
+    add(
+        "--profile",
+        type=Path,
+        default=None,
+        help="latency: sample tokenspool's gateway and worker with py-spy during the last run and write "
+        "flame graphs (SVG) and a top-functions summary here",
+    )
     return parser
 
 
@@ -246,7 +253,14 @@ async def _latency(args: argparse.Namespace, log_dir: Path, progress: Progress) 
                     def work(on_record: Any, spec: LoadSpec = spec, target: tg.Target = target) -> Any:
                         return run_load(spec, "127.0.0.1", target.port, target.path, on_record)
 
+                    last_run = rep == args.repeat - 1 and level == args.levels[-1]
+                    profilers = (
+                        _start_profilers(target, args.profile, args.duration_s)
+                        if args.profile is not None and target.name == "tokenspool" and last_run
+                        else []
+                    )
                     records, wall_s = await progress.track(label, args.duration_s, work)
+                    _finish_profilers(profilers)
                     cpu_after = target.cpu_s()
                     result = LoadResult(target.name, spec, records, wall_s)
                     result.cpu_s = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
@@ -275,6 +289,58 @@ async def _latency(args: argparse.Namespace, log_dir: Path, progress: Progress) 
             target.stop()
     rows = _median_rows(runs)
     return {"runs": runs, "rows": rows, "comparisons": _comparisons(rows), "redis_memory": redis_memory}
+
+
+def _start_profilers(target: tg.Target, out_dir: Path, duration_s: float) -> list[tuple[Path, Any]]:
+    """py-spy on the gateway and the worker for one run: a flame graph each, plus raw stacks to summarise."""
+    import shutil
+    import subprocess
+
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = []
+    for role in ("gateway", "worker"):
+        for fmt, suffix in (("flamegraph", "svg"), ("raw", "txt")):
+            path = out_dir / f"{role}.{suffix}"
+            argv = [py_spy, "record", "--pid", str(target.pid(role)), "--duration", str(max(1, int(duration_s)))]
+            argv += ["--rate", "200", "--nonblocking", "--format", fmt, "--output", str(path)]
+            started.append((path, subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+    return started
+
+
+def _finish_profilers(profilers: list[tuple[Path, Any]]) -> None:
+    for path, proc in profilers:
+        _out, err = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            print(f"py-spy could not profile ({path.stem}): {err.decode(errors='replace')[-300:]}", file=sys.stderr)
+        elif path.suffix == ".txt":
+            summary = path.with_name(path.stem + "-top.txt")
+            summary.write_text(top_functions(path.read_text()))
+            print(f"profile: {path.with_suffix('.svg')} and {summary}", file=sys.stderr)
+
+
+def top_functions(raw: str, count: int = 25) -> str:
+    """Self and inclusive shares of py-spy's raw stacks ("frame;frame;... samples" per line)."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, samples_text = line.rpartition(" ")
+        if not stack or not samples_text.isdigit():
+            continue
+        samples = int(samples_text)
+        total += samples
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + samples
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + samples
+    lines = [f"{total} samples (wall-clock, threads not idle: a thread waiting for a CPU counts too)", "", "self:"]
+    for name, value in sorted(own.items(), key=lambda kv: -kv[1])[:count]:
+        lines.append(f"  {value / total:6.1%}  {name}")
+    lines += ["", "inclusive:"]
+    for name, value in sorted(inclusive.items(), key=lambda kv: -kv[1])[:count]:
+        lines.append(f"  {value / total:6.1%}  {name}")
+    return "\n".join(lines) + "\n"
 
 
 def _run_line(s: dict[str, Any]) -> str:
