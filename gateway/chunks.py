@@ -73,6 +73,17 @@ class ChunkRenderer:
         self.deltas_rendered = 0
         self.handovers_rendered = 0
         self._base: dict[str, Any] = {"id": meta.request_id, "created": meta.created_s, "model": meta.model}
+        # Most events are a plain chat delta (not the first, no logprobs, no finish): its JSON differs from
+        # the next only in the text, so it is the same prefix and suffix around the encoded text. Built
+        # once here, it is byte for byte what ``orjson.dumps`` of the full chunk gives (a unit test checks).
+        self._plain_delta: tuple[bytes, bytes] | None = None
+        if meta.stream_format == "chat":
+            head = orjson.dumps({**self._base, "object": "chat.completion.chunk"})[:-1]
+            tail = b',"usage":null}' if meta.include_usage else b"}"
+            self._plain_delta = (
+                head + b',"choices":[{"index":0,"delta":{"content":',
+                b'},"logprobs":null,"finish_reason":null}]' + tail,
+            )
 
     def frames(self, items: list[tuple[int, bytes]]) -> bytes:
         out = []
@@ -110,6 +121,9 @@ class ChunkRenderer:
             chunk = {**self._base, "object": self._object(), "choices": [], "usage": usage}
             return orjson.dumps(chunk)
         if fmt == "chat":
+            plain = self._plain_delta
+            if plain is not None and seq > 1 and not event.logprobs and event.finish_reason is None:
+                return plain[0] + orjson.dumps(event.text) + plain[1]
             delta: dict[str, Any] = {"content": event.text}
             if seq == 1:
                 delta = {"role": "assistant", "content": event.text}

@@ -772,6 +772,22 @@ def test_chat_rendering_seq_one_carries_the_assistant_role() -> None:
     assert last["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("text", ["plain", ' "quoted" \\ back\nslash', "wörld 👋", "\u2028\x00\x1f", ""])
+def test_a_plain_chat_delta_renders_exactly_as_the_full_chunk_would(include_usage: bool, text: str) -> None:
+    renderer = ChunkRenderer(meta("chat", include_usage))
+    chunk: dict[str, object] = {
+        "id": meta().request_id,
+        "created": 1_700_000_000,
+        "model": "tokenspool-sim",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    assert renderer.data(2, wire.Event("delta", text, (7,))) == orjson.dumps(chunk)
+
+
 def test_without_include_usage_the_end_event_renders_to_nothing() -> None:
     for fmt in ("chat", "completion"):
         renderer = ChunkRenderer(meta(fmt, include_usage=False))
