@@ -425,9 +425,15 @@ async def _streams(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             idle_rss = tg.rss_bytes(target.pid("gateway"))
             redis_before = _redis_used_memory(target.redis_url)
             opened_at = time.perf_counter()
-            writers = await _hold_streams(target, engine.model, 1000, args.streams)
-            open_s = time.perf_counter() - opened_at
+            # Half, then all: the second half's growth is the marginal cost of a stream, without the one-off
+            # growth the first opens cause (connection pools, allocator arenas).
+            half = args.streams // 2
+            writers = await _hold_streams(target, engine.model, 1000, half)
             await asyncio.sleep(2.0)  # a few token steps with every stream open
+            half_rss = tg.rss_bytes(target.pid("gateway"))
+            writers += await _hold_streams(target, engine.model, 1000 + half, args.streams - half)
+            open_s = time.perf_counter() - opened_at
+            await asyncio.sleep(2.0)
             open_rss = tg.rss_bytes(target.pid("gateway"))
             redis_open = _redis_used_memory(target.redis_url)
             rows.append(
@@ -438,6 +444,7 @@ async def _streams(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                     "gateway_rss_idle_mb": idle_rss / 2**20,
                     "gateway_rss_open_mb": open_rss / 2**20,
                     "gateway_bytes_per_open_stream": (open_rss - idle_rss) / len(writers),
+                    "gateway_marginal_bytes_per_stream": (open_rss - half_rss) / max(1, args.streams - half),
                     "redis_bytes_per_open_stream": (redis_open - redis_before) / len(writers),
                 }
             )
@@ -571,6 +578,7 @@ def main(argv: list[str]) -> int:
                         ("gateway_rss_idle_mb", "gateway RSS idle MB"),
                         ("gateway_rss_open_mb", "open MB"),
                         ("gateway_bytes_per_open_stream", "gateway B/stream"),
+                        ("gateway_marginal_bytes_per_stream", "marginal B/stream"),
                         ("redis_bytes_per_open_stream", "Redis B/stream"),
                     ],
                 )
