@@ -23,7 +23,7 @@ from gateway.relay import Relay
 from gateway.routes import Services, router
 from gateway.streaming import EventReader
 from gateway.submission import SubmissionService
-from shared.redis_client import connect, redact
+from shared.redis_client import NodeConnections, RedisTarget, connect, redact
 from shared.settings import GatewaySettings
 from shared.store import RequestStore
 
@@ -58,16 +58,16 @@ def validation_message(exc: RequestValidationError) -> APIError:
 def create_app(settings: GatewaySettings) -> FastAPI:
     assert settings.redis_url is not None, "the CLI resolves the Redis URL before building the app"
     redis_url = settings.redis_url
+    target = RedisTarget.of(settings)
     metrics = GatewayMetrics(settings.metrics_multiproc_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = connect(redis_url)
+        client = connect(target)
         await client.ping()
         store = RequestStore(client, settings)
         relay = Relay(
-            redis_url,
-            client,
+            NodeConnections(target, client, socket_timeout_s=settings.reader_block_ms / 1000 + 10),
             block_ms=settings.reader_block_ms,
             count=settings.replay_batch_events,
             buffer_events=settings.client_buffer_events,

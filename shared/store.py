@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-import redis.asyncio as aredis
 from redis.commands.core import AsyncScript
 
 from shared import keys, wire
+from shared.redis_client import AsyncRedis
 from shared.settings import CommonSettings
 
 RequestState = Literal["queued", "running", "done", "cancelled", "failed"]
@@ -194,7 +194,7 @@ class FinalState:
 class RequestStore:
     """The operations on request records; one per process, built on that process's Redis client."""
 
-    def __init__(self, client: aredis.Redis, settings: CommonSettings) -> None:
+    def __init__(self, client: AsyncRedis, settings: CommonSettings) -> None:
         self.redis = client
         # redis-py's annotations do not model binary replies; replies are checked where they are parsed.
         self._r: Any = client
@@ -209,7 +209,11 @@ class RequestStore:
     # -- gateway side -------------------------------------------------------------------------------
 
     async def create(self, job: wire.Job, *, stream_format: StreamFormat, owner: str, include_usage: bool) -> None:
-        """Record a new request and enqueue it on its model's queue, in one round trip."""
+        """Record a new request, then enqueue it on its model's queue.
+
+        Two round trips, in this order: the queue may live on another cluster node than the request's
+        keys, and a cluster pipeline runs each node's share in parallel, so a worker could otherwise pull
+        the entry before the request it names exists."""
         rk = keys.RequestKeys.of(job.request_id)
         payload = wire.encode(job)
         fields: dict[str, Any] = {
@@ -228,9 +232,9 @@ class RequestStore:
         pipe.hset(rk.meta, mapping=fields)
         pipe.pexpire(rk.meta, self.running_ttl_ms)
         pipe.set(rk.job, payload, px=self.running_ttl_ms)
-        pipe.xadd(keys.queue_key(job.model), {"d": payload})
         try:
             await pipe.execute()
+            await self._r.xadd(keys.queue_key(job.model), {"d": payload})
         except BaseException:
             await self._r.delete(rk.meta, rk.job)
             raise
@@ -436,9 +440,19 @@ class RequestStore:
         final: FinalState | None,
         maxlen: int,
     ) -> None:
-        """Queue one atomic append on ``pipe`` (a pipeline); its reply is ``[last_seq_or_code, flag]``."""
+        """Queue one atomic append on ``pipe`` (a pipeline); its reply is ``[last_seq_or_code, flag]``.
+
+        Queued as a raw EVALSHA, which a cluster pipeline routes by its keys (redis-py refuses its script
+        helper in cluster pipelines); a server that does not know the script answers NOSCRIPT for it, and
+        the caller loads the scripts (:meth:`load_scripts`) and sends again."""
         script_keys, args = self.append_args(request_id, attempt, first_seq, payloads, final, maxlen)
-        await self._append(keys=script_keys, args=args, client=pipe)
+        pipe.execute_command("EVALSHA", self._append.sha, len(script_keys), *script_keys, *args)
+
+    async def load_scripts(self) -> None:
+        """Load the scripts into the server (every primary of a cluster): after a restart, a failover or a
+        new node, pipelined EVALSHAs answer NOSCRIPT until this ran."""
+        for script in (self._append, self._claim, self._cancel, self._renew):
+            await self._r.script_load(script.script)
 
     async def cancel_flags(self, request_ids: list[str]) -> dict[str, bool]:
         """Which of these running requests a client asked to cancel."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.redis_client import RedisUnreachableError, check_reachable
+from shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable
 from shared.settings import (
     CommonSettings,
     GatewaySettings,
@@ -54,10 +54,14 @@ def _require_redis(command: str, settings: CommonSettings) -> int | None:
             "for you, `tokenspool redis` starts one alone",
         )
     try:
-        check_reachable(settings.redis_url)
+        check_reachable(RedisTarget.of(settings))
     except RedisUnreachableError as exc:
         return _fail(command, str(exc))
     return None
+
+
+def _target(settings: CommonSettings) -> RedisTarget | None:
+    return RedisTarget.of(settings) if settings.redis_url else None
 
 
 def run_gateway(settings: GatewaySettings) -> int:
@@ -227,9 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             common = load_settings(CommonSettings, environ, {"redis_url": args.redis_url})
             if args.command == "rebalance":
-                return control.rebalance(common.redis_url, common.worker_ttl_s)
+                return control.rebalance(_target(common), common.worker_ttl_s)
             return control.drain(
-                common.redis_url,
+                _target(common),
                 args.worker_id,
                 migrate=args.migrate,
                 wait=args.wait,
@@ -240,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tokenspool.status import run as run_status
 
             common = load_settings(CommonSettings, environ, {"redis_url": args.redis_url})
-            return run_status(common.redis_url, args.json, common.worker_ttl_s)
+            return run_status(_target(common), args.json, common.worker_ttl_s)
         if args.command == "up":
             from tokenspool.supervisor import run_stack
 

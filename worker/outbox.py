@@ -156,6 +156,8 @@ class Outbox:
             log.debug(
                 "round trip %d: %d requests, %d events", self.round_trips, len(sent), sum(n for _, n, _, _ in sent)
             )
+        if any(isinstance(result, redis.exceptions.NoScriptError) for result in results):
+            await self._store.load_scripts()  # a restarted or new server; the appends are resent below
         failed: list[str] = []
         for (entry, count, terminal, first_seq), result in zip(sent, results, strict=True):
             if isinstance(result, Exception):
