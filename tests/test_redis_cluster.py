@@ -1,0 +1,84 @@
+"""tokenspool on a Redis Cluster: request streams spread over the nodes by partition, one gateway relays
+them all (one XREAD per slot, each on the node that owns it), and each model's workers read their queue on
+whichever node holds it. Always runs on a private 3-node cluster, whatever TOKENSPOOL_TEST_REDIS says."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared import keys
+from tests.support import Cluster, chat_body, content_of, read_stream, wait_for
+from tokenspool.redis_server import EmbeddedCluster
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluster]:
+    with EmbeddedCluster(3, data_dir=tmp_path_factory.mktemp("redis-cluster")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stack(redis_cluster: EmbeddedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    stack = Cluster(redis_cluster.url, Path(tmp_path_factory.mktemp("logs")))
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def node_of(stack: Cluster, key: str) -> str:
+    node = stack.redis.get_node_from_key(key)
+    return f"{node.host}:{node.port}"
+
+
+def test_the_sixteen_partitions_are_spread_over_every_node(stack: Cluster, redis_cluster: EmbeddedCluster) -> None:
+    nodes = {node_of(stack, keys.partition_slot_key(p)) for p in range(keys.PARTITIONS)}
+    assert nodes == {f"127.0.0.1:{port}" for port in redis_cluster.ports}
+
+
+def test_one_gateway_relays_streams_stored_on_different_nodes(stack: Cluster) -> None:
+    stack.worker(model="spread", sim_itl_ms=5, sim_ttft_ms=5)
+    gateway = stack.gateway()
+    wait_for(lambda: "spread" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+
+    def one(i: int) -> tuple[str, str, int]:
+        body = chat_body(f"stream {i}", max_tokens=20, model="spread", seed=i)
+        stream = read_stream("POST", gateway.url + "/v1/chat/completions", json=body)
+        assert stream.headers is not None and stream.events[-1].data == "[DONE]"
+        return stream.headers["x-request-id"], content_of(stream.events), len(stream.events)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one, range(24)))
+    event_nodes = {node_of(stack, keys.RequestKeys.of(rid).events) for rid, _, _ in results}
+    assert len(event_nodes) >= 2, f"24 requests all landed on {event_nodes}"
+    for request_id, text, count in results:
+        assert text and count == 21, (request_id, count)  # 20 token chunks (the last with its finish), [DONE]
+        stored = stack.redis.xlen(keys.RequestKeys.of(request_id).events)
+        assert stored == 21, f"{request_id}: {stored} events stored"  # 20 deltas and the end event
+
+
+def test_workers_read_each_queue_on_the_node_that_holds_it(stack: Cluster) -> None:
+    # Two models whose queues hash to different nodes, found among a few candidate names.
+    by_node: dict[str, str] = {}
+    for name in (f"shard-model-{i}" for i in range(20)):
+        by_node.setdefault(node_of(stack, keys.queue_key(name)), name)
+    assert len(by_node) >= 2
+    (node_a, model_a), (node_b, model_b) = list(by_node.items())[:2]
+    assert node_a != node_b
+    for model in (model_a, model_b):
+        stack.worker(model=model, sim_itl_ms=5, sim_ttft_ms=5)
+    gateway = stack.gateway()
+    for model in (model_a, model_b):
+        wait_for(lambda m=model: m in httpx.get(gateway.url + "/v1/models").text, 10, f"model {model}")  # type: ignore[misc]
+        stream = read_stream(
+            "POST", gateway.url + "/v1/chat/completions", json=chat_body("hi", max_tokens=3, model=model)
+        )
+        assert stream.events[-1].data == "[DONE]" and content_of(stream.events).count(" ") == 2  # 3 words
+        groups = stack.redis.xinfo_groups(keys.queue_key(model))
+        group = next(g for g in groups if g["name"] in (keys.WORKER_GROUP, keys.WORKER_GROUP.encode()))
+        assert group["entries-read"] >= 1 and group["pending"] == 0, group
