@@ -79,6 +79,10 @@ def test_workers_read_each_queue_on_the_node_that_holds_it(stack: Cluster) -> No
             "POST", gateway.url + "/v1/chat/completions", json=chat_body("hi", max_tokens=3, model=model)
         )
         assert stream.events[-1].data == "[DONE]" and content_of(stream.events).count(" ") == 2  # 3 words
-        groups = stack.redis.xinfo_groups(keys.queue_key(model))
-        group = next(g for g in groups if g["name"] in (keys.WORKER_GROUP, keys.WORKER_GROUP.encode()))
-        assert group["entries-read"] >= 1 and group["pending"] == 0, group
+
+        def acknowledged(queue: str = keys.queue_key(model)) -> bool:
+            groups = stack.redis.xinfo_groups(queue)
+            group = next(g for g in groups if g["name"] in (keys.WORKER_GROUP, keys.WORKER_GROUP.encode()))
+            return bool(group["entries-read"] >= 1 and group["pending"] == 0)
+
+        wait_for(acknowledged, 10, f"the worker of {model} to read and acknowledge its queue entry")
