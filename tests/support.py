@@ -129,9 +129,11 @@ class Cluster:
     def child_env(self) -> dict[str, str]:
         return {**clean_env(self.redis_url), **self.env}
 
-    def gateway(self, *, wait: bool = True, **settings: Any) -> Gateway:
+    def gateway(self, *, wait: bool = True, env: dict[str, str] | None = None, **settings: Any) -> Gateway:
         port = settings.pop("port", None) or free_port()
-        proc = self._proc("gateway", ["gateway", "--port", str(port), *flags(settings)])
+        proc = self._proc(
+            "gateway", ["gateway", "--port", str(port), *flags(settings)], {**self.child_env(), **(env or {})}
+        )
         gateway = Gateway(proc, f"http://127.0.0.1:{port}")
         if wait:
 

@@ -106,6 +106,8 @@ class EmbeddedRedis:
                 try:
                     client.ping()
                     return self
+                except redis.AuthenticationError:
+                    return self  # it answered: a server whose default user is off (an ACL file) is up
                 except redis.ConnectionError:
                     if time.monotonic() > deadline:
                         self.stop()
