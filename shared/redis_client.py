@@ -108,11 +108,12 @@ def check_reachable(target: RedisTarget, *, timeout_s: float = 3.0) -> None:
         client = connect_sync(target, socket_timeout_s=timeout_s)
     except ValueError as exc:
         raise RedisUnreachableError(f"invalid Redis URL {redact(target.url)!r}: {exc}") from exc
-    except redis.RedisError as exc:  # a cluster client reads the slot map as it is built
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:  # a cluster client reads the
+        # slot map as it is built
         raise RedisUnreachableError(f"cannot reach Redis at {redact(target.url)}: {exc}") from exc
     try:
         client.ping()
-    except redis.RedisError as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
         raise RedisUnreachableError(f"cannot reach Redis at {redact(target.url)}: {exc}") from exc
     finally:
         client.close()

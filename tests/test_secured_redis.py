@@ -9,15 +9,18 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis
 
 from shared import keys
+from shared.redis_client import RedisTarget, connect_sync
+from tests.conftest import redis_mode
 from tests.support import Cluster, Gateway, chat_body, clean_env, content_of, iter_sse, read_stream, wait_for
 from tests.tls import Certificates, TLSProxy, make_certificates
-from tokenspool.redis_server import EmbeddedRedis
+from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis
 
 ACL_FILE = Path(__file__).resolve().parent.parent / "ops" / "redis" / "acl.conf"
 MODEL = "secured-sim"
@@ -25,13 +28,17 @@ MODEL = "secured-sim"
 
 @dataclass(frozen=True)
 class Secured:
-    server: EmbeddedRedis
+    port: int
+    """The server's port (on a cluster: the seed node's)."""
+    cluster: bool
     gateway_password: str
     worker_password: str
     admin_password: str
 
     def url(self, user: str, password: str, *, scheme: str = "redis", port: int | None = None) -> str:
-        return f"{scheme}://{user}:{password}@127.0.0.1:{port or self.server.port}/0"
+        if self.cluster:
+            scheme += "+cluster"
+        return f"{scheme}://{user}:{password}@127.0.0.1:{port or self.port}/0"
 
     def gateway_url(self, **kwargs: object) -> str:
         return self.url("tokenspool-gateway", self.gateway_password, **kwargs)  # type: ignore[arg-type]
@@ -47,7 +54,8 @@ class Secured:
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     """A server started with ops/redis/acl.conf, its placeholders replaced by random passwords, plus an
-    administrative user of the test's own (the harness reads Redis to check what happened)."""
+    administrative user of the test's own (the harness reads Redis to check what happened). With
+    TOKENSPOOL_TEST_REDIS=cluster, a 3-node cluster whose every node loads the file."""
     directory = tmp_path_factory.mktemp("secured-redis")
     gateway_password, worker_password, admin_password = (secrets.token_hex(16) for _ in range(3))
     rules = ACL_FILE.read_text()
@@ -56,8 +64,18 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     rules = rules.replace("WORKER_PASSWORD_PLACEHOLDER", worker_password)
     acl_path = directory / "users.acl"
     acl_path.write_text(rules + f"user test-admin on >{admin_password} ~* &* +@all\n")
+    passwords = (gateway_password, worker_password, admin_password)
+    if redis_mode() == "cluster":
+        with EmbeddedCluster(
+            3,
+            data_dir=directory / "data",
+            extra_args=("--aclfile", str(acl_path)),
+            admin=("test-admin", admin_password),
+        ) as cluster:
+            yield Secured(cluster.ports[0], True, *passwords)
+        return
     with EmbeddedRedis(data_dir=directory / "data", extra_args=("--aclfile", str(acl_path))) as server:
-        yield Secured(server, gateway_password, worker_password, admin_password)
+        yield Secured(server.port, False, *passwords)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +83,15 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     return make_certificates(tmp_path_factory.mktemp("tls"))
 
 
-def denied_commands(admin: redis.Redis) -> list[str]:
-    """What the server refused anyone since the last reset (ACL LOG), as 'user: command'."""
-    entries = admin.acl_log()
+def denied_commands(admin: Any) -> list[str]:
+    """What the server (every node of a cluster) refused anyone since the last reset (ACL LOG), as
+    'user: command (reason)'."""
+    if isinstance(admin, redis.RedisCluster):
+        per_node = admin.execute_command("ACL LOG", target_nodes=redis.RedisCluster.ALL_NODES)
+        entries = [dict(zip(e[::2], e[1::2], strict=True)) for log in per_node.values() for e in log]
+        entries = [{k.decode(): v for k, v in e.items()} for e in entries]
+    else:
+        entries = admin.acl_log()
     return [f"{e.get('username')}: {e.get('object')} ({e.get('reason')})" for e in entries]  # type: ignore[union-attr]
 
 
@@ -129,7 +153,7 @@ def exercise(stack: Cluster, gateway: Gateway) -> None:
 def test_gateway_and_worker_run_with_only_the_grants_of_the_ops_acl_file(secured: Secured, tmp_path: Path) -> None:
     stack = Cluster(secured.admin_url, tmp_path)
     try:
-        stack.redis.acl_log_reset()
+        stack.redis.execute_command("ACL LOG", "RESET", **all_nodes(stack))
         gateway = run_roles(
             stack,
             {"TOKENSPOOL_REDIS_URL": secured.gateway_url()},
@@ -143,9 +167,13 @@ def test_gateway_and_worker_run_with_only_the_grants_of_the_ops_acl_file(secured
         stack.close()
 
 
+def all_nodes(stack: Cluster) -> dict[str, Any]:
+    return {"target_nodes": redis.RedisCluster.ALL_NODES} if isinstance(stack.redis, redis.RedisCluster) else {}
+
+
 def test_each_role_is_refused_what_it_does_not_need(secured: Secured) -> None:
-    gateway = redis.Redis.from_url(secured.gateway_url())
-    worker = redis.Redis.from_url(secured.worker_url())
+    gateway: Any = connect_sync(RedisTarget(secured.gateway_url()))
+    worker: Any = connect_sync(RedisTarget(secured.worker_url()))
     try:
         queue = keys.queue_key(MODEL)
         for refused in (
@@ -160,7 +188,7 @@ def test_each_role_is_refused_what_it_does_not_need(secured: Secured) -> None:
             with pytest.raises(redis.exceptions.NoPermissionError):
                 refused()
         with pytest.raises(redis.exceptions.AuthenticationError):
-            redis.Redis(port=secured.server.port).ping()  # the default user is off
+            redis.Redis(port=secured.port).ping()  # the default user is off
     finally:
         gateway.close()
         worker.close()
@@ -176,12 +204,20 @@ def test_a_wrong_password_stops_the_gateway_at_start_without_printing_the_passwo
         timeout=30,
     )
     assert result.returncode == 2
-    assert "cannot reach Redis at redis://tokenspool-gateway:***@127.0.0.1" in result.stderr, result.stderr
+    assert "cannot reach Redis at redis" in result.stderr and "://tokenspool-gateway:***@127.0.0.1" in result.stderr
+    assert "invalid username-password pair" in result.stderr, result.stderr
     assert bad_password not in result.stderr
 
 
+TLS_ON_ONE_SERVER = (
+    "TLS is terminated by stunnel in front of one server; a cluster's redirects name its nodes' own ports, "
+    "which stunnel does not front"
+)
+
+
+@pytest.mark.single_server(reason=TLS_ON_ONE_SERVER)
 def test_streams_over_tls_with_acl_users(secured: Secured, certificates: Certificates, tmp_path: Path) -> None:
-    with TLSProxy(secured.server.port, certificates, tmp_path) as proxy:
+    with TLSProxy(secured.port, certificates, tmp_path) as proxy:
         ca = {"TOKENSPOOL_REDIS_TLS_CA_FILE": str(certificates.ca_file)}
         stack = Cluster(secured.admin_url, tmp_path)
         try:
@@ -199,10 +235,11 @@ def test_streams_over_tls_with_acl_users(secured: Secured, certificates: Certifi
             stack.close()
 
 
+@pytest.mark.single_server(reason=TLS_ON_ONE_SERVER)
 def test_tls_without_the_ca_is_refused_with_a_clear_message(
     secured: Secured, certificates: Certificates, tmp_path: Path
 ) -> None:
-    with TLSProxy(secured.server.port, certificates, tmp_path) as proxy:
+    with TLSProxy(secured.port, certificates, tmp_path) as proxy:
         result = subprocess.run(
             [sys.executable, "-m", "tokenspool", "gateway"],
             env=clean_env(secured.gateway_url(scheme="rediss", port=proxy.port)),

@@ -148,10 +148,20 @@ class EmbeddedCluster:
 
     SLOTS = 16384
 
-    def __init__(self, nodes: int = 3, *, data_dir: Path | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        nodes: int = 3,
+        *,
+        data_dir: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+        admin: tuple[str, str] | None = None,
+    ) -> None:
+        """``admin``: (user, password) to form the cluster with, when ``extra_args`` turn the default user
+        off (an ACL file)."""
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
         self._own_dir = data_dir is None
+        self._admin = admin
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="tokenspool-cluster-"))
         self.bus_ports = [free_port() for _ in range(nodes)]
         self.nodes = [
@@ -192,7 +202,11 @@ class EmbeddedCluster:
         return self
 
     def _form(self, timeout_s: float) -> None:
-        clients: list[Any] = [redis.Redis(host="127.0.0.1", port=n.port, socket_timeout=2.0) for n in self.nodes]
+        username, password = self._admin or (None, None)
+        clients: list[Any] = [
+            redis.Redis(host="127.0.0.1", port=n.port, socket_timeout=2.0, username=username, password=password)
+            for n in self.nodes
+        ]
         try:
             share = self.SLOTS // len(self.nodes)
             for i, client in enumerate(clients):
