@@ -7,12 +7,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from shared import keys
-from tests.support import Cluster, chat_body, content_of, read_stream, wait_for
+from shared.redis_client import RedisTarget, connect_sync
+from tests.support import Cluster, Proc, chat_body, clean_env, content_of, read_stream, wait_for
 from tokenspool.redis_server import EmbeddedCluster
 
 
@@ -86,3 +88,23 @@ def test_workers_read_each_queue_on_the_node_that_holds_it(stack: Cluster) -> No
             return bool(group["entries-read"] >= 1 and group["pending"] == 0)
 
         wait_for(acknowledged, 10, f"the worker of {model} to read and acknowledge its queue entry")
+
+
+def test_redis_command_serves_an_embedded_cluster(tmp_path: Path) -> None:
+    server = Proc(["redis", "--cluster", "3", "--port", "0"], tmp_path / "redis.log", clean_env(None))
+    try:
+        wait_for(lambda: "export TOKENSPOOL_REDIS_URL=" in server.log(), 30, "the cluster banner")
+        url = server.log().split("export TOKENSPOOL_REDIS_URL=")[1].split()[0]
+        assert url.startswith("redis+cluster://127.0.0.1:")
+        client: Any = connect_sync(RedisTarget(url))
+        try:
+            assert len(client.get_primaries()) == 3
+            client.set("ts:{p1}:probe", "1")
+            client.set("ts:{p2}:probe", "2")
+            assert client.get("ts:{p1}:probe") == b"1" and client.get("ts:{p2}:probe") == b"2"
+        finally:
+            client.close()
+        assert server.stop() == 0
+    finally:
+        if server.alive():
+            server.kill()

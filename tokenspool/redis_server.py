@@ -155,9 +155,10 @@ class EmbeddedCluster:
         data_dir: Path | None = None,
         extra_args: tuple[str, ...] = (),
         admin: tuple[str, str] | None = None,
+        base_port: int = 0,
     ) -> None:
         """``admin``: (user, password) to form the cluster with, when ``extra_args`` turn the default user
-        off (an ACL file)."""
+        off (an ACL file). ``base_port``: the nodes listen on it and the next ports (0: free ports)."""
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
         self._own_dir = data_dir is None
@@ -166,6 +167,7 @@ class EmbeddedCluster:
         self.bus_ports = [free_port() for _ in range(nodes)]
         self.nodes = [
             EmbeddedRedis(
+                base_port + i if base_port else 0,
                 data_dir=self.data_dir / f"node{i}",
                 extra_args=(
                     "--cluster-enabled",
