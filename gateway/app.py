@@ -132,6 +132,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
+    @app.exception_handler(redis.exceptions.ClusterDownError)  # a cluster with uncovered slots
+    @app.exception_handler(redis.exceptions.RedisClusterException)  # no cluster node reachable
     async def redis_down(_request: Request, exc: Exception) -> Response:
         log.warning("Redis unavailable: %s", exc)
         return answer(

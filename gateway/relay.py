@@ -172,7 +172,13 @@ class PartitionReader:
                     OSError,
                 ) as exc:
                     reraise_if_cancelling()
-                    log.warning("partition %d reader: %s; reconnecting in %.2fs", self.partition, exc, backoff_s)
+                    log.warning(
+                        "partition %d reader: %s %s; reconnecting in %.2fs",
+                        self.partition,
+                        type(exc).__name__,
+                        exc,
+                        backoff_s,
+                    )
                     await self._disconnect()
                     await self._nodes.refresh()
                     await asyncio.sleep(backoff_s)

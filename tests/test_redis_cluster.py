@@ -11,10 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
+import redis.cluster
 
 from shared import keys
 from shared.redis_client import RedisTarget, connect_sync
-from tests.support import Cluster, Proc, chat_body, clean_env, content_of, read_stream, wait_for
+from tests.support import Cluster, Proc, chat_body, clean_env, content_of, iter_sse, read_stream, wait_for
 from tokenspool.redis_server import EmbeddedCluster
 
 
@@ -108,3 +110,55 @@ def test_redis_command_serves_an_embedded_cluster(tmp_path: Path) -> None:
     finally:
         if server.alive():
             server.kill()
+
+
+def move_slot(redis_cluster: EmbeddedCluster, slot: int, source_port: int, target_port: int) -> int:
+    """Reshard one slot from one node to another as redis-cli --cluster reshard does (IMPORTING/MIGRATING,
+    MIGRATE its keys, then SETSLOT NODE everywhere); the number of keys moved."""
+    nodes: dict[int, Any] = {
+        port: redis.Redis(host="127.0.0.1", port=port, socket_timeout=5) for port in redis_cluster.ports
+    }
+    try:
+        source, target = nodes[source_port], nodes[target_port]
+        source_id, target_id = source.execute_command("CLUSTER MYID"), target.execute_command("CLUSTER MYID")
+        target.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+        source.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+        moved = 0
+        while batch := source.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+            source.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *batch)
+            moved += len(batch)
+        for node in (target, source, *(n for p, n in nodes.items() if p not in (source_port, target_port))):
+            node.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+        return moved
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
+def test_a_stream_goes_on_when_its_slot_moves_to_another_node(stack: Cluster, redis_cluster: EmbeddedCluster) -> None:
+    stack.worker(model="resharded", sim_itl_ms=40, sim_ttft_ms=5)
+    gateway = stack.gateway()
+    wait_for(lambda: "resharded" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    body = chat_body("moving", max_tokens=60, model="resharded")
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response,
+    ):
+        request_id = response.headers["x-request-id"]
+        events_key = keys.RequestKeys.of(request_id).events
+        items = iter_sse(response)
+        seen = [next(item for item in items if not isinstance(item, str)) for _ in range(5)]
+        before = stack.redis.get_node_from_key(events_key)
+        target_port = next(port for port in redis_cluster.ports if port != int(before.port))
+        moved = move_slot(redis_cluster, redis.cluster.key_slot(events_key.encode()), int(before.port), target_port)
+        seen += [item for item in items if not isinstance(item, str)]
+    assert moved >= 3, "the request's keys (meta, job, events) moved with their slot"
+    owner = redis.Redis(port=target_port).execute_command(
+        "CLUSTER", "COUNTKEYSINSLOT", redis.cluster.key_slot(events_key.encode())
+    )
+    assert owner >= 3
+    assert seen[-1].data == "[DONE]" and "error" not in seen[-2].data, seen[-2].data
+    ids = [event.id for event in seen[:-1]]
+    assert ids == [f"{request_id}:{n}" for n in range(1, 61)], "every event once, in order, across the move"
+    replay = read_stream("GET", f"{gateway.url}/v1/requests/{request_id}/events", headers={"Last-Event-ID": ids[0]})
+    assert [e.id for e in replay.events[:-1]] == ids[1:]
