@@ -310,7 +310,9 @@ def test_checker_classifies_lost_duplicated_and_out_of_order_events() -> None:
     assert classify(rid, ids, stored, 3) == "lost", "fewer tokens than max_tokens"
 
 
-@pytest.mark.single_server(reason="`tokenspool soak` starts its own single embedded server")
+@pytest.mark.single_server(
+    reason="`tokenspool soak` starts its own server; test_redis_cluster.py runs it with --redis-cluster 3"
+)
 def test_soak_command_kills_workers_and_reports_only_ok(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tokenspool", "soak", "--trials", "3", "--streams", "3", "--log-dir", str(tmp_path)],

@@ -4,6 +4,8 @@ whichever node holds it. Always runs on a private 3-node cluster, whatever TOKEN
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -162,3 +164,14 @@ def test_a_stream_goes_on_when_its_slot_moves_to_another_node(stack: Cluster, re
     assert ids == [f"{request_id}:{n}" for n in range(1, 61)], "every event once, in order, across the move"
     replay = read_stream("GET", f"{gateway.url}/v1/requests/{request_id}/events", headers={"Last-Event-ID": ids[0]})
     assert [e.id for e in replay.events[:-1]] == ids[1:]
+
+
+def test_soak_on_a_cluster_kills_workers_and_reports_only_ok(tmp_path: Path) -> None:
+    argv = ["soak", "--redis-cluster", "3", "--trials", "3", "--streams", "3", "--log-dir", str(tmp_path)]
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenspool", *argv], env=clean_env(None), capture_output=True, text=True, timeout=240
+    )
+    logs = "".join(f"\n== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
+    assert result.returncode == 0, result.stdout + result.stderr + logs
+    assert "on a 3-node Redis Cluster" in result.stdout
+    assert "verdicts: ok 9" in result.stdout and "failover gap" in result.stdout, result.stdout
