@@ -99,6 +99,7 @@ class Worker:
         """Pull and run requests until ``stop`` is set or the engine dies; then drain and deregister."""
         self._stop = stop
         await self._ensure_group()
+        await self.store.load_scripts()  # so that the first pipelined append does not meet NOSCRIPT
         await registry.publish(self._client, self.info())
         log.info(
             "worker %s serving model %r with engine %s (capacity %d)",
