@@ -25,7 +25,7 @@ from gateway.relay import Relay
 from gateway.routes import Services, router
 from gateway.streaming import EventReader
 from gateway.submission import SubmissionService
-from shared.redis_client import connect, redact
+from shared.redis_client import NodeConnections, RedisTarget, connect, redact
 from shared.settings import GatewaySettings, is_loopback
 from shared.store import RequestStore
 
@@ -82,17 +82,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     """The gateway app. Raises SettingsError when the API key file cannot be used (the gateway does not start)."""
     assert settings.redis_url is not None, "the CLI resolves the Redis URL before building the app"
     redis_url = settings.redis_url
+    target = RedisTarget.of(settings)
     metrics = GatewayMetrics(settings.metrics_multiproc_dir)
     key_ring = KeyRing.load(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = connect(redis_url)
+        client = connect(target)
         await client.ping()
         store = RequestStore(client, settings)
         relay = Relay(
-            redis_url,
-            client,
+            NodeConnections(target, client, socket_timeout_s=settings.reader_block_ms / 1000 + 10),
             block_ms=settings.reader_block_ms,
             count=settings.replay_batch_events,
             buffer_events=settings.client_buffer_events,
@@ -163,6 +163,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
+    @app.exception_handler(redis.exceptions.ClusterDownError)  # a cluster with uncovered slots
+    @app.exception_handler(redis.exceptions.RedisClusterException)  # no cluster node reachable
     async def redis_down(_request: Request, exc: Exception) -> Response:
         log.warning("Redis unavailable: %s", exc)
         return answer(

@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import redis.asyncio as aredis
-
 from shared import registry, wire
+from shared.redis_client import AsyncRedis
 from shared.store import now_ms
 
 
@@ -25,9 +24,7 @@ class ModelEntry:
 
 
 class ModelCatalog:
-    def __init__(
-        self, client: aredis.Redis, *, worker_ttl_s: float, model_grace_s: float, cache_s: float = 1.0
-    ) -> None:
+    def __init__(self, client: AsyncRedis, *, worker_ttl_s: float, model_grace_s: float, cache_s: float = 1.0) -> None:
         self._client = client
         self._worker_ttl_s = worker_ttl_s
         self._grace_ms = model_grace_s * 1000

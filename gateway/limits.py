@@ -23,7 +23,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import redis.asyncio as aredis
 import redis.exceptions
 from redis.commands.core import AsyncScript
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +31,7 @@ from gateway.auth import Principal
 from gateway.errors import APIError
 from shared import keys
 from shared.aio import reraise_if_cancelling
+from shared.redis_client import AsyncRedis
 from shared.settings import GatewaySettings
 
 log = logging.getLogger("tokenspool.gateway.limits")
@@ -151,7 +151,7 @@ class StreamLease:
 class KeyLimits:
     """Per-key limits shared by every gateway through Redis; one per gateway process."""
 
-    def __init__(self, client: aredis.Redis, settings: GatewaySettings) -> None:
+    def __init__(self, client: AsyncRedis, settings: GatewaySettings) -> None:
         self._redis = client
         self._settings = settings
         self._rate: AsyncScript = client.register_script(_RATE_LUA)

@@ -11,7 +11,13 @@ its last delivered event (everything is in Redis), then subscribes again. A slow
 itself a few range reads and never stalls the reader or another client.
 
 A new subscription must not wait for the reader's current block to time out: the reader's connection
-is unblocked with ``CLIENT UNBLOCK`` from the control connection, and the next XREAD includes it.
+is unblocked with ``CLIENT UNBLOCK`` from a control connection to the same node, and the next XREAD
+includes it.
+
+On a Redis Cluster a partition is one hash slot, so its multi-key XREAD is legal and its reader connects to
+the node that owns the slot (and sends ``CLIENT UNBLOCK`` there). When the slot moves (resharding,
+failover) the node answers ``MOVED`` or stops answering; the reader re-reads the slot map, reconnects to
+the new owner and goes on from its cursors, like after any reconnection.
 """
 
 from __future__ import annotations
@@ -21,12 +27,12 @@ import contextlib
 import logging
 from typing import Any
 
-import redis.asyncio as aredis
 import redis.exceptions
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import AbstractConnection
 
 from shared import keys
 from shared.aio import reraise_if_cancelling
+from shared.redis_client import Address, NodeConnections
 
 log = logging.getLogger("tokenspool.gateway.relay")
 
@@ -68,16 +74,17 @@ class Subscription:
 class PartitionReader:
     """The reader task of one partition."""
 
-    def __init__(self, partition: int, pool: ConnectionPool, control: aredis.Redis, block_ms: int, count: int) -> None:
+    def __init__(self, partition: int, nodes: NodeConnections, block_ms: int, count: int) -> None:
         self.partition = partition
-        self._pool = pool
-        self._control: Any = control
+        self._nodes = nodes
+        self._slot_key = keys.partition_slot_key(partition)
         self._block_ms = block_ms
         self._count = count
         self._subs: dict[bytes, dict[Subscription, None]] = {}
         self._positions: dict[bytes, int] = {}
         self._changed = asyncio.Event()
         self._conn: AbstractConnection | None = None
+        self._address: Address | None = None
         self._client_id: int | None = None
         self._blocked = False
         self._waker: asyncio.Task[None] | None = None
@@ -106,8 +113,11 @@ class PartitionReader:
     async def _unblock(self) -> None:
         """Wake the blocked XREAD so it picks up new subscriptions (retried until the reader is awake)."""
         while self._blocked and self._changed.is_set() and self._client_id is not None:
+            client_id, address = self._client_id, self._address
+            if address is None:
+                return
             try:
-                woke = await self._control.client_unblock(self._client_id)
+                woke = await self._nodes.control(address).client_unblock(client_id)
             except (redis.exceptions.RedisError, OSError):
                 return
             if woke:
@@ -115,14 +125,20 @@ class PartitionReader:
             await asyncio.sleep(0.001)  # the XREAD has not reached the server yet
 
     async def _connect(self) -> AbstractConnection:
-        conn = self._pool.connection_class(**self._pool.connection_kwargs)
-        await conn.connect()  # type: ignore[no-untyped-call]
-        await conn.send_command("CLIENT", "ID")
-        self._client_id = int(await conn.read_response())
+        address = self._nodes.address_for(self._slot_key)
+        conn = await self._nodes.open(address)
+        try:
+            await conn.send_command("CLIENT", "ID")
+            self._client_id = int(await conn.read_response())
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            raise
+        self._address = address
         return conn
 
     async def _disconnect(self) -> None:
-        conn, self._conn, self._client_id = self._conn, None, None
+        conn, self._conn, self._client_id, self._address = self._conn, None, None, None
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
@@ -147,10 +163,24 @@ class PartitionReader:
                     await self._conn.send_command(*args)
                     reply = await self._conn.read_response()
                     backoff_s = 0.05
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                except (
+                    redis.exceptions.ConnectionError,
+                    redis.exceptions.TimeoutError,
+                    redis.exceptions.AskError,  # MOVED too: the slot has a new owner
+                    redis.exceptions.TryAgainError,
+                    redis.exceptions.ClusterDownError,
+                    OSError,
+                ) as exc:
                     reraise_if_cancelling()
-                    log.warning("partition %d reader: %s; reconnecting in %.2fs", self.partition, exc, backoff_s)
+                    log.warning(
+                        "partition %d reader: %s %s; reconnecting in %.2fs",
+                        self.partition,
+                        type(exc).__name__,
+                        exc,
+                        backoff_s,
+                    )
                     await self._disconnect()
+                    await self._nodes.refresh()
                     await asyncio.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, 2.0)
                     continue
@@ -183,10 +213,10 @@ class PartitionReader:
 class Relay:
     """All partition readers of one gateway process."""
 
-    def __init__(self, redis_url: str, control: aredis.Redis, *, block_ms: int, count: int, buffer_events: int) -> None:
-        self._pool = ConnectionPool.from_url(redis_url, socket_timeout=block_ms / 1000 + 10, socket_connect_timeout=5.0)
+    def __init__(self, nodes: NodeConnections, *, block_ms: int, count: int, buffer_events: int) -> None:
+        self._nodes = nodes
         self._buffer_events = buffer_events
-        self._readers = [PartitionReader(p, self._pool, control, block_ms, count) for p in range(keys.PARTITIONS)]
+        self._readers = [PartitionReader(p, nodes, block_ms, count) for p in range(keys.PARTITIONS)]
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -196,7 +226,7 @@ class Relay:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._pool.aclose()
+        await self._nodes.close()
 
     def subscribe(self, request_id: str, cursor: int) -> Subscription:
         partition = keys.partition_of(request_id)

@@ -47,6 +47,12 @@ def partition_of(request_id: str) -> int:
     return int(match.group(2)[0], 16)
 
 
+def partition_slot_key(partition: int) -> str:
+    """A key in the hash slot of ``partition``: every request stream of the partition lives in this slot,
+    so this names the cluster node a partition's reader must talk to."""
+    return f"{PREFIX}:{{p{partition}}}"
+
+
 @dataclass(frozen=True, slots=True)
 class RequestKeys:
     """The keys of one request; all three share one hash slot so one script can touch them together."""

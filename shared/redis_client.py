@@ -1,9 +1,30 @@
-"""Building Redis clients from a URL, and the fail-fast reachability check every process runs at start."""
+"""Building Redis clients: the one factory every process uses, for a single server or a Redis Cluster,
+plain or TLS, with or without an ACL user; and the fail-fast reachability check every process runs at start.
+
+The URL says everything about where and how to connect, so that it is the one thing handed from process to
+process: ``redis://[user:password@]host:port/db`` (one server), ``rediss://`` (TLS), and
+``redis+cluster://`` / ``rediss+cluster://`` (a Redis Cluster, reached through any of its nodes as a seed;
+the client discovers the others). The only other input is the CA bundle that verifies a TLS server
+(``TOKENSPOOL_REDIS_TLS_CA_FILE``), which is a file path and would not read well inside a URL.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit
+
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import parse_url as parse_async_url
+
+from shared.settings import REDIS_SCHEMES, CommonSettings, redis_url_problem
+
+AsyncRedis: TypeAlias = "aredis.Redis | aredis.RedisCluster"
+SyncRedis: TypeAlias = "redis.Redis | redis.RedisCluster"
+Address: TypeAlias = tuple[str, int]
 
 
 class RedisUnreachableError(RuntimeError):
@@ -20,27 +41,156 @@ def redact(url: str) -> str:
     return f"{scheme}://{user + ':***' if user else '***'}@{host}"
 
 
-def connect(url: str, *, socket_timeout_s: float | None = 10.0, max_connections: int = 256) -> aredis.Redis:
-    """An asyncio client with a bounded pool; binary replies (payloads are msgpack)."""
-    return aredis.Redis.from_url(
-        url,
-        decode_responses=False,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=5.0,
-        max_connections=max_connections,
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where Redis is and how to reach it: the URL (its scheme selects cluster mode and TLS) and the CA
+    bundle for TLS."""
+
+    url: str
+    tls_ca_file: str = ""
+
+    def __post_init__(self) -> None:
+        problem = redis_url_problem(self.url, self.tls_ca_file)
+        if problem is not None:
+            raise ValueError(f"{redact(self.url)!r}: {problem}")
+
+    @classmethod
+    def of(cls, settings: CommonSettings) -> RedisTarget:
+        assert settings.redis_url is not None, "the CLI checks that a Redis URL is set"
+        return cls(settings.redis_url, settings.redis_tls_ca_file)
+
+    @property
+    def cluster(self) -> bool:
+        return REDIS_SCHEMES[urlsplit(self.url).scheme]
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme.startswith("rediss")
+
+    @property
+    def plain_url(self) -> str:
+        """The URL redis-py understands (the ``+cluster`` marker removed)."""
+        return self.url.replace("+cluster://", "://", 1)
+
+    def tls_kwargs(self) -> dict[str, Any]:
+        return {"ssl_ca_certs": self.tls_ca_file} if self.tls and self.tls_ca_file else {}
+
+
+def is_cluster(client: AsyncRedis) -> bool:
+    return isinstance(client, aredis.RedisCluster)
+
+
+def connect(target: RedisTarget, *, socket_timeout_s: float | None = 10.0, max_connections: int = 256) -> AsyncRedis:
+    """An asyncio client with bounded pools (per node on a cluster); binary replies (payloads are msgpack)."""
+    common: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": 5.0,
+        "max_connections": max_connections,
+        **target.tls_kwargs(),
+    }
+    if target.cluster:
+        return aredis.RedisCluster.from_url(target.plain_url, **common)
+    # A blocking pool: past max_connections a command waits (up to the socket timeout) for a connection to
+    # come back instead of failing at once with "Too many connections" (500 clients starting together did).
+    pool = aredis.BlockingConnectionPool.from_url(
+        target.plain_url,
+        timeout=socket_timeout_s or 10.0,
         health_check_interval=30,
+        **common,
     )
+    return aredis.Redis(connection_pool=pool)
 
 
-def check_reachable(url: str, *, timeout_s: float = 3.0) -> None:
+def connect_sync(target: RedisTarget, *, socket_timeout_s: float = 5.0) -> SyncRedis:
+    """A blocking client, for the operator commands and tests."""
+    common: dict[str, Any] = {
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": socket_timeout_s,
+        **target.tls_kwargs(),
+    }
+    if target.cluster:
+        return redis.RedisCluster.from_url(target.plain_url, **common)
+    return redis.Redis.from_url(target.plain_url, **common)
+
+
+def check_reachable(target: RedisTarget, *, timeout_s: float = 3.0) -> None:
     """Ping Redis once, synchronously; raise :class:`RedisUnreachableError` with a clear message."""
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        client = connect_sync(target, socket_timeout_s=timeout_s)
     except ValueError as exc:
-        raise RedisUnreachableError(f"invalid Redis URL {redact(url)!r}: {exc}") from exc
+        raise RedisUnreachableError(f"invalid Redis URL {redact(target.url)!r}: {exc}") from exc
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:  # a cluster client reads the
+        # slot map as it is built
+        raise RedisUnreachableError(f"cannot reach Redis at {redact(target.url)}: {exc}") from exc
     try:
         client.ping()
-    except redis.RedisError as exc:
-        raise RedisUnreachableError(f"cannot reach Redis at {redact(url)}: {exc}") from exc
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        raise RedisUnreachableError(f"cannot reach Redis at {redact(target.url)}: {exc}") from exc
     finally:
         client.close()
+
+
+class NodeConnections:
+    """Dedicated connections to the node that serves a given key: what a blocking reader needs, since a
+    blocked connection must never go back to a shared pool, and ``CLIENT UNBLOCK`` must reach the same node
+    as the connection it wakes. On one server every key is on the one node; on a cluster the node comes
+    from the client's slot map, which :meth:`refresh` re-reads after a ``MOVED`` (resharding, failover)."""
+
+    def __init__(self, target: RedisTarget, client: AsyncRedis, *, socket_timeout_s: float) -> None:
+        self._target = target
+        self._client = client
+        self._options: dict[str, Any] = {
+            **parse_async_url(target.plain_url),
+            "socket_timeout": socket_timeout_s,
+            "socket_connect_timeout": 5.0,
+            **target.tls_kwargs(),
+        }
+        self._pools: dict[Address, ConnectionPool] = {}
+        self._controls: dict[Address, aredis.Redis] = {}
+
+    def address_for(self, key: str) -> Address:
+        if isinstance(self._client, aredis.RedisCluster):
+            node = self._client.get_node_from_key(key)
+            if node is None:
+                raise redis.exceptions.ConnectionError(f"no cluster node serves the slot of {key!r} yet")
+            return node.host, int(node.port)
+        return str(self._options.get("host", "localhost")), int(self._options.get("port", 6379))
+
+    async def refresh(self) -> None:
+        """Re-read the cluster's slot map (no-op on one server)."""
+        if isinstance(self._client, aredis.RedisCluster):
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await self._client.nodes_manager.initialize()
+
+    def _pool(self, address: Address) -> ConnectionPool:
+        pool = self._pools.get(address)
+        if pool is None:
+            options = dict(self._options)
+            if self._target.cluster:
+                options.pop("db", None)
+            options["host"], options["port"] = address
+            pool = ConnectionPool(max_connections=64, **options)
+            self._pools[address] = pool
+        return pool
+
+    async def open(self, address: Address) -> AbstractConnection:
+        """A new connection of its own (never pooled) to ``address``, connected."""
+        pool = self._pool(address)
+        conn = pool.connection_class(**pool.connection_kwargs)
+        await conn.connect()  # type: ignore[no-untyped-call]
+        return conn
+
+    def control(self, address: Address) -> aredis.Redis:
+        """A pooled client for short commands (``CLIENT UNBLOCK``) to the node at ``address``."""
+        client = self._controls.get(address)
+        if client is None:
+            client = aredis.Redis(connection_pool=self._pool(address))
+            self._controls[address] = client
+        return client
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.aclose()
+        self._pools.clear()
+        self._controls.clear()

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import redis.asyncio as aredis
-
 from shared import keys, wire
+from shared.redis_client import AsyncRedis
 
 
-async def publish(client: aredis.Redis, info: wire.WorkerInfo) -> None:
+async def publish(client: AsyncRedis, info: wire.WorkerInfo) -> None:
     await client.hset(keys.workers_key(), info.worker_id, wire.encode(info))
 
 
-async def read_all(client: aredis.Redis) -> list[wire.WorkerInfo]:
+async def read_all(client: AsyncRedis) -> list[wire.WorkerInfo]:
     """Every registered worker, live or not; entries that do not decode are skipped."""
     raw: dict[bytes, bytes] = await client.hgetall(keys.workers_key())  # type: ignore[assignment]
     out: list[wire.WorkerInfo] = []
@@ -23,7 +22,7 @@ async def read_all(client: aredis.Redis) -> list[wire.WorkerInfo]:
     return out
 
 
-async def take_command(client: aredis.Redis, worker_id: str) -> str | None:
+async def take_command(client: AsyncRedis, worker_id: str) -> str | None:
     """The operator command waiting for this worker, removed as it is read."""
     pipe = client.pipeline(transaction=True)
     pipe.hget(keys.commands_key(), worker_id)

@@ -17,7 +17,8 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Final, Literal, TypeVar, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "TOKENSPOOL_"
 
@@ -29,6 +30,21 @@ class SettingsError(ValueError):
 def setting(default: Any, help: str, *, minimum: float | None = None, flag: str | None = None) -> Any:
     """A settings field: its default, its help text, an optional lower bound and flag name."""
     return field(default=default, metadata={"help": help, "minimum": minimum, "flag": flag})
+
+
+REDIS_SCHEMES: Final = {"redis": False, "rediss": False, "redis+cluster": True, "rediss+cluster": True}
+"""The Redis URL schemes tokenspool accepts, and whether each means a Redis Cluster."""
+
+
+def redis_url_problem(url: str, tls_ca_file: str) -> str | None:
+    """What is wrong with this Redis URL and CA file together, or None."""
+    scheme = urlsplit(url).scheme
+    if scheme not in REDIS_SCHEMES:
+        shown = scheme + "://" if scheme else "no scheme"
+        return f"expected a redis://, rediss://, redis+cluster:// or rediss+cluster:// URL, got {shown}"
+    if tls_ca_file and not scheme.startswith("rediss"):
+        return "a TLS CA file is set (TOKENSPOOL_REDIS_TLS_CA_FILE) but the URL is not rediss://"
+    return None
 
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -105,7 +121,12 @@ EngineName = Literal["sim", "vllm"]
 @dataclass(frozen=True, slots=True)
 class CommonSettings:
     redis_url: str | None = setting(
-        None, "Redis URL (redis:// or rediss://); `up` starts an embedded server when unset"
+        None,
+        "Redis URL: redis://[user:password@]host:port/db, rediss:// for TLS, redis+cluster:// or "
+        "rediss+cluster:// for a Redis Cluster (any node as the seed); `up` starts an embedded server when unset",
+    )
+    redis_tls_ca_file: str = setting(
+        "", "CA bundle (PEM) that verifies the Redis server's TLS certificate (rediss://; default: the system's)"
     )
     log_level: LogLevel = setting("info", "log level")
     log_format: Literal["plain", "json"] = setting("plain", "log line format")
@@ -129,6 +150,11 @@ class CommonSettings:
         "a request nobody is attached to for this long is cancelled (unless created with background)",
         minimum=0.0,
     )
+
+    def __post_init__(self) -> None:
+        problem = None if self.redis_url is None else redis_url_problem(self.redis_url, self.redis_tls_ca_file)
+        if problem is not None:
+            raise SettingsError(f"TOKENSPOOL_REDIS_URL (--redis-url): {problem}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +229,7 @@ class GatewaySettings(CommonSettings):
     )
 
     def __post_init__(self) -> None:
+        CommonSettings.__post_init__(self)
         for origin in self.cors_origin_list():
             if origin != "*" and re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin) is None:
                 raise SettingsError(
@@ -261,6 +288,7 @@ class WorkerSettings(CommonSettings):
     )
 
     def __post_init__(self) -> None:
+        CommonSettings.__post_init__(self)
         parse_cpu_list(self.engine_cpus)
 
 

@@ -13,11 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-import redis.asyncio as aredis
-import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from shared import keys, wire
+from shared.redis_client import AsyncRedis, is_cluster
 from shared.settings import CommonSettings
 
 RequestState = Literal["queued", "running", "done", "cancelled", "failed"]
@@ -226,7 +225,7 @@ class Append:
 class RequestStore:
     """The operations on request records; one per process, built on that process's Redis client."""
 
-    def __init__(self, client: aredis.Redis, settings: CommonSettings) -> None:
+    def __init__(self, client: AsyncRedis, settings: CommonSettings) -> None:
         self.redis = client
         # redis-py's annotations do not model binary replies; replies are checked where they are parsed.
         self._r: Any = client
@@ -243,8 +242,13 @@ class RequestStore:
     async def create(
         self, job: wire.Job, *, stream_format: StreamFormat, owner: str, include_usage: bool
     ) -> RequestMeta:
-        """Record a new request and enqueue it on its model's queue, in one round trip; the metadata written
-        (so a stream of it can start without reading it back)."""
+        """Record a new request, then enqueue it on its model's queue; the metadata written (so a stream of
+        it can start without reading it back).
+
+        On one server, one pipelined round trip (one connection keeps the order). On a cluster, two, in
+        this order: the queue may live on another node than the request's keys, and a cluster pipeline
+        runs each node's share in parallel, so a worker could otherwise pull the entry before the request
+        it names exists."""
         rk = keys.RequestKeys.of(job.request_id)
         payload = wire.encode(job)
         fields: dict[str, Any] = {
@@ -263,9 +267,13 @@ class RequestStore:
         pipe.hset(rk.meta, mapping=fields)
         pipe.pexpire(rk.meta, self.running_ttl_ms)
         pipe.set(rk.job, payload, px=self.running_ttl_ms)
-        pipe.xadd(keys.queue_key(job.model), {"d": payload})
+        cluster = is_cluster(self.redis)
+        if not cluster:
+            pipe.xadd(keys.queue_key(job.model), {"d": payload})
         try:
             await pipe.execute()
+            if cluster:
+                await self._r.xadd(keys.queue_key(job.model), {"d": payload})
         except BaseException:
             await self._r.delete(rk.meta, rk.job)
             raise
@@ -442,23 +450,19 @@ class RequestStore:
 
         The answer for each append, in order, is ``(last_seq, cancel_requested)`` on success, ``(code,
         last_seq)`` with a negative code when the request refused it (see ``_APPEND_LUA``), or the Redis
-        error its partition's call met. The script is called by hash (no ``SCRIPT EXISTS`` round trip per
-        call); if the server lost it (a restart), it is loaded again and the calls retried once."""
+        error its partition's call met (NOSCRIPT from a node that does not know the script: the caller
+        runs :meth:`load_scripts` and sends again). The script is called by hash, as a raw EVALSHA that a
+        cluster pipeline routes by its keys (no ``SCRIPT EXISTS`` round trip per call, as redis-py's script
+        helper would make; and that helper is refused in cluster pipelines)."""
         groups: dict[int, list[int]] = {}
         for index, item in enumerate(appends):
             groups.setdefault(keys.partition_of(item.request_id), []).append(index)
         calls: list[list[int]] = list(groups.values())
-        results: list[Any] = []
-        for attempt in range(2):
-            pipe: Any = self.redis.pipeline(transaction=False)
-            for members in calls:
-                script_keys, args = self._append_call([appends[i] for i in members], maxlen)
-                pipe.evalsha(self._append.sha, len(script_keys), *script_keys, *args)
-            results = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
-                await self.redis.script_load(_APPEND_LUA)
-                continue
-            break
+        pipe: Any = self._r.pipeline(transaction=False)
+        for members in calls:
+            script_keys, args = self._append_call([appends[i] for i in members], maxlen)
+            pipe.execute_command("EVALSHA", self._append.sha, len(script_keys), *script_keys, *args)
+        results = await pipe.execute(raise_on_error=False)
         out: list[tuple[int, int] | Exception] = [ValueError("not sent")] * len(appends)
         for members, result in zip(calls, results, strict=True):
             for position, index in enumerate(members):
@@ -483,6 +487,12 @@ class RequestStore:
             refresh = 1 if item.refresh_ttl else 0
             args += [item.attempt, item.first_seq, len(item.payloads), refresh, *final_fields, *item.payloads]
         return script_keys, args
+
+    async def load_scripts(self) -> None:
+        """Load the scripts into the server (every primary of a cluster): after a restart, a failover or a
+        new node, pipelined EVALSHAs answer NOSCRIPT until this ran."""
+        for script in (self._append, self._claim, self._cancel, self._renew):
+            await self._r.script_load(script.script)
 
     async def cancel_flags(self, request_ids: list[str]) -> dict[str, bool]:
         """Which of these running requests a client asked to cancel."""

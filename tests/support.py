@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 import httpx
 import orjson
-import redis
 
 from shared import keys, registry, wire
+from shared.redis_client import RedisTarget, connect_sync
 from tokenspool.redis_server import free_port
 
 T = TypeVar("T")
@@ -109,22 +109,31 @@ class Worker:
 class Cluster:
     """Gateways and workers on one Redis URL; everything started is stopped by :meth:`close`."""
 
-    def __init__(self, redis_url: str, log_dir: Path) -> None:
+    def __init__(self, redis_url: str, log_dir: Path, *, env: dict[str, str] | None = None) -> None:
         self.redis_url = redis_url
         self.log_dir = log_dir
-        self.redis = redis.Redis.from_url(redis_url)
+        self.env = env or {}
+        """Extra variables for every process started (e.g. the TLS CA file)."""
+        self.redis: Any = connect_sync(
+            RedisTarget(redis_url, self.env.get("TOKENSPOOL_REDIS_TLS_CA_FILE", "")), socket_timeout_s=10
+        )
         self.procs: list[Proc] = []
         self._count = 0
 
     def _proc(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         self._count += 1
-        proc = Proc(argv, self.log_dir / f"{self._count:02d}-{name}.log", env or clean_env(self.redis_url))
+        proc = Proc(argv, self.log_dir / f"{self._count:02d}-{name}.log", env or self.child_env())
         self.procs.append(proc)
         return proc
 
-    def gateway(self, *, wait: bool = True, **settings: Any) -> Gateway:
+    def child_env(self) -> dict[str, str]:
+        return {**clean_env(self.redis_url), **self.env}
+
+    def gateway(self, *, wait: bool = True, env: dict[str, str] | None = None, **settings: Any) -> Gateway:
         port = settings.pop("port", None) or free_port()
-        proc = self._proc("gateway", ["gateway", "--port", str(port), *flags(settings)])
+        proc = self._proc(
+            "gateway", ["gateway", "--port", str(port), *flags(settings)], {**self.child_env(), **(env or {})}
+        )
         gateway = Gateway(proc, f"http://127.0.0.1:{port}")
         if wait:
 
@@ -142,7 +151,7 @@ class Cluster:
     def worker(self, *, wait: bool = True, env: dict[str, str] | None = None, **settings: Any) -> Worker:
         self._count += 1
         worker_id = settings.setdefault("worker_id", f"test-worker-{os.getpid()}-{self._count}")
-        proc = self._proc("worker", ["worker", *flags(settings)], {**clean_env(self.redis_url), **(env or {})})
+        proc = self._proc("worker", ["worker", *flags(settings)], {**self.child_env(), **(env or {})})
         worker = Worker(proc, worker_id)
         if wait:
 

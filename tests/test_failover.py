@@ -179,6 +179,7 @@ def test_a_request_that_keeps_killing_workers_is_dead_lettered(cluster: Cluster,
     assert "DEAD LETTERS" in table.stdout and MODEL in table.stdout
 
 
+@pytest.mark.single_server(reason="it restarts its own server empty at the same address")
 def test_redis_losing_its_data_ends_open_streams_and_workers_recover(tmp_path: Path) -> None:
     from tokenspool.redis_server import EmbeddedRedis, free_port
 
@@ -256,6 +257,7 @@ def read_resuming(gateway: Gateway, body: dict[str, object]) -> tuple[str, list[
     return request_id, ids, resumes
 
 
+@pytest.mark.single_server(reason="it kills and restarts its own server from its append-only file")
 def test_redis_killed_and_restarted_with_aof_loses_no_acknowledged_event(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -308,6 +310,9 @@ def test_checker_classifies_lost_duplicated_and_out_of_order_events() -> None:
     assert classify(rid, ids, stored, 3) == "lost", "fewer tokens than max_tokens"
 
 
+@pytest.mark.single_server(
+    reason="`tokenspool soak` starts its own server; test_redis_cluster.py runs it with --redis-cluster 3"
+)
 def test_soak_command_kills_workers_and_reports_only_ok(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tokenspool", "soak", "--trials", "3", "--streams", "3", "--log-dir", str(tmp_path)],

@@ -21,6 +21,7 @@ from redis.crc import key_slot
 from gateway.chunks import ChunkRenderer, completion_body
 from gateway.sse import DONE_FRAME, comment_frame, data_frame, event_frame
 from shared import keys, wire
+from shared.redis_client import RedisTarget
 from shared.settings import (
     CommonSettings,
     GatewaySettings,
@@ -1093,3 +1094,47 @@ def test_a_retry_loop_stops_when_cancelled_even_if_the_cancel_arrives_as_a_timeo
 
     asyncio.run(scenario())
     assert retries == 0, "the loop never saw a real timeout"
+
+
+@pytest.mark.parametrize(
+    ("url", "cluster", "tls"),
+    [
+        ("redis://127.0.0.1:6379/0", False, False),
+        ("rediss://gw:secret@redis.internal:6380/0", False, True),
+        ("redis+cluster://10.0.0.1:7000", True, False),
+        ("rediss+cluster://gw:secret@10.0.0.1:7000", True, True),
+    ],
+)
+def test_redis_url_scheme_selects_cluster_mode_and_tls(url: str, cluster: bool, tls: bool) -> None:
+    target = RedisTarget(url)
+    assert (target.cluster, target.tls) == (cluster, tls)
+    assert "+cluster" not in target.plain_url and target.plain_url.split("://")[1] == url.split("://")[1]
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"TOKENSPOOL_REDIS_URL": "http://127.0.0.1:6379"}, "got http://"),
+        ({"TOKENSPOOL_REDIS_URL": "127.0.0.1:6379"}, "redis+cluster://"),
+        ({"TOKENSPOOL_REDIS_URL": "redis://h:1", "TOKENSPOOL_REDIS_TLS_CA_FILE": "/ca.pem"}, "not rediss://"),
+    ],
+)
+def test_settings_refuse_a_redis_url_that_cannot_work(environ: dict[str, str], message: str) -> None:
+    for cls in (GatewaySettings, WorkerSettings):
+        with pytest.raises(SettingsError, match=re.escape(message)) as raised:
+            load_settings(cls, environ)
+        assert "TOKENSPOOL_REDIS_URL" in str(raised.value)
+
+
+def test_redis_target_never_shows_the_password_in_its_errors() -> None:
+    with pytest.raises(ValueError) as raised:
+        RedisTarget("redis+sentinel://gw:hunter2@h:1")
+    assert "hunter2" not in str(raised.value) and "gw:***@h:1" in str(raised.value)
+
+
+@pytest.mark.parametrize("cls", [CommonSettings, GatewaySettings, WorkerSettings])
+def test_every_process_refuses_a_redis_url_it_cannot_use(cls: type[CommonSettings]) -> None:
+    with pytest.raises(SettingsError, match="expected a redis://"):
+        load_settings(cls, {"TOKENSPOOL_REDIS_URL": "http://127.0.0.1:6379"})
+    with pytest.raises(SettingsError, match="not rediss://"):
+        load_settings(cls, {"TOKENSPOOL_REDIS_URL": "redis://127.0.0.1:6379", "TOKENSPOOL_REDIS_TLS_CA_FILE": "ca.pem"})

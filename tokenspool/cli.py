@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.redis_client import RedisUnreachableError, check_reachable
+from shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable
 from shared.settings import (
     CommonSettings,
     GatewaySettings,
@@ -54,10 +54,14 @@ def _require_redis(command: str, settings: CommonSettings) -> int | None:
             "for you, `tokenspool redis` starts one alone",
         )
     try:
-        check_reachable(settings.redis_url)
+        check_reachable(RedisTarget.of(settings))
     except RedisUnreachableError as exc:
         return _fail(command, str(exc))
     return None
+
+
+def _target(settings: CommonSettings) -> RedisTarget | None:
+    return RedisTarget.of(settings) if settings.redis_url else None
 
 
 def run_gateway(settings: GatewaySettings) -> int:
@@ -110,21 +114,33 @@ def run_worker(settings: WorkerSettings) -> int:
         return runner.run(serve(settings))
 
 
-def run_redis(port: int, data_dir: str | None, appendonly: bool) -> int:
+def run_redis(port: int, data_dir: str | None, appendonly: bool, cluster_nodes: int) -> int:
     import signal
     import threading
 
-    from tokenspool.redis_server import EmbeddedRedis
+    from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis
 
-    server = EmbeddedRedis(port, data_dir=Path(data_dir) if data_dir else None, appendonly=appendonly).start()
+    directory = Path(data_dir) if data_dir else None
+    if cluster_nodes < 0:
+        return _fail("redis", f"--cluster must be at least 1, got {cluster_nodes}")
+    server: EmbeddedRedis | EmbeddedCluster
+    if cluster_nodes:
+        aof = ("--appendonly", "yes") if appendonly else ()
+        server = EmbeddedCluster(cluster_nodes, data_dir=directory, extra_args=aof, base_port=port).start()
+        processes = [node.process for node in server.nodes]
+        what = f"an embedded Redis Cluster of {cluster_nodes} node(s) (valkey) on ports {server.ports}"
+    else:
+        server = EmbeddedRedis(port, data_dir=directory, appendonly=appendonly).start()
+        processes = [server.process]
+        what = "embedded Redis-compatible server (valkey)"
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    print(f"embedded Redis-compatible server (valkey) at {server.url}")
+    print(f"{what} at {server.url}")
     print(f"  export TOKENSPOOL_REDIS_URL={server.url}")
     sys.stdout.flush()
     try:
-        while not stop.is_set() and server.process is not None and server.process.poll() is None:
+        while not stop.is_set() and all(p is not None and p.poll() is None for p in processes):
             stop.wait(0.5)
     finally:
         server.stop()
@@ -178,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     redis_cmd.add_argument("--port", type=int, default=6379, help="port (0 picks a free one)")
     redis_cmd.add_argument("--dir", default=None, help="data directory (default: a temporary one, removed at exit)")
     redis_cmd.add_argument("--appendonly", action="store_true", help="persist with an append-only file (everysec)")
+    redis_cmd.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run a Redis Cluster of N nodes on --port and the next ports instead (slots split evenly)",
+    )
 
     gateway = sub.add_parser("gateway", help="run one gateway process (FastAPI on uvicorn)")
     _add_setting_flags(gateway, GatewaySettings, hidden={"fd"})
@@ -241,9 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             common = load_settings(CommonSettings, environ, {"redis_url": args.redis_url})
             if args.command == "rebalance":
-                return control.rebalance(common.redis_url, common.worker_ttl_s)
+                return control.rebalance(_target(common), common.worker_ttl_s)
             return control.drain(
-                common.redis_url,
+                _target(common),
                 args.worker_id,
                 migrate=args.migrate,
                 wait=args.wait,
@@ -254,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tokenspool.status import run as run_status
 
             common = load_settings(CommonSettings, environ, {"redis_url": args.redis_url})
-            return run_status(common.redis_url, args.json, common.worker_ttl_s)
+            return run_status(_target(common), args.json, common.worker_ttl_s)
         if args.command == "up":
             from tokenspool.supervisor import run_stack
 
@@ -262,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         return _fail(args.command, str(exc))
     if args.command == "redis":
-        return run_redis(args.port, args.dir, args.appendonly)
+        return run_redis(args.port, args.dir, args.appendonly, args.cluster)
     if args.command == "make-test-model":
         from tokenspool.model_maker import make_test_model
 

@@ -7,10 +7,8 @@ import sys
 import time
 from typing import Any
 
-import redis
-
 from shared import keys, registry, wire
-from shared.redis_client import RedisUnreachableError, check_reachable
+from shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable, connect_sync
 
 
 def _workers(client: Any) -> dict[str, wire.WorkerInfo]:
@@ -24,20 +22,22 @@ def _workers(client: Any) -> dict[str, wire.WorkerInfo]:
     return out
 
 
-def _connect(url: str | None, command: str) -> Any:
-    if not url:
+def _connect(target: RedisTarget | None, command: str) -> Any:
+    if target is None:
         raise SystemExit(f"tokenspool {command}: TOKENSPOOL_REDIS_URL (or --redis-url) is required")
     try:
-        check_reachable(url)
+        check_reachable(target)
     except RedisUnreachableError as exc:
         raise SystemExit(f"tokenspool {command}: {exc}") from None
-    return redis.Redis.from_url(url, socket_timeout=5)
+    return connect_sync(target)
 
 
-def drain(url: str | None, worker_id: str, *, migrate: bool, wait: bool, timeout_s: float, ttl_s: float) -> int:
+def drain(
+    target: RedisTarget | None, worker_id: str, *, migrate: bool, wait: bool, timeout_s: float, ttl_s: float
+) -> int:
     """Ask one worker to stop pulling and exit: after finishing its requests, or (``migrate``) after
     handing them to other workers at once. With ``wait``, return when it has stopped."""
-    client = _connect(url, "drain")
+    client = _connect(target, "drain")
     try:
         info = _workers(client).get(worker_id)
         if info is None or not registry.is_live(info, int(time.time() * 1000), ttl_s):
@@ -77,8 +77,8 @@ def plan_rebalance(workers: list[wire.WorkerInfo]) -> dict[str, int]:
     return plan
 
 
-def rebalance(url: str | None, ttl_s: float) -> int:
-    client = _connect(url, "rebalance")
+def rebalance(target: RedisTarget | None, ttl_s: float) -> int:
+    client = _connect(target, "rebalance")
     try:
         now = int(time.time() * 1000)
         live = [w for w in _workers(client).values() if registry.is_live(w, now, ttl_s) and w.state == "active"]

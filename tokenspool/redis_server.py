@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 
@@ -105,6 +106,8 @@ class EmbeddedRedis:
                 try:
                     client.ping()
                     return self
+                except redis.AuthenticationError:
+                    return self  # it answered: a server whose default user is off (an ACL file) is up
                 except redis.ConnectionError:
                     if time.monotonic() > deadline:
                         self.stop()
@@ -127,6 +130,118 @@ class EmbeddedRedis:
                 shutil.rmtree(self.data_dir)
 
     def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedCluster:
+    """A private Redis Cluster: ``nodes`` primaries of the bundled server in cluster mode on loopback, the
+    16384 slots split evenly between them. ``with EmbeddedCluster() as cluster: cluster.url``.
+
+    Each node is an :class:`EmbeddedRedis` with ``--cluster-enabled yes``; the cluster is formed with
+    ``CLUSTER ADDSLOTSRANGE`` on every node and ``CLUSTER MEET`` from the first, and is ready when every node
+    reports ``cluster_state:ok`` and knows every other node's slots."""
+
+    SLOTS = 16384
+
+    def __init__(
+        self,
+        nodes: int = 3,
+        *,
+        data_dir: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+        admin: tuple[str, str] | None = None,
+        base_port: int = 0,
+    ) -> None:
+        """``admin``: (user, password) to form the cluster with, when ``extra_args`` turn the default user
+        off (an ACL file). ``base_port``: the nodes listen on it and the next ports (0: free ports)."""
+        if nodes < 1:
+            raise ValueError("a cluster needs at least one node")
+        self._own_dir = data_dir is None
+        self._admin = admin
+        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="tokenspool-cluster-"))
+        self.bus_ports = [free_port() for _ in range(nodes)]
+        self.nodes = [
+            EmbeddedRedis(
+                base_port + i if base_port else 0,
+                data_dir=self.data_dir / f"node{i}",
+                extra_args=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                    "--cluster-port",  # the default (port + 10000) may be taken, or above 65535
+                    str(self.bus_ports[i]),
+                    *extra_args,
+                ),
+            )
+            for i in range(nodes)
+        ]
+
+    @property
+    def url(self) -> str:
+        """A seed URL; ``redis+cluster://`` tells tokenspool's client factory to use a cluster client."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    def start(self, timeout_s: float = 20.0) -> EmbeddedCluster:
+        try:
+            for node in self.nodes:
+                node.start()
+            self._form(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _form(self, timeout_s: float) -> None:
+        username, password = self._admin or (None, None)
+        clients: list[Any] = [
+            redis.Redis(host="127.0.0.1", port=n.port, socket_timeout=2.0, username=username, password=password)
+            for n in self.nodes
+        ]
+        try:
+            share = self.SLOTS // len(self.nodes)
+            for i, client in enumerate(clients):
+                first = i * share
+                last = self.SLOTS - 1 if i == len(clients) - 1 else first + share - 1
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+            for node, bus_port in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
+                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, bus_port)
+            deadline = time.monotonic() + timeout_s
+            while not all(self._node_ready(client) for client in clients):
+                if time.monotonic() > deadline:
+                    raise EmbeddedServerError(f"the cluster on ports {self.ports} did not become ready")
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+
+    def _node_ready(self, client: Any) -> bool:
+        info = client.execute_command("CLUSTER", "INFO")
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        if "cluster_state:ok" not in text:
+            return False
+        slots = client.execute_command("CLUSTER", "SLOTS")
+        return len(slots) == len(self.nodes)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        if self._own_dir:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(self.data_dir)
+
+    def __enter__(self) -> EmbeddedCluster:
         return self.start()
 
     def __exit__(

@@ -1,5 +1,6 @@
 """``tokenspool soak``: kill workers with SIGKILL mid-stream, many times, on a private stack (embedded
-server, sim workers, one gateway), and check every stream with :mod:`tokenspool.checker`.
+server, or with ``--redis-cluster N`` an embedded N-node Redis Cluster; sim workers, one gateway), and check
+every stream with :mod:`tokenspool.checker`.
 
 It prints the verdicts, the failover gap (from the kill to the next event the client receives; p50 and
 max) and the totals, and exits non-zero on any verdict but ``ok``.
@@ -8,6 +9,7 @@ max) and the totals, and exits non-zero on any verdict but ``ok``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import signal
@@ -22,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 
 from shared import keys, wire
+from shared.redis_client import RedisTarget, connect_sync
 from tokenspool.checker import classify
-from tokenspool.redis_server import EmbeddedRedis, free_port
+from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis, free_port
 
 MODEL = "soak-sim"
 
@@ -168,15 +170,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease-timeout-s", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--log-dir", default=None, help="keep the processes' logs here (default: discarded)")
+    parser.add_argument(
+        "--redis-cluster", type=int, default=0, metavar="N", help="run on an embedded N-node Redis Cluster"
+    )
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     verdicts: Counter[str] = Counter()
     gaps: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="tokenspool-soak-") as scratch, EmbeddedRedis() as server:
+    with contextlib.ExitStack() as resources:
+        scratch = resources.enter_context(tempfile.TemporaryDirectory(prefix="tokenspool-soak-"))
+        server = EmbeddedCluster(args.redis_cluster) if args.redis_cluster > 0 else EmbeddedRedis()
+        resources.enter_context(server)
         log_dir = Path(args.log_dir or scratch)
         log_dir.mkdir(parents=True, exist_ok=True)
         stack = Stack(server.url, log_dir, args.lease_timeout_s)
-        client = redis.Redis.from_url(server.url)
+        client: Any = connect_sync(RedisTarget(server.url))
         base = f"http://127.0.0.1:{stack.gateway_port}"
         try:
             for _ in range(args.workers):
@@ -204,9 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             stack.close()
             client.close()
     verdicts = +verdicts
+    where = f"a {args.redis_cluster}-node Redis Cluster" if args.redis_cluster > 0 else "one Redis server"
     print(
         f"{args.trials} worker kills, {args.trials * args.streams} streams of {args.max_tokens} tokens "
-        f"in {elapsed:.0f}s (lease timeout {args.lease_timeout_s:g}s)"
+        f"in {elapsed:.0f}s (lease timeout {args.lease_timeout_s:g}s) on {where}"
     )
     print("verdicts: " + ", ".join(f"{name} {count}" for name, count in sorted(verdicts.items())))
     if gaps:

@@ -9,12 +9,21 @@ import orjson
 import redis
 
 from shared import keys, registry, wire
-from shared.redis_client import RedisUnreachableError, check_reachable
+from shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable, connect_sync
 
 
-def collect(url: str, worker_ttl_s: float) -> dict[str, Any]:
-    check_reachable(url)
-    client: Any = redis.Redis.from_url(url, socket_timeout=5)
+def used_memory_bytes(client: Any) -> int:
+    """The server's memory, summed over the primaries of a cluster (replicas hold copies)."""
+    if isinstance(client, redis.RedisCluster):
+        per_node: Any = client.info("memory", target_nodes=redis.RedisCluster.PRIMARIES)
+        return sum(int(info["used_memory"]) for info in per_node.values())
+    memory: Any = client.info("memory")
+    return int(memory["used_memory"])
+
+
+def collect(target: RedisTarget, worker_ttl_s: float) -> dict[str, Any]:
+    check_reachable(target)
+    client: Any = connect_sync(target)
     try:
         now = int(time.time() * 1000)
         infos = []
@@ -64,12 +73,11 @@ def collect(url: str, worker_ttl_s: float) -> dict[str, Any]:
                 "dead_letters": int(client.xlen(keys.dead_letter_key(model))),
             }
         retained = sum(1 for _ in client.scan_iter(match=f"{keys.PREFIX}:{{p*}}:r:*:ev", count=1000))
-        memory: Any = client.info("memory")
         return {
             "workers": workers,
             "models": models,
             "retained_streams": retained,
-            "redis_used_memory_bytes": int(memory["used_memory"]),
+            "redis_used_memory_bytes": used_memory_bytes(client),
         }
     finally:
         client.close()
@@ -100,14 +108,14 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(url: str | None, as_json: bool, worker_ttl_s: float) -> int:
+def run(target: RedisTarget | None, as_json: bool, worker_ttl_s: float) -> int:
     import sys
 
-    if not url:
+    if target is None:
         print("tokenspool status: TOKENSPOOL_REDIS_URL (or --redis-url) is required", file=sys.stderr)
         return 2
     try:
-        status = collect(url, worker_ttl_s)
+        status = collect(target, worker_ttl_s)
     except RedisUnreachableError as exc:
         print(f"tokenspool status: {exc}", file=sys.stderr)
         return 2

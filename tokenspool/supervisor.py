@@ -27,7 +27,7 @@ from types import FrameType
 import redis
 
 from shared import keys, registry, wire
-from shared.redis_client import RedisUnreachableError, check_reachable
+from shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable
 from shared.settings import GatewaySettings, WorkerSettings, load_settings
 from tokenspool.redis_server import EmbeddedRedis
 
@@ -132,7 +132,7 @@ def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         env["TOKENSPOOL_REDIS_URL"] = server.url
     else:
         try:
-            check_reachable(env["TOKENSPOOL_REDIS_URL"])
+            check_reachable(RedisTarget.of(gateway_settings))
         except RedisUnreachableError as exc:
             print(f"tokenspool up: {exc}", file=sys.stderr)
             return 2

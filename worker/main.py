@@ -9,7 +9,7 @@ import secrets
 import signal
 import socket
 
-from shared.redis_client import connect
+from shared.redis_client import RedisTarget, connect
 from shared.settings import WorkerSettings
 from worker.engines.base import Engine, EngineDeadError
 from worker.service import PULL_BLOCK_MS, Worker
@@ -39,8 +39,9 @@ async def serve(settings: WorkerSettings) -> int:
     if engine.name == "sim":
         log.warning("engine: SIMULATED (deterministic filler words for broker tests and demos, not a model)")
     await engine.start()
-    client = connect(settings.redis_url)
-    pull_client = connect(settings.redis_url, socket_timeout_s=PULL_BLOCK_MS / 1000 + 10, max_connections=4)
+    target = RedisTarget.of(settings)
+    client = connect(target)
+    pull_client = connect(target, socket_timeout_s=PULL_BLOCK_MS / 1000 + 10, max_connections=4)
     worker = Worker(settings, engine, client, pull_client, settings.worker_id or default_worker_id())
     if settings.metrics_port is not None:
         worker.metrics.serve(settings.metrics_port, settings.metrics_host)

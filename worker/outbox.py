@@ -94,6 +94,7 @@ class Outbox:
         self._wake = asyncio.Event()
         self.round_trips = 0
         self.observe_flush: Callable[[float], None] | None = None
+        self._reloaded_scripts = False
 
     def open(self, request_id: str, attempt: int, last_seq: int) -> RequestLog:
         return RequestLog(request_id=request_id, attempt=attempt, next_seq=last_seq + 1)
@@ -155,8 +156,19 @@ class Outbox:
             log.debug(
                 "round trip %d: %d requests, %d events", self.round_trips, len(sent), sum(n for _, n, _, _ in sent)
             )
+        # A node that does not know the append script (restarted, or the new owner of a resharded slot):
+        # load the scripts and resend at once, unless that was already tried in the last round trip.
+        reload = not self._reloaded_scripts and any(isinstance(r, redis.exceptions.NoScriptError) for r in results)
+        if reload:
+            log.info("Redis did not know the append script (a new or restarted node); loading it and resending")
+            await self._store.load_scripts()
+        self._reloaded_scripts = reload
         failed: list[str] = []
         for (entry, count, terminal, first_seq), append, result in zip(sent, appends, results, strict=True):
+            if reload and isinstance(result, redis.exceptions.NoScriptError):
+                self._dirty[entry] = None
+                self._wake.set()
+                continue
             if isinstance(result, Exception):
                 failed.append(f"{entry.request_id}: {result}")
                 self._dirty[entry] = None

@@ -14,12 +14,12 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aredis
 import redis.exceptions
 
 from shared import keys, registry, wire
 from shared.aio import reraise_if_cancelling
 from shared.logs import about, content
+from shared.redis_client import AsyncRedis
 from shared.settings import WorkerSettings
 from shared.store import FinalState, RequestStore, now_ms
 from worker.engines.base import Engine, EngineDeadError, EngineError, EngineRequest
@@ -51,7 +51,7 @@ class Worker:
     """
 
     def __init__(
-        self, settings: WorkerSettings, engine: Engine, client: aredis.Redis, pull_client: aredis.Redis, worker_id: str
+        self, settings: WorkerSettings, engine: Engine, client: AsyncRedis, pull_client: AsyncRedis, worker_id: str
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -99,6 +99,7 @@ class Worker:
         """Pull and run requests until ``stop`` is set or the engine dies; then drain and deregister."""
         self._stop = stop
         await self._ensure_group()
+        await self.store.load_scripts()  # so that the first pipelined append does not meet NOSCRIPT
         await registry.publish(self._client, self.info())
         log.info(
             "worker %s serving model %r with engine %s (capacity %d)",
