@@ -1,9 +1,11 @@
-"""The multiplexed reader: one blocking XREAD per hash slot for all live connections of this process.
+"""The multiplexed reader: one blocking XREAD for all live connections of this process (one per hash slot on
+a Redis Cluster).
 
-A gateway never holds a blocked Redis connection per client. Each partition (hash slot) of request
-streams has one reader task with one dedicated connection; it blocks on a single XREAD over the event
-streams of every subscription in its partition, each from the last id seen (never ``$``, which can miss
-entries between two reads), and hands what arrives to the subscriptions' buffers.
+A gateway never holds a blocked Redis connection per client. On one server a single reader task with one
+dedicated connection blocks on a single XREAD over the event streams of every subscription, each from the
+last id seen (never ``$``, which can miss entries between two reads), and hands what arrives to the
+subscriptions' buffers: a worker's flush of one engine step wakes it once. On a cluster each partition
+(hash slot) has its own reader, since a multi-key XREAD must stay in one slot.
 
 A buffer is bounded. The reader never waits for a client: when a subscription's buffer is full the
 reader drops the buffer and detaches it, and the connection catches up on its own with range reads from
@@ -72,12 +74,15 @@ class Subscription:
 
 
 class PartitionReader:
-    """The reader task of one partition."""
+    """The reader task of a group of partitions: all sixteen on one server (one XREAD wakes for every
+    stream the gateway relays: one round trip per worker flush instead of one per partition), one on a
+    cluster (a multi-key XREAD must stay in one hash slot)."""
 
-    def __init__(self, partition: int, nodes: NodeConnections, block_ms: int, count: int) -> None:
-        self.partition = partition
+    def __init__(self, partitions: tuple[int, ...], nodes: NodeConnections, block_ms: int, count: int) -> None:
+        self.partitions = partitions
+        self.label = str(partitions[0]) if len(partitions) == 1 else f"{partitions[0]}-{partitions[-1]}"
         self._nodes = nodes
-        self._slot_key = keys.partition_slot_key(partition)
+        self._slot_key = keys.partition_slot_key(partitions[0])
         self._block_ms = block_ms
         self._count = count
         self._subs: dict[bytes, dict[Subscription, None]] = {}
@@ -173,8 +178,8 @@ class PartitionReader:
                 ) as exc:
                     reraise_if_cancelling()
                     log.warning(
-                        "partition %d reader: %s %s; reconnecting in %.2fs",
-                        self.partition,
+                        "partition %s reader: %s %s; reconnecting in %.2fs",
+                        self.label,
                         type(exc).__name__,
                         exc,
                         backoff_s,
@@ -216,11 +221,13 @@ class Relay:
     def __init__(self, nodes: NodeConnections, *, block_ms: int, count: int, buffer_events: int) -> None:
         self._nodes = nodes
         self._buffer_events = buffer_events
-        self._readers = [PartitionReader(p, nodes, block_ms, count) for p in range(keys.PARTITIONS)]
+        groups = [(p,) for p in range(keys.PARTITIONS)] if nodes.cluster else [tuple(range(keys.PARTITIONS))]
+        self._readers = [PartitionReader(group, nodes, block_ms, count) for group in groups]
+        self._reader_of = [reader for reader in self._readers for _ in reader.partitions]
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(r.run(), name=f"relay partition {r.partition}") for r in self._readers]
+        self._tasks = [asyncio.create_task(r.run(), name=f"relay partitions {r.label}") for r in self._readers]
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -231,16 +238,15 @@ class Relay:
     def subscribe(self, request_id: str, cursor: int) -> Subscription:
         partition = keys.partition_of(request_id)
         sub = Subscription(keys.RequestKeys.of(request_id).events.encode(), partition, cursor, self._buffer_events)
-        self._readers[partition].add(sub)
+        self._reader_of[partition].add(sub)
         return sub
 
     def nudge(self, request_id: str) -> None:
         """Make the reader of this request's partition re-issue its XREAD now."""
-        reader = self._readers[keys.partition_of(request_id)]
-        reader.wake()
+        self._reader_of[keys.partition_of(request_id)].wake()
 
     def unsubscribe(self, sub: Subscription) -> None:
-        self._readers[sub.partition].remove(sub)
+        self._reader_of[sub.partition].remove(sub)
 
     @property
     def subscriptions(self) -> int:

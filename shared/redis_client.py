@@ -149,6 +149,10 @@ class NodeConnections:
         self._pools: dict[Address, ConnectionPool] = {}
         self._controls: dict[Address, aredis.Redis] = {}
 
+    @property
+    def cluster(self) -> bool:
+        return self._target.cluster
+
     def address_for(self, key: str) -> Address:
         if isinstance(self._client, aredis.RedisCluster):
             node = self._client.get_node_from_key(key)
