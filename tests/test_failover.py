@@ -122,7 +122,13 @@ def test_stalled_worker_resumed_after_losing_its_lease_cannot_write(cluster: Clu
     assert_complete(cluster, request_id, [e.id for e in seen[:-1]], 60)
     wait_for(lambda: "abandoned by this worker" in stalled.proc.log(), 10, "the stale worker to stand down")
     assert stalled.proc.alive(), "a fenced worker goes on serving"
-    assert cluster.redis.xpending(keys.queue_key(MODEL), keys.WORKER_GROUP)["pending"] == 0
+    # The new holder acknowledges the entry just after the end event the client has read (a round trip
+    # later, which on a cluster is a pipeline to another node): wait for it rather than race it.
+    wait_for(
+        lambda: cluster.redis.xpending(keys.queue_key(MODEL), keys.WORKER_GROUP)["pending"] == 0,
+        5,
+        "the queue entry to be acknowledged by its new holder",
+    )
     again = read_stream(
         "POST", gateway.url + "/v1/chat/completions", json=chat_body("after the stall", max_tokens=5, model=MODEL)
     )
