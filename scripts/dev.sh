@@ -69,13 +69,13 @@ case "${1:-}" in
         "$VENV/bin/mypy"
         "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@"
         # The end-to-end and fault files again, on a 3-node Redis Cluster (tests/conftest.py): everything a
-        # client, a gateway or a worker does, plus the ACL file. Tests that need a single server of their own
-        # (restarting it, TLS through stunnel) say why in their single_server marker.
+        # client, a gateway or a worker does, plus the ACL file, API keys and limits. Tests that need a single
+        # server of their own (restarting it, TLS through stunnel) say why in their single_server marker.
         TOKENSPOOL_TEST_REDIS=cluster exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile \
             tests/test_openai_api.py tests/test_resume.py tests/test_disconnects.py \
             tests/test_concurrency_and_faults.py tests/test_failover.py tests/test_lifecycle.py \
             tests/test_operations.py tests/test_websocket.py tests/test_grpc.py tests/test_client.py \
-            tests/test_secured_redis.py ;;
+            tests/test_secured_redis.py tests/test_auth.py tests/test_limits.py ;;
     *)
         echo "usage: sh scripts/dev.sh up [tokenspool up flags] | test [pytest args for the first pass] | install" >&2
         exit 2 ;;
