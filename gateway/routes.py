@@ -46,10 +46,13 @@ _BEARER = HTTPBearer(auto_error=False, description="an API key, when the gateway
 """Declares the scheme in the OpenAPI document; the header itself is read by :func:`caller`."""
 
 
-def caller(
+async def caller(
     request: Request, _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 ) -> Principal:
-    """The API key a request carries (``Authorization: Bearer``); 401 without a valid one when keys are set."""
+    """The API key a request carries (``Authorization: Bearer``); 401 without a valid one when keys are set.
+
+    ``async`` although it awaits nothing: FastAPI runs a plain ``def`` dependency in a worker thread, a
+    thread hop on every request's path to its first token."""
     return services(request).keys.from_authorization(request.headers.get("authorization"))
 
 

@@ -68,8 +68,9 @@ class SubmissionService:
             )
         self._check_against_model(body, models[body.model])
         idem_key: str | None = None
-        fingerprint = self._fingerprint(body)
+        fingerprint = ""
         if idempotency_key is not None:
+            fingerprint = self._fingerprint(body)
             if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
                 raise APIError(
                     400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", param="Idempotency-Key"
