@@ -40,6 +40,42 @@ class Submitted:
     """What was stored for a request created now (None for an earlier one: read it from Redis)."""
 
 
+class QueueDepth:
+    """How many requests of each model wait, for the queue limit: read from Redis on most submissions only
+    when the queue is getting full.
+
+    Reading the depth (``XLEN`` + ``XPENDING``) costs a round trip on every request's path to its first
+    token, and nearly always finds the queue far from full. A reading therefore stays good for ``fresh_s``
+    (``TOKENSPOOL_QUEUE_DEPTH_FRESH_MS``)
+    as long as it, plus the requests this gateway admitted since, stays under half the limit; from there on
+    every submission reads it. Gateways do not share their counts, so a burst through several gateways can
+    pass the limit by up to half of it per gateway before a reading sees it: the limit is backpressure, not
+    an exact quota.
+    """
+
+    def __init__(self, store: RequestStore, *, limit: int, fresh_s: float) -> None:
+        self._store = store
+        self._half = limit / 2
+        self._fresh_s = fresh_s
+        self._readings: dict[str, tuple[float, int]] = {}  # model -> (when read, waiting then)
+        self._admitted: dict[str, int] = {}  # model -> admitted since that reading
+
+    async def waiting(self, model: str) -> int:
+        """The model's waiting requests (an estimate while far from the limit), counting this one as admitted."""
+        now = time.monotonic()
+        read_at, waiting = self._readings.get(model, (float("-inf"), 0))
+        estimate = waiting + self._admitted.get(model, 0)
+        if now - read_at > self._fresh_s or estimate >= self._half:
+            estimate = await self._store.queue_waiting(model)
+            self._readings[model] = (now, estimate)
+            self._admitted[model] = 0
+            if len(self._readings) > 10_000:  # models come and go; never let this grow without bound
+                self._readings = {model: self._readings[model]}
+                self._admitted = {model: 0}
+        self._admitted[model] = self._admitted.get(model, 0) + 1
+        return estimate
+
+
 class SubmissionService:
     def __init__(
         self, store: RequestStore, catalog: ModelCatalog, limits: KeyLimits, settings: GatewaySettings
@@ -48,6 +84,9 @@ class SubmissionService:
         self.catalog = catalog
         self.limits = limits
         self.settings = settings
+        self.queue_depth = QueueDepth(
+            store, limit=settings.max_queue_depth, fresh_s=settings.queue_depth_fresh_ms / 1000
+        )
 
     async def submit(
         self,
@@ -79,7 +118,7 @@ class SubmissionService:
             earlier = await self._earlier(idem_key, fingerprint)
             if earlier is not None:
                 return Submitted(earlier, created=False)
-        waiting = await self.store.queue_waiting(body.model)
+        waiting = await self.queue_depth.waiting(body.model)
         if waiting >= self.settings.max_queue_depth:
             raise APIError(
                 429,

@@ -169,6 +169,12 @@ class GatewaySettings(CommonSettings):
     )
     max_body_bytes: int = setting(1_048_576, "largest request body accepted (413 above)", minimum=1)
     max_queue_depth: int = setting(1000, "waiting requests per model before new ones get 429", minimum=1)
+    queue_depth_fresh_ms: float = setting(
+        100.0,
+        "how long a reading of a queue's depth is reused while the queue is under half of max_queue_depth "
+        "(0: read it on every submission)",
+        minimum=0.0,
+    )
     replay_batch_events: int = setting(256, "events per Redis range read when replaying", minimum=1)
     client_buffer_events: int = setting(
         1024, "events buffered per client before it is switched to catch-up reads from Redis", minimum=1

@@ -147,3 +147,23 @@ def test_unreachable_redis_is_503_and_not_ready(tmp_path: Any) -> None:
     finally:
         cluster.close()
         server.stop()
+
+
+def test_a_nearly_empty_queue_is_not_read_on_every_submission(cluster: Cluster) -> None:
+    """Far from max_queue_depth, a reading of the queue's depth is reused (here for a minute), so a request's
+    path to its first token saves that round trip; near the limit every submission reads it (the test
+    above: exactly max_queue_depth requests wait)."""
+    cluster.worker(model="roomy", sim_itl_ms=0, sim_ttft_ms=0)
+    gateway = cluster.gateway(queue_depth_fresh_ms=60_000, max_queue_depth=100)
+    with httpx.Client(timeout=30) as client:
+        wait_for(lambda: "roomy" in client.get(gateway.url + "/v1/models").text, 10, "the model to be listed")
+
+        def depth_reads() -> int:
+            stats: Any = cluster.redis.info("commandstats")
+            return int(stats.get("cmdstat_xlen", {}).get("calls", 0))
+
+        before = depth_reads()
+        for _ in range(20):
+            response = client.post(gateway.url + "/v1/chat/completions", json=chat_body(model="roomy", max_tokens=2))
+            assert response.status_code == 200, response.text
+        assert depth_reads() - before <= 1

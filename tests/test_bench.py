@@ -90,6 +90,7 @@ def test_relay_and_streams_scenarios_report_the_gateway_against_the_ceiling(tmp_
     assert result.returncode == 0, result.stdout + result.stderr
     held = {row["target"]: row for row in orjson.loads(streams.read_bytes())["rows"]}
     assert held["tokenspool"]["streams"] == 40 and held["naive"]["streams"] == 40
+    assert held["tokenspool"]["failed_to_open"] == 0 and held["naive"]["failed_to_open"] == 0
     assert held["tokenspool"]["gateway_rss_open_mb"] > 0
 
 

@@ -34,7 +34,7 @@ from shared.settings import SettingsError, parse_cpu_list
 from tokenspool.bench import targets as tg
 from tokenspool.bench.load import LoadResult, LoadSpec, chat_body, run_load
 from tokenspool.bench.report import plot_latency, table
-from tokenspool.bench.sse_client import open_stream
+from tokenspool.bench.sse_client import StreamError, open_stream
 
 TARGET_NAMES = ("tokenspool", "floor", "naive")
 SUMMED = {"requests", "ok", "errors", "lost_events", "duplicated_events"}
@@ -428,10 +428,11 @@ async def _streams(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             # Half, then all: the second half's growth is the marginal cost of a stream, without the one-off
             # growth the first opens cause (connection pools, allocator arenas).
             half = args.streams // 2
-            writers = await _hold_streams(target, engine.model, 1000, half)
+            failures: list[str] = []
+            writers = await _hold_streams(target, engine.model, 1000, half, failures)
             await asyncio.sleep(2.0)  # a few token steps with every stream open
             half_rss = tg.rss_bytes(target.pid("gateway"))
-            writers += await _hold_streams(target, engine.model, 1000 + half, args.streams - half)
+            writers += await _hold_streams(target, engine.model, 1000 + half, args.streams - half, failures)
             open_s = time.perf_counter() - opened_at
             await asyncio.sleep(2.0)
             open_rss = tg.rss_bytes(target.pid("gateway"))
@@ -440,11 +441,13 @@ async def _streams(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                 {
                     "target": name,
                     "streams": len(writers),
+                    "failed_to_open": len(failures),
+                    "first_failures": sorted(set(failures))[:3],
                     "seconds_to_open_all": open_s,
                     "gateway_rss_idle_mb": idle_rss / 2**20,
                     "gateway_rss_open_mb": open_rss / 2**20,
                     "gateway_bytes_per_open_stream": (open_rss - idle_rss) / len(writers),
-                    "gateway_marginal_bytes_per_stream": (open_rss - half_rss) / max(1, args.streams - half),
+                    "gateway_marginal_bytes_per_stream": (open_rss - half_rss) / max(1, len(writers) - half),
                     "redis_bytes_per_open_stream": (redis_open - redis_before) / len(writers),
                 }
             )
@@ -459,15 +462,23 @@ async def _streams(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     return {"rows": rows}
 
 
-async def _hold_streams(target: tg.Target, model: str, first: int, count: int) -> list[asyncio.StreamWriter]:
-    """Open ``count`` long streams (64 connecting at a time) and keep them open; the caller closes them."""
+async def _hold_streams(
+    target: tg.Target, model: str, first: int, count: int, failures: list[str] | None = None
+) -> list[asyncio.StreamWriter]:
+    """Open ``count`` long streams (64 connecting at a time) and keep them open; the caller closes them.
+    A stream that fails to open is recorded in ``failures`` (or raises, without a list to record it in)."""
     semaphore = asyncio.Semaphore(64)
     writers: list[asyncio.StreamWriter] = []
 
     async def hold(index: int) -> None:
         async with semaphore:
             body = chat_body(model, first + index, 1000)
-            writers.append(await open_stream("127.0.0.1", target.port, target.path, body, 120))
+            try:
+                writers.append(await open_stream("127.0.0.1", target.port, target.path, body, 120))
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, StreamError) as exc:
+                if failures is None:
+                    raise
+                failures.append(f"{type(exc).__name__}: {exc}"[:200])
 
     try:
         await asyncio.gather(*(hold(i) for i in range(count)))
@@ -574,6 +585,7 @@ def main(argv: list[str]) -> int:
                     [
                         ("target", "target"),
                         ("streams", "streams"),
+                        ("failed_to_open", "failed"),
                         ("seconds_to_open_all", "s to open"),
                         ("gateway_rss_idle_mb", "gateway RSS idle MB"),
                         ("gateway_rss_open_mb", "open MB"),
