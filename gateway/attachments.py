@@ -36,14 +36,17 @@ class Attachments:
     def _attached_until(self) -> int:
         return now_ms() + int(self._refresh_s * 3000) + self._grace_ms
 
-    def attach(self, request_id: str) -> str:
-        """Count a new connection as attached. The write goes on in the background, off the path to the
-        first token: a request nobody has attached to yet is never taken for a zombie."""
+    def attach(self, request_id: str, *, announce: bool = True) -> str:
+        """Count a new connection as attached. With ``announce`` the write goes on in the background, off
+        the path to the first token; without it (the stream of a request submitted on this connection) it
+        waits for the next renewal: a request nobody has attached to yet is never taken for a zombie, so a
+        short request costs no attachment write at all, only the one its end (detach) makes."""
         connection_id = secrets.token_hex(8)
         self._live[connection_id] = request_id
-        self._attaching[connection_id] = self._background(
-            self._write([(request_id, connection_id, self._attached_until())])
-        )
+        if announce:
+            self._attaching[connection_id] = self._background(
+                self._write([(request_id, connection_id, self._attached_until())])
+            )
         return connection_id
 
     def detach(self, connection_id: str) -> None:

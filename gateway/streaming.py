@@ -56,6 +56,8 @@ class ResumePoint:
     meta: RequestMeta
     after_seq: int
     first_batch: Batch
+    submitted_here: bool = False
+    """The request was created by this very connection (nobody can have been attached to it before)."""
 
 
 class EventReader:
@@ -120,7 +122,7 @@ class EventReader:
         now (no read back, nothing to replay), else (an Idempotency-Key named an earlier one) from Redis."""
         if meta is None:
             return await self.open(request_id, None, owner)
-        return ResumePoint(meta, 0, [])
+        return ResumePoint(meta, 0, [], submitted_here=True)
 
     async def batches(self, point: ResumePoint, tick_s: float) -> AsyncIterator[Batch]:
         """Contiguous batches of (seq, payload) until the terminal event; an empty batch every idle ``tick_s``.
@@ -221,7 +223,7 @@ class EventReader:
         seen_event = point.after_seq > 0
         try:
             if not point.meta.terminal:
-                connection_id = self.attachments.attach(point.meta.request_id)
+                connection_id = self.attachments.attach(point.meta.request_id, announce=not point.submitted_here)
             async for batch in self.batches(point, tick_s):
                 now = time.monotonic()
                 if batch:
@@ -303,7 +305,7 @@ class EventReader:
     async def collect(self, point: ResumePoint) -> tuple[list[wire.Event], wire.Event]:
         """Wait for a request to end; (its delta events, its terminal event)."""
         deltas: list[wire.Event] = []
-        connection_id = self.attachments.attach(point.meta.request_id)
+        connection_id = self.attachments.attach(point.meta.request_id, announce=not point.submitted_here)
         try:
             async for batch in self.batches(point, tick_s=max(self.settings.heartbeat_s, 1.0)):
                 for _seq, payload in batch:
