@@ -8,7 +8,8 @@ token event small (tens of bytes), and the version lets a later release read wha
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field, is_dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Any, Final, Literal, TypeVar
 
 import msgpack
@@ -132,8 +133,12 @@ P = TypeVar("P", Job, Event, WorkerInfo)
 
 
 def _plain(value: Any) -> Any:
+    """Tuples and nested dataclasses as lists: what ``astuple`` then tuple-to-list gives, without the deep
+    copies ``astuple`` makes (which cost a gateway ~0.1 ms per submitted job)."""
     if isinstance(value, tuple):
         return [_plain(item) for item in value]
+    if is_dataclass(value) and not isinstance(value, type):
+        return [_plain(getattr(value, f.name)) for f in dataclass_fields(value)]
     return value
 
 
@@ -155,7 +160,7 @@ def encode(payload: Payload) -> bytes:
             fields.append([[lp.token, lp.logprob, [list(alt) for alt in lp.top]] for lp in payload.logprobs])
             fields.append(payload.text_offset)
     else:
-        fields = [_plain(value) for value in astuple(payload)]
+        fields = [_plain(getattr(payload, f.name)) for f in dataclass_fields(payload)]
     packed: bytes = msgpack.packb([WIRE_VERSION, tag, *fields], use_bin_type=True)
     return packed
 

@@ -1138,3 +1138,29 @@ def test_every_process_refuses_a_redis_url_it_cannot_use(cls: type[CommonSetting
         load_settings(cls, {"TOKENSPOOL_REDIS_URL": "http://127.0.0.1:6379"})
     with pytest.raises(SettingsError, match="not rediss://"):
         load_settings(cls, {"TOKENSPOOL_REDIS_URL": "redis://127.0.0.1:6379", "TOKENSPOOL_REDIS_TLS_CA_FILE": "ca.pem"})
+
+
+def test_a_job_encodes_exactly_as_its_fields_as_nested_lists() -> None:
+    """The encoder walks the dataclasses itself (no deep copies); the bytes are those of the plain lists."""
+    import dataclasses
+
+    import msgpack
+
+    job = wire.Job(
+        request_id=keys.new_request_id("chat"),
+        kind="chat",
+        model="m",
+        prompt="",
+        messages=(wire.ChatMessage("system", "be brief"), wire.ChatMessage("user", "hi")),
+        sampling=wire.SamplingOptions(max_tokens=5, stop=("a", "b"), stop_token_ids=(1, 2), seed=7),
+        created_s=1,
+        enqueued_ms=2,
+    )
+
+    def as_lists(value: object) -> object:
+        return [as_lists(item) for item in value] if isinstance(value, tuple) else value
+
+    reference = [as_lists(value) for value in dataclasses.astuple(job)]
+    version, _tag, *fields = msgpack.unpackb(wire.encode(job), raw=False)
+    assert version == wire.WIRE_VERSION and fields == reference
+    assert wire.decode(wire.encode(job), wire.Job) == job
