@@ -14,8 +14,7 @@ import orjson
 
 from gateway.sse import DONE_FRAME, event_frame
 from shared import keys
-
-_STREAM_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+from tokenspool.bench.asgi import STREAM_HEADERS, answer_lifespan, empty_response, read_body, serve
 
 
 def prebuilt_frames(count: int) -> list[bytes]:
@@ -41,44 +40,25 @@ class CeilingApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            await receive()
-            await send({"type": "lifespan.startup.complete"})
-            await receive()
-            await send({"type": "lifespan.shutdown.complete"})
+            await answer_lifespan(receive, send)
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await read_body(receive)
         if scope["path"] != "/v1/chat/completions":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
+            await empty_response(send, 200)
             return
         count = min(int(orjson.loads(raw)["max_tokens"]), len(self.frames))
-        await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
+        await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
         for frame in self.frames[:count]:
             await send({"type": "http.response.body", "body": frame, "more_body": True})
         await send({"type": "http.response.body", "body": DONE_FRAME, "more_body": False})
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     parser = argparse.ArgumentParser(prog="python -m tokenspool.bench.ceiling", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--max-events", type=int, default=10_000)
     args = parser.parse_args(argv)
-    uvicorn.run(
-        CeilingApp(args.max_events),
-        host="127.0.0.1",
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-    )
+    serve(CeilingApp(args.max_events), args.port)
 
 
 if __name__ == "__main__":

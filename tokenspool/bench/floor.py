@@ -17,12 +17,9 @@ import orjson
 from gateway.sse import DONE_FRAME, event_frame
 from shared import keys, wire
 from shared.settings import WorkerSettings, load_settings
+from tokenspool.bench.asgi import STREAM_HEADERS, ASGIMessage, answer_lifespan, empty_response, read_body, serve
 from worker.engines.base import EngineRequest
 from worker.engines.sim import SimEngine
-
-ASGIMessage = dict[str, Any]
-
-_STREAM_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
 class FloorApp:
@@ -33,23 +30,12 @@ class FloorApp:
 
     async def __call__(self, scope: ASGIMessage, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            await receive()  # lifespan.startup: nothing to start
-            await send({"type": "lifespan.startup.complete"})
-            await receive()  # lifespan.shutdown
-            await send({"type": "lifespan.shutdown.complete"})
+            await answer_lifespan(receive, send)
             return
         if scope["path"] != "/v1/chat/completions" or scope["method"] != "POST":
-            status = 200 if scope["path"] == "/healthz" else 404
-            await send({"type": "http.response.start", "status": status, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
+            await empty_response(send, 200 if scope["path"] == "/healthz" else 404)
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        body = orjson.loads(raw)
+        body = orjson.loads(await read_body(receive))
         request_id = keys.new_request_id("chat")
         request = EngineRequest(
             request_id=request_id,
@@ -64,7 +50,7 @@ class FloorApp:
             "created": int(time.time()),
             "model": body["model"],
         }
-        await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
+        await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
         seq = 0
         async for delta in self.engine.generate(request):
             seq += 1
@@ -79,8 +65,6 @@ class FloorApp:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     parser = argparse.ArgumentParser(prog="python -m tokenspool.bench.floor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--sim-ttft-ms", default="50")
@@ -89,15 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings(
         WorkerSettings, {}, {"sim_ttft_ms": args.sim_ttft_ms, "sim_itl_ms": args.sim_itl_ms, "max_num_seqs": "100000"}
     )
-    uvicorn.run(
-        FloorApp(SimEngine(settings)),
-        host="127.0.0.1",
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-    )
+    serve(FloorApp(SimEngine(settings)), args.port)
 
 
 if __name__ == "__main__":
