@@ -138,15 +138,12 @@ class Outbox:
 
     async def _flush(self, batch: list[RequestLog]) -> None:
         appends: list[Append] = []
-        sent: list[tuple[RequestLog, int, bool, int]] = []
         now = time.monotonic()
         for entry in batch:
             payloads = list(entry.unflushed)
             first_seq = entry.next_seq - len(payloads)
-            terminal = entry.final is not None
             refresh = now - entry.ttl_renewed_at >= self._ttl_renew_s
             appends.append(Append(entry.request_id, entry.attempt, first_seq, payloads, entry.final, refresh))
-            sent.append((entry, len(payloads), terminal, first_seq))
         started = time.perf_counter()
         results = await self._store.append_many(appends, self._maxlen)
         if self.observe_flush is not None:
@@ -154,7 +151,10 @@ class Outbox:
         self.round_trips += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "round trip %d: %d requests, %d events", self.round_trips, len(sent), sum(n for _, n, _, _ in sent)
+                "round trip %d: %d requests, %d events",
+                self.round_trips,
+                len(appends),
+                sum(len(append.payloads) for append in appends),
             )
         # A node that does not know the append script (restarted, or the new owner of a resharded slot):
         # load the scripts and resend at once, unless that was already tried in the last round trip.
@@ -164,7 +164,8 @@ class Outbox:
             await self._store.load_scripts()
         self._reloaded_scripts = reload
         failed: list[str] = []
-        for (entry, count, terminal, first_seq), append, result in zip(sent, appends, results, strict=True):
+        for entry, append, result in zip(batch, appends, results, strict=True):
+            count, first_seq, terminal = len(append.payloads), append.first_seq, append.final is not None
             if reload and isinstance(result, redis.exceptions.NoScriptError):
                 self._dirty[entry] = None
                 self._wake.set()

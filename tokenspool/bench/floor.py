@@ -15,10 +15,9 @@ from typing import Any
 import orjson
 
 from gateway.sse import DONE_FRAME, event_frame
-from shared import keys, wire
-from shared.settings import WorkerSettings, load_settings
+from shared import keys
 from tokenspool.bench.asgi import STREAM_HEADERS, ASGIMessage, answer_lifespan, empty_response, read_body, serve
-from worker.engines.base import EngineRequest
+from tokenspool.bench.sim import chat_request, sim_engine
 from worker.engines.sim import SimEngine
 
 
@@ -37,13 +36,7 @@ class FloorApp:
             return
         body = orjson.loads(await read_body(receive))
         request_id = keys.new_request_id("chat")
-        request = EngineRequest(
-            request_id=request_id,
-            kind="chat",
-            prompt="",
-            messages=tuple(wire.ChatMessage(m["role"], m["content"]) for m in body["messages"]),
-            sampling=wire.SamplingOptions(max_tokens=body.get("max_tokens"), ignore_eos=bool(body.get("ignore_eos"))),
-        )
+        request = chat_request(request_id, body)
         base = {
             "id": request_id,
             "object": "chat.completion.chunk",
@@ -70,10 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sim-ttft-ms", default="50")
     parser.add_argument("--sim-itl-ms", default="20")
     args = parser.parse_args(argv)
-    settings = load_settings(
-        WorkerSettings, {}, {"sim_ttft_ms": args.sim_ttft_ms, "sim_itl_ms": args.sim_itl_ms, "max_num_seqs": "100000"}
-    )
-    serve(FloorApp(SimEngine(settings)), args.port)
+    serve(FloorApp(sim_engine(args.sim_ttft_ms, args.sim_itl_ms)), args.port)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from gateway.sse import DONE_FRAME, event_frame
-from shared import wire
-from shared.settings import WorkerSettings, load_settings
-from worker.engines.base import EngineRequest
-from worker.engines.sim import SimEngine
+from tokenspool.bench.sim import chat_request, sim_engine
 
 QUEUE = "naive-relay:queue"
 GROUP = "workers"
@@ -89,24 +86,14 @@ def gateway_app(redis_url: str) -> FastAPI:
 
 
 async def run_worker(redis_url: str, consumer: str, sim_ttft_ms: str, sim_itl_ms: str) -> None:
-    settings = load_settings(
-        WorkerSettings, {}, {"sim_ttft_ms": sim_ttft_ms, "sim_itl_ms": sim_itl_ms, "max_num_seqs": "100000"}
-    )
-    engine = SimEngine(settings)
+    engine = sim_engine(sim_ttft_ms, sim_itl_ms)
     client: Any = aredis.Redis.from_url(redis_url, max_connections=100_000)
     with contextlib.suppress(aredis.ResponseError):  # another worker created it
         await client.xgroup_create(QUEUE, GROUP, id="0", mkstream=True)
     running: set[asyncio.Task[None]] = set()
 
     async def generate(entry_id: bytes, job: dict[str, Any]) -> None:
-        body = job["body"]
-        request = EngineRequest(
-            request_id=job["id"],
-            kind="chat",
-            prompt="",
-            messages=tuple(wire.ChatMessage(m["role"], m["content"]) for m in body["messages"]),
-            sampling=wire.SamplingOptions(max_tokens=body.get("max_tokens"), ignore_eos=bool(body.get("ignore_eos"))),
-        )
+        request = chat_request(job["id"], job["body"])
         name = stream_name(job["id"])
         async for delta in engine.generate(request):
             message = {"done": False, "text": delta.text, "finish": delta.finish_reason}

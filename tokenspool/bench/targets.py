@@ -108,7 +108,7 @@ class Target:
                 if check():
                     return
             except (OSError, urllib.error.URLError, redis.exceptions.ConnectionError):
-                pass
+                pass  # not listening yet
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} did not become ready within {timeout_s:g}s (logs in {self.log_dir})")
 
