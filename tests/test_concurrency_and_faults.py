@@ -52,7 +52,7 @@ def test_a_client_slower_than_its_buffer_still_gets_every_event(cluster: Cluster
     replay = read_stream("GET", f"{gateway.url}/v1/requests/{request_id}/events")
     assert [e.raw for e in replay.events] == [e.raw for e in live.events]
     # Whether this run overflowed the 4-event buffer depends on how the worker's writes were batched;
-    # the overflow mechanism itself is checked deterministically in test_units.
+    # the overflow mechanism itself is checked deterministically in test_relay.
 
 
 def test_gateway_killed_mid_stream_resumes_on_another(cluster: Cluster, stack: Stack) -> None:

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from schemathesis.checks import positive_data_acceptance
 
 from shared import keys
+from tests.sse_spec import parse_sse
 from tests.support import Cluster
-from tests.test_units import parse_sse
 
 KEY = "sk-fuzz-" + secrets.token_hex(16)
 OTHER_KEY = "sk-fuzz-other-" + secrets.token_hex(16)

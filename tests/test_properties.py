@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from gateway.sse import comment_frame, data_frame, event_frame
 from shared import wire
 from shared.settings import ApiKey, SettingsError, parse_api_keys
-from tests.test_units import parse_sse
+from tests.sse_spec import parse_sse
 
 # Text with every code point but lone surrogates (which no str from JSON, msgpack or a tokenizer holds),
 # weighted towards the characters that matter to SSE.

@@ -1,0 +1,130 @@
+"""Chunk rendering (gateway/chunks.py): OpenAI chunks and bodies, byte-identical live and on replay."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from gateway.chunks import ChunkRenderer, completion_body
+from shared import keys, wire
+from tests.samples import meta
+from tests.sse_spec import frame_events, parse_sse
+
+STREAM_EVENTS = [
+    wire.Event("delta", "Hello", (1,)),
+    wire.Event("delta", " wörld 👋\n", (2, 3)),
+    wire.Event("delta", "", (4,), finish_reason="stop", prompt_tokens=5, completion_tokens=4),
+    wire.Event("end", finish_reason="stop", prompt_tokens=5, completion_tokens=4),
+]
+
+
+@pytest.mark.parametrize("stream_format", ["chat", "completion", "simple"])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_rendering_is_byte_identical_across_renderers(stream_format: str, include_usage: bool) -> None:
+    items = [(seq, wire.encode(event)) for seq, event in enumerate(STREAM_EVENTS, start=1)]
+    first = ChunkRenderer(meta(stream_format, include_usage)).frames(items)
+    second = ChunkRenderer(meta(stream_format, include_usage)).frames(items)
+    assert first == second
+    # rendering in pieces (a live relay) equals rendering at once (a replay)
+    third = ChunkRenderer(meta(stream_format, include_usage))
+    assert b"".join(third.frames([item]) for item in items) == first
+    events, _ = parse_sse(first)
+    request_id = meta(stream_format).request_id
+    assert all(keys.parse_event_id(e.last_event_id)[0] == request_id for e in events)
+
+
+def test_chat_rendering_seq_one_carries_the_assistant_role() -> None:
+    renderer = ChunkRenderer(meta("chat"))
+    first = orjson.loads(renderer.data(1, STREAM_EVENTS[0]) or b"")
+    second = orjson.loads(renderer.data(2, STREAM_EVENTS[1]) or b"")
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "Hello"}
+    assert second["choices"][0]["delta"] == {"content": " wörld 👋\n"}
+    assert first["choices"][0]["finish_reason"] is None
+    assert first["id"] == meta().request_id
+    assert first["created"] == 1_700_000_000
+    assert first["model"] == "tokenspool-sim"
+    assert "usage" not in first
+    last = orjson.loads(renderer.data(3, STREAM_EVENTS[2]) or b"")
+    assert last["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("text", ["plain", ' "quoted" \\ back\nslash', "wörld 👋", "\u2028\x00\x1f", ""])
+def test_a_plain_chat_delta_renders_exactly_as_the_full_chunk_would(include_usage: bool, text: str) -> None:
+    renderer = ChunkRenderer(meta("chat", include_usage))
+    chunk: dict[str, object] = {
+        "id": meta().request_id,
+        "created": 1_700_000_000,
+        "model": "tokenspool-sim",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    assert renderer.data(2, wire.Event("delta", text, (7,))) == orjson.dumps(chunk)
+
+
+def test_without_include_usage_the_end_event_renders_to_nothing() -> None:
+    for fmt in ("chat", "completion"):
+        renderer = ChunkRenderer(meta(fmt, include_usage=False))
+        assert renderer.data(4, STREAM_EVENTS[3]) is None
+        assert renderer.frames([(4, wire.encode(STREAM_EVENTS[3]))]) == b""
+
+
+@pytest.mark.parametrize("stream_format", ["chat", "completion"])
+def test_include_usage_adds_null_usage_and_a_usage_chunk(stream_format: str) -> None:
+    renderer = ChunkRenderer(meta(stream_format, include_usage=True))
+    delta = orjson.loads(renderer.data(1, STREAM_EVENTS[0]) or b"")
+    assert "usage" in delta
+    assert delta["usage"] is None
+    end = orjson.loads(renderer.data(4, STREAM_EVENTS[3]) or b"")
+    assert end["choices"] == []
+    assert end["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+    expected_object = "chat.completion.chunk" if stream_format == "chat" else "text_completion"
+    assert end["object"] == delta["object"] == expected_object
+
+
+def test_completion_rendering_uses_text_choices() -> None:
+    renderer = ChunkRenderer(meta("completion"))
+    chunk = orjson.loads(renderer.data(1, STREAM_EVENTS[0]) or b"")
+    assert chunk["object"] == "text_completion"
+    assert chunk["choices"] == [{"index": 0, "text": "Hello", "logprobs": None, "finish_reason": None}]
+
+
+def test_simple_format_renders_token_and_done() -> None:
+    renderer = ChunkRenderer(meta("simple"))
+    assert orjson.loads(renderer.data(1, STREAM_EVENTS[0]) or b"") == {"token": "Hello", "done": False}
+    assert orjson.loads(renderer.data(2, STREAM_EVENTS[1]) or b"") == {"token": " wörld 👋\n", "done": False}
+    end = orjson.loads(renderer.data(4, STREAM_EVENTS[3]) or b"")
+    assert end == {"token": "", "done": True, "finish_reason": "stop"}
+
+
+@pytest.mark.parametrize("stream_format", ["chat", "completion", "simple"])
+def test_error_events_render_as_openai_errors(stream_format: str) -> None:
+    renderer = ChunkRenderer(meta(stream_format))
+    body = orjson.loads(renderer.data(2, wire.Event("error", error_type="cancelled", message="bye")) or b"")
+    assert body["error"]["type"] == "cancelled"
+    assert body["error"]["message"] == "bye"
+    assert body.get("done") is (True if stream_format == "simple" else None)
+
+
+def test_rendered_text_with_newlines_survives_the_frame() -> None:
+    renderer = ChunkRenderer(meta("chat"))
+    frame = renderer.frames([(2, wire.encode(wire.Event("delta", "a\r\nb\u2028c", (1,))))])
+    events = frame_events(frame)
+    assert len(events) == 1
+    assert orjson.loads(events[0].data)["choices"][0]["delta"]["content"] == "a\r\nb\u2028c"
+
+
+def test_completion_body_for_chat_and_completion() -> None:
+    end = STREAM_EVENTS[3]
+    deltas = [wire.Event("delta", "Hello", (1,)), wire.Event("delta", " world", (2,))]
+    chat = completion_body(meta("chat"), deltas, end)
+    assert chat["object"] == "chat.completion"
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "Hello world"}
+    assert chat["usage"]["total_tokens"] == 9
+    text = completion_body(meta("completion"), deltas, end)
+    assert text["object"] == "text_completion"
+    assert text["choices"][0]["text"] == "Hello world"
+    assert text["choices"][0]["finish_reason"] == "stop"

@@ -1,0 +1,178 @@
+"""The wire format (shared/wire.py): round trips, refusals of every malformed payload, the encoded size."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import msgpack
+import pytest
+
+from shared import keys, wire
+from tests.samples import request_id_with
+
+
+def full_job() -> wire.Job:
+    return wire.Job(
+        request_id=request_id_with("a"),
+        kind="chat",
+        model="m/one",
+        prompt="",
+        messages=(wire.ChatMessage("system", "be brief"), wire.ChatMessage("user", "héllo 👋")),
+        sampling=wire.SamplingOptions(
+            max_tokens=16,
+            temperature=0.5,
+            top_p=0.9,
+            seed=-3,
+            stop=("\n\n", "END"),
+            top_k=40,
+            min_p=0.05,
+            presence_penalty=0.1,
+            frequency_penalty=-0.2,
+            repetition_penalty=1.1,
+            ignore_eos=True,
+            stop_token_ids=(2, 32000),
+        ),
+        created_s=1_700_000_000,
+        enqueued_ms=1_700_000_000_123,
+    )
+
+
+def worker_info() -> wire.WorkerInfo:
+    return wire.WorkerInfo(
+        worker_id="host-1-abc",
+        model="tokenspool-sim",
+        engine="sim",
+        capacity=64,
+        running=3,
+        state="draining",
+        host="host",
+        pid=1234,
+        started_ms=1,
+        heartbeat_ms=2,
+        owned_by="someone",
+        max_model_len=4096,
+        unsupported=("logprobs", "top_k"),
+        engine_running=2,
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        full_job(),
+        dataclasses.replace(
+            full_job(), kind="completion", prompt="once upon", messages=(), sampling=wire.SamplingOptions()
+        ),
+        wire.Event("delta", " word", (1, 2, 3)),
+        wire.Event("delta", "last", (9,), finish_reason="length", prompt_tokens=5, completion_tokens=7),
+        wire.Event("end", finish_reason="stop", prompt_tokens=11, completion_tokens=22),
+        wire.Event("error", error_type="cancelled", message="cancelled by the client"),
+        worker_info(),
+        dataclasses.replace(worker_info(), unsupported=(), owned_by="tokenspool"),
+    ],
+    ids=lambda p: type(p).__name__,
+)
+def test_wire_round_trip_preserves_every_field(payload: wire.Payload) -> None:
+    data = wire.encode(payload)
+    kind: Any = type(payload)
+    decoded = wire.decode(data, kind)
+    assert decoded == payload
+    assert type(decoded) is type(payload)
+    assert wire.encode(decoded) == data
+
+
+def test_wire_round_trip_keeps_tuples_hashable() -> None:
+    job = wire.decode(wire.encode(full_job()), wire.Job)
+    hash(job)  # frozen dataclasses of tuples only: lists would make this raise
+    info = wire.decode(wire.encode(worker_info()), wire.WorkerInfo)
+    assert isinstance(info.unsupported, tuple)
+    assert isinstance(job.sampling.stop_token_ids, tuple)
+
+
+def test_wire_event_with_a_few_tokens_is_under_40_bytes() -> None:
+    data = wire.encode(wire.Event("delta", " lantern", (1734, 29871, 13)))
+    assert len(data) < 40
+
+
+def test_wire_decode_rejects_another_version() -> None:
+    data = wire.encode(wire.Event("delta", "x", (1,)))
+    items = msgpack.unpackb(data)
+    for version in (wire.WIRE_VERSION + 1, 0, "1", None):
+        with pytest.raises(wire.WireError, match="version"):
+            wire.decode(msgpack.packb([version, *items[1:]]), wire.Event)
+
+
+@pytest.mark.parametrize(
+    ("payload", "kind"),
+    [
+        (full_job(), wire.Event),
+        (wire.Event("end"), wire.Job),
+        (worker_info(), wire.Event),
+        (wire.Event("end"), wire.WorkerInfo),
+    ],
+)
+def test_wire_decode_rejects_a_payload_of_another_type(payload: wire.Payload, kind: type[Any]) -> None:
+    with pytest.raises(wire.WireError):
+        wire.decode(wire.encode(payload), kind)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"",
+        b"\xc1",
+        b"not msgpack at all",
+        b"\x00",
+        msgpack.packb({"v": 1}),
+        msgpack.packb([1]),
+        msgpack.packb("text"),
+        msgpack.packb([1, 2, "delta"]),  # too few fields
+        msgpack.packb([1, 2, "delta", "", [], None, 0, 0, "", "", "extra"]),  # too many
+        msgpack.packb([1, 2, "delta", "", 5, None, 0, 0, "", ""]),  # token_ids not a sequence
+        b"\xa2\xff\xfe",  # a str that is not UTF-8
+        b"\xdd\xff\xff\xff\xff",  # an array header claiming 4 billion items
+        b"\x91" * 100_000 + b"\x01",  # nesting deeper than any payload
+        wire.encode(wire.Event("end")) + b"\x00",  # trailing bytes
+    ],
+)
+def test_wire_decode_rejects_garbage_with_wire_error(garbage: bytes) -> None:
+    with pytest.raises(wire.WireError):
+        wire.decode(garbage, wire.Event)
+
+
+@pytest.mark.parametrize(
+    "payload", [full_job(), wire.Event("delta", " abc", (1, 2)), worker_info()], ids=lambda p: type(p).__name__
+)
+def test_wire_decode_rejects_every_truncation(payload: wire.Payload) -> None:
+    data = wire.encode(payload)
+    kind: Any = type(payload)
+    for cut in range(len(data)):
+        with pytest.raises(wire.WireError):
+            wire.decode(data[:cut], kind)
+
+
+def test_wire_error_is_a_value_error() -> None:
+    assert issubclass(wire.WireError, ValueError)
+
+
+def test_a_job_encodes_exactly_as_its_fields_as_nested_lists() -> None:
+    """The encoder walks the dataclasses itself (no deep copies); the bytes are those of the plain lists."""
+    job = wire.Job(
+        request_id=keys.new_request_id("chat"),
+        kind="chat",
+        model="m",
+        prompt="",
+        messages=(wire.ChatMessage("system", "be brief"), wire.ChatMessage("user", "hi")),
+        sampling=wire.SamplingOptions(max_tokens=5, stop=("a", "b"), stop_token_ids=(1, 2), seed=7),
+        created_s=1,
+        enqueued_ms=2,
+    )
+
+    def as_lists(value: object) -> object:
+        return [as_lists(item) for item in value] if isinstance(value, tuple) else value
+
+    reference = [as_lists(value) for value in dataclasses.astuple(job)]
+    version, _tag, *fields = msgpack.unpackb(wire.encode(job), raw=False)
+    assert version == wire.WIRE_VERSION and fields == reference
+    assert wire.decode(wire.encode(job), wire.Job) == job
