@@ -99,7 +99,7 @@ def connect(target: RedisTarget, *, socket_timeout_s: float | None = 10.0, max_c
         health_check_interval=30,
         **common,
     )
-    return aredis.Redis(connection_pool=pool)
+    return aredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
 def connect_sync(target: RedisTarget, *, socket_timeout_s: float = 5.0) -> SyncRedis:
