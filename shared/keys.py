@@ -3,11 +3,11 @@
 Keys that one command or script touches together share a ``{hash tag}``, so the design runs on
 Redis Cluster unchanged:
 
-- a request's event stream, metadata hash and job record are tagged with its *partition*
+- a request's event stream, metadata hash, job record and attachments are tagged with its *partition*
   (``{p0}`` .. ``{p15}``), taken from the first hex digit of the request id; a gateway can therefore
   read the event streams of all its live connections in at most 16 multi-key XREADs, one per slot;
-- a model's request queue is tagged by the model name;
-- the worker registry and the idempotency records stand alone;
+- a model's request queue and its dead letters are tagged by the model name;
+- the worker registry and the operator commands share ``{reg}``; each idempotency record stands alone;
 - an owner's (API key's) rate-limit counters and open-stream leases are tagged by the owner.
 """
 
@@ -55,7 +55,7 @@ def partition_slot_key(partition: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RequestKeys:
-    """The keys of one request; all three share one hash slot so one script can touch them together."""
+    """The keys of one request; all four share one hash slot so one script can touch them together."""
 
     request_id: str
     events: str

@@ -1,9 +1,9 @@
 """The request record in Redis and the atomic operations on it, shared by gateways and workers.
 
-A request lives in three keys of one hash slot (see :mod:`shared.keys`): its metadata hash, its job
-record, and its event stream. Every state change that touches the event stream runs as one Lua script,
-so an append, its sequence check, its fencing check and the state change it implies happen together or
-not at all.
+A request lives in four keys of one hash slot (see :mod:`shared.keys`): its metadata hash, its job
+record, its event stream, and the connections attached to it. Every state change that touches the event
+stream runs as one Lua script, so an append, its sequence check, its fencing check and the state change it
+implies happen together or not at all.
 """
 
 from __future__ import annotations
