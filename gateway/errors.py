@@ -85,7 +85,7 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
             return APIError(400, "a JSON request body is required", code="missing_body")
         return APIError(400, f"missing required parameter {param!r}", param=param, code="missing_parameter")
     detail = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    message = f"invalid value for {param!r}: {detail}" if param else detail
+    message = f"invalid value for {param!r}: {detail}" if param else f"invalid value: {detail}"
     return APIError(400, message, param=param, code="invalid_value")
 
 
