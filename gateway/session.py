@@ -261,30 +261,19 @@ class StreamSession:
 # -- opening sessions --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StreamSessions:
     """Opens the stream sessions of this gateway process: each takes its key's open-stream place first and
     gives it back if it cannot open."""
 
-    def __init__(
-        self,
-        *,
-        reader: EventReader,
-        submissions: SubmissionService,
-        catalog: ModelCatalog,
-        limits: KeyLimits,
-        attachments: Attachments,
-        store: RequestStore,
-        settings: GatewaySettings,
-        metrics: GatewayMetrics,
-    ) -> None:
-        self.reader = reader
-        self.submissions = submissions
-        self.catalog = catalog
-        self.limits = limits
-        self.attachments = attachments
-        self.store = store
-        self.settings = settings
-        self.metrics = metrics
+    reader: EventReader
+    submissions: SubmissionService
+    catalog: ModelCatalog
+    limits: KeyLimits
+    attachments: Attachments
+    store: RequestStore
+    settings: GatewaySettings
+    metrics: GatewayMetrics
 
     async def default_model(self) -> str:
         """The model of a request that names none: the only one live workers serve (else a 400 naming them)."""
