@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import redis.exceptions
 from fastapi import FastAPI, Request
@@ -14,47 +14,27 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from gateway import page, websocket
+from gateway import page
 from gateway.attachments import Attachments
 from gateway.auth import KeyRing
 from gateway.catalog import ModelCatalog
-from gateway.errors import APIError
+from gateway.errors import APIError, redis_unavailable, validation_error
 from gateway.limits import BodySizeLimit, ConnectionLimit, KeyLimits
 from gateway.metrics import CountResponses, GatewayMetrics
+from gateway.reader import EventReader
 from gateway.relay import Relay
-from gateway.routes import Services, router
-from gateway.streaming import EventReader
+from gateway.services import Services
+from gateway.session import StreamSessions
 from gateway.submission import SubmissionService
+from gateway.transports import http, websocket
 from shared.redis_client import NodeConnections, RedisTarget, connect, redact
 from shared.settings import GatewaySettings, is_loopback
 from shared.store import RequestStore
 
 if TYPE_CHECKING:
-    from gateway.grpc_service import GrpcServer
+    from gateway.transports.grpc import GrpcServer
 
 log = logging.getLogger("tokenspool.gateway")
-
-
-def validation_message(exc: RequestValidationError) -> APIError:
-    """The first validation problem as an OpenAI 400 that names the parameter."""
-    errors: list[dict[str, Any]] = list(exc.errors())
-    if not errors:
-        return APIError(400, "invalid request")
-    first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
-    param = ".".join(loc) or None
-    kind = first.get("type", "")
-    if kind == "json_invalid":
-        detail = first.get("ctx", {}).get("error", "")
-        return APIError(400, f"the request body is not valid JSON ({detail})", code="invalid_json")
-    if kind == "extra_forbidden":
-        return APIError(400, f"unsupported parameter {param!r}", param=param, code="unsupported_parameter")
-    if kind == "missing":
-        if not loc:
-            return APIError(400, "a JSON request body is required", code="missing_body")
-        return APIError(400, f"missing required parameter {param!r}", param=param, code="missing_parameter")
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return APIError(400, f"invalid value for {param!r}: {message}", param=param, code="invalid_value")
 
 
 CORS_HEADERS = ("Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key")
@@ -103,22 +83,32 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         catalog = ModelCatalog(client, worker_ttl_s=settings.worker_ttl_s, model_grace_s=settings.model_grace_s)
         limits = KeyLimits(client, settings)
         limits.start()
+        submissions = SubmissionService(store, catalog, limits, settings)
         services = Services(
             settings=settings,
             store=store,
             catalog=catalog,
-            submissions=SubmissionService(store, catalog, limits, settings),
-            events=EventReader(store, relay, attachments, settings, metrics),
+            submissions=submissions,
+            sessions=StreamSessions(
+                reader=EventReader(store, relay, settings, metrics),
+                submissions=submissions,
+                catalog=catalog,
+                limits=limits,
+                attachments=attachments,
+                store=store,
+                settings=settings,
+                metrics=metrics,
+            ),
             keys=key_ring,
             limits=limits,
+            metrics=metrics,
         )
         app.state.services = services
         grpc_server: GrpcServer | None = None
         try:
             if settings.grpc_port is not None:
-                # Imported here: it uses this module's validation_message, and a gateway without a gRPC
-                # port never loads grpc.
-                from gateway.grpc_service import GrpcServer
+                # Imported here: a gateway without a gRPC port never loads grpc.
+                from gateway.transports.grpc import GrpcServer
 
                 grpc_server = GrpcServer(services, settings)
                 await grpc_server.start()
@@ -135,7 +125,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             metrics.process_exited()
 
     app = FastAPI(title="tokenspool gateway", version="0.1.0", lifespan=lifespan)
-    app.include_router(router)
+    app.include_router(http.router)
     app.include_router(websocket.router)
     app.include_router(page.router)
 
@@ -144,7 +134,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     def answer(error: APIError) -> Response:
-        metrics.errors.labels(str(error.status), error.code or error.error_type).inc()
+        metrics.count_error(error)
         return error.response()
 
     @app.exception_handler(APIError)
@@ -159,7 +149,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> Response:
-        return answer(validation_message(exc))
+        return answer(validation_error(exc.errors()))
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
@@ -167,15 +157,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.exception_handler(redis.exceptions.RedisClusterException)  # no cluster node reachable
     async def redis_down(_request: Request, exc: Exception) -> Response:
         log.warning("Redis unavailable: %s", exc)
-        return answer(
-            APIError(
-                503,
-                "the request store (Redis) is unavailable; retry later",
-                error_type="server_error",
-                code="redis_unavailable",
-                headers={"Retry-After": "1"},
-            )
-        )
+        return answer(redis_unavailable())
 
     # Outermost last: CORS answers preflights and decorates every answer (refusals included); the
     # connection limit refuses before any work; the body limit before any parsing.

@@ -86,9 +86,13 @@ class ChunkRenderer:
             )
 
     def frames(self, items: list[tuple[int, bytes]]) -> bytes:
+        """The SSE frames of stored (seq, payload) pairs."""
+        return self.render([(seq, wire.decode(payload, wire.Event)) for seq, payload in items])
+
+    def render(self, items: list[tuple[int, wire.Event]]) -> bytes:
+        """The SSE frames of decoded (seq, event) pairs (a stream session decodes each event once)."""
         out = []
-        for seq, payload in items:
-            event = wire.decode(payload, wire.Event)
+        for seq, event in items:
             if event.kind == "handover":
                 self.handovers_rendered += 1
                 out.append(comment_frame(event.message))

@@ -1,12 +1,19 @@
-"""OpenAI-style errors: one exception type the services raise, one JSON body shape clients parse."""
+"""OpenAI-style errors: one exception type the services raise, one JSON body shape clients parse, and the
+errors every transport gives alike (a request that fails validation, an unreachable Redis)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
 
 import orjson
+import redis.exceptions
 from pydantic import BaseModel
 from starlette.responses import Response
+
+REDIS_UNREACHABLE: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+"""What an unreachable Redis raises: a 503 (``redis_unavailable``) before a stream starts, an interruption
+after it has."""
 
 
 class APIError(Exception):
@@ -45,6 +52,41 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = No
 
 def not_found(message: str, *, code: str = "not_found") -> APIError:
     return APIError(404, message, error_type="not_found_error", code=code)
+
+
+def redis_unavailable() -> APIError:
+    """The answer while Redis cannot be reached: retry later (on any transport)."""
+    return APIError(
+        503,
+        "the request store (Redis) is unavailable; retry later",
+        error_type="server_error",
+        code="redis_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
+    """The first validation problem of a request (pydantic's ``errors()``) as an OpenAI 400 that names the
+    parameter: the same codes and messages whether the request came as an HTTP body, a WebSocket message or
+    a gRPC call."""
+    if not errors:
+        return APIError(400, "invalid request")
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return APIError(400, f"the request body is not valid JSON ({detail})", code="invalid_json")
+    if kind == "extra_forbidden":
+        return APIError(400, f"unsupported parameter {param!r}", param=param, code="unsupported_parameter")
+    if kind == "missing":
+        if not loc:
+            return APIError(400, "a JSON request body is required", code="missing_body")
+        return APIError(400, f"missing required parameter {param!r}", param=param, code="missing_parameter")
+    detail = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    message = f"invalid value for {param!r}: {detail}" if param else f"invalid value: {detail}"
+    return APIError(400, message, param=param, code="invalid_value")
 
 
 class ErrorDetail(BaseModel):

@@ -12,6 +12,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.errors import APIError
+
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2)
 BACKLOG_BUCKETS = (0, 1, 5, 10, 50, 100, 500, 1000, 5000, 10000)
@@ -43,7 +45,10 @@ class GatewayMetrics:
             "tokenspool_gateway_responses", "HTTP responses by route and status code", ["route", "status"], registry=r
         )
         self.streams_active = Gauge(
-            "tokenspool_gateway_streams_active", "SSE streams open now", multiprocess_mode="livesum", registry=r
+            "tokenspool_gateway_streams_active",
+            "Streams open now (SSE, WebSocket, gRPC)",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.ttft = Histogram(
             "tokenspool_gateway_time_to_first_token_seconds",
@@ -65,13 +70,13 @@ class GatewayMetrics:
         )
         self.stream_duration = Histogram(
             "tokenspool_gateway_stream_duration_seconds",
-            "How long SSE streams stay open",
+            "How long streams stay open (SSE, WebSocket, gRPC)",
             buckets=DURATION_BUCKETS,
             registry=r,
         )
         self.streams_ended = Counter(
             "tokenspool_gateway_streams_ended",
-            "SSE streams by how they ended (done, disconnected, error)",
+            "Streams (SSE, WebSocket, gRPC) by how they ended (done, disconnected, error)",
             ["how"],
             registry=r,
         )
@@ -97,6 +102,10 @@ class GatewayMetrics:
             ["status", "code"],
             registry=r,
         )
+
+    def count_error(self, error: APIError) -> None:
+        """An error answered to a client, on any transport."""
+        self.errors.labels(str(error.status), error.code or error.error_type).inc()
 
     def exposition(self) -> bytes:
         if not self.multiproc_dir:

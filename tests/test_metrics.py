@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import grpc
 import httpx
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import ClientConnection, connect
 
+from gateway.proto import tokenspool_chat_pb2 as pb
+from gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
 from tests.support import Cluster, chat_body, read_stream, wait_for
 from tokenspool.redis_server import free_port
 
@@ -87,3 +93,57 @@ def test_gateways_sharing_a_metrics_directory_each_report_the_traffic_of_all(clu
         assert samples[route_ok] == 5
         assert samples[("tokenspool_gateway_time_to_first_token_seconds_count", ())] == 5
         assert samples[("tokenspool_gateway_streams_active", ())] == 0
+
+
+def ws_messages_until_done(ws: ClientConnection, request_id: str) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    while not messages or messages[-1]["type"] != "done":
+        message = orjson.loads(ws.recv(timeout=15))
+        if message.get("request_id") == request_id:
+            messages.append(message)
+    return messages
+
+
+def test_websocket_and_grpc_streams_count_in_every_stream_metric(cluster: Cluster) -> None:
+    """A stream is a stream whatever carries it: open ones are active, and each ended one has its time to
+    first token, time per token, duration and ending counted, as over SSE."""
+    cluster.worker(model="wired", sim_itl_ms=5)
+    grpc_port = free_port()
+    gateway = cluster.gateway(grpc_port=grpc_port)
+    wait_for(lambda: "wired" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    metrics_url = gateway.url + "/metrics"
+    active = ("tokenspool_gateway_streams_active", ())
+    ws_url = gateway.url.replace("http://", "ws://", 1) + "/v1/ws"
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel, connect(ws_url, open_timeout=10) as ws:
+        stub = pb_grpc.ChatServiceStub(channel)
+        long_request = {"prompt": "go on", "model": "wired", "max_tokens": 5000, "ignore_eos": True}
+        ws.send(orjson.dumps(long_request).decode())
+        ws_request_id = orjson.loads(ws.recv(timeout=15))["request_id"]
+        grpc_call = stub.StreamChat(
+            pb.ChatRequest(model="wired", prompt="go on", max_tokens=5000, ignore_eos=True), timeout=30
+        )
+        grpc_responses = iter(grpc_call)
+        grpc_request_id = next(grpc_responses).request_id
+        assert next(grpc_responses).kind == pb.ChatResponse.DELTA
+        wait_for(lambda: scrape(metrics_url)[active] == 2, 10, "both streams to count as active")
+        for request_id in (ws_request_id, grpc_request_id):
+            assert httpx.delete(f"{gateway.url}/v1/requests/{request_id}").status_code in (200, 202)
+        assert ws_messages_until_done(ws, ws_request_id)[-1]["state"] == "cancelled"
+        assert list(grpc_responses)[-1].error.code == "cancelled"
+
+        ws.send(orjson.dumps({"prompt": "short", "model": "wired", "max_tokens": 5}).decode())
+        short_id = orjson.loads(ws.recv(timeout=15))["request_id"]
+        assert ws_messages_until_done(ws, short_id)[-1]["state"] == "done"
+        short_call = list(stub.StreamChat(pb.ChatRequest(model="wired", prompt="short", max_tokens=5), timeout=30))
+        assert short_call[-1].kind == pb.ChatResponse.END
+
+    def counted(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> bool:
+        return samples[active] == 0 and samples[("tokenspool_gateway_streams_ended_total", (("how", "done"),))] == 4
+
+    wait_for(lambda: counted(scrape(metrics_url)), 10, "the four streams to end")
+    g = scrape(metrics_url)
+    assert g[("tokenspool_gateway_time_to_first_token_seconds_count", ())] == 4
+    assert 0 < g[("tokenspool_gateway_time_to_first_token_seconds_sum", ())] < 30
+    assert g[("tokenspool_gateway_stream_duration_seconds_count", ())] == 4
+    assert g[("tokenspool_gateway_time_per_output_token_seconds_count", ())] == 4
+    assert g[("tokenspool_gateway_events_sent_total", ())] >= 2 * 6 + 2 * 3  # the short ones' 5 deltas + end

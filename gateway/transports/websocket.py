@@ -43,36 +43,34 @@ Event ids are those of the SSE stream (``<request id>:<seq>``, contiguous over t
 terminal event): a client that loses its socket resumes each of its requests, on a new socket to any
 gateway, with the last event id it saw, and gets the rest with nothing lost and nothing repeated.
 
-Each stream is one task reading through :meth:`EventReader.batches` and attached to its request like an
-SSE connection; closing the socket stops the relays, not the requests (they get the disconnect grace
-period, as after an SSE disconnect). Everything sent goes through one bounded queue per socket and one
-writer with a timeout on every send: a client that stops reading is dropped, and meanwhile its relays
-wait (their live buffers overflow into catch-up reads from Redis rather than growing).
+Each stream is one task relaying a stream session (:mod:`gateway.session`: the same attachment, queue
+notices, timeouts and metrics as an SSE stream), which this module only encodes; closing the socket stops
+the relays, not the requests (they get the disconnect grace period, as after an SSE disconnect). Everything
+sent goes through one bounded queue per socket and one writer with a timeout on every send: a client that
+stops reading is dropped, and meanwhile its relays wait (their live buffers overflow into catch-up reads
+from Redis rather than growing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from contextlib import aclosing
 from typing import Any, Final
 
-import redis.exceptions
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
-from gateway import ws_protocol as protocol
 from gateway.auth import WS_PROTOCOL, Principal
-from gateway.errors import APIError, bad_request
-from gateway.limits import StreamLease
-from gateway.routes import Services
-from gateway.streaming import EventsExpiredError, ResumePoint
-from shared import wire
+from gateway.errors import REDIS_UNREACHABLE, APIError, redis_unavailable
+from gateway.services import Services
+from gateway.session import Events, Heartbeat, Queued, StreamItem, StreamSession, Transport
+from gateway.transports import ws_protocol as protocol
 from shared.aio import reraise_if_cancelling
-from shared.logs import about
 
 log = logging.getLogger("tokenspool.gateway.websocket")
 
+WEBSOCKET: Final = Transport("WebSocket", resume_hint="resume with last_event_id")
 MAX_STREAMS_PER_SOCKET: Final = 100
 """Streams one socket may relay at once; more is refused with a 429-style error (``too_many_streams``)."""
 
@@ -86,7 +84,7 @@ async def websocket_streams(websocket: WebSocket) -> None:
     try:
         caller = services.keys.from_websocket(websocket.headers.get("authorization"), offered)
     except APIError as refused:
-        services.events.metrics.errors.labels(str(refused.status), refused.code or refused.error_type).inc()
+        services.metrics.count_error(refused)
         if "websocket.http.response" in websocket.scope.get("extensions", {}):
             await websocket.send_denial_response(refused.response())
         else:
@@ -135,8 +133,15 @@ class WebSocketSession:
         the queue stays full past the send timeout, the sender stops (a relay never waits forever)."""
         if self._writer_gone.is_set():
             raise SocketGoneError("the socket is closed")
+        text = protocol.encode(message)
         try:
-            await asyncio.wait_for(self._outgoing.put(protocol.encode(message)), self._svc.settings.send_timeout_s)
+            self._outgoing.put_nowait(text)
+            return
+        except asyncio.QueueFull:
+            pass
+        try:
+            async with asyncio.timeout(self._svc.settings.send_timeout_s):  # a timer, not a task per message
+                await self._outgoing.put(text)
         except TimeoutError:
             reraise_if_cancelling()
             raise SocketGoneError("the client did not take messages in time") from None
@@ -152,7 +157,8 @@ class WebSocketSession:
         while True:
             text = await self._outgoing.get()
             try:
-                await asyncio.wait_for(self._ws.send_text(text), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await self._ws.send_text(text)
             except TimeoutError:
                 reraise_if_cancelling()
                 log.info("WebSocket client did not accept a message within %.1fs; dropping it", timeout_s)
@@ -183,48 +189,36 @@ class WebSocketSession:
             elif isinstance(command, protocol.Cancel):
                 await self._cancel(command)
             else:
-                await self._start(command.request_id, command.last_event_id, command.tag, resumed=True)
+                await self._resume(command)
         except APIError as error:
-            self._svc.events.metrics.errors.labels(str(error.status), error.code or error.error_type).inc()
+            self._svc.metrics.count_error(error)
             await self._send(protocol.command_error(error, request_id=request_id, tag=tag))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        except REDIS_UNREACHABLE as exc:
             reraise_if_cancelling()
             log.warning("Redis unavailable: %s", exc)
-            down = APIError(
-                503,
-                "the request store (Redis) is unavailable; retry later",
-                error_type="server_error",
-                code="redis_unavailable",
-            )
-            await self._send(protocol.command_error(down, request_id=request_id, tag=tag))
+            await self._send(protocol.command_error(redis_unavailable(), request_id=request_id, tag=tag))
 
     async def _submit(self, command: protocol.Submit) -> None:
         self._check_room()
+        sessions = self._svc.sessions
         body = command.body
         if not command.model_given:
-            body = body.model_copy(update={"model": await self._default_model()})
-        lease = await self._svc.limits.open_stream(self._caller)
-        try:
-            submitted = await self._svc.submissions.submit(
-                body, stream_format="chat", caller=self._caller, idempotency_key=command.idempotency_key
-            )
-        except BaseException:
-            self._svc.limits.close_stream(lease)
-            raise
-        await self._start(submitted.request_id, None, command.tag, resumed=False, lease=lease)
+            body = body.model_copy(update={"model": await sessions.default_model()})
+        session = await sessions.submit(
+            self._caller, body, stream_format="chat", idempotency_key=command.idempotency_key, transport=WEBSOCKET
+        )
+        await self._start(session, command.tag, protocol.answer("accepted", session.request_id, command.tag))
 
-    async def _default_model(self) -> str:
-        """The model of a request that names none: the only one live workers serve."""
-        live = sorted(name for name, entry in (await self._svc.catalog.models()).items() if entry.live_workers)
-        if len(live) != 1:
-            raise bad_request(
-                f"missing required parameter 'model' (served: {', '.join(live) or 'none'})",
-                param="model",
-                code="missing_parameter",
-            )
-        return live[0]
+    async def _resume(self, command: protocol.Resume) -> None:
+        """Stream a request from a position (checked as an SSE resume is)."""
+        self._check_room(command.request_id)
+        session = await self._svc.sessions.resume(self._caller, command.request_id, command.last_event_id, WEBSOCKET)
+        started = protocol.answer("resumed", command.request_id, command.tag, last_event_id=command.last_event_id)
+        await self._start(session, command.tag, started)
 
-    def _check_room(self) -> None:
+    def _check_room(self, request_id: str | None = None) -> None:
+        if request_id is not None and request_id in self._relays:
+            raise APIError(409, f"request {request_id} is already streaming on this socket", code="already_streaming")
         if len(self._relays) >= MAX_STREAMS_PER_SOCKET:
             raise APIError(
                 429,
@@ -233,41 +227,20 @@ class WebSocketSession:
                 code="too_many_streams",
             )
 
-    async def _start(
-        self,
-        request_id: str,
-        last_event_id: str | None,
-        tag: protocol.Tag,
-        *,
-        resumed: bool,
-        lease: StreamLease | None = None,
-    ) -> None:
-        """Open a stream of the caller's request (checking the position as an SSE resume does), counted among
-        its key's open streams (``lease``: the place already taken for it), then relay it."""
-        limits = self._svc.limits
+    async def _start(self, session: StreamSession, tag: protocol.Tag, started: dict[str, Any]) -> None:
+        """Acknowledge a stream, then relay it in a task of its own; its session is closed when the task ends."""
+        request_id = session.request_id
         try:
-            if request_id in self._relays:
-                raise APIError(
-                    409, f"request {request_id} is already streaming on this socket", code="already_streaming"
-                )
-            self._check_room()
-            if lease is None:
-                lease = await limits.open_stream(self._caller)
-            point = await self._svc.events.open(request_id, last_event_id, self._caller.owner)
-            if resumed:
-                await self._send(protocol.answer("resumed", request_id, tag, last_event_id=last_event_id))
-            else:
-                await self._send(protocol.answer("accepted", request_id, tag))
+            self._check_room(request_id)  # an Idempotency-Key can name a request this socket streams
+            await self._send(started)
         except BaseException:
-            if lease is not None:
-                limits.close_stream(lease)
+            session.close()
             raise
-        task = asyncio.create_task(self._relay(point, tag), name=f"ws-relay-{request_id}")
+        task = asyncio.create_task(self._relay(session, tag), name=f"ws-relay-{request_id}")
         self._relays[request_id] = task
-        held = lease
 
         def ended(task: asyncio.Task[None]) -> None:
-            limits.close_stream(held)
+            session.close()
             if self._relays.get(request_id) is task:
                 del self._relays[request_id]
             if not task.cancelled() and task.exception() is not None:
@@ -282,93 +255,37 @@ class WebSocketSession:
 
     # -- relaying one stream -------------------------------------------------------------------------
 
-    async def _relay(self, point: ResumePoint, tag: protocol.Tag) -> None:
-        """Send a request's events from the resume point to its terminal event, like ``sse_frames``:
-        attached while it runs, queue positions while it waits, closed when its events stop coming."""
-        events = self._svc.events
-        settings = self._svc.settings
-        meta = point.meta
-        request_id = meta.request_id
-        tick_s = min(settings.heartbeat_s, settings.queue_status_interval_s)
-        connection_id: str | None = None
-        seen_event = point.after_seq > 0
-        last_event = time.monotonic()
-        ended = "disconnected"
-        if point.after_seq:
-            events.metrics.resumes.inc()
-            events.metrics.resume_backlog.observe(max(0, meta.last_seq - point.after_seq))
+    async def _relay(self, session: StreamSession, tag: protocol.Tag) -> None:
+        """Send what the session yields until it ends (or the socket goes)."""
         try:
-            if not meta.terminal:
-                connection_id = events.attachments.attach(request_id)
-            async for batch in events.batches(point, tick_s):
-                if batch:
-                    seen_event = True
-                    last_event = time.monotonic()
-                    for seq, payload in batch:
-                        await self._relay_event(request_id, tag, seq, wire.decode(payload, wire.Event))
-                    events.metrics.events_sent.inc(len(batch))
-                    continue
-                if not seen_event:
-                    await self._report_queued(point)
-                elif time.monotonic() - last_event >= settings.inter_token_timeout_s:
-                    message = (
-                        f"no event for {settings.inter_token_timeout_s:g}s; the request goes on: "
-                        "resume with last_event_id"
-                    )
-                    await self._interrupted(request_id, tag, "inter_token_timeout", message)
-                    ended = "error"
-                    return
-            ended = "done"
-        except EventsExpiredError as exc:
-            ended = "error"
-            await self._interrupted(request_id, tag, "events_expired", f"cannot continue the stream: {exc}")
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            reraise_if_cancelling()
-            ended = "error"
-            log.warning("%s: Redis failed mid-stream: %s", request_id, exc, extra=about(request_id))
-            message = "the request store (Redis) is unavailable; resume with last_event_id"
-            await self._interrupted(request_id, tag, "redis_unavailable", message)
+            async with aclosing(session.items()) as items:
+                async for item in items:
+                    for message in self._messages(session.request_id, tag, item):
+                        await self._send(message)
         except SocketGoneError:
-            ended = "disconnected"
-        finally:
-            if connection_id is not None:
-                events.attachments.detach(connection_id)
-            log.info(
-                "%s: WebSocket stream closed (%s), opened after event %d",
-                request_id,
-                ended,
-                point.after_seq,
-                extra=about(request_id),
-            )
+            pass
 
-    async def _relay_event(self, request_id: str, tag: protocol.Tag, seq: int, event: wire.Event) -> None:
-        if event.kind == "delta":
-            await self._send(protocol.token(request_id, seq, event))
-        elif event.kind == "handover":
-            await self._send(protocol.handover(request_id, seq, event))
-        elif event.kind == "end":
-            await self._send(protocol.end_of(request_id, tag, seq, event))
-        else:
-            state, _ = await self._svc.store.state(request_id)
-            await self._send(protocol.stream_error(request_id, tag, event.error_type, event.message))
-            await self._send(protocol.done(request_id, tag, seq=seq, state=state or "failed"))
-
-    async def _interrupted(self, request_id: str, tag: protocol.Tag, error_type: str, message: str) -> None:
-        await self._send(protocol.stream_error(request_id, tag, error_type, message))
-        await self._send(protocol.done(request_id, tag, seq=None, state="interrupted"))
-
-    async def _report_queued(self, point: ResumePoint) -> None:
-        """While the request waits for a worker, say how many wait; end it if it waited past the queue
-        timeout (whichever sees that first ends it: a worker that pulls it, or a gateway streaming it)."""
-        meta = point.meta
-        state, _ = await self._svc.store.state(meta.request_id)
-        if state != "queued":
-            return
-        settings = self._svc.settings
-        waited_s = time.time() - meta.enqueued_ms / 1000
-        if waited_s > settings.queue_timeout_s:
-            message = f"timed out after {waited_s:.1f}s in the queue (queue timeout {settings.queue_timeout_s:g}s)"
-            if await self._svc.store.expire_queued(meta.request_id, message):
-                log.info("%s: %s", meta.request_id, message, extra=about(meta.request_id))
-        waiting = await self._svc.store.queue_waiting(meta.model)
-        await self._send(protocol.queued(meta.request_id, waiting))
+    @staticmethod
+    def _messages(request_id: str, tag: protocol.Tag, item: StreamItem) -> list[dict[str, Any]]:
+        """A session's item as this protocol's messages."""
+        if isinstance(item, Events):
+            out = []
+            for seq, event in item.events:
+                if event.kind == "delta":
+                    out.append(protocol.token(request_id, seq, event))
+                elif event.kind == "handover":
+                    out.append(protocol.handover(request_id, seq, event))
+                elif event.kind == "end":
+                    out.append(protocol.end_of(request_id, tag, seq, event))
+                else:
+                    out.append(protocol.stream_error(request_id, tag, event.error_type, event.message))
+                    out.append(protocol.done(request_id, tag, seq=seq, state=item.final_state))
+            return out
+        if isinstance(item, Queued):
+            return [protocol.queued(request_id, item.waiting)]
+        if isinstance(item, Heartbeat):
+            return []  # WebSocket has pings of its own
+        return [
+            protocol.stream_error(request_id, tag, item.code, item.message),
+            protocol.done(request_id, tag, seq=None, state="interrupted"),
+        ]

@@ -1,69 +1,29 @@
-"""HTTP routes: parse the request, call a service, map the result to a response. No logic lives here."""
+"""The HTTP API's routes: parse the request, call a service, map the result to a response (streams through
+:mod:`gateway.transports.sse_stream`). No logic lives here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import APIRouter, Header, Query, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from gateway.auth import KeyRing, Principal
-from gateway.catalog import ModelCatalog
+from gateway.auth import Principal
 from gateway.chunks import completion_body, usage_body
-from gateway.errors import ERROR_RESPONSES, APIError, bad_request
-from gateway.limits import KeyLimits
+from gateway.errors import ERROR_RESPONSES, APIError, bad_request, validation_error
+from gateway.reader import parse_resume_id
 from gateway.schemas import ChatCompletionRequest, ChatMessageIn, CompletionRequest
-from gateway.sse import SSEResponse
-from gateway.streaming import EventReader, parse_resume_id
-from gateway.submission import SubmissionService
-from shared.settings import GatewaySettings
-from shared.store import RequestStore, StreamFormat
-
-
-@dataclass(frozen=True, slots=True)
-class Services:
-    """What the routes use; built once in the app's lifespan."""
-
-    settings: GatewaySettings
-    store: RequestStore
-    catalog: ModelCatalog
-    submissions: SubmissionService
-    events: EventReader
-    keys: KeyRing
-    limits: KeyLimits
-
-
-def services(request: Request) -> Services:
-    svc: Services = request.app.state.services
-    return svc
-
-
-_BEARER = HTTPBearer(auto_error=False, description="an API key, when the gateway has keys")
-"""Declares the scheme in the OpenAPI document; the header itself is read by :func:`caller`."""
-
-
-async def caller(
-    request: Request, _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
-) -> Principal:
-    """The API key a request carries (``Authorization: Bearer``); 401 without a valid one when keys are set.
-
-    ``async`` although it awaits nothing: FastAPI runs a plain ``def`` dependency in a worker thread, a
-    thread hop on every request's path to its first token."""
-    return services(request).keys.from_authorization(request.headers.get("authorization"))
-
-
-Caller = Annotated[Principal, Depends(caller)]
-
+from gateway.services import Caller, Services, services
+from gateway.transports.sse_stream import SSE, sse_response
+from shared.store import StreamFormat
 
 router = APIRouter()
 api = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 """The API proper: authenticated, its errors documented."""
 JSON_OR_SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
-SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
+SSE_ONLY: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -72,18 +32,8 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 async def _sse(svc: Services, caller: Principal, request_id: str, last_event_id: str | None) -> Response:
     """A stream of the caller's request from a position, counted among its key's open streams."""
-    lease = await svc.limits.open_stream(caller)
-    try:
-        point = await svc.events.open(request_id, last_event_id, caller.owner)
-    except BaseException:
-        svc.limits.close_stream(lease)
-        raise
-    return SSEResponse(
-        svc.events.sse_frames(point),
-        send_timeout_s=svc.settings.send_timeout_s,
-        headers={"X-Request-Id": request_id},
-        on_close=lambda: svc.limits.close_stream(lease),
-    )
+    session = await svc.sessions.resume(caller, request_id, last_event_id, SSE)
+    return sse_response(session, send_timeout_s=svc.settings.send_timeout_s, headers={"X-Request-Id": request_id})
 
 
 async def _generate(
@@ -93,30 +43,20 @@ async def _generate(
     stream_format: StreamFormat,
     idempotency_key: str | None,
 ) -> Response:
-    lease = await svc.limits.open_stream(caller)
-    handed_over = False
+    session = await svc.sessions.submit(
+        caller, body, stream_format=stream_format, idempotency_key=idempotency_key, transport=SSE
+    )
+    headers = {"X-Request-Id": session.request_id}
+    if body.stream:
+        return sse_response(session, send_timeout_s=svc.settings.send_timeout_s, headers=headers)
     try:
-        submitted = await svc.submissions.submit(
-            body, stream_format=stream_format, caller=caller, idempotency_key=idempotency_key
-        )
-        headers = {"X-Request-Id": submitted.request_id}
-        point = await svc.events.open_submitted(submitted.request_id, submitted.meta, caller.owner)
-        if body.stream:
-            handed_over = True
-            return SSEResponse(
-                svc.events.sse_frames(point),
-                send_timeout_s=svc.settings.send_timeout_s,
-                headers=headers,
-                on_close=lambda: svc.limits.close_stream(lease),
-            )
-        deltas, last = await svc.events.collect(point)
+        deltas, last = await session.collect()
     finally:
-        if not handed_over:
-            svc.limits.close_stream(lease)
+        session.close()
     if last.kind == "error":
         status = 409 if last.error_type == "cancelled" else 500
         raise APIError(status, last.message, error_type=last.error_type, code=last.error_type, headers=headers)
-    return _json(completion_body(point.meta, deltas, last), headers=headers)
+    return _json(completion_body(session.point.meta, deltas, last), headers=headers)
 
 
 @api.post("/chat/completions", responses=JSON_OR_SSE)
@@ -139,7 +79,7 @@ async def completions(
     return await _generate(services(request), who, body, "completion", idempotency_key)
 
 
-@api.get("/chat/completions/stream", responses=SSE)
+@api.get("/chat/completions/stream", responses=SSE_ONLY)
 async def simple_stream(
     request: Request,
     who: Caller,
@@ -160,12 +100,7 @@ async def simple_stream(
     if not prompt:
         raise bad_request("the query parameter 'prompt' is required", param="prompt")
     if model is None:
-        live = sorted(name for name, entry in (await svc.catalog.models()).items() if entry.live_workers)
-        if len(live) != 1:
-            raise bad_request(
-                f"the query parameter 'model' is required (served: {', '.join(live) or 'none'})", param="model"
-            )
-        model = live[0]
+        model = await svc.sessions.default_model()
     try:
         body = ChatCompletionRequest(
             model=model,
@@ -176,13 +111,11 @@ async def simple_stream(
             stream=True,
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = str(first["loc"][0])
-        raise bad_request(f"invalid value for {param!r}: {first['msg']}", param=param) from None
+        raise validation_error(exc.errors()) from None
     return await _generate(svc, who, body, "simple", None)
 
 
-@api.get("/requests/{request_id}/events", responses=SSE)
+@api.get("/requests/{request_id}/events", responses=SSE_ONLY)
 async def request_events(
     request_id: str,
     request: Request,

@@ -1,8 +1,9 @@
 """The gRPC transport: ``ChatService`` (``gateway/proto/tokenspool_chat.proto``) on its own port, in the
 gateway process, on its event loop, from the same services as the HTTP API: requests are validated by the
-same schemas and enqueued by :class:`SubmissionService`; streams are read by :class:`EventReader`
-(``open`` then ``batches``) with the same attachments as SSE, so a client whose call drops has the same
-grace period to resume, over gRPC or HTTP, on any gateway, and loses nothing.
+same schemas and enqueued by :class:`SubmissionService`; a stream is a stream session
+(:mod:`gateway.session`: the same attachment, queue notices, timeouts and metrics as SSE), which this module
+only encodes, so a client whose call drops has the same grace period to resume, over gRPC or HTTP, on any
+gateway, and loses nothing.
 
 The HTTP API's answers in gRPC's terms:
 
@@ -45,30 +46,29 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from contextlib import aclosing
+from typing import Any, Final
 
 import grpc
-import redis.exceptions
-from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from gateway.app import validation_message
 from gateway.auth import Principal
-from gateway.errors import APIError, bad_request
-from gateway.limits import StreamLease
+from gateway.errors import REDIS_UNREACHABLE, APIError, bad_request, redis_unavailable, validation_error
 from gateway.metrics import GatewayMetrics
 from gateway.proto import tokenspool_chat_pb2 as pb
 from gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
-from gateway.routes import Services
+from gateway.reader import parse_resume_id
 from gateway.schemas import ChatCompletionRequest
-from gateway.streaming import EventsExpiredError, ResumePoint, parse_resume_id
+from gateway.services import Services
+from gateway.session import Events, Heartbeat, Queued, StreamSession, Transport
 from shared import keys, wire
 from shared.aio import reraise_if_cancelling
-from shared.logs import about
 from shared.settings import GatewaySettings
 from shared.store import RequestMeta
 
 log = logging.getLogger("tokenspool.gateway.grpc")
+
+GRPC: Final = Transport("gRPC", resume_hint="resume from the last event_id")
 
 STOP_GRACE_S = 1.0
 """On shutdown, how long open calls may go on before they are cancelled (their clients then resume elsewhere)."""
@@ -160,8 +160,8 @@ class ChatService:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.settings = services.settings
-        self.events = services.events
-        self.metrics = services.events.metrics
+        self.sessions = services.sessions
+        self.metrics = services.metrics
 
     # -- RPCs ---------------------------------------------------------------------------------------------
 
@@ -179,14 +179,14 @@ class ChatService:
                     "invalid_value",
                     "StreamChat does not take a cancel: call Cancel (or send it on BiStreamChat)",
                 )
-            point, accepted, lease = await self._open(request, caller)
+            session, accepted = await self._open(request, caller)
             try:
-                await context.send_initial_metadata((("x-request-id", point.meta.request_id),))
+                await context.send_initial_metadata((("x-request-id", session.request_id),))
                 if accepted:
-                    await emit(self._notice(point.meta.request_id, request.tag, pb.ChatResponse.ACCEPTED, "", opened))
-                await self._relay(point, request.tag, emit, opened)
+                    await emit(self._notice(session.request_id, request.tag, pb.ChatResponse.ACCEPTED, "", opened))
+                await self._relay(session, request.tag, emit, opened)
             finally:
-                self.services.limits.close_stream(lease)
+                session.close()
         except Refusal as refusal:
             await context.abort(refusal.status, refusal.message, refusal.trailers())
 
@@ -267,40 +267,30 @@ class ChatService:
             await emit(self._failure(named, tag, too_many, opened))
             return
         try:
-            point, accepted, lease = await self._open(request, caller)
+            session, accepted = await self._open(request, caller)
         except Refusal as refused:
             await emit(self._failure(named, tag, refused, opened))
             return
         try:
             if accepted:
-                await emit(self._notice(point.meta.request_id, tag, pb.ChatResponse.ACCEPTED, "", opened))
-            task = group.create_task(self._stream_in_call(point, tag, emit, opened))
+                await emit(self._notice(session.request_id, tag, pb.ChatResponse.ACCEPTED, "", opened))
+            task = group.create_task(self._stream_in_call(session, tag, emit, opened))
         except BaseException:
-            self.services.limits.close_stream(lease)
+            session.close()
             raise
         live.add(task)
         task.add_done_callback(live.discard)
-        task.add_done_callback(lambda _task: self.services.limits.close_stream(lease))
+        task.add_done_callback(lambda _task: session.close())
 
-    async def _stream_in_call(self, point: ResumePoint, tag: str, emit: Emit, opened: float) -> None:
+    async def _stream_in_call(self, session: StreamSession, tag: str, emit: Emit, opened: float) -> None:
         try:
-            await self._relay(point, tag, emit, opened)
+            await self._relay(session, tag, emit, opened)
         except Refusal as refusal:
-            await emit(self._failure(point.meta.request_id, tag, refusal, opened))
+            await emit(self._failure(session.request_id, tag, refusal, opened))
 
-    async def _open(self, request: pb.ChatRequest, caller: Principal) -> tuple[ResumePoint, bool, StreamLease]:
-        """Where a stream of the caller's starts: a new submission (True), or the resume position it names;
-        with the stream's place among the key's open streams, which the caller gives back when it ends."""
-        with _refusals(self.metrics):
-            lease = await self.services.limits.open_stream(caller)
-        try:
-            point, accepted = await self._position(request, caller)
-        except BaseException:
-            self.services.limits.close_stream(lease)
-            raise
-        return point, accepted, lease
-
-    async def _position(self, request: pb.ChatRequest, caller: Principal) -> tuple[ResumePoint, bool]:
+    async def _open(self, request: pb.ChatRequest, caller: Principal) -> tuple[StreamSession, bool]:
+        """A stream of the caller's: of a new submission (True), or from the resume position it names; it
+        holds the stream's place among the key's open streams until the caller closes it."""
         with _refusals(self.metrics):
             if request.WhichOneof("action") == "resume":
                 given = [name for name in _GENERATION_FIELDS if _is_set(request, name)]
@@ -313,12 +303,12 @@ class ChatService:
                     if not last_event_id:
                         raise bad_request("a resume needs request_id or last_event_id", param="resume.request_id")
                     request_id, _ = parse_resume_id(last_event_id)
-                return await self.events.open(request_id, last_event_id or None, caller.owner), False
+                return await self.sessions.resume(caller, request_id, last_event_id or None, GRPC), False
             body = await self._body(request)
-            submitted = await self.services.submissions.submit(
-                body, stream_format="chat", caller=caller, idempotency_key=request.idempotency_key or None
+            session = await self.sessions.submit(
+                caller, body, stream_format="chat", idempotency_key=request.idempotency_key or None, transport=GRPC
             )
-            return await self.events.open_submitted(submitted.request_id, submitted.meta, caller.owner), True
+            return session, True
 
     async def _body(self, request: pb.ChatRequest) -> ChatCompletionRequest:
         """The request as the HTTP API's chat schema, so the same rules (and messages) apply."""
@@ -331,7 +321,7 @@ class ChatService:
             for m in request.messages
         ] or [{"role": "user", "content": request.prompt}]
         raw: dict[str, Any] = {
-            "model": request.model or await self._only_model(),
+            "model": request.model or await self.sessions.default_model(),
             "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -349,15 +339,7 @@ class ChatService:
         try:
             return ChatCompletionRequest.model_validate(raw)
         except ValidationError as exc:
-            raise validation_message(RequestValidationError(exc.errors())) from None
-
-    async def _only_model(self) -> str:
-        """The model a request that names none gets: the one served, if there is exactly one."""
-        live = sorted(name for name, entry in (await self.services.catalog.models()).items() if entry.live_workers)
-        if len(live) != 1:
-            served = ", ".join(live) or "none"
-            raise bad_request(f"missing required parameter 'model' (served: {served})", param="model")
-        return live[0]
+            raise validation_error(exc.errors()) from None
 
     async def _cancel(self, request_id: str, caller: Principal) -> tuple[str, str]:
         """(request id, "cancelled" or "cancelling"), as ``DELETE /v1/requests/{id}`` answers."""
@@ -366,94 +348,27 @@ class ChatService:
                 raise bad_request("missing required parameter 'request_id'", param="request_id")
             return request_id, await self.services.submissions.cancel(request_id, caller)
 
-    async def _relay(self, point: ResumePoint, tag: str, emit: Emit, opened: float) -> None:
-        """Send a request's events after the resume point until its terminal event, as ``sse_frames`` does:
-        attached while it runs, queue positions while it waits, the inter-token timeout while it runs.
-        Raises :class:`Refusal` when the stream cannot go on; cancellation goes through untouched."""
-        meta = point.meta
-        request_id = meta.request_id
-        settings = self.settings
-        metrics = self.metrics
-        if meta.terminal and point.after_seq >= meta.last_seq:
-            return  # the client has every event already
-        connection_id: str | None = None
-        ended = "disconnected"
-        sent = 0
-        metrics.streams_active.inc()
-        if point.after_seq:
-            metrics.resumes.inc()
-            metrics.resume_backlog.observe(max(0, meta.last_seq - point.after_seq))
-        tick_s = min(settings.heartbeat_s, settings.queue_status_interval_s)
-        seen_event = point.after_seq > 0
-        last_event = time.monotonic()
-        try:
-            if not meta.terminal:
-                connection_id = self.events.attachments.attach(request_id)
-            async for batch in self.events.batches(point, tick_s):
-                now = time.monotonic()
-                if batch:
-                    seen_event = True
-                    last_event = now
-                    for seq, payload in batch:
-                        await emit(self._event(meta, seq, wire.decode(payload, wire.Event), tag, opened))
-                        sent += 1
-                    metrics.events_sent.inc(len(batch))
-                    continue
-                if not seen_event:
-                    state, _ = await self.services.store.state(request_id)
-                    if state == "queued":
-                        notice = await self._queue_notice(meta)
-                        await emit(self._notice(request_id, tag, pb.ChatResponse.QUEUED, notice, opened))
-                elif now - last_event >= settings.inter_token_timeout_s:
-                    ended = "error"
-                    raise Refusal(
-                        grpc.StatusCode.UNAVAILABLE,
-                        "inter_token_timeout",
-                        f"no event for {settings.inter_token_timeout_s:g}s; the request goes on: "
-                        "resume from the last event_id",
-                    )
-            ended = "done"
-        except EventsExpiredError as exc:
-            ended = "error"
-            message = f"cannot continue the stream: {exc}"
-            raise Refusal(grpc.StatusCode.OUT_OF_RANGE, "events_expired", message) from None
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            reraise_if_cancelling()
-            ended = "error"
-            log.warning("%s: Redis failed mid-stream: %s", request_id, exc, extra=about(request_id))
-            raise Refusal(
-                grpc.StatusCode.UNAVAILABLE,
-                "redis_unavailable",
-                "the request store (Redis) is unavailable; resume from the last event_id",
-            ) from None
-        finally:
-            if connection_id is not None:
-                self.events.attachments.detach(connection_id)
-            metrics.streams_active.dec()
-            metrics.streams_ended.labels(ended).inc()
-            log.info(
-                "%s: gRPC stream closed (%s) after %d events, opened after event %d",
-                request_id,
-                ended,
-                sent,
-                point.after_seq,
-                extra=about(request_id),
-            )
-
-    async def _queue_notice(self, meta: RequestMeta) -> str:
-        """How many requests wait; ends this one if it has waited past the queue timeout (as SSE's does)."""
-        store = self.services.store
-        waited_s = time.time() - meta.enqueued_ms / 1000
-        if waited_s > self.settings.queue_timeout_s:
-            message = f"timed out after {waited_s:.1f}s in the queue (queue timeout {self.settings.queue_timeout_s:g}s)"
-            if await store.expire_queued(meta.request_id, message):
-                log.info("%s: %s", meta.request_id, message, extra=about(meta.request_id))
-        waiting = await store.queue_waiting(meta.model)
-        return f"queued: {waiting} request(s) waiting for model {meta.model}"
+    async def _relay(self, session: StreamSession, tag: str, emit: Emit, opened: float) -> None:
+        """Send what the session yields until the request's terminal event. Raises :class:`Refusal` when the
+        stream cannot go on; cancellation goes through untouched."""
+        meta = session.point.meta
+        async with aclosing(session.items()) as items:
+            async for item in items:
+                if isinstance(item, Events):
+                    for seq, event in item.events:
+                        await emit(self._event(meta, seq, event, tag, opened))
+                elif isinstance(item, Queued):
+                    await emit(self._notice(meta.request_id, tag, pb.ChatResponse.QUEUED, item.notice(), opened))
+                elif isinstance(item, Heartbeat):
+                    continue  # the server's keepalive pings show the call is alive
+                else:
+                    status = _BY_HTTP_STATUS.get(item.status, grpc.StatusCode.UNAVAILABLE)
+                    raise Refusal(status, item.code, item.message)
 
     async def _send(self, context: Any, response: pb.ChatResponse) -> None:
         try:
-            await asyncio.wait_for(context.write(response), self.settings.send_timeout_s)
+            async with asyncio.timeout(self.settings.send_timeout_s):  # a timer, not a task per message
+                await context.write(response)
         except TimeoutError:
             reraise_if_cancelling()
             raise Refusal(
@@ -527,18 +442,14 @@ def _refusals(metrics: GatewayMetrics) -> Iterator[None]:
     try:
         yield
     except APIError as exc:
-        metrics.errors.labels(str(exc.status), exc.code or exc.error_type).inc()
+        metrics.count_error(exc)
         raise Refusal.of(exc) from None
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+    except REDIS_UNREACHABLE as exc:
         reraise_if_cancelling()
         log.warning("Redis unavailable: %s", exc)
-        metrics.errors.labels("503", "redis_unavailable").inc()
-        raise Refusal(
-            grpc.StatusCode.UNAVAILABLE,
-            "redis_unavailable",
-            "the request store (Redis) is unavailable; retry later",
-            retry_after="1",
-        ) from None
+        down = redis_unavailable()
+        metrics.count_error(down)
+        raise Refusal.of(down) from None
 
 
 class GrpcServer:

@@ -2,7 +2,7 @@
 
 Parsing is as strict as the HTTP API and reports problems with the same OpenAI error codes (the request
 fields are checked by the very models the HTTP routes use), so a client sees one set of errors whichever
-transport it uses. The protocol itself is described in :mod:`gateway.websocket`.
+transport it uses. The protocol itself is described in :mod:`gateway.transports.websocket`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import orjson
 from pydantic import ValidationError
 
 from gateway.chunks import chat_logprobs, usage_body
-from gateway.errors import APIError, bad_request
+from gateway.errors import APIError, bad_request, validation_error
 from gateway.schemas import ChatCompletionRequest
 from shared import keys, wire
 
@@ -156,22 +156,8 @@ def _submit(message: dict[str, Any], tag: Tag) -> Submit:
     try:
         body = ChatCompletionRequest.model_validate(params)
     except ValidationError as exc:
-        raise validation_error(exc) from None
+        raise validation_error(exc.errors()) from None
     return Submit(tag, body, model_given, key)
-
-
-def validation_error(exc: ValidationError) -> APIError:
-    """The first validation problem as the 400 the HTTP API gives for it (same codes, same parameter)."""
-    first = exc.errors()[0]
-    param = ".".join(str(part) for part in first.get("loc", ())) or None
-    kind = first.get("type", "")
-    if kind == "extra_forbidden":
-        return bad_request(f"unsupported parameter {param!r}", param=param, code="unsupported_parameter")
-    if kind == "missing":
-        return bad_request(f"missing required parameter {param!r}", param=param, code="missing_parameter")
-    detail = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    message = f"invalid value for {param!r}: {detail}" if param else detail
-    return bad_request(message, param=param, code="invalid_value")
 
 
 # -- server -> client ---------------------------------------------------------------------------------

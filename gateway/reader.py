@@ -1,4 +1,4 @@
-"""Reading a request's events for a client: replay from Redis in bounded batches, then follow live.
+"""Reading a request's events for a stream session: replay from Redis in bounded batches, then follow live.
 
 The resume position is checked at both ends: the event a client names must be one this request had
 (else 400), the first event replayed must be exactly the next one (else the events expired: 410), and
@@ -14,15 +14,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import orjson
-import redis.exceptions
-
-from gateway.attachments import Attachments
-from gateway.chunks import ChunkRenderer, error_body
 from gateway.errors import APIError, bad_request, not_found
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
-from gateway.sse import DONE_FRAME, comment_frame, data_frame
 from shared import keys, wire
 from shared.logs import about
 from shared.settings import GatewaySettings
@@ -30,7 +24,7 @@ from shared.store import TERMINAL_STATES, RequestMeta, RequestStore
 
 Batch = list[tuple[int, bytes]]
 
-log = logging.getLogger("tokenspool.gateway.streaming")
+log = logging.getLogger("tokenspool.gateway.reader")
 
 
 class EventsExpiredError(Exception):
@@ -63,18 +57,10 @@ class ResumePoint:
 class EventReader:
     """Opens and follows request event streams for this gateway process."""
 
-    def __init__(
-        self,
-        store: RequestStore,
-        relay: Relay,
-        attachments: Attachments,
-        settings: GatewaySettings,
-        metrics: GatewayMetrics,
-    ) -> None:
+    def __init__(self, store: RequestStore, relay: Relay, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
         self.metrics = metrics
         self.store = store
         self.relay = relay
-        self.attachments = attachments
         self.settings = settings
 
     async def open(self, request_id: str, last_event_id: str | None, owner: str) -> ResumePoint:
@@ -203,117 +189,3 @@ class EventReader:
             self.relay.nudge(request_id)
             return False
         return state in TERMINAL_STATES
-
-    async def sse_frames(self, point: ResumePoint) -> AsyncIterator[bytes]:
-        """The SSE body of a stream: rendered events (several per write when the client is behind),
-        queue-position comments while the request waits, heartbeats while idle, then ``[DONE]``."""
-        renderer = ChunkRenderer(point.meta)
-        settings = self.settings
-        metrics = self.metrics
-        connection_id: str | None = None
-        opened = time.monotonic()
-        first_delta_at = last_delta_at = 0.0
-        ended = "disconnected"
-        metrics.streams_active.inc()
-        if point.after_seq:
-            metrics.resumes.inc()
-            metrics.resume_backlog.observe(max(0, point.meta.last_seq - point.after_seq))
-        tick_s = min(settings.heartbeat_s, settings.queue_status_interval_s)
-        last_write = last_event = time.monotonic()
-        seen_event = point.after_seq > 0
-        try:
-            if not point.meta.terminal:
-                connection_id = self.attachments.attach(point.meta.request_id, announce=not point.submitted_here)
-            async for batch in self.batches(point, tick_s):
-                now = time.monotonic()
-                if batch:
-                    seen_event = True
-                    last_write = last_event = now
-                    before = renderer.deltas_rendered
-                    frames = renderer.frames(batch)
-                    if renderer.deltas_rendered > before:
-                        if not first_delta_at:
-                            first_delta_at = now
-                            if point.after_seq:
-                                metrics.ttft_after_resume.observe(now - opened)
-                            else:
-                                metrics.ttft.observe(max(0.0, time.time() - point.meta.enqueued_ms / 1000))
-                        last_delta_at = now
-                    metrics.events_sent.inc(len(batch))
-                    if frames:
-                        yield frames
-                    continue
-                if not seen_event:
-                    state, _ = await self.store.state(point.meta.request_id)
-                    if state == "queued":
-                        yield await self._queued_comment(point.meta)
-                        last_write = now
-                        continue
-                elif now - last_event >= settings.inter_token_timeout_s:
-                    message = (
-                        f"no event for {settings.inter_token_timeout_s:g}s; the request goes on: "
-                        "resume with Last-Event-ID"
-                    )
-                    yield data_frame(orjson.dumps(error_body("inter_token_timeout", message)))
-                    ended = "error"
-                    break
-                if now - last_write >= settings.heartbeat_s:
-                    last_write = now
-                    yield comment_frame("ping")
-            ended = "done"
-        except EventsExpiredError as exc:
-            ended = "error"
-            yield data_frame(orjson.dumps(error_body("events_expired", f"cannot continue the stream: {exc}")))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            ended = "error"
-            log.warning(
-                "%s: Redis failed mid-stream: %s", point.meta.request_id, exc, extra=about(point.meta.request_id)
-            )
-            message = "the request store (Redis) is unavailable; resume with Last-Event-ID"
-            yield data_frame(orjson.dumps(error_body("redis_unavailable", message)))
-        finally:
-            if connection_id is not None:
-                self.attachments.detach(connection_id)
-            metrics.streams_active.dec()
-            metrics.streams_ended.labels(ended).inc()
-            if renderer.handovers_rendered:
-                metrics.handovers.inc(renderer.handovers_rendered)
-            log.info(
-                "%s: stream closed (%s) after %d tokens in %.2fs, opened after event %d",
-                point.meta.request_id,
-                ended,
-                renderer.deltas_rendered,
-                time.monotonic() - opened,
-                point.after_seq,
-                extra=about(point.meta.request_id),
-            )
-            metrics.stream_duration.observe(time.monotonic() - opened)
-            if renderer.deltas_rendered > 1:
-                metrics.tpot.observe((last_delta_at - first_delta_at) / (renderer.deltas_rendered - 1))
-        yield DONE_FRAME
-
-    async def _queued_comment(self, meta: RequestMeta) -> bytes:
-        """Say how many requests wait; end this one if it has waited past the queue timeout."""
-        waited_s = time.time() - meta.enqueued_ms / 1000
-        if waited_s > self.settings.queue_timeout_s:
-            message = f"timed out after {waited_s:.1f}s in the queue (queue timeout {self.settings.queue_timeout_s:g}s)"
-            if await self.store.expire_queued(meta.request_id, message):
-                log.info("%s: %s", meta.request_id, message, extra=about(meta.request_id))
-        waiting = await self.store.queue_waiting(meta.model)
-        return comment_frame(f"queued: {waiting} request(s) waiting for model {meta.model}")
-
-    async def collect(self, point: ResumePoint) -> tuple[list[wire.Event], wire.Event]:
-        """Wait for a request to end; (its delta events, its terminal event)."""
-        deltas: list[wire.Event] = []
-        connection_id = self.attachments.attach(point.meta.request_id, announce=not point.submitted_here)
-        try:
-            async for batch in self.batches(point, tick_s=max(self.settings.heartbeat_s, 1.0)):
-                for _seq, payload in batch:
-                    event = wire.decode(payload, wire.Event)
-                    if event.kind == "delta":
-                        deltas.append(event)
-                    elif event.terminal:
-                        return deltas, event
-        finally:
-            self.attachments.detach(connection_id)
-        raise EventsExpiredError("stream ended without a terminal event")

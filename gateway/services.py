@@ -1,0 +1,55 @@
+"""What every transport uses, built once in the app's lifespan, and the dependencies that hand it to the
+HTTP routes (the services themselves and the caller's API key)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from gateway.auth import KeyRing, Principal
+from gateway.catalog import ModelCatalog
+from gateway.limits import KeyLimits
+from gateway.metrics import GatewayMetrics
+from gateway.session import StreamSessions
+from gateway.submission import SubmissionService
+from shared.settings import GatewaySettings
+from shared.store import RequestStore
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What the transports use; built once in the app's lifespan."""
+
+    settings: GatewaySettings
+    store: RequestStore
+    catalog: ModelCatalog
+    submissions: SubmissionService
+    sessions: StreamSessions
+    keys: KeyRing
+    limits: KeyLimits
+    metrics: GatewayMetrics
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+_BEARER = HTTPBearer(auto_error=False, description="an API key, when the gateway has keys")
+"""Declares the scheme in the OpenAPI document; the header itself is read by :func:`caller`."""
+
+
+async def caller(
+    request: Request, _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+) -> Principal:
+    """The API key a request carries (``Authorization: Bearer``); 401 without a valid one when keys are set.
+
+    ``async`` although it awaits nothing: FastAPI runs a plain ``def`` dependency in a worker thread, a
+    thread hop on every request's path to its first token."""
+    return services(request).keys.from_authorization(request.headers.get("authorization"))
+
+
+Caller = Annotated[Principal, Depends(caller)]
