@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -120,12 +120,26 @@ class Cluster:
 
 
 def wait_for_model(
-    gateway: Gateway | str, model: str, timeout_s: float = 10.0, *, headers: dict[str, str] | None = None
+    gateway: Gateway | str,
+    model: str,
+    timeout_s: float = 10.0,
+    *,
+    headers: dict[str, str] | None = None,
+    interval_s: float = 0.02,
+    watch: Sequence[Proc] = (),
 ) -> None:
     """Wait until a gateway lists ``model`` in ``/v1/models`` (a live worker serves it and the gateway sees
-    it): the one way tests wait for a model to be served."""
+    it): the one way tests wait for a model to be served. Fails at once, with its log, if a ``watch``
+    process (e.g. the worker loading the model) exits meanwhile."""
     url = gateway if isinstance(gateway, str) else gateway.url
-    wait_for(lambda: model_listed(url, model, headers), timeout_s, f"model {model} to be listed at {url}")
+
+    def listed() -> bool:
+        for proc in watch:
+            if not proc.alive():
+                raise AssertionError(f"{proc.name} exited before model {model} was listed:\n{proc.log()[-6000:]}")
+        return model_listed(url, model, headers)
+
+    wait_for(listed, timeout_s, f"model {model} to be listed at {url}", interval_s)
 
 
 # -- SSE --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Cluster, chat_body, read_stream, wait_for
+from tests.support import Cluster, chat_body, read_stream, wait_for_model
 from tokenspool.redis_server import free_port
 
 
@@ -23,7 +23,7 @@ def test_gateway_and_worker_metrics_count_real_traffic(cluster: Cluster) -> None
     port = free_port()
     cluster.worker(model="metered", metrics_port=port, sim_itl_ms=5)
     gateway = cluster.gateway()
-    wait_for(lambda: "metered" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "metered")
     streams = [
         read_stream(
             "POST", gateway.url + "/v1/chat/completions", json=chat_body(f"m{i}", max_tokens=5, model="metered")
@@ -76,7 +76,7 @@ def test_gateways_sharing_a_metrics_directory_each_report_the_traffic_of_all(clu
     cluster.worker(model="pooled", sim_itl_ms=2)
     first = cluster.gateway(metrics_multiproc_dir=shared_dir)
     second = cluster.gateway(metrics_multiproc_dir=shared_dir)
-    wait_for(lambda: "pooled" in httpx.get(second.url + "/v1/models").text, 10, "the model")
+    wait_for_model(second, "pooled")
     for gateway, count in ((first, 3), (second, 2)):
         for i in range(count):
             body = chat_body(f"p{i}", max_tokens=3, model="pooled")
