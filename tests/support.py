@@ -18,21 +18,18 @@ from shared import keys, registry, wire
 from shared.redis_client import RedisTarget, connect_sync
 from tokenspool.client_core import SSEComment, SSEDecoder, SSEMessage
 from tokenspool.redis_server import free_port
-from tokenspool.stack import Process, Stack, child_env, flags, gateway_ready, model_listed, wait_until
+from tokenspool.stack import Process, Stack, StackError, child_env, flags, gateway_ready, model_listed, wait_until
 
 T = TypeVar("T")
 
 
 def wait_for(predicate: Callable[[], T | None], timeout_s: float, what: str, interval_s: float = 0.02) -> T:
-    """Poll until ``predicate`` returns something truthy; fail with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
+    """Poll until ``predicate`` returns something truthy (:func:`tokenspool.stack.wait_until`); fail the test
+    with ``what`` after ``timeout_s``."""
+    try:
+        return wait_until(predicate, timeout_s=timeout_s, what=what, interval_s=interval_s)
+    except StackError:
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}") from None
 
 
 def clean_env(redis_url: str | None) -> dict[str, str]:

@@ -143,26 +143,18 @@ def engine_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def engine_flags(args: argparse.Namespace, model: Path) -> list[str]:
+    """The engine's flags, the same for ``vllm serve`` and for a tokenspool worker."""
+    return [
+        *("--model", str(model), "--served-model-name", SERVED_NAME, "--dtype", "float32"),
+        *("--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.concurrency)),
+    ]
+
+
 def run_vllm_server(args: argparse.Namespace, model: Path, log_dir: Path) -> RunResult:
     port = free_port()
     cpus = parse_cpu_list(args.engine_cpus)
-    argv = [
-        "--model",
-        str(model),
-        "--served-model-name",
-        SERVED_NAME,
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        str(args.max_model_len),
-        "--enforce-eager",
-        "--max-num-seqs",
-        str(args.concurrency),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    argv = [*engine_flags(args, model), "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]
     base_url = f"http://127.0.0.1:{port}"
     with Stack(engine_env(args), log_dir, log_prefix="vllm-", stop_timeout_s=STOP_TIMEOUT_S) as stack:
         # The server's engine processes inherit the engine CPUs ...
@@ -177,25 +169,8 @@ def run_vllm_server(args: argparse.Namespace, model: Path, log_dir: Path) -> Run
 
 def run_tokenspool(args: argparse.Namespace, model: Path, log_dir: Path) -> RunResult:
     port = free_port()
-    worker_argv = [
-        "worker",
-        "--engine",
-        "vllm",
-        "--model",
-        str(model),
-        "--served-model-name",
-        SERVED_NAME,
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        str(args.max_model_len),
-        "--enforce-eager",
-        "true",
-        "--max-num-seqs",
-        str(args.concurrency),
-        "--engine-cpus",
-        args.engine_cpus,
-    ]
+    worker_argv = ["worker", "--engine", "vllm", *engine_flags(args, model), "--enforce-eager", "true"]
+    worker_argv += ["--engine-cpus", args.engine_cpus]
     base_url = f"http://127.0.0.1:{port}"
     with (
         EmbeddedRedis() as server,

@@ -373,6 +373,14 @@ class SSEDecoder:
             raise ProtocolError(f"an SSE event exceeds {self._max} bytes")
         out: list[SSEMessage | SSEComment] = []
         for frame in frames:
+            if frame[:4] == b"id: ":  # the fast path: a gateway's event frame, one id line and one data line
+                event_id, separator, value = frame.partition(b"\ndata: ")
+                if separator and b"\n" not in value and b"\n" not in event_id and b"\0" not in event_id:
+                    raw = frame + b"\n\n" if self._keep_raw else b""
+                    out.append(
+                        SSEMessage(event_id[4:].decode("utf-8", "replace"), value.decode("utf-8", "replace"), raw)
+                    )
+                    continue
             data: bytes | None = None
             event_id: bytes | None = None
             for line in frame.split(b"\n"):
