@@ -374,11 +374,11 @@ class SSEDecoder:
         out: list[SSEMessage | SSEComment] = []
         for frame in frames:
             if frame[:4] == b"id: ":  # the fast path: a gateway's event frame, one id line and one data line
-                event_id, separator, value = frame.partition(b"\ndata: ")
-                if separator and b"\n" not in value and b"\n" not in event_id and b"\0" not in event_id:
+                id_line, separator, data_line = frame.partition(b"\ndata: ")
+                if separator and b"\n" not in data_line and b"\n" not in id_line and b"\0" not in id_line:
                     raw = frame + b"\n\n" if self._keep_raw else b""
                     out.append(
-                        SSEMessage(event_id[4:].decode("utf-8", "replace"), value.decode("utf-8", "replace"), raw)
+                        SSEMessage(id_line[4:].decode("utf-8", "replace"), data_line.decode("utf-8", "replace"), raw)
                     )
                     continue
             data: bytes | None = None
