@@ -18,17 +18,19 @@ any still running, and of anything a stopped process left behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-import httpx
 import redis
 
 from shared import keys, registry, wire
@@ -268,12 +270,23 @@ class Stack:
 # -- readiness probes: each answers False while the thing asked is not (yet) there -------------------------
 
 
+def _get(url: str, headers: Mapping[str, str] | None = None) -> tuple[int, bytes] | None:
+    """``GET url``: (status, body), or None when nothing answers. urllib, not httpx: a probe runs every tenth
+    of a second while a stack starts, and an httpx client costs milliseconds of CPU to build."""
+    request = urllib.request.Request(url, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), b""
+    except (OSError, ValueError):  # not listening yet, reset, timed out
+        return None
+
+
 def http_ok(url: str, headers: Mapping[str, str] | None = None) -> bool:
     """Whether ``GET url`` answers 2xx."""
-    try:
-        return httpx.get(url, headers=headers, timeout=PROBE_TIMEOUT_S).is_success
-    except httpx.HTTPError:
-        return False
+    answer = _get(url, headers)
+    return answer is not None and 200 <= answer[0] < 300
 
 
 def gateway_ready(base_url: str) -> bool:
@@ -283,17 +296,14 @@ def gateway_ready(base_url: str) -> bool:
 
 def listed_models(base_url: str, headers: Mapping[str, str] | None = None) -> list[str] | None:
     """The model ids a gateway's ``/v1/models`` lists; None when it does not answer 200."""
-    try:
-        return _model_ids(httpx.get(base_url + "/v1/models", headers=headers, timeout=PROBE_TIMEOUT_S))
-    except httpx.HTTPError:
-        return None
+    return _model_ids(_get(base_url + "/v1/models", headers))
 
 
-def _model_ids(response: httpx.Response) -> list[str] | None:
-    if response.status_code != 200:
+def _model_ids(answer: tuple[int, bytes] | None) -> list[str] | None:
+    if answer is None or answer[0] != 200:
         return None
     try:
-        body = response.json()
+        body = json.loads(answer[1])
     except ValueError:
         return None
     data = body.get("data") if isinstance(body, dict) else None
@@ -328,13 +338,10 @@ def model_registered(target: RedisTarget, model: str, ttl_s: float) -> bool:
 def model_served(base_url: str, model: str, target: RedisTarget, ttl_s: float) -> bool:
     """Whether a gateway answers and a live worker serves ``model``: from the gateway's list, or, when the
     gateway wants an API key (401), from the registry."""
-    try:
-        response = httpx.get(base_url + "/v1/models", timeout=PROBE_TIMEOUT_S)
-    except httpx.HTTPError:
-        return False
-    if response.status_code == 401:
+    answer = _get(base_url + "/v1/models")
+    if answer is not None and answer[0] == 401:
         return model_registered(target, model, ttl_s)
-    return model in (_model_ids(response) or ())
+    return model in (_model_ids(answer) or ())
 
 
 def redis_answers(target: RedisTarget) -> bool:
