@@ -1,97 +1,44 @@
-"""Real processes for tests: the embedded server, gateways and workers started as `tokenspool` commands,
-plus a small SSE reader. Nothing here mocks Redis or HTTP."""
+"""Real processes for tests: the embedded server, gateways and workers started as `tokenspool` commands
+through the one process-stack module (tokenspool.stack), read with the client's own SSE decoder. Nothing
+here mocks Redis or HTTP."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import orjson
 
 from shared import keys, registry, wire
 from shared.redis_client import RedisTarget, connect_sync
+from tokenspool.client_core import SSEComment, SSEDecoder, SSEMessage
 from tokenspool.redis_server import free_port
+from tokenspool.stack import Process, Stack, StackError, child_env, flags, gateway_ready, model_listed, wait_until
 
 T = TypeVar("T")
 
 
 def wait_for(predicate: Callable[[], T | None], timeout_s: float, what: str, interval_s: float = 0.02) -> T:
-    """Poll until ``predicate`` returns something truthy; fail with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
+    """Poll until ``predicate`` returns something truthy (:func:`tokenspool.stack.wait_until`); fail the test
+    with ``what`` after ``timeout_s``."""
+    try:
+        return wait_until(predicate, timeout_s=timeout_s, what=what, interval_s=interval_s)
+    except StackError:
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}") from None
 
 
 def clean_env(redis_url: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSPOOL_")}
-    if redis_url is not None:
-        env["TOKENSPOOL_REDIS_URL"] = redis_url
-    return env
+    """This process's environment without any ``TOKENSPOOL_*`` variable, plus the Redis URL."""
+    return child_env(os.environ, redis_url)
 
 
-def flags(settings: dict[str, Any]) -> list[str]:
-    out: list[str] = []
-    for name, value in settings.items():
-        out += ["--id" if name == "worker_id" else "--" + name.replace("_", "-"), str(value)]
-    return out
-
-
-@dataclass
-class Proc:
-    """A `tokenspool` child process whose output goes to a log file the test can show on failure."""
-
-    argv: list[str]
-    log_path: Path
-    env: dict[str, str]
-    process: subprocess.Popen[bytes] = field(init=False)
-
-    def __post_init__(self) -> None:
-        with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "tokenspool", *self.argv],
-                env=self.env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def signal(self, signum: int) -> None:
-        if self.alive():
-            os.killpg(self.process.pid, signum)
-
-    def stop(self, timeout_s: float = 15.0) -> int:
-        self.signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return self.process.wait()
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+Proc = Process
+"""A `tokenspool` child process whose output goes to a log file the test can show on failure."""
 
 
 @dataclass
@@ -107,7 +54,8 @@ class Worker:
 
 
 class Cluster:
-    """Gateways and workers on one Redis URL; everything started is stopped by :meth:`close`."""
+    """Gateways and workers on one Redis URL (a :class:`~tokenspool.stack.Stack`); everything started is
+    stopped by :meth:`close`."""
 
     def __init__(self, redis_url: str, log_dir: Path, *, env: dict[str, str] | None = None) -> None:
         self.redis_url = redis_url
@@ -117,51 +65,40 @@ class Cluster:
         self.redis: Any = connect_sync(
             RedisTarget(redis_url, self.env.get("TOKENSPOOL_REDIS_TLS_CA_FILE", "")), socket_timeout_s=10
         )
-        self.procs: list[Proc] = []
+        self.stack = Stack(self.child_env(), log_dir)
         self._count = 0
+
+    @property
+    def procs(self) -> list[Proc]:
+        return list(self.stack.processes.values())
 
     def _proc(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         self._count += 1
-        proc = Proc(argv, self.log_dir / f"{self._count:02d}-{name}.log", env or self.child_env())
-        self.procs.append(proc)
-        return proc
+        return self.stack.start(f"{self._count:02d}-{name}", argv, env=env)
 
     def child_env(self) -> dict[str, str]:
         return {**clean_env(self.redis_url), **self.env}
 
     def gateway(self, *, wait: bool = True, env: dict[str, str] | None = None, **settings: Any) -> Gateway:
         port = settings.pop("port", None) or free_port()
-        proc = self._proc(
-            "gateway", ["gateway", "--port", str(port), *flags(settings)], {**self.child_env(), **(env or {})}
-        )
+        proc = self._proc("gateway", ["gateway", "--port", str(port), *flags(settings)], env)
         gateway = Gateway(proc, f"http://127.0.0.1:{port}")
         if wait:
-
-            def ready() -> bool:
-                if not proc.alive():
-                    raise AssertionError(f"gateway exited:\n{proc.log()}")
-                try:
-                    return httpx.get(gateway.url + "/readyz", timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_for(ready, 30, "the gateway to answer /readyz")
+            wait_until(partial(gateway_ready, gateway.url), timeout_s=30, what="the gateway", watch=[proc])
         return gateway
 
     def worker(self, *, wait: bool = True, env: dict[str, str] | None = None, **settings: Any) -> Worker:
         self._count += 1
         worker_id = settings.setdefault("worker_id", f"test-worker-{os.getpid()}-{self._count}")
-        proc = self._proc("worker", ["worker", *flags(settings)], {**self.child_env(), **(env or {})})
+        proc = self._proc("worker", ["worker", *flags(settings)], env)
         worker = Worker(proc, worker_id)
         if wait:
 
             def registered() -> bool:
-                if not proc.alive():
-                    raise AssertionError(f"worker exited:\n{proc.log()}")
                 raw = self.redis.hget(keys.workers_key(), worker_id)
                 return raw is not None and wire.decode(raw, wire.WorkerInfo).state == "active"  # type: ignore[arg-type]
 
-            wait_for(registered, 60, f"worker {worker_id} to register")
+            wait_until(registered, timeout_s=60, what=f"worker {worker_id}", watch=[proc], interval_s=0.02)
         return worker
 
     def live_workers(self) -> list[wire.WorkerInfo]:
@@ -175,23 +112,38 @@ class Cluster:
         return {k.decode(): v.decode() for k, v in raw.items()}  # type: ignore[union-attr]
 
     def close(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.alive():
-                proc.stop()
+        self.stack.close()
         self.redis.close()
+
+
+def wait_for_model(
+    gateway: Gateway | str,
+    model: str,
+    timeout_s: float = 10.0,
+    *,
+    headers: dict[str, str] | None = None,
+    interval_s: float = 0.02,
+    watch: Sequence[Proc] = (),
+) -> None:
+    """Wait until a gateway lists ``model`` in ``/v1/models`` (a live worker serves it and the gateway sees
+    it): the one way tests wait for a model to be served. Fails at once, with its log, if a ``watch``
+    process (e.g. the worker loading the model) exits meanwhile."""
+    url = gateway if isinstance(gateway, str) else gateway.url
+
+    def listed() -> bool:
+        for proc in watch:
+            if not proc.alive():
+                raise AssertionError(f"{proc.name} exited before model {model} was listed:\n{proc.log()[-6000:]}")
+        return model_listed(url, model, headers)
+
+    wait_for(listed, timeout_s, f"model {model} to be listed at {url}", interval_s)
 
 
 # -- SSE --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class SSEEvent:
-    id: str | None
-    data: str
-    raw: bytes
-
-    def json(self) -> Any:
-        return orjson.loads(self.data)
+SSEEvent = SSEMessage
+"""An SSE event as the client's decoder reads it, its raw frame kept (``.raw``) for byte-exact comparisons."""
 
 
 @dataclass
@@ -201,33 +153,12 @@ class SSEStream:
     headers: httpx.Headers | None = None
 
 
-def parse_frames(buffer: bytes) -> tuple[list[SSEEvent | str], bytes]:
-    """Split complete SSE frames off ``buffer``; (events and comments, the incomplete rest)."""
-    out: list[SSEEvent | str] = []
-    while b"\n\n" in buffer:
-        frame, buffer = buffer.split(b"\n\n", 1)
-        event_id: str | None = None
-        data: list[str] = []
-        comments: list[str] = []
-        for line in frame.decode().split("\n"):
-            if line.startswith(":"):
-                comments.append(line[1:].strip())
-            elif line.startswith("id: "):
-                event_id = line[4:]
-            elif line.startswith("data: "):
-                data.append(line[6:])
-        if data:
-            out.append(SSEEvent(event_id, "\n".join(data), frame + b"\n\n"))
-        out.extend(comments)
-    return out, buffer
-
-
 def iter_sse(response: httpx.Response) -> Iterator[SSEEvent | str]:
-    buffer = b""
+    """The events of an SSE response (comments as their text), decoded by the client's own decoder."""
+    decoder = SSEDecoder(keep_raw=True)
     for chunk in response.iter_raw():
-        buffer += chunk
-        items, buffer = parse_frames(buffer)
-        yield from items
+        for item in decoder.feed(chunk):
+            yield item.text if isinstance(item, SSEComment) else item
 
 
 def read_stream(

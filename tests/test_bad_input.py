@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from shared import keys
-from tests.support import Cluster, Gateway, Worker, chat_body, wait_for
+from tests.support import Cluster, Gateway, Worker, chat_body, wait_for, wait_for_model
 from tokenspool.redis_server import EmbeddedRedis
 
 Stack = tuple[list[Gateway], list[Worker]]
@@ -109,7 +109,7 @@ def test_full_queue_is_429_with_retry_after(cluster: Cluster) -> None:
     gateway = cluster.gateway(max_queue_depth=2)
     url = gateway.url + "/v1/chat/completions"
     with httpx.Client(timeout=30) as client:
-        wait_for(lambda: "narrow" in client.get(gateway.url + "/v1/models").text, 10, "the model to be listed")
+        wait_for_model(gateway, "narrow")
         ids: list[str] = []
         with client.stream("POST", url, json=chat_body(model="narrow", max_tokens=400)) as first:
             ids.append(first.headers["x-request-id"])
@@ -156,7 +156,7 @@ def test_a_nearly_empty_queue_is_not_read_on_every_submission(cluster: Cluster) 
     cluster.worker(model="roomy", sim_itl_ms=0, sim_ttft_ms=0)
     gateway = cluster.gateway(queue_depth_fresh_ms=60_000, max_queue_depth=100)
     with httpx.Client(timeout=30) as client:
-        wait_for(lambda: "roomy" in client.get(gateway.url + "/v1/models").text, 10, "the model to be listed")
+        wait_for_model(gateway, "roomy")
 
         def depth_reads() -> int:
             stats: Any = cluster.redis.info("commandstats")

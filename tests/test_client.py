@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from shared import keys
-from tests.support import Cluster, Gateway, Worker, read_stream, wait_for
+from tests.support import Cluster, Gateway, Worker, read_stream, wait_for, wait_for_model
 from tokenspool.client import (
     AsyncClient,
     Backoff,
@@ -65,7 +65,8 @@ def wait_for_workers(cluster: Cluster, workers: list[Worker]) -> None:
 
 
 def wait_for_models(gateway: Gateway) -> None:
-    wait_for(lambda: all(m in httpx.get(gateway.url + "/v1/models").text for m in MODELS), 20, "the models listed")
+    for model in MODELS:
+        wait_for_model(gateway, model, 20)
 
 
 def replay(gateway: Gateway, request_id: str) -> list[tuple[str, Any]]:
@@ -131,7 +132,7 @@ def test_a_worker_handover_skips_exactly_one_event_id_and_nothing_else(
     fast_lease: dict[str, Any] = {"lease_timeout_s": 1.0, "worker_heartbeat_s": 0.2, "sim_itl_ms": 20}
     workers = [cluster.worker(model=model, wait=False, sim_ttft_ms=10, **fast_lease) for _ in range(2)]
     wait_for_workers(cluster, workers)
-    wait_for(lambda: model in httpx.get(gateways[0].url + "/v1/models").text, 20, "the model listed")
+    wait_for_model(gateways[0], model, 20)
 
     async def run() -> list[StreamEvent]:
         async with AsyncClient(gateways[0].url) as client:

@@ -19,7 +19,17 @@ import httpx
 import pytest
 
 from shared import keys
-from tests.support import Cluster, Gateway, SSEEvent, chat_body, content_of, iter_sse, read_stream, wait_for
+from tests.support import (
+    Cluster,
+    Gateway,
+    SSEEvent,
+    chat_body,
+    content_of,
+    iter_sse,
+    read_stream,
+    wait_for,
+    wait_for_model,
+)
 from tokenspool.redis_server import free_port
 
 CLOUDFLARE_DIR = Path(__file__).resolve().parents[1] / "ops" / "cloudflare"
@@ -93,7 +103,7 @@ def gateway(cluster: Cluster) -> Gateway:
         disconnect_grace_s=GRACE_S,
     )
     gateway = cluster.gateway(attach_refresh_s=0.2, disconnect_grace_s=GRACE_S)
-    wait_for(lambda: MODEL in httpx.get(gateway.url + "/v1/models").text, 10, "the gateway to see the model")
+    wait_for_model(gateway, MODEL)
     return gateway
 
 

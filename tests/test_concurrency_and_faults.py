@@ -8,7 +8,16 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from shared import keys
-from tests.support import Cluster, Gateway, Worker, chat_body, content_of, iter_sse, read_stream, wait_for
+from tests.support import (
+    Cluster,
+    Gateway,
+    Worker,
+    chat_body,
+    content_of,
+    iter_sse,
+    read_stream,
+    wait_for_model,
+)
 
 Stack = tuple[list[Gateway], list[Worker]]
 
@@ -40,7 +49,7 @@ def test_fifty_concurrent_streams_over_two_gateways_and_two_workers(cluster: Clu
 def test_a_client_slower_than_its_buffer_still_gets_every_event(cluster: Cluster) -> None:
     cluster.worker(model="firehose", sim_itl_ms=0, sim_ttft_ms=0, sim_default_max_tokens=4000)
     gateway = cluster.gateway(client_buffer_events=4, replay_batch_events=16, log_level="debug")
-    wait_for(lambda: "firehose" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "firehose")
     live = read_stream(
         "POST",
         gateway.url + "/v1/chat/completions",
@@ -90,7 +99,7 @@ def test_gateway_killed_mid_stream_resumes_on_another(cluster: Cluster, stack: S
 def test_sigterm_drains_a_worker_without_cutting_its_requests(cluster: Cluster) -> None:
     worker = cluster.worker(model="drainer", sim_itl_ms=20)
     gateway = cluster.gateway()
-    wait_for(lambda: "drainer" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "drainer")
     with (
         httpx.Client(timeout=30) as client,
         client.stream(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.support import Cluster, Gateway, chat_body, iter_sse, read_stream, wait_for
+from tests.support import Cluster, Gateway, chat_body, iter_sse, read_stream, wait_for, wait_for_model
 
 MODEL = "grace-sim"
 GRACE = {"disconnect_grace_s": 1.0}
@@ -16,7 +16,7 @@ GRACE = {"disconnect_grace_s": 1.0}
 def gateways(cluster: Cluster) -> list[Gateway]:
     cluster.worker(model=MODEL, sim_itl_ms=20, sim_default_max_tokens=2000, worker_heartbeat_s=0.2, **GRACE)
     gateways = [cluster.gateway(attach_refresh_s=0.2, **GRACE) for _ in range(2)]
-    wait_for(lambda: MODEL in httpx.get(gateways[0].url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateways[0], MODEL)
     return gateways
 
 
@@ -61,7 +61,7 @@ def test_a_background_request_runs_to_the_end_without_a_client(cluster: Cluster,
 def test_queue_timeout_ends_a_request_that_waited_too_long(cluster: Cluster) -> None:
     cluster.worker(model="slow-queue", max_num_seqs=1, sim_itl_ms=20, sim_default_max_tokens=2000, queue_timeout_s=1.0)
     gateway = cluster.gateway(queue_timeout_s=1.0, queue_status_interval_s=0.2)
-    wait_for(lambda: "slow-queue" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "slow-queue")
     with (
         httpx.Client(timeout=30) as http,
         http.stream(
@@ -85,7 +85,7 @@ def test_deadline_ends_a_request_that_runs_too_long(cluster: Cluster) -> None:
         model="deadline-sim", sim_itl_ms=20, sim_default_max_tokens=2000, request_deadline_s=1.0, worker_heartbeat_s=0.2
     )
     gateway = cluster.gateway()
-    wait_for(lambda: "deadline-sim" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "deadline-sim")
     stream = read_stream(
         "POST", gateway.url + "/v1/chat/completions", json=chat_body("forever", max_tokens=1500, model="deadline-sim")
     )
@@ -97,7 +97,7 @@ def test_deadline_ends_a_request_that_runs_too_long(cluster: Cluster) -> None:
 def test_inter_token_timeout_closes_a_silent_stream_but_not_the_request(cluster: Cluster) -> None:
     cluster.worker(model="sluggish", sim_itl_ms=1500, sim_ttft_ms=10)
     gateway = cluster.gateway(inter_token_timeout_s=0.5, heartbeat_s=0.1)
-    wait_for(lambda: "sluggish" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "sluggish")
     stream = read_stream(
         "POST", gateway.url + "/v1/chat/completions", json=chat_body("slow", max_tokens=3, model="sluggish")
     )

@@ -15,7 +15,18 @@ import httpx
 import pytest
 
 from shared import keys, wire
-from tests.support import Cluster, Gateway, Worker, chat_body, clean_env, content_of, iter_sse, read_stream, wait_for
+from tests.support import (
+    Cluster,
+    Gateway,
+    Worker,
+    chat_body,
+    clean_env,
+    content_of,
+    iter_sse,
+    read_stream,
+    wait_for,
+    wait_for_model,
+)
 
 MODEL = "failover-sim"
 FAST_LEASE_NO_SIM = {"lease_timeout_s": 1.0, "worker_heartbeat_s": 0.2}
@@ -30,7 +41,7 @@ def gateway(cluster: Cluster) -> Gateway:
 def start_worker(cluster: Cluster, gateway: Gateway, *, wait: bool = True, **extra: object) -> Worker:
     worker = cluster.worker(model=MODEL, wait=wait, **FAST_LEASE, **extra)
     if wait:
-        wait_for(lambda: MODEL in httpx.get(gateway.url + "/v1/models").text, 10, "the model to be listed")
+        wait_for_model(gateway, MODEL)
     return worker
 
 
@@ -195,7 +206,7 @@ def test_redis_losing_its_data_ends_open_streams_and_workers_recover(tmp_path: P
     try:
         cluster.worker(model="amnesia", sim_itl_ms=200, worker_heartbeat_s=0.2)
         gateway = cluster.gateway(heartbeat_s=0.3)
-        wait_for(lambda: "amnesia" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+        wait_for_model(gateway, "amnesia")
         with (
             httpx.Client(timeout=30) as http,
             http.stream(
@@ -213,7 +224,7 @@ def test_redis_losing_its_data_ends_open_streams_and_workers_recover(tmp_path: P
         error = rest[-2].json()["error"]
         assert error["type"] in ("events_expired", "redis_unavailable"), error
         # Workers re-register and recreate their consumer group; new requests are served again.
-        wait_for(lambda: "amnesia" in httpx.get(gateway.url + "/v1/models").text, 15, "the worker to re-register")
+        wait_for_model(gateway, "amnesia", 15)
         again = read_stream(
             "POST", gateway.url + "/v1/chat/completions", json=chat_body("remember this", max_tokens=3, model="amnesia")
         )
@@ -277,7 +288,7 @@ def test_redis_killed_and_restarted_with_aof_loses_no_acknowledged_event(tmp_pat
         cluster.worker(model="durable", sim_itl_ms=20, sim_default_max_tokens=1000, **FAST_LEASE_NO_SIM)
         cluster.worker(model="durable", sim_itl_ms=20, sim_default_max_tokens=1000, **FAST_LEASE_NO_SIM)
         gateway = cluster.gateway()
-        wait_for(lambda: "durable" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+        wait_for_model(gateway, "durable")
         with ThreadPoolExecutor(max_workers=6) as pool:
             futures = [
                 pool.submit(read_resuming, gateway, chat_body(f"durable {i}", max_tokens=120, model="durable", seed=i))

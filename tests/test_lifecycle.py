@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from shared import keys
-from tests.support import Cluster, Gateway, Worker, chat_body, iter_sse, read_stream, wait_for
+from tests.support import Cluster, Gateway, Worker, chat_body, iter_sse, read_stream, wait_for, wait_for_model
 
 Stack = tuple[list[Gateway], list[Worker]]
 
@@ -56,7 +56,7 @@ def test_cancel_of_a_queued_request_ends_it_before_any_worker_runs_it(cluster: C
     gateway = cluster.gateway()
     url = gateway.url + "/v1/chat/completions"
     with httpx.Client(timeout=30) as client:
-        wait_for(lambda: "single-file" in client.get(gateway.url + "/v1/models").text, 10, "the model")
+        wait_for_model(gateway, "single-file")
         with client.stream("POST", url, json=chat_body(model="single-file", max_tokens=2000)) as first:
             blocker = first.headers["x-request-id"]
             wait_for(lambda: cluster.meta(blocker).get("state") == "running", 10, "the first request to run")
@@ -94,7 +94,7 @@ def test_idempotency_key_maps_a_retry_to_the_same_request(cluster: Cluster, stac
 def test_idle_streams_carry_heartbeat_comments(cluster: Cluster) -> None:
     cluster.worker(model="slowpoke", sim_itl_ms=700, sim_ttft_ms=10)
     gateway = cluster.gateway(heartbeat_s=0.2)
-    wait_for(lambda: "slowpoke" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "slowpoke")
     stream = read_stream("POST", gateway.url + "/v1/chat/completions", json=chat_body(model="slowpoke", max_tokens=3))
     assert "ping" in stream.comments
     assert stream.events[-1].data == "[DONE]" and len(stream.events) == 4
@@ -112,7 +112,7 @@ def test_non_streaming_and_streaming_requests_share_one_record(stack: Stack, str
 def test_engine_failure_after_streaming_started_is_an_error_event(cluster: Cluster) -> None:
     cluster.worker(model="fragile", sim_fail_marker="BREAK")
     gateway = cluster.gateway()
-    wait_for(lambda: "fragile" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "fragile")
     stream = read_stream(
         "POST",
         gateway.url + "/v1/chat/completions",

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
-
-from tests.support import Cluster, Proc, chat_body, content_of, read_stream, wait_for
+from tests.support import Cluster, Proc, chat_body, content_of, read_stream, wait_for, wait_for_model
 
 SECRET = "zebra-passphrase-4417"
 
@@ -24,7 +22,7 @@ def lines_about(proc: Proc, request_id: str) -> list[dict[str, Any]]:
 def test_json_log_lines_about_a_request_carry_its_id_and_never_its_text(cluster: Cluster) -> None:
     worker = cluster.worker(model="quiet", log_format="json", sim_itl_ms=2)
     gateway = cluster.gateway(log_format="json")
-    wait_for(lambda: "quiet" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "quiet")
     stream = read_stream(
         "POST", gateway.url + "/v1/chat/completions", json=chat_body(f"my {SECRET}", max_tokens=12, model="quiet")
     )
@@ -50,7 +48,7 @@ def test_json_log_lines_about_a_request_carry_its_id_and_never_its_text(cluster:
 def test_log_content_setting_logs_prompt_and_output_on_the_worker(cluster: Cluster) -> None:
     worker = cluster.worker(model="chatty", log_format="json", log_content=True, sim_itl_ms=2)
     gateway = cluster.gateway()
-    wait_for(lambda: "chatty" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "chatty")
     stream = read_stream(
         "POST", gateway.url + "/v1/chat/completions", json=chat_body(f"my {SECRET}", max_tokens=12, model="chatty")
     )

@@ -13,7 +13,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from gateway.proto import tokenspool_chat_pb2 as pb
 from gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
-from tests.support import Cluster, chat_body, read_stream, wait_for
+from tests.support import Cluster, chat_body, read_stream, wait_for, wait_for_model
 from tokenspool.redis_server import free_port
 
 
@@ -29,7 +29,7 @@ def test_gateway_and_worker_metrics_count_real_traffic(cluster: Cluster) -> None
     port = free_port()
     cluster.worker(model="metered", metrics_port=port, sim_itl_ms=5)
     gateway = cluster.gateway()
-    wait_for(lambda: "metered" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "metered")
     streams = [
         read_stream(
             "POST", gateway.url + "/v1/chat/completions", json=chat_body(f"m{i}", max_tokens=5, model="metered")
@@ -82,7 +82,7 @@ def test_gateways_sharing_a_metrics_directory_each_report_the_traffic_of_all(clu
     cluster.worker(model="pooled", sim_itl_ms=2)
     first = cluster.gateway(metrics_multiproc_dir=shared_dir)
     second = cluster.gateway(metrics_multiproc_dir=shared_dir)
-    wait_for(lambda: "pooled" in httpx.get(second.url + "/v1/models").text, 10, "the model")
+    wait_for_model(second, "pooled")
     for gateway, count in ((first, 3), (second, 2)):
         for i in range(count):
             body = chat_body(f"p{i}", max_tokens=3, model="pooled")
@@ -110,7 +110,7 @@ def test_websocket_and_grpc_streams_count_in_every_stream_metric(cluster: Cluste
     cluster.worker(model="wired", sim_itl_ms=5)
     grpc_port = free_port()
     gateway = cluster.gateway(grpc_port=grpc_port)
-    wait_for(lambda: "wired" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "wired")
     metrics_url = gateway.url + "/metrics"
     active = ("tokenspool_gateway_streams_active", ())
     ws_url = gateway.url.replace("http://", "ws://", 1) + "/v1/ws"

@@ -17,6 +17,7 @@ import pytest
 
 from tests.support import Cluster, Gateway, SSEEvent, chat_body, content_of, iter_sse, read_stream, wait_for
 from tokenspool.redis_server import free_port
+from tokenspool.stack import model_listed
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "behind-nginx"
@@ -66,10 +67,7 @@ def proxied(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
         def answers() -> bool:
             assert nginx.poll() is None, (work_dir / "nginx.log").read_text()
-            try:
-                return MODEL in httpx.get(url + "/v1/models", timeout=1).text
-            except httpx.HTTPError:
-                return False
+            return model_listed(url, MODEL)
 
         wait_for(answers, 20, "nginx to answer with the model listed")
         yield url, gateways

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Cluster, chat_body, read_stream, wait_for
+from tests.support import Cluster, chat_body, read_stream, wait_for_model
 from tokenspool.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,7 +256,7 @@ def exposed(cluster: Cluster) -> dict[str, set[str]]:
     port = free_port()
     cluster.worker(model="observed", metrics_port=port, sim_itl_ms=5, sim_ttft_ms=10)
     gateway = cluster.gateway()
-    wait_for(lambda: "observed" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "observed")
     url = gateway.url + "/v1/chat/completions"
     streams = [read_stream("POST", url, json=chat_body(f"o{i}", max_tokens=6, model="observed")) for i in range(2)]
     first = streams[0]

@@ -10,7 +10,18 @@ import httpx
 import pytest
 
 from shared import keys, wire
-from tests.support import Cluster, Gateway, Worker, chat_body, clean_env, content_of, iter_sse, read_stream, wait_for
+from tests.support import (
+    Cluster,
+    Gateway,
+    Worker,
+    chat_body,
+    clean_env,
+    content_of,
+    iter_sse,
+    read_stream,
+    wait_for,
+    wait_for_model,
+)
 from tokenspool.control import plan_rebalance
 
 FAST = {
@@ -34,7 +45,7 @@ def run_cli(cluster: Cluster, *args: str) -> subprocess.Popen[str]:
 
 def start(cluster: Cluster, gateway: Gateway, model: str, **extra: object) -> Worker:
     worker = cluster.worker(model=model, **FAST, **extra)
-    wait_for(lambda: model in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, model)
     return worker
 
 

@@ -18,7 +18,17 @@ import redis.cluster
 
 from shared import keys
 from shared.redis_client import RedisTarget, connect_sync
-from tests.support import Cluster, Proc, chat_body, clean_env, content_of, iter_sse, read_stream, wait_for
+from tests.support import (
+    Cluster,
+    Proc,
+    chat_body,
+    clean_env,
+    content_of,
+    iter_sse,
+    read_stream,
+    wait_for,
+    wait_for_model,
+)
 from tokenspool.redis_server import EmbeddedCluster
 
 
@@ -50,7 +60,7 @@ def test_the_sixteen_partitions_are_spread_over_every_node(stack: Cluster, redis
 def test_one_gateway_relays_streams_stored_on_different_nodes(stack: Cluster) -> None:
     stack.worker(model="spread", sim_itl_ms=5, sim_ttft_ms=5)
     gateway = stack.gateway()
-    wait_for(lambda: "spread" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "spread")
 
     def one(i: int) -> tuple[str, str, int]:
         body = chat_body(f"stream {i}", max_tokens=20, model="spread", seed=i)
@@ -80,7 +90,7 @@ def test_workers_read_each_queue_on_the_node_that_holds_it(stack: Cluster) -> No
         stack.worker(model=model, sim_itl_ms=5, sim_ttft_ms=5)
     gateway = stack.gateway()
     for model in (model_a, model_b):
-        wait_for(lambda m=model: m in httpx.get(gateway.url + "/v1/models").text, 10, f"model {model}")  # type: ignore[misc]
+        wait_for_model(gateway, model)
         stream = read_stream(
             "POST", gateway.url + "/v1/chat/completions", json=chat_body("hi", max_tokens=3, model=model)
         )
@@ -140,7 +150,7 @@ def move_slot(redis_cluster: EmbeddedCluster, slot: int, source_port: int, targe
 def test_a_stream_goes_on_when_its_slot_moves_to_another_node(stack: Cluster, redis_cluster: EmbeddedCluster) -> None:
     stack.worker(model="resharded", sim_itl_ms=40, sim_ttft_ms=5)
     gateway = stack.gateway()
-    wait_for(lambda: "resharded" in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, "resharded")
     body = chat_body("moving", max_tokens=60, model="resharded")
     with (
         httpx.Client(timeout=60) as http,

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from shared import keys
-from tests.support import Cluster, Gateway, Worker, chat_body, content_of, read_stream, wait_for
+from tests.support import Cluster, Gateway, Worker, chat_body, content_of, read_stream, wait_for, wait_for_model
 
 Stack = tuple[list[Gateway], list[Worker]]
 
@@ -98,7 +98,7 @@ def test_bad_resume_positions_are_refused(stack: Stack) -> None:
 def test_expired_events_answer_410_then_404_after_the_tombstone(cluster: Cluster, stack: Stack) -> None:
     cluster.worker(model="expiring", retention_s=0.5, tombstone_s=1.5)
     gw = stack[0][0]
-    wait_for(lambda: "expiring" in httpx.get(gw.url + "/v1/models").text, 10, "the gateway to see the new model")
+    wait_for_model(gw, "expiring")
     done = read_stream(
         "POST", gw.url + "/v1/chat/completions", json=chat_body("short-lived", max_tokens=3, model="expiring")
     )

@@ -18,7 +18,16 @@ import redis
 from shared import keys
 from shared.redis_client import RedisTarget, connect_sync
 from tests.conftest import redis_mode
-from tests.support import Cluster, Gateway, chat_body, clean_env, content_of, iter_sse, read_stream, wait_for
+from tests.support import (
+    Cluster,
+    Gateway,
+    chat_body,
+    clean_env,
+    content_of,
+    iter_sse,
+    read_stream,
+    wait_for_model,
+)
 from tests.tls import Certificates, TLSProxy, make_certificates
 from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis
 
@@ -100,7 +109,7 @@ def run_roles(stack: Cluster, gateway_env: dict[str, str], worker_env: dict[str,
     for _ in range(2):
         stack.worker(model=MODEL, env=worker_env, sim_itl_ms=30, lease_timeout_s=0.5, worker_heartbeat_s=0.1)
     gateway = stack.gateway(env=gateway_env)
-    wait_for(lambda: MODEL in httpx.get(gateway.url + "/v1/models").text, 10, "the model")
+    wait_for_model(gateway, MODEL)
     return gateway
 
 

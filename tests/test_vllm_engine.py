@@ -16,7 +16,17 @@ import openai
 import pytest
 
 from shared import keys, wire
-from tests.support import Cluster, Gateway, Worker, chat_body, content_of, iter_sse, read_stream, wait_for
+from tests.support import (
+    Cluster,
+    Gateway,
+    Worker,
+    chat_body,
+    content_of,
+    iter_sse,
+    read_stream,
+    wait_for,
+    wait_for_model,
+)
 
 MODEL = "tiny-llama"
 
@@ -50,12 +60,7 @@ def vllm_stack(cluster: Cluster, model_dir: Path) -> Iterator[tuple[Gateway, Wor
     )
     gateway = cluster.gateway()
 
-    def registered() -> bool:
-        if not worker.proc.alive():
-            raise AssertionError(f"the vLLM worker exited:\n{worker.proc.log()[-6000:]}")
-        return MODEL in httpx.get(gateway.url + "/v1/models").text
-
-    wait_for(registered, 300, "the vLLM worker to start and register", interval_s=0.5)
+    wait_for_model(gateway, MODEL, 300, interval_s=0.5, watch=[worker.proc])
     yield gateway, worker
 
 
@@ -269,9 +274,7 @@ def test_engine_death_stops_the_worker_and_leaves_its_requests_claimable(
         wait=False,
         env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"},
     )
-    wait_for(
-        lambda: "doomed-llama" in httpx.get(gateway.url + "/v1/models").text, 300, "the second engine", interval_s=0.5
-    )
+    wait_for_model(gateway, "doomed-llama", 300, interval_s=0.5)
     with (
         httpx.Client(timeout=60) as http,
         http.stream(

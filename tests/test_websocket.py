@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from shared import keys
-from tests.support import Cluster, Gateway, Worker, chat_body, content_of, read_stream, wait_for
+from tests.support import Cluster, Gateway, Worker, chat_body, content_of, read_stream, wait_for, wait_for_model
 
 Stack = tuple[list[Gateway], list[Worker]]
 Message = dict[str, Any]
@@ -346,7 +346,7 @@ def test_a_waiting_request_reports_its_queue_and_a_model_must_be_named_when_seve
     (gw_a, _), _ = stack
     narrow = cluster.worker(model="ws-narrow", max_num_seqs=1, sim_itl_ms=10)
     try:
-        wait_for(lambda: "ws-narrow" in httpx.get(gw_a.url + "/v1/models").text, 10, "the second model")
+        wait_for_model(gw_a, "ws-narrow")
         ws = open_socket(sockets, gw_a)
         refused = ask(ws, {"prompt": "which model?", "id": "vague"})
         assert (refused["type"], refused["error"]["code"], refused["error"]["param"]) == (

@@ -12,12 +12,11 @@ import argparse
 import asyncio
 import itertools
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,14 @@ import httpx
 import orjson
 
 from shared.settings import parse_cpu_list
+from tokenspool.client_core import SSEDecoder, SSEMessage
 from tokenspool.redis_server import EmbeddedRedis, free_port
+from tokenspool.stack import Stack, child_env, model_listed
 
 SERVED_NAME = "bench-model"
+START_TIMEOUT_S = 600.0
+"""Loading a model and compiling it takes minutes on CPUs."""
+STOP_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -82,22 +86,19 @@ async def one_request(client: httpx.AsyncClient, url: str, index: int, max_token
     start = time.perf_counter()
     arrivals: list[float] = []
     tokens = 0
-    buffer = b""
+    decoder = SSEDecoder()
     async with client.stream("POST", url, json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{response.status_code}: {(await response.aread())[:200]!r}")
         async for chunk in response.aiter_raw():
-            buffer += chunk
-            while b"\n\n" in buffer:
-                frame, buffer = buffer.split(b"\n\n", 1)
-                for line in frame.split(b"\n"):
-                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                        continue
-                    data = orjson.loads(line[6:])
-                    if data.get("usage"):
-                        tokens = data["usage"]["completion_tokens"]
-                    if data.get("choices") and data["choices"][0].get("delta", {}).get("content"):
-                        arrivals.append(time.perf_counter())
+            for item in decoder.feed(chunk):
+                if not isinstance(item, SSEMessage) or item.data == "[DONE]":
+                    continue
+                data = item.json()
+                if data.get("usage"):
+                    tokens = data["usage"]["completion_tokens"]
+                if data.get("choices") and data["choices"][0].get("delta", {}).get("content"):
+                    arrivals.append(time.perf_counter())
     if not arrivals:
         raise RuntimeError("no content streamed")
     return RequestTiming(
@@ -133,32 +134,8 @@ async def drive(name: str, base_url: str, requests: int, concurrency: int, max_t
     return result
 
 
-def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} during start-up")
-        try:
-            if SERVED_NAME in httpx.get(url, timeout=2).text:
-                return
-        except httpx.HTTPError:
-            pass  # not answering yet
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready within {timeout_s:.0f}s")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def engine_env(args: argparse.Namespace) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSPOOL_")}
+    env = child_env(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cpus = sorted(parse_cpu_list(args.engine_cpus))
     if cpus:
@@ -166,95 +143,48 @@ def engine_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def engine_flags(args: argparse.Namespace, model: Path) -> list[str]:
+    """The engine's flags, the same for ``vllm serve`` and for a tokenspool worker."""
+    return [
+        *("--model", str(model), "--served-model-name", SERVED_NAME, "--dtype", "float32"),
+        *("--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.concurrency)),
+    ]
+
+
 def run_vllm_server(args: argparse.Namespace, model: Path, log_dir: Path) -> RunResult:
     port = free_port()
     cpus = parse_cpu_list(args.engine_cpus)
-    own = os.sched_getaffinity(0)
-    argv = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model),
-        "--served-model-name",
-        SERVED_NAME,
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        str(args.max_model_len),
-        "--enforce-eager",
-        "--max-num-seqs",
-        str(args.concurrency),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    if cpus:
-        os.sched_setaffinity(0, cpus)  # the server's engine processes inherit this ...
-    try:
-        with open(log_dir / "vllm-server.log", "wb") as log_file:
-            process = subprocess.Popen(
-                argv, env=engine_env(args), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-            )
-    finally:
-        os.sched_setaffinity(0, own)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", process, 600)
+    argv = [*engine_flags(args, model), "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]
+    base_url = f"http://127.0.0.1:{port}"
+    with Stack(engine_env(args), log_dir, log_prefix="vllm-", stop_timeout_s=STOP_TIMEOUT_S) as stack:
+        # The server's engine processes inherit the engine CPUs ...
+        server = stack.start("server", argv, module="vllm.entrypoints.openai.api_server", cpus=cpus)
+        stack.wait_ready(partial(model_listed, base_url, SERVED_NAME), START_TIMEOUT_S, "vllm serve")
         if cpus:
-            # Its engine processes have started (inheriting the engine CPUs); its HTTP front-end gets every
-            # CPU back, exactly as tokenspool's worker front-end does.
-            os.sched_setaffinity(process.pid, own)
-        return asyncio.run(
-            drive("vllm serve", f"http://127.0.0.1:{port}", args.requests, args.concurrency, args.max_tokens)
-        )
-    finally:
-        stop(process)
+            # ... and once they have started, its HTTP front-end gets every CPU back, exactly as tokenspool's
+            # worker front-end does.
+            os.sched_setaffinity(server.pid, os.sched_getaffinity(0))
+        return asyncio.run(drive("vllm serve", base_url, args.requests, args.concurrency, args.max_tokens))
 
 
 def run_tokenspool(args: argparse.Namespace, model: Path, log_dir: Path) -> RunResult:
-    with EmbeddedRedis() as server:
-        env = {**engine_env(args), "TOKENSPOOL_REDIS_URL": server.url, "TOKENSPOOL_LOG_LEVEL": "warning"}
-        port = free_port()
-        worker_argv = [
-            "worker",
-            "--engine",
-            "vllm",
-            "--model",
-            str(model),
-            "--served-model-name",
-            SERVED_NAME,
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            str(args.max_model_len),
-            "--enforce-eager",
-            "true",
-            "--max-num-seqs",
-            str(args.concurrency),
-            "--engine-cpus",
-            args.engine_cpus,
-        ]
-        processes = []
-        try:
-            for name, argv in (("worker", worker_argv), ("gateway", ["gateway", "--port", str(port)])):
-                with open(log_dir / f"tokenspool-{name}.log", "wb") as log_file:
-                    processes.append(
-                        subprocess.Popen(
-                            [sys.executable, "-m", "tokenspool", *argv],
-                            env=env,
-                            stdout=log_file,
-                            stderr=subprocess.STDOUT,
-                            start_new_session=True,
-                        )
-                    )
-            wait_http(f"http://127.0.0.1:{port}/v1/models", processes[0], 600)
-            return asyncio.run(
-                drive("tokenspool", f"http://127.0.0.1:{port}", args.requests, args.concurrency, args.max_tokens)
-            )
-        finally:
-            for process in reversed(processes):
-                stop(process)
+    port = free_port()
+    worker_argv = ["worker", "--engine", "vllm", *engine_flags(args, model), "--enforce-eager", "true"]
+    worker_argv += ["--engine-cpus", args.engine_cpus]
+    base_url = f"http://127.0.0.1:{port}"
+    with (
+        EmbeddedRedis() as server,
+        Stack(
+            {**engine_env(args), "TOKENSPOOL_REDIS_URL": server.url, "TOKENSPOOL_LOG_LEVEL": "warning"},
+            log_dir,
+            log_prefix="tokenspool-",
+            stop_timeout_s=STOP_TIMEOUT_S,
+        ) as stack,
+    ):
+        stack.start("worker", worker_argv)
+        stack.start("gateway", ["gateway", "--port", str(port)])
+        stack.wait_ready(partial(model_listed, base_url, SERVED_NAME), START_TIMEOUT_S, "tokenspool")
+        return asyncio.run(drive("tokenspool", base_url, args.requests, args.concurrency, args.max_tokens))
 
 
 def report(results: list[RunResult]) -> dict[str, Any]:

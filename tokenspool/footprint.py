@@ -12,58 +12,35 @@ import argparse
 import concurrent.futures
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 
 from shared import keys
+from shared.redis_client import RedisTarget, connect_sync
 from tokenspool.redis_server import EmbeddedRedis, free_port
+from tokenspool.stack import Stack, child_env, model_listed
 
 MODEL = "footprint-sim"
 
 
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as log_file:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tokenspool", *argv], env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-
-
-def _wait(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
 def measure(requests: int, tokens: int, concurrency: int, log_dir: Path) -> dict[str, float]:
-    with EmbeddedRedis(data_dir=log_dir / "redis") as server:
-        client: Any = redis.Redis.from_url(server.url)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSPOOL_")}
-        env.update({"TOKENSPOOL_REDIS_URL": server.url, "TOKENSPOOL_LOG_LEVEL": "warning"})
+    with (
+        EmbeddedRedis(data_dir=log_dir / "redis") as server,
+        Stack({**child_env(os.environ, server.url), "TOKENSPOOL_LOG_LEVEL": "warning"}, log_dir) as stack,
+    ):
+        client: Any = connect_sync(RedisTarget(server.url), socket_timeout_s=30)
         port = free_port()
-        procs = [
-            _spawn(
-                ["worker", "--model", MODEL, "--sim-ttft-ms", "0", "--sim-itl-ms", "0", "--max-num-seqs", "64"],
-                env,
-                log_dir / "worker.log",
-            ),
-            _spawn(["gateway", "--port", str(port)], env, log_dir / "gateway.log"),
-        ]
+        stack.start(
+            "worker", ["worker", "--model", MODEL, "--sim-ttft-ms", "0", "--sim-itl-ms", "0", "--max-num-seqs", "64"]
+        )
+        stack.start("gateway", ["gateway", "--port", str(port)])
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait(lambda: MODEL in httpx.get(url + "/v1/models").text, 60, "the stack")
+            stack.wait_ready(partial(model_listed, url, MODEL), 60)
             body = {
                 "model": MODEL,
                 "messages": [{"role": "user", "content": "size me"}],
@@ -108,13 +85,7 @@ def measure(requests: int, tokens: int, concurrency: int, log_dir: Path) -> dict
                 "bytes_per_event_used_memory": (after - before) / events,
             }
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            client.close()
 
 
 def main(argv: list[str]) -> int:

@@ -12,14 +12,12 @@ import argparse
 import contextlib
 import os
 import random
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,36 +26,28 @@ import httpx
 from shared import keys, wire
 from shared.redis_client import RedisTarget, connect_sync
 from tokenspool.checker import classify
+from tokenspool.client_core import SSEDecoder, SSEMessage
 from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis, free_port
+from tokenspool.stack import Stack, StackError, child_env, model_listed
 
 MODEL = "soak-sim"
 
 
-class Stack:
+class SoakStack:
+    """One gateway and the sim workers being killed, on one Redis URL; logs in ``log_dir``."""
+
     def __init__(self, url: str, log_dir: Path, lease_s: float) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSPOOL_")}
-        self.env.update({"TOKENSPOOL_REDIS_URL": url, "TOKENSPOOL_LOG_LEVEL": "warning"})
-        self.log_dir = log_dir
+        self.processes = Stack({**child_env(os.environ, url), "TOKENSPOOL_LOG_LEVEL": "warning"}, log_dir)
         self.lease_s = lease_s
-        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.workers: set[str] = set()
         self.count = 0
         self.gateway_port = free_port()
-        self.gateway = self._spawn("gateway", ["gateway", "--port", str(self.gateway_port)])
-
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.log_dir / f"{name}.log", "ab") as log_file:
-            return subprocess.Popen(
-                [sys.executable, "-m", "tokenspool", *argv],
-                env=self.env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.processes.start("gateway", ["gateway", "--port", str(self.gateway_port)])
 
     def add_worker(self) -> str:
         self.count += 1
         worker_id = f"soak-{self.count}"
-        self.workers[worker_id] = self._spawn(
+        self.processes.start(
             worker_id,
             [
                 "worker",
@@ -77,31 +67,22 @@ class Stack:
                 "5",
             ],
         )
+        self.workers.add(worker_id)
         return worker_id
 
     def kill(self, worker_id: str) -> None:
-        process = self.workers.pop(worker_id)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        self.workers.discard(worker_id)
+        self.processes.kill(worker_id)
 
     def close(self) -> None:
-        for process in [*self.workers.values(), self.gateway]:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in [*self.workers.values(), self.gateway]:
-            try:
-                process.wait(45)
-            except subprocess.TimeoutExpired:
-                print(f"tokenspool soak: process {process.pid} did not stop on SIGTERM; killing it", file=sys.stderr)
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        self.processes.stop(list(self.processes.processes), timeout_s=45)
 
 
 class Trial:
     """One kill: several concurrent streams; when one of them has received ``kill_at`` events, the worker
     holding it is killed; the gap is the time from the kill to that stream's next event."""
 
-    def __init__(self, stack: Stack, client: Any, kill_at: int) -> None:
+    def __init__(self, stack: SoakStack, client: Any, kill_at: int) -> None:
         self.stack = stack
         self.client = client
         self.kill_at = kill_at
@@ -149,15 +130,12 @@ def read_stream(base: str, body: dict[str, Any], on_event: Any) -> tuple[str, li
     ids: list[str] = []
     with httpx.Client(timeout=60) as http, http.stream("POST", base + "/v1/chat/completions", json=body) as response:
         request_id = response.headers["x-request-id"]
-        buffer = b""
+        decoder = SSEDecoder()
         for chunk in response.iter_raw():
-            buffer += chunk
-            while b"\n\n" in buffer:
-                frame, buffer = buffer.split(b"\n\n", 1)
-                for line in frame.split(b"\n"):
-                    if line.startswith(b"id: "):
-                        ids.append(line[4:].decode())
-                        on_event(request_id, len(ids))
+            for item in decoder.feed(chunk):
+                if isinstance(item, SSEMessage) and item.id is not None:
+                    ids.append(item.id)
+                    on_event(request_id, len(ids))
     return request_id, ids
 
 
@@ -183,17 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         resources.enter_context(server)
         log_dir = Path(args.log_dir or scratch)
         log_dir.mkdir(parents=True, exist_ok=True)
-        stack = Stack(server.url, log_dir, args.lease_timeout_s)
+        stack = SoakStack(server.url, log_dir, args.lease_timeout_s)
         client: Any = connect_sync(RedisTarget(server.url))
         base = f"http://127.0.0.1:{stack.gateway_port}"
         try:
             for _ in range(args.workers):
                 stack.add_worker()
-            deadline = time.monotonic() + 30
-            while not (_gateway_up(base) and MODEL in httpx.get(base + "/v1/models").text):
-                if time.monotonic() > deadline:
-                    raise SystemExit("tokenspool soak: the stack did not start")
-                time.sleep(0.2)
+            try:
+                stack.processes.wait_ready(partial(model_listed, base, MODEL), 30)
+            except StackError as exc:
+                raise SystemExit(f"tokenspool soak: {exc}") from None
             started = time.monotonic()
             for trial in range(args.trials):
                 kill_at = rng.randint(1, args.max_tokens - 5)
@@ -224,10 +201,3 @@ def main(argv: list[str] | None = None) -> int:
             f"max {max(gaps):.3f}s over {len(gaps)} kills that hit a running stream"
         )
     return 0 if set(verdicts) <= {"ok"} else 1
-
-
-def _gateway_up(base: str) -> bool:
-    try:
-        return httpx.get(base + "/readyz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False

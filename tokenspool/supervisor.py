@@ -10,30 +10,20 @@ workers (they drain), then the server. If any child dies, everything is stopped 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
+from functools import partial
 from types import FrameType
 
-import redis
-
-from shared import keys, registry, wire
 from shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable
 from shared.settings import GatewaySettings, WorkerSettings, load_settings
 from tokenspool.redis_server import EmbeddedRedis
-
-
-class StackError(RuntimeError):
-    """The stack could not start: a process exited, or it was not ready in time."""
+from tokenspool.stack import Stack, StackError, model_served
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict[str, str | None]:
@@ -44,73 +34,6 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, str | None]:
         "model": args.model,
         "allow_open": args.allow_open,
     }
-
-
-def _spawn(argv: list[str], env: Mapping[str, str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tokenspool", *argv],
-        env=dict(env),
-        pass_fds=pass_fds,
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def _get_json(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return json.load(response)
-
-
-def _model_registered(redis_url: str, model: str, ttl_s: float) -> bool:
-    """Whether a live worker serves ``model``, read from the registry itself (for gateways that need a key)."""
-    client = redis.Redis.from_url(redis_url, socket_timeout=2)
-    try:
-        raw: dict[bytes, bytes] = client.hgetall(keys.workers_key())  # type: ignore[assignment]
-    finally:
-        client.close()
-    now = int(time.time() * 1000)
-    for payload in raw.values():
-        with contextlib.suppress(wire.WireError):
-            info = wire.decode(payload, wire.WorkerInfo)
-            if info.model == model and registry.is_live(info, now, ttl_s):
-                return True
-    return False
-
-
-def _wait_ready(
-    base_url: str, model: str, children: list[subprocess.Popen[bytes]], timeout_s: float, redis_url: str, ttl_s: float
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for child in children:
-            if child.poll() is not None:
-                raise StackError(f"a process exited during start-up (exit code {child.returncode}); see its log above")
-        try:
-            models = _get_json(f"{base_url}/v1/models")
-            if isinstance(models, dict) and any(m.get("id") == model for m in models.get("data", [])):
-                return
-        except urllib.error.HTTPError as exc:
-            # 401: the gateways require API keys (the supervisor holds only their hashes): the gateway
-            # answers, so ask the registry whether the model is served.
-            if exc.code == 401 and _model_registered(redis_url, model, ttl_s):
-                return
-        except (urllib.error.URLError, OSError, ValueError):
-            pass  # not answering yet
-        time.sleep(0.2)
-    raise StackError(f"the stack was not ready within {timeout_s:.0f}s")
-
-
-def _stop(children: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for child in children:
-        try:
-            child.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
 
 
 def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -155,23 +78,23 @@ def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     listener = socket.create_server((gateway_settings.host, gateway_settings.port), backlog=2048, reuse_port=False)
     listener.set_inheritable(True)
     host, port = listener.getsockname()[:2]
-    workers: list[subprocess.Popen[bytes]] = []
-    gateways: list[subprocess.Popen[bytes]] = []
+    stack = Stack(worker_env)  # no log folder: the children's output is this command's own
+    workers = [f"worker{index}" for index in range(args.workers)]
+    gateways = [f"gateway{index}" for index in range(args.gateways)]
     status = 0
     try:
-        for index in range(args.workers):
-            workers.append(_spawn(["worker", "--id", f"{socket.gethostname()}-w{index}"], worker_env))
-        for _ in range(args.gateways):
-            gateways.append(_spawn(["gateway", "--fd", str(listener.fileno())], gateway_env, (listener.fileno(),)))
+        for index, name in enumerate(workers):
+            stack.start(name, ["worker", "--id", f"{socket.gethostname()}-w{index}"])
+        for name in gateways:
+            fd = listener.fileno()
+            stack.start(name, ["gateway", "--fd", str(fd)], env=gateway_env, pass_fds=(fd,))
         base_url = f"http://{host}:{port}"
         model = worker_settings.model or "tokenspool-sim"
-        _wait_ready(
-            base_url,
-            worker_settings.served_model_name or model,
-            [*workers, *gateways],
+        redis_target = RedisTarget(env["TOKENSPOOL_REDIS_URL"], gateway_settings.redis_tls_ca_file)
+        served = worker_settings.served_model_name or model
+        stack.wait_ready(
+            partial(model_served, base_url, served, redis_target, worker_settings.worker_ttl_s),
             args.ready_timeout_s,
-            env["TOKENSPOOL_REDIS_URL"],
-            worker_settings.worker_ttl_s,
         )
         key_header = (
             ' -H "Authorization: Bearer $YOUR_KEY"'
@@ -190,7 +113,7 @@ def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             flush=True,
         )
         while not stop_requested:
-            dead = [child for child in (*workers, *gateways) if child.poll() is not None]
+            dead = stack.exited()
             if dead:
                 print(
                     f"tokenspool up: a process exited unexpectedly (exit code {dead[0].returncode}); stopping",
@@ -203,9 +126,9 @@ def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         print(f"tokenspool up: {exc}", file=sys.stderr)
         status = 1
     finally:
-        _stop(gateways, 10)
+        stack.stop(gateways, 10)  # no new requests first
         listener.close()
-        _stop(workers, worker_settings.drain_timeout_s + 5)
+        stack.stop(workers, worker_settings.drain_timeout_s + 5)  # then the workers drain
         if server is not None:
             server.stop()
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -151,26 +151,34 @@ class Progress:
             bar.close()
 
 
-def _redis_used_memory(url: str) -> int:
+def _redis_info(url: str, section: str) -> list[dict[str, Any]]:
+    """``INFO <section>`` of every primary (of the one server, or of each node of a cluster)."""
     import redis
 
-    client: Any = redis.Redis.from_url(url)
+    from shared.redis_client import RedisTarget, connect_sync
+
+    client: Any = connect_sync(RedisTarget(url))
     try:
-        return int(client.info("memory")["used_memory"])
+        if isinstance(client, redis.RedisCluster):
+            primaries = client.get_primaries()  # type: ignore[no-untyped-call]
+            return [client.info(section, target_nodes=node) for node in primaries]
+        return [client.info(section)]
     finally:
         client.close()
+
+
+def _redis_used_memory(url: str) -> int:
+    return sum(int(info["used_memory"]) for info in _redis_info(url, "memory"))
 
 
 def _redis_calls(url: str) -> dict[str, int]:
     """Calls per command so far (``INFO commandstats``), to count the Redis work each event costs."""
-    import redis
-
-    client: Any = redis.Redis.from_url(url)
-    try:
-        stats = client.info("commandstats")
-    finally:
-        client.close()
-    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+    calls: dict[str, int] = {}
+    for stats in _redis_info(url, "commandstats"):
+        for name, value in stats.items():
+            command = name.removeprefix("cmdstat_")
+            calls[command] = calls.get(command, 0) + int(value["calls"])
+    return calls
 
 
 def _median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

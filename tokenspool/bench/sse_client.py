@@ -2,9 +2,9 @@
 
 A benchmark whose client is httpx measures httpx: on this machine it spends ~60 µs of CPU per event, more
 than the broker under test. This client does only what timing needs: one request per connection, chunked
-transfer decoding, frames split on blank lines, a timestamp per read, and the checks that catch a broken
-stream — event ids must count up by one (a gap is a lost event, a repeat a duplicate) and the reply must
-carry exactly the tokens asked for.
+transfer decoding, frames decoded by the client's own :class:`~tokenspool.client_core.SSEDecoder`, a
+timestamp per read, and the checks that catch a broken stream — event ids must count up by one (a gap is a
+lost event, a repeat a duplicate) and the reply must carry exactly the tokens asked for.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from tokenspool.client_core import ProtocolError, SSEDecoder, SSEMessage
 
 
 @dataclass(slots=True)
@@ -60,21 +62,13 @@ class _Tally:
         self.last_token_at = 0.0
         self.done = False
 
-    def frame(self, frame: bytes, now: float) -> None:
-        seq = -1
-        data = b""
-        for line in frame.split(b"\n"):
-            if line.startswith(b"id:"):
-                seq = int(line.rpartition(b":")[2])
-            elif line.startswith(b"data:"):
-                data = line[5:].strip()
-        if not data:
-            return  # a comment (heartbeat, queue position, handover)
-        if data == b"[DONE]":
+    def message(self, message: SSEMessage, now: float) -> None:
+        if message.data == "[DONE]":
             self.done = True
             return
         record = self.record
-        if seq >= 0:
+        if message.id is not None:
+            seq = int(message.id.rpartition(":")[2])
             record.events += 1
             if seq <= self.last_seq:
                 record.duplicated += 1
@@ -82,7 +76,7 @@ class _Tally:
             if seq > self.last_seq + 1:
                 record.lost += seq - self.last_seq - 1
             self.last_seq = seq
-        chunk = orjson.loads(data)
+        chunk = orjson.loads(message.data)
         if "error" in chunk:
             raise StreamError(str(chunk["error"].get("message", chunk["error"])))
         choices = chunk.get("choices") or ()
@@ -126,7 +120,7 @@ async def stream_request(
                 raise StreamError(f"HTTP {status}: {rest[:300]!r}")
             if b"chunked" not in head.lower():
                 raise StreamError("expected a chunked streaming response")
-            pending = b""
+            decoder = SSEDecoder()
             while not tally.done:
                 size_line = await reader.readuntil(b"\r\n")
                 size = int(size_line.strip(), 16)
@@ -134,10 +128,9 @@ async def stream_request(
                 if size == 0:
                     break
                 now = time.perf_counter()
-                pending += chunk[:-2]
-                *frames, pending = pending.split(b"\n\n")
-                for frame in frames:
-                    tally.frame(frame, now)
+                for item in decoder.feed(chunk[:-2]):
+                    if type(item) is SSEMessage:  # comments (heartbeat, queue position, handover) count nothing
+                        tally.message(item, now)
             record.e2e_s = time.perf_counter() - sent_at
             if not tally.done:
                 raise StreamError("the stream ended without [DONE]")
@@ -147,7 +140,14 @@ async def stream_request(
             record.ok = True
     except TimeoutError:
         record.error = f"timed out after {timeout_s:g}s"
-    except (StreamError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+    except (
+        StreamError,
+        ProtocolError,
+        OSError,
+        asyncio.IncompleteReadError,
+        asyncio.LimitOverrunError,
+        ValueError,
+    ) as exc:
         record.error = str(exc) or type(exc).__name__
     finally:
         if writer is not None:

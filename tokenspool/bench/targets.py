@@ -9,19 +9,14 @@ survives a noisy machine, and the one the capacity model is built from.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-import redis
-import redis.exceptions
-
+from shared.redis_client import RedisTarget
 from tokenspool.redis_server import free_port
+from tokenspool.stack import Stack, StackError, child_env, http_ok, model_listed, redis_answers
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -64,7 +59,8 @@ def rss_bytes(pid: int) -> int:
 
 @dataclass
 class Target:
-    """One system under test: named processes, the port clients use, and how to tell it is ready."""
+    """One system under test: named processes (a :class:`~tokenspool.stack.Stack`, logs named
+    ``<target>-<role>.log``), the port clients use, and how to tell it is ready."""
 
     name: str
     cpus: frozenset[int]
@@ -72,78 +68,48 @@ class Target:
     port: int = 0
     path: str = "/v1/chat/completions"
     redis_url: str = ""
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    stack: Stack = field(init=False)
+
+    def __post_init__(self) -> None:
+        env = {**child_env(os.environ), "TOKENSPOOL_LOG_LEVEL": "warning"}
+        self.stack = Stack(env, self.log_dir, log_prefix=f"{self.name}-", stop_timeout_s=10)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def spawn(
-        self, role: str, argv: list[str], env: dict[str, str] | None = None, cpus: frozenset[int] | None = None
+        self,
+        role: str,
+        module: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        cpus: frozenset[int] | None = None,
     ) -> None:
-        """Start one process of this target, pinned to ``cpus`` (default: the target's own)."""
-        cpus = self.cpus if cpus is None else cpus
-
-        def pin() -> None:
-            if cpus:
-                os.sched_setaffinity(0, cpus)
-
-        base = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSPOOL_")}
-        log = open(self.log_dir / f"{self.name}-{role}.log", "ab")  # noqa: SIM115 (closed with the process)
-        self.processes[role] = subprocess.Popen(
-            [sys.executable, *argv],
-            env={**base, "TOKENSPOOL_LOG_LEVEL": "warning", **(env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=pin,
-            start_new_session=True,
-        )
-        log.close()
+        """Start ``python -m <module> <argv>`` as ``role``, pinned to ``cpus`` (default: the target's own)."""
+        self.stack.start(role, argv, env=env, module=module, cpus=self.cpus if cpus is None else cpus)
 
     def wait_ready(self, check: Callable[[], bool], timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for role, proc in self.processes.items():
-                if proc.poll() is not None:
-                    log = (self.log_dir / f"{self.name}-{role}.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"{self.name}: {role} exited with {proc.returncode}:\n{log}")
-            try:
-                if check():
-                    return
-            except (OSError, urllib.error.URLError, redis.exceptions.ConnectionError):
-                pass  # not listening yet
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not become ready within {timeout_s:g}s (logs in {self.log_dir})")
+        try:
+            self.stack.wait_ready(check, timeout_s, self.name)
+        except StackError as exc:
+            raise RuntimeError(f"{exc} (logs in {self.log_dir})") from None
 
     def cpu_s(self) -> dict[str, float]:
-        return {role: tree_cpu_s(proc.pid) for role, proc in self.processes.items()}
+        return {role: tree_cpu_s(proc.pid) for role, proc in self.stack.processes.items()}
 
     def pid(self, role: str) -> int:
-        return self.processes[role].pid
+        return self.stack[role].pid
 
     def stop(self) -> None:
-        for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.processes.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return bytes(response.read())
+        self.stack.close()
 
 
 def _redis(target: Target, cpus: frozenset[int] | None) -> str:
     port = free_port()
-    target.spawn("redis", ["-m", "tokenspool", "redis", "--port", str(port)], cpus=cpus)
+    target.spawn("redis", "tokenspool", ["redis", "--port", str(port)], cpus=cpus)
     url = target.redis_url = f"redis://127.0.0.1:{port}/0"
-
-    def up() -> bool:
-        return bool(redis.Redis.from_url(url).ping())
-
-    target.wait_ready(up)
+    target.wait_ready(partial(redis_answers, RedisTarget(url)))
     return url
 
 
@@ -165,9 +131,8 @@ def start_tokenspool(
     for index in range(workers):
         target.spawn(
             f"worker{index}" if workers > 1 else "worker",
+            "tokenspool",
             [
-                "-m",
-                "tokenspool",
                 "worker",
                 "--model",
                 engine.model,
@@ -180,21 +145,19 @@ def start_tokenspool(
         )
     target.spawn(
         "gateway",
-        ["-m", "tokenspool", "gateway", "--port", str(target.port), "--host", "127.0.0.1"],
+        "tokenspool",
+        ["gateway", "--port", str(target.port), "--host", "127.0.0.1"],
         {"TOKENSPOOL_REDIS_URL": url},
     )
-    target.wait_ready(lambda: engine.model.encode() in _get(f"http://127.0.0.1:{target.port}/v1/models"))
+    target.wait_ready(partial(model_listed, target.base_url, engine.model))
     return target
 
 
 def start_floor(cpus: frozenset[int], log_dir: Path, engine: EngineShape) -> Target:
     """The sim engine served from the one process that runs it."""
     target = Target("floor", cpus, log_dir, port=free_port())
-    target.spawn(
-        "server",
-        ["-m", "tokenspool.bench.floor", "--port", str(target.port), *engine.flags()],
-    )
-    target.wait_ready(lambda: bool(_get(f"http://127.0.0.1:{target.port}/healthz") is not None))
+    target.spawn("server", "tokenspool.bench.floor", ["--port", str(target.port), *engine.flags()])
+    target.wait_ready(partial(http_ok, target.base_url + "/healthz"))
     return target
 
 
@@ -204,21 +167,15 @@ def start_naive(
     """The naive relay: a blocking XREAD per client, JSON entries, one XADD per token."""
     target = Target("naive", cpus, log_dir, port=free_port())
     url = _redis(target, support_cpus)
-    target.spawn(
-        "worker",
-        ["-m", "tokenspool.bench.naive", "worker", "--redis-url", url, *engine.flags()],
-        cpus=support_cpus,
-    )
-    target.spawn("gateway", ["-m", "tokenspool.bench.naive", "gateway", "--redis-url", url, "--port", str(target.port)])
-    target.wait_ready(lambda: bool(_get(f"http://127.0.0.1:{target.port}/healthz")))
+    target.spawn("worker", "tokenspool.bench.naive", ["worker", "--redis-url", url, *engine.flags()], cpus=support_cpus)
+    target.spawn("gateway", "tokenspool.bench.naive", ["gateway", "--redis-url", url, "--port", str(target.port)])
+    target.wait_ready(partial(http_ok, target.base_url + "/healthz"))
     return target
 
 
 def start_ceiling(cpus: frozenset[int], log_dir: Path, max_events: int) -> Target:
     """The bare ASGI app writing pre-built events (no Redis): the ceiling of a Python relay here."""
     target = Target("ceiling", cpus, log_dir, port=free_port())
-    target.spawn(
-        "server", ["-m", "tokenspool.bench.ceiling", "--port", str(target.port), "--max-events", str(max_events)]
-    )
-    target.wait_ready(lambda: _get(f"http://127.0.0.1:{target.port}/healthz") is not None)
+    target.spawn("server", "tokenspool.bench.ceiling", ["--port", str(target.port), "--max-events", str(max_events)])
+    target.wait_ready(partial(http_ok, target.base_url + "/healthz"))
     return target
