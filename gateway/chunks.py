@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from gateway.sse import comment_frame, event_frame
-from shared import keys, wire
+from shared import handover, keys, wire
 from shared.store import RequestMeta
 
 
@@ -95,7 +95,7 @@ class ChunkRenderer:
         for seq, event in items:
             if event.kind == "handover":
                 self.handovers_rendered += 1
-                out.append(comment_frame(event.message))
+                out.append(comment_frame(handover.comment(seq, event)))
                 continue
             if event.kind == "delta":
                 self.deltas_rendered += 1

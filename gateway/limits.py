@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth import Principal
 from gateway.errors import APIError
-from shared import keys
+from shared import keys, lua
 from shared.aio import reraise_if_cancelling
 from shared.redis_client import AsyncRedis
 from shared.settings import GatewaySettings
@@ -116,28 +116,6 @@ class ConnectionLimit:
             self.open -= 1
 
 
-# Count a submission in its owner's current window unless the window is full.
-# KEYS: window counter; ARGV: limit, ttl_ms. Returns 1 when counted, 0 when the limit is reached.
-_RATE_LUA: Final = """
-local n = tonumber(redis.call('GET', KEYS[1]) or '0')
-if n >= tonumber(ARGV[1]) then return 0 end
-redis.call('INCR', KEYS[1])
-if n == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 1
-"""
-
-# Take a place among an owner's open streams. KEYS: the owner's leases (sorted set stream id -> lease end);
-# ARGV: now_ms, lease_end_ms, limit, stream id, key_ttl_ms. Leases that ran out (their gateway died) are
-# dropped first. Returns 1 when the place is taken, 0 when the owner already has ``limit`` streams open.
-_OPEN_STREAM_LUA: Final = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return 1
-"""
-
-
 @dataclass(eq=False, slots=True)
 class StreamLease:
     """One open stream's place among its owner's; :meth:`KeyLimits.close_stream` gives it back."""
@@ -154,8 +132,8 @@ class KeyLimits:
     def __init__(self, client: AsyncRedis, settings: GatewaySettings) -> None:
         self._redis = client
         self._settings = settings
-        self._rate: AsyncScript = client.register_script(_RATE_LUA)
-        self._open_stream: AsyncScript = client.register_script(_OPEN_STREAM_LUA)
+        self._rate: AsyncScript = lua.register(client, "count_request")
+        self._open_stream: AsyncScript = lua.register(client, "open_stream")
         self._refresh_s = settings.attach_refresh_s
         self._lease_ms = int(3 * settings.attach_refresh_s * 1000) + 1000
         self._held: dict[str, StreamLease] = {}

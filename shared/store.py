@@ -2,8 +2,8 @@
 
 A request lives in four keys of one hash slot (see :mod:`shared.keys`): its metadata hash, its job
 record, its event stream, and the connections attached to it. Every state change that touches the event
-stream runs as one Lua script, so an append, its sequence check, its fencing check and the state change it
-implies happen together or not at all.
+stream runs as one Lua script (``shared/lua/``), so an append, its sequence check, its fencing check and
+the state change it implies happen together or not at all. A model's queue is :mod:`shared.queue`'s.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Final, Literal
 
 from redis.commands.core import AsyncScript
 
-from shared import keys, wire
+from shared import keys, lua, queue, wire
 from shared.redis_client import AsyncRedis, is_cluster
 from shared.settings import CommonSettings
 
@@ -87,111 +87,7 @@ class RequestMeta:
         )
 
 
-# Append events to running requests of one partition (one hash slot), as the worker holding each.
-# One call per partition per engine step: a worker with a hundred running requests sends at most
-# sixteen scripts per step, not a hundred.
-# KEYS: meta, events, job of each request in turn.
-# ARGV: maxlen, running_ttl_ms, retention_ms, meta_ttl_ms, now_ms, then for each request: attempt,
-#   first_seq, n (payload count), refresh ('1': renew the running TTL of its keys), final_state ('' unless
-#   its last event is terminal), finish_reason, prompt_tokens, completion_tokens, error, then n payloads.
-# Returns a flat list, two entries per request: {last_seq, cancel_requested} on success, or {code,
-# last_seq} with code -1 (request gone), -2 (fenced: another attempt owns the request), -3 (request
-# already ended), -4 (first_seq is not last_seq + 1: the caller resends from last_seq + 1).
-_APPEND_LUA: Final = """
-local maxlen, running_ttl, retention, meta_ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local function append(meta, ev, job, a)
-  local cur = redis.call('HMGET', meta, 'attempt', 'last_seq', 'state', 'cancel')
-  if not cur[1] then return -1, 0 end
-  local last = tonumber(cur[2])
-  if cur[1] ~= ARGV[a] then return -2, last end
-  if cur[3] ~= 'running' then return -3, last end
-  local first, n = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  if first ~= last + 1 then return -4, last end
-  for i = 1, n do
-    redis.call('XADD', ev, 'MAXLEN', '~', maxlen, (first + i - 1) .. '-0', 'd', ARGV[a + 8 + i])
-  end
-  last = first + n - 1
-  if ARGV[a + 4] ~= '' then
-    redis.call('HSET', meta, 'last_seq', last, 'state', ARGV[a + 4], 'finish_reason', ARGV[a + 5],
-               'prompt_tokens', ARGV[a + 6], 'completion_tokens', ARGV[a + 7], 'error', ARGV[a + 8],
-               'finished_ms', now)
-    redis.call('PEXPIRE', ev, retention)
-    redis.call('PEXPIRE', job, retention)
-    redis.call('PEXPIRE', meta, meta_ttl)
-  else
-    redis.call('HSET', meta, 'last_seq', last)
-    if ARGV[a + 3] == '1' then
-      redis.call('PEXPIRE', ev, running_ttl)
-      redis.call('PEXPIRE', job, running_ttl)
-      redis.call('PEXPIRE', meta, running_ttl)
-    end
-  end
-  if cur[4] == '1' then return last, 1 end
-  return last, 0
-end
-local out = {}
-local a = 6
-for r = 0, #KEYS / 3 - 1 do
-  local code, value = append(KEYS[r * 3 + 1], KEYS[r * 3 + 2], KEYS[r * 3 + 3], a)
-  out[#out + 1] = code
-  out[#out + 1] = value
-  a = a + 9 + tonumber(ARGV[a + 2])
-end
-return out
-"""
-
-# Take a request: KEYS meta; ARGV worker_id, now_ms, takeover ('1': a running request whose worker lost
-# its lease may be taken too). Returns {attempt, last_seq}; attempt 0 when it cannot be taken (cancelled
-# meanwhile, ended, expired). The new attempt number fences every earlier holder's appends.
-_CLAIM_LUA: Final = """
-local st = redis.call('HGET', KEYS[1], 'state')
-if not (st == 'queued' or (st == 'running' and ARGV[3] == '1')) then return {0, 0} end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1], 'started_ms', ARGV[2])
-return {attempt, tonumber(redis.call('HGET', KEYS[1], 'last_seq'))}
-"""
-
-# Cancel: KEYS meta, events, job; ARGV now_ms, terminal event payload, retention_ms, meta_ttl_ms, maxlen,
-# final state, error text, queued_only ('1': end it only if it is still queued — the queue timeout), owner
-# (a request of another owner is answered as unknown; '' for any owner).
-# A queued request ends here (its terminal event is written now); a running one is flagged and its worker
-# writes the terminal event within one engine step. Returns {code, state}: 1 cancelled now, 2 flagged,
-# 0 already ended, -1 unknown.
-_CANCEL_LUA: Final = """
-local meta, ev, job = KEYS[1], KEYS[2], KEYS[3]
-local cur = redis.call('HMGET', meta, 'state', 'last_seq', 'owner')
-if not cur[1] then return {-1, ''} end
-if ARGV[9] ~= '' and cur[3] ~= ARGV[9] then return {-1, ''} end
-if cur[1] == 'queued' then
-  local seq = tonumber(cur[2]) + 1
-  redis.call('XADD', ev, 'MAXLEN', '~', ARGV[5], seq .. '-0', 'd', ARGV[2])
-  redis.call('HSET', meta, 'state', ARGV[6], 'last_seq', seq, 'finished_ms', ARGV[1], 'error', ARGV[7])
-  redis.call('PEXPIRE', ev, ARGV[3])
-  redis.call('PEXPIRE', job, ARGV[3])
-  redis.call('PEXPIRE', meta, ARGV[4])
-  return {1, ARGV[6]}
-elseif cur[1] == 'running' and ARGV[8] ~= '1' then
-  redis.call('HSET', meta, 'cancel', '1')
-  return {2, 'running'}
-end
-return {0, cur[1]}
-"""
-
-# Renew a worker's leases: KEYS queue; ARGV group, consumer, entry ids... Each entry still pending for this
-# consumer has its idle time reset (XCLAIM ... JUSTID does not count a delivery); returns the ids renewed.
-# An entry another worker has claimed is left alone: its lease is lost.
-_RENEW_LUA: Final = """
-local renewed = {}
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-    renewed[#renewed + 1] = ARGV[i]
-  end
-end
-return renewed
-"""
-
+# The refusal codes of shared/lua/append.lua.
 APPEND_GONE: Final = -1
 APPEND_FENCED: Final = -2
 APPEND_ENDED: Final = -3
@@ -232,10 +128,9 @@ class RequestStore:
         self.retention_ms = int(settings.retention_s * 1000)
         self.meta_ttl_ms = int((settings.retention_s + settings.tombstone_s) * 1000)
         self.running_ttl_ms = int(settings.request_ttl_s * 1000)
-        self._append: AsyncScript = client.register_script(_APPEND_LUA)
-        self._claim: AsyncScript = client.register_script(_CLAIM_LUA)
-        self._cancel: AsyncScript = client.register_script(_CANCEL_LUA)
-        self._renew: AsyncScript = client.register_script(_RENEW_LUA)
+        self._append: AsyncScript = lua.register(client, "append")
+        self._claim: AsyncScript = lua.register(client, "claim")
+        self._cancel: AsyncScript = lua.register(client, "cancel")
 
     # -- gateway side -------------------------------------------------------------------------------
 
@@ -344,16 +239,8 @@ class RequestStore:
         return [rid for rid, top in zip(request_ids, latest, strict=True) if top and top[0][1] < now]
 
     async def queue_waiting(self, model: str) -> int:
-        """Requests of ``model`` not yet taken by any worker (queue length minus pending entries)."""
-        queue = keys.queue_key(model)
-        pipe = self._r.pipeline(transaction=False)
-        pipe.xlen(queue)
-        pipe.xpending(queue, keys.WORKER_GROUP)
-        length, pending = await pipe.execute(raise_on_error=False)
-        if isinstance(length, Exception):
-            raise length
-        taken = int(pending["pending"]) if isinstance(pending, dict) else 0  # no group yet: nothing taken
-        return max(0, int(length) - taken)
+        """Requests of ``model`` not yet taken by any worker."""
+        return await queue.waiting(self.redis, model)
 
     async def read_events(self, request_id: str, after_seq: int, count: int) -> list[tuple[int, bytes]]:
         """Up to ``count`` stored events after ``after_seq``, as (seq, payload), in one range read."""
@@ -383,56 +270,6 @@ class RequestStore:
                 return events
             cursor = items[-1][0]
 
-    async def renew_leases(self, model: str, consumer: str, entry_ids: list[bytes]) -> set[bytes]:
-        """Reset the idle time of this consumer's pending entries; the ids it still holds."""
-        if not entry_ids:
-            return set()
-        renewed = await self._renew(keys=[keys.queue_key(model)], args=[keys.WORKER_GROUP, consumer, *entry_ids])
-        return {bytes(entry) for entry in renewed}
-
-    async def claim_abandoned(
-        self, model: str, consumer: str, min_idle_ms: int, count: int
-    ) -> list[tuple[bytes, dict[bytes, bytes] | None, int]]:
-        """Entries of ``model`` whose holder stopped renewing them, now claimed by ``consumer``:
-        (entry id, fields or None when the entry was deleted, times delivered)."""
-        queue = keys.queue_key(model)
-        claimed: list[tuple[bytes, dict[bytes, bytes] | None]] = []
-        cursor: Any = "0-0"
-        while len(claimed) < count:
-            reply = await self._r.xautoclaim(
-                queue, keys.WORKER_GROUP, consumer, min_idle_ms, start_id=cursor, count=count - len(claimed)
-            )
-            cursor, entries = reply[0], reply[1]
-            claimed.extend((entry_id, fields) for entry_id, fields in entries)
-            if cursor in (b"0-0", "0-0"):
-                break
-        out = []
-        for entry_id, fields in claimed:
-            info = await self._r.xpending_range(queue, keys.WORKER_GROUP, min=entry_id, max=entry_id, count=1)
-            delivered = int(info[0]["times_delivered"]) if info else 1
-            out.append((entry_id, fields or None, delivered))
-        return out
-
-    async def release_entries(self, model: str, consumer: str, entry_ids: list[bytes], idle_ms: int) -> None:
-        """Give up leases at once: mark the entries idle for ``idle_ms`` so another worker's next scan takes
-        them (a migration); the attempt fencing stops this worker writing to them after that."""
-        if not entry_ids:
-            return
-        pipe = self._r.pipeline(transaction=False)
-        for entry_id in entry_ids:
-            pipe.xclaim(keys.queue_key(model), keys.WORKER_GROUP, consumer, 0, [entry_id], idle=idle_ms, justid=True)
-        await pipe.execute()
-
-    async def dead_letter(self, model: str, entry_id: bytes, request_id: str, reason: str) -> None:
-        """Give up on a request: record it for operators and take it off the queue."""
-        await self._r.xadd(
-            keys.dead_letter_key(model),
-            {"request_id": request_id, "reason": reason, "at_ms": now_ms()},
-            maxlen=10_000,
-            approximate=True,
-        )
-        await self.finish_queue_entry(model, entry_id)
-
     async def fail_abandoned(self, request_id: str, worker_id: str, message: str) -> bool:
         """End a request no worker could finish: take it over once more and write its terminal error."""
         attempt, last_seq = await self.claim(request_id, worker_id, takeover=True)
@@ -449,7 +286,7 @@ class RequestStore:
         """Run these appends in one round trip: one script call per partition (its keys share a hash slot).
 
         The answer for each append, in order, is ``(last_seq, cancel_requested)`` on success, ``(code,
-        last_seq)`` with a negative code when the request refused it (see ``_APPEND_LUA``), or the Redis
+        last_seq)`` with a negative code when the request refused it (see ``shared/lua/append.lua``), or the Redis
         error its partition's call met (NOSCRIPT from a node that does not know the script: the caller
         runs :meth:`load_scripts` and sends again). The script is called by hash, as a raw EVALSHA that a
         cluster pipeline routes by its keys (no ``SCRIPT EXISTS`` round trip per call, as redis-py's script
@@ -489,10 +326,9 @@ class RequestStore:
         return script_keys, args
 
     async def load_scripts(self) -> None:
-        """Load the scripts into the server (every primary of a cluster): after a restart, a failover or a
-        new node, pipelined EVALSHAs answer NOSCRIPT until this ran."""
-        for script in (self._append, self._claim, self._cancel, self._renew):
-            await self._r.script_load(script.script)
+        """Load this store's scripts into the server (every primary of a cluster): after a restart, a
+        failover or a new node, pipelined EVALSHAs answer NOSCRIPT until this ran."""
+        await lua.load(self.redis, (self._append, self._claim, self._cancel))
 
     async def cancel_flags(self, request_ids: list[str]) -> dict[str, bool]:
         """Which of these running requests a client asked to cancel."""
@@ -503,14 +339,3 @@ class RequestStore:
             pipe.hget(keys.RequestKeys.of(request_id).meta, "cancel")
         flags = await pipe.execute()
         return {rid: flag == b"1" for rid, flag in zip(request_ids, flags, strict=True)}
-
-    async def finish_queue_entry(self, model: str, entry_id: bytes) -> None:
-        """Acknowledge and delete a request's queue entry once the request has ended (a queue that
-        vanished with its group, when Redis lost its data, has nothing left to acknowledge)."""
-        queue = keys.queue_key(model)
-        pipe = self._r.pipeline(transaction=False)
-        pipe.xack(queue, keys.WORKER_GROUP, entry_id)
-        pipe.xdel(queue, entry_id)
-        for result in await pipe.execute(raise_on_error=False):
-            if isinstance(result, Exception) and "NOGROUP" not in str(result):
-                raise result

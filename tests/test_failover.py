@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared import keys, wire
+from shared import handover, keys, wire
 from tests.support import (
     Cluster,
     Gateway,
@@ -100,7 +100,10 @@ def test_worker_killed_mid_stream_is_continued_by_another(cluster: Cluster, gate
                     workers.remove(victim)
                     workers.append(start_worker(cluster, gateway, wait=False))
         assert_complete(cluster, request_id, seen, max_tokens)
-        assert any(c.startswith("continued by worker") for c in comments), "the handover is visible as a comment"
+        notices = [notice for c in comments if (notice := handover.parse_comment(c)) is not None]
+        handover_seq = next(n for n, e in enumerate(stored(cluster, request_id), 1) if e.kind == "handover")
+        assert [n.seq for n in notices] == [handover_seq], "the handover is visible as a comment naming its seq"
+        assert notices[0].message.startswith("continued by worker")
         meta = cluster.meta(request_id)
         assert meta["state"] == "done" and int(meta["attempt"]) == 2
         if trial % 5 == 0:

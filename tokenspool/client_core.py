@@ -14,7 +14,7 @@ from typing import Any, Final
 import httpx
 import orjson
 
-from shared import keys
+from shared import handover, keys
 
 RESUMABLE_STREAM_ERRORS: Final = frozenset({"inter_token_timeout", "redis_unavailable"})
 """Error frames (without an event id) a gateway sends when *its connection* cannot go on while the request
@@ -22,10 +22,6 @@ does: the client resumes instead of raising. Any other error ends the stream wit
 
 RETRYABLE_STATUS: Final = frozenset({429, 502, 503, 504})
 """Answers that say "not now" rather than "not this": queue full, Redis down, a proxy without an upstream."""
-
-HANDOVER_COMMENT: Final = "continued by worker"
-"""A worker handover is stored as an event of its own but shown only as this SSE comment: the next event id
-skips one sequence number per handover, and the continuity check allows exactly that."""
 
 DEFAULT_MAX_EVENT_BYTES: Final = 8 * 1024 * 1024
 
@@ -458,7 +454,9 @@ class StreamState:
 
     def handle(self, item: SSEMessage | SSEComment) -> StreamEvent | Finished | Resume | None:
         if isinstance(item, SSEComment):
-            if item.text.startswith(HANDOVER_COMMENT):
+            # A worker handover is stored as an event of its own but shown only as a comment: the next
+            # event id skips one sequence number per handover, and the continuity check allows exactly that.
+            if handover.parse_comment(item.text) is not None:
                 self._handovers += 1
             return None
         if item.id is None:

@@ -1,7 +1,8 @@
 """Group commit of events to Redis: every delta of every running request, one round trip per engine step.
 
-Request tasks :meth:`Outbox.put` events and go on; one flusher task takes everything that arrived since
-its last round trip and sends it as one pipeline of atomic append scripts. Sequence numbers are fixed
+Request tasks :meth:`Outbox.put` events and go on, and end with :meth:`Outbox.finish` (the last event, then
+wait until all is written); one flusher task takes everything that arrived since its last round trip and
+sends it as one pipeline of atomic append scripts. Sequence numbers are fixed
 when an event is put, and the script writes them as explicit stream ids, so a retried append after a
 broken connection is exactly-once: the script answers "out of sequence" with what it already has, and
 the outbox drops what was written and resends the rest. Each request's unflushed events are bounded;
@@ -28,6 +29,7 @@ from shared.store import (
     APPEND_OUT_OF_SEQUENCE,
     Append,
     FinalState,
+    RequestState,
     RequestStore,
 )
 
@@ -40,9 +42,39 @@ class RequestLostError(Exception):
     """The request can no longer be written by this worker (fenced by another attempt, ended, or expired)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How a request ends: its last event and the state that event leaves in its metadata."""
+
+    event: wire.Event
+    final: FinalState
+
+    @classmethod
+    def finished(cls, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> Ending:
+        """The generation ran to its end."""
+        return cls(
+            wire.Event(
+                "end", finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+            ),
+            FinalState("done", finish_reason, prompt_tokens, completion_tokens),
+        )
+
+    @classmethod
+    def failed(cls, error_type: str, message: str, state: RequestState = "failed") -> Ending:
+        """The request ends with an error event (``state`` "cancelled" for a cancellation)."""
+        return cls(wire.Event("error", error_type=error_type, message=message), FinalState(state, error=message))
+
+    @classmethod
+    def cancelled(cls, message: str = "cancelled by the client") -> Ending:
+        return cls.failed("cancelled", message, "cancelled")
+
+
 @dataclass(eq=False)
 class RequestLog:
-    """The write side of one running request."""
+    """The write side of one running request.
+
+    ``stopped`` resolves when the generation must stop: a stop was requested (``stop`` says how the
+    request then ends) or the request was lost (``lost`` says why; nothing more is written)."""
 
     request_id: str
     attempt: int
@@ -50,40 +82,39 @@ class RequestLog:
     unflushed: list[bytes] = field(default_factory=list)
     final: FinalState | None = None
     lost: str = ""
-    cancel_requested: bool = False
-    cancel_reason: str = ""
-    cancel_type: str = "cancelled"
-    cancel_state: str = "cancelled"
-    on_cancel: Callable[[], None] | None = None
+    stop: Ending | None = None
+    stopped: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     done: asyncio.Event = field(default_factory=asyncio.Event)
     space: asyncio.Event = field(default_factory=asyncio.Event)
     ttl_renewed_at: float = float("-inf")
     """When an append last renewed the running TTL of the request's keys (monotonic seconds)."""
 
-    def request_cancel(
-        self, reason: str = "cancelled by the client", error_type: str = "cancelled", state: str = "cancelled"
-    ) -> None:
-        """Stop this request (a client asked, nobody stayed attached, its deadline passed): remember why,
-        interrupt the generation once."""
-        if not self.cancel_requested:
-            self.cancel_requested = True
-            self.cancel_reason = reason
-            self.cancel_type = error_type
-            self.cancel_state = state
-            if self.on_cancel is not None:
-                self.on_cancel()
+    def request_stop(self, ending: Ending) -> None:
+        """Stop this request (a client asked, nobody stayed attached, its deadline passed) and end it with
+        ``ending``; the first request wins."""
+        if self.stop is None:
+            self.stop = ending
+            if not self.stopped.done():
+                self.stopped.set_result(None)
 
     def mark_lost(self, reason: str) -> None:
         self.lost = reason
         self.unflushed.clear()
         self.done.set()
         self.space.set()
-        if self.on_cancel is not None:
-            self.on_cancel()
+        if not self.stopped.done():
+            self.stopped.set_result(None)
 
 
 class Outbox:
-    def __init__(self, store: RequestStore, *, stream_maxlen: int, max_unflushed: int) -> None:
+    def __init__(
+        self,
+        store: RequestStore,
+        *,
+        stream_maxlen: int,
+        max_unflushed: int,
+        observe_flush: Callable[[float], None] | None = None,
+    ) -> None:
         self._store = store
         # Renewing the keys' TTL on every append cost three commands per event; a quarter of the TTL
         # between renewals keeps a running request's keys alive just as surely.
@@ -93,14 +124,25 @@ class Outbox:
         self._dirty: dict[RequestLog, None] = {}
         self._wake = asyncio.Event()
         self.round_trips = 0
-        self.observe_flush: Callable[[float], None] | None = None
+        self._observe_flush = observe_flush
         self._reloaded_scripts = False
 
     def open(self, request_id: str, attempt: int, last_seq: int) -> RequestLog:
         return RequestLog(request_id=request_id, attempt=attempt, next_seq=last_seq + 1)
 
-    async def put(self, entry: RequestLog, event: wire.Event, final: FinalState | None = None) -> None:
-        """Queue ``event`` as the request's next; ``final`` marks it the last one."""
+    async def put(self, entry: RequestLog, event: wire.Event) -> None:
+        """Queue ``event`` as the request's next (waiting while the request has too much unwritten)."""
+        await self._put(entry, event, None)
+
+    async def finish(self, entry: RequestLog, ending: Ending) -> None:
+        """Queue the request's last event and wait until everything it put is written; RequestLostError
+        when it cannot be (the request is no longer this worker's)."""
+        await self._put(entry, ending.event, ending.final)
+        await entry.done.wait()
+        if entry.lost:
+            raise RequestLostError(f"{entry.request_id}: {entry.lost}")
+
+    async def _put(self, entry: RequestLog, event: wire.Event, final: FinalState | None) -> None:
         while len(entry.unflushed) >= self._max_unflushed and not entry.lost:
             entry.space.clear()
             await entry.space.wait()
@@ -146,8 +188,8 @@ class Outbox:
             appends.append(Append(entry.request_id, entry.attempt, first_seq, payloads, entry.final, refresh))
         started = time.perf_counter()
         results = await self._store.append_many(appends, self._maxlen)
-        if self.observe_flush is not None:
-            self.observe_flush(time.perf_counter() - started)
+        if self._observe_flush is not None:
+            self._observe_flush(time.perf_counter() - started)
         self.round_trips += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -182,7 +224,7 @@ class Outbox:
                 del entry.unflushed[:count]
                 entry.space.set()
                 if value == 1:
-                    entry.request_cancel()
+                    entry.request_stop(Ending.cancelled())
                 if terminal and not entry.unflushed:
                     entry.done.set()
             elif code == APPEND_OUT_OF_SEQUENCE and first_seq - 1 < value <= first_seq - 1 + count:

@@ -19,6 +19,9 @@ const BACKOFF_FIRST_MS = 200;
 const BACKOFF_MAX_MS = 4000;
 const MAX_EVENT_CHARS = 4 * 1024 * 1024; // one unfinished SSE event larger than this is not ours: give up
 const KEY_STORAGE = 'tokenspool.apiKey';
+// The first word of a worker handover's SSE comment, `: handover {"seq": N, "message": "..."}`: the
+// same literal as shared.handover.HANDOVER_COMMENT_KEYWORD (a test checks that they match).
+const HANDOVER_COMMENT_KEYWORD = 'handover';
 
 const ui = {
   form: document.getElementById('composer'),
@@ -254,9 +257,20 @@ function endWithError(turn, error) {
 function handleComment(turn, comment) {
   if (comment.startsWith('queued:')) {
     setStatus('queued', comment);
-  } else if (comment.startsWith('continued by')) {
-    ui.status.title = comment; // a worker handed over: the reply goes on seamlessly
+  } else if (comment === HANDOVER_COMMENT_KEYWORD || comment.startsWith(`${HANDOVER_COMMENT_KEYWORD} `)) {
+    ui.status.title = handoverMessage(comment); // a worker handed over: the reply goes on seamlessly
   }
+}
+
+// What a handover comment says to people: its JSON's message, or the comment itself.
+function handoverMessage(comment) {
+  try {
+    const body = JSON.parse(comment.slice(HANDOVER_COMMENT_KEYWORD.length + 1));
+    if (body && typeof body.message === 'string' && body.message) return body.message;
+  } catch {
+    // not JSON: show it as it is
+  }
+  return comment;
 }
 
 // Read one response body. 'done': the stream ended ([DONE] or a terminal error); 'dropped': the body

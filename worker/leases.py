@@ -1,0 +1,86 @@
+"""A worker's leases on its requests' queue entries: renewing them, giving them up (migration), and taking
+over the entries of workers that stopped renewing theirs, or dead-lettering a request that keeps killing
+its workers.
+
+A pending entry of the consumer group is the lease: every heartbeat the holder resets its idle time;
+another worker takes an entry idle longer than ``lease_timeout_s`` and continues the request from its
+stored tokens, fencing the old holder with a new attempt number.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from shared.logs import about
+from shared.queue import ModelQueue, QueueEntry
+from shared.settings import WorkerSettings
+from shared.store import RequestStore
+from worker.metrics import WorkerMetrics
+from worker.runner import RequestRunner
+from worker.running import RunningRequests
+
+log = logging.getLogger("tokenspool.worker")
+
+
+@dataclass(eq=False)
+class Leases:
+    settings: WorkerSettings
+    worker_id: str
+    store: RequestStore
+    queue: ModelQueue
+    running: RunningRequests
+    runner: RequestRunner
+    metrics: WorkerMetrics
+    _no_takeover_until: float = field(default=float("-inf"))
+    """After a migration, this worker takes nothing over for a while (it would take back what it gave)."""
+
+    async def renew(self) -> None:
+        """Renew the leases of running requests; a request whose lease another worker took is lost."""
+        held = {r.entry_id: r for r in self.running if r.writable}
+        renewed = await self.queue.renew_leases(list(held))
+        for entry_id in set(held) - renewed:
+            entry = held[entry_id].log
+            if entry is not None and not entry.done.is_set():
+                entry.mark_lost("lease lost to another worker")
+
+    async def release(self, request_ids: list[str]) -> int:
+        """Hand running requests to other workers now (drain --migrate, rebalance): stop generating them
+        and release their leases; another worker continues each from its emitted tokens."""
+        entries = []
+        for request_id in request_ids:
+            held = self.running.get(request_id)
+            if held is None or held.log is None or held.log.done.is_set() or held.log.lost:
+                continue
+            held.log.mark_lost("migrated to another worker")
+            entries.append(held.entry_id)
+        idle_ms = int(self.settings.lease_timeout_s * 1000) * 10
+        await self.queue.release(entries, idle_ms)
+        self._no_takeover_until = time.monotonic() + 3 * self.settings.lease_timeout_s
+        self.metrics.migrations.inc(len(entries))
+        log.info("released %d running request(s) to other workers", len(entries))
+        return len(entries)
+
+    async def take_over_abandoned(self) -> None:
+        """Take entries whose holders stopped renewing them, as many as there are free slots."""
+        free = self.running.free()
+        if free <= 0 or self.running.failure is not None or time.monotonic() < self._no_takeover_until:
+            return
+        for entry in await self.queue.claim_abandoned(int(self.settings.lease_timeout_s * 1000), free):
+            if self.running.holds_entry(entry.entry_id):
+                continue  # ours all along (its lease only looked expired, e.g. after a Redis outage)
+            if entry.delivered > self.settings.max_attempts:
+                self.runner.chores.spawn(self._dead_letter(entry), f"dead-lettering entry {entry.entry_id!r}")
+            else:
+                self.runner.start(entry, takeover=True)
+
+    async def _dead_letter(self, entry: QueueEntry) -> None:
+        """A request whose workers kept dying: end it with an error and record it for operators."""
+        request_id = entry.job.request_id if entry.job else "?"
+        reason = f"gave up after {entry.delivered - 1} attempts: every worker that ran it stopped"
+        if entry.job is not None:
+            await self.store.fail_abandoned(request_id, self.worker_id, f"request failed: {reason}")
+        await self.queue.dead_letter(entry.entry_id, request_id, reason)
+        self.metrics.dead_letters.inc()
+        log.error("request %s dead-lettered: %s", request_id, reason, extra=about(request_id))
