@@ -57,7 +57,7 @@ class Bench:
         flusher = asyncio.create_task(self.outbox.run())
         try:
             async with asyncio.timeout(10):
-                while not condition():
+                while not condition():  # noqa: ASYNC110 (the outbox's state has no event for every condition)
                     await asyncio.sleep(0.01)
         except TimeoutError:
             raise AssertionError(f"the outbox never got to: {what}") from None
