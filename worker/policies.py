@@ -27,7 +27,8 @@ async def stop_cancelled(running: RunningRequests, store: RequestStore) -> None:
 async def stop_unattended(running: RunningRequests, store: RequestStore, settings: WorkerSettings) -> None:
     """Stop requests whose clients all left more than the grace period ago (zombie generation), unless
     they were created to run in the background."""
-    candidates = {r.job.request_id: r.log for r in running if r.log is not None and r.writable and not r.job.background}
+    foreground = {r.job.request_id for r in running if not r.job.background}
+    candidates = {rid: entry for rid, entry in running.writable().items() if rid in foreground}
     for request_id in await store.unattended(list(candidates), now_ms()):
         log.info("request %s: no client attached for %.0fs; cancelling it", request_id, settings.disconnect_grace_s)
         candidates[request_id].request_stop(
