@@ -25,10 +25,10 @@ from gateway.reader import EventReader
 from gateway.relay import Relay
 from gateway.services import Services
 from gateway.session import StreamSessions
+from gateway.settings import GatewaySettings, is_loopback
 from gateway.submission import SubmissionService
 from gateway.transports import http, websocket
 from shared.redis_client import NodeConnections, RedisTarget, connect, redact
-from shared.settings import GatewaySettings, is_loopback
 from shared.store import RequestStore
 
 if TYPE_CHECKING:

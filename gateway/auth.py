@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Final
 
 from gateway.errors import APIError
-from shared.settings import ApiKey, GatewaySettings, SettingsError, hash_api_key, parse_api_keys
+from gateway.settings import ApiKey, GatewaySettings, hash_api_key, parse_api_keys
+from shared.settings import SettingsError
 
 WS_PROTOCOL: Final = "tokenspool.v1"
 WS_BEARER_PREFIX: Final = "tokenspool.bearer."

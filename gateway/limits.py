@@ -29,10 +29,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth import Principal
 from gateway.errors import APIError
+from gateway.settings import GatewaySettings
 from shared import keys, lua
 from shared.aio import reraise_if_cancelling
 from shared.redis_client import AsyncRedis
-from shared.settings import GatewaySettings
 
 log = logging.getLogger("tokenspool.gateway.limits")
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from gateway.errors import APIError, bad_request, not_found
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
+from gateway.settings import GatewaySettings
 from shared import keys, wire
 from shared.logs import about
-from shared.settings import GatewaySettings
 from shared.store import TERMINAL_STATES, RequestMeta, RequestStore
 
 Batch = list[tuple[int, bytes]]

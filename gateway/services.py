@@ -14,8 +14,8 @@ from gateway.catalog import ModelCatalog
 from gateway.limits import KeyLimits
 from gateway.metrics import GatewayMetrics
 from gateway.session import StreamSessions
+from gateway.settings import GatewaySettings
 from gateway.submission import SubmissionService
-from shared.settings import GatewaySettings
 from shared.store import RequestStore
 
 

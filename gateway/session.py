@@ -27,11 +27,11 @@ from gateway.limits import KeyLimits, StreamLease
 from gateway.metrics import GatewayMetrics
 from gateway.reader import EventReader, EventsExpiredError, ResumePoint
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.settings import GatewaySettings
 from gateway.submission import SubmissionService
 from shared import wire
 from shared.aio import reraise_if_cancelling
 from shared.logs import about
-from shared.settings import GatewaySettings
 from shared.store import RequestStore, StreamFormat
 
 log = logging.getLogger("tokenspool.gateway.session")

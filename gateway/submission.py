@@ -21,9 +21,9 @@ from gateway.catalog import ModelCatalog, ModelEntry
 from gateway.errors import APIError, bad_request, not_found
 from gateway.limits import KeyLimits
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.settings import GatewaySettings
 from shared import keys, wire
 from shared.logs import about
-from shared.settings import GatewaySettings
 from shared.store import RequestMeta, RequestStore, StreamFormat, now_ms
 
 MAX_IDEMPOTENCY_KEY = 255

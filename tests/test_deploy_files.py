@@ -28,15 +28,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gateway.settings import GatewaySettings
 from shared import keys
-from shared.settings import (
-    CommonSettings,
-    GatewaySettings,
-    WorkerSettings,
-    known_env_names,
-    load_settings,
-)
+from shared.settings import CommonSettings, load_settings
+from tokenspool import settings as settings_of
 from tokenspool.cli import build_parser
+from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = ROOT / "ops" / "k8s"
@@ -154,7 +151,7 @@ class Process:
             self.command, CommonSettings
         )
         flags = {f.name: getattr(self.args, f.name, None) for f in dataclasses.fields(cls)}
-        return load_settings(cls, self.env, flags)
+        return settings_of.load(cls, self.env, flags)
 
     def listening(self) -> dict[int, str]:
         """The TCP ports the process serves on, with the address each listens on."""
@@ -527,9 +524,11 @@ def test_every_configmap_and_secret_key_named_tokenspool_is_a_real_setting() -> 
             for name in data:
                 if name.startswith("TOKENSPOOL_"):
                     found += 1
-                    assert name in known_env_names(), f"{kind} {doc['metadata']['name']}: {name} is no setting"
+                    assert name in settings_of.every_env_name(), (
+                        f"{kind} {doc['metadata']['name']}: {name} is no setting"
+                    )
             # Values too: the loader refuses a wrong type or range with a message naming the variable.
-            load_settings(WorkerSettings, {k: v for k, v in data.items() if k.startswith("TOKENSPOOL_")})
+            settings_of.load(WorkerSettings, {k: v for k, v in data.items() if k.startswith("TOKENSPOOL_")})
     assert found >= 2
 
 

@@ -15,10 +15,10 @@ import pytest
 
 from shared import keys, wire
 from shared.redis_client import AsyncRedis, RedisTarget, connect
-from shared.settings import WorkerSettings
 from shared.store import Append, RequestStore, now_ms
 from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis
 from worker.outbox import Ending, Outbox, RequestLog, RequestLostError
+from worker.settings import WorkerSettings
 
 MODEL = "outbox-model"
 

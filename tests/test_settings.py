@@ -10,16 +10,10 @@ from typing import Any
 
 import pytest
 
-from shared.settings import (
-    CommonSettings,
-    GatewaySettings,
-    SettingsError,
-    WorkerSettings,
-    as_environment,
-    flag_name,
-    known_env_names,
-    load_settings,
-)
+from gateway.settings import GatewaySettings
+from shared.settings import CommonSettings, SettingsError, as_environment, flag_name, known_env_names, load_settings
+from tokenspool import settings as settings_of
+from worker.settings import WorkerSettings
 
 
 def test_settings_defaults_when_nothing_is_given() -> None:
@@ -47,8 +41,17 @@ def test_settings_ignore_variables_that_do_not_start_with_the_prefix() -> None:
 
 def test_settings_of_another_process_kind_are_known_not_unknown() -> None:
     # one environment is shared by gateways and workers: a worker variable must not fail a gateway
-    settings = load_settings(GatewaySettings, {"TOKENSPOOL_ENGINE": "vllm", "TOKENSPOOL_MAX_NUM_SEQS": "8"})
+    settings = settings_of.load(GatewaySettings, {"TOKENSPOOL_ENGINE": "vllm", "TOKENSPOOL_MAX_NUM_SEQS": "8"})
     assert settings == GatewaySettings()
+    assert settings_of.load(WorkerSettings, {"TOKENSPOOL_HEARTBEAT_S": "5"}) == WorkerSettings()
+
+
+def test_a_component_alone_knows_only_its_own_variables_and_those_it_is_told_of() -> None:
+    # each component's settings live beside it: without the launcher's list, the other's are unknown
+    with pytest.raises(SettingsError, match="unknown setting TOKENSPOOL_ENGINE"):
+        load_settings(GatewaySettings, {"TOKENSPOOL_ENGINE": "vllm"})
+    told = load_settings(GatewaySettings, {"TOKENSPOOL_ENGINE": "vllm"}, known={"TOKENSPOOL_ENGINE"})
+    assert told == GatewaySettings()
 
 
 def test_settings_worker_id_is_set_by_its_own_flag() -> None:
@@ -159,7 +162,8 @@ def test_settings_empty_optional_value_means_unset() -> None:
 
 
 def test_settings_every_field_has_a_known_variable() -> None:
-    names = known_env_names()
+    names = settings_of.every_env_name()
+    assert names == known_env_names(*settings_of.SETTINGS_CLASSES)
     for cls in (GatewaySettings, WorkerSettings):
         for f in dataclasses.fields(cls):
             assert "TOKENSPOOL_" + f.name.upper() in names

@@ -9,10 +9,11 @@ import pytest
 
 from gateway.chunks import completion_body
 from shared import wire
-from shared.settings import WorkerSettings, load_settings
+from shared.settings import load_settings
 from tests.samples import meta, request_id_with
 from worker.engines.base import EngineDelta, EngineError, EngineRequest
 from worker.engines.sim import VOCABULARY, SimEngine
+from worker.settings import WorkerSettings
 
 
 def sim_engine(**overrides: str) -> SimEngine:

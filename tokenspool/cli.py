@@ -13,16 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway.settings import GatewaySettings
 from shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable
-from shared.settings import (
-    CommonSettings,
-    GatewaySettings,
-    SettingsError,
-    WorkerSettings,
-    env_name,
-    flag_name,
-    load_settings,
-)
+from shared.settings import CommonSettings, SettingsError, env_name, flag_name
+from tokenspool import settings as settings_of
+from worker.settings import WorkerSettings
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, cls: type[CommonSettings], *, hidden: set[str]) -> None:
@@ -149,7 +144,7 @@ def run_redis(port: int, data_dir: str | None, appendonly: bool, cluster_nodes: 
 
 def print_settings() -> int:
     hints: dict[str, Any] = {}
-    for cls in (CommonSettings, GatewaySettings, WorkerSettings):
+    for cls in settings_of.SETTINGS_CLASSES:
         hints.update(typing.get_type_hints(cls))
         print(f"\n{cls.__name__}:")
         own = {f.name for f in dataclasses.fields(cls)} - (
@@ -256,13 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     environ = dict(os.environ)
     try:
         if args.command == "gateway":
-            return run_gateway(load_settings(GatewaySettings, environ, _flags(args, GatewaySettings)))
+            return run_gateway(settings_of.load(GatewaySettings, environ, _flags(args, GatewaySettings)))
         if args.command == "worker":
-            return run_worker(load_settings(WorkerSettings, environ, _flags(args, WorkerSettings)))
+            return run_worker(settings_of.load(WorkerSettings, environ, _flags(args, WorkerSettings)))
         if args.command in ("drain", "rebalance"):
             from tokenspool import control
 
-            common = load_settings(CommonSettings, environ, {"redis_url": args.redis_url})
+            common = settings_of.load(CommonSettings, environ, {"redis_url": args.redis_url})
             if args.command == "rebalance":
                 return control.rebalance(_target(common), common.worker_ttl_s)
             return control.drain(
@@ -276,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             from tokenspool.status import run as run_status
 
-            common = load_settings(CommonSettings, environ, {"redis_url": args.redis_url})
+            common = settings_of.load(CommonSettings, environ, {"redis_url": args.redis_url})
             return run_status(_target(common), args.json, common.worker_ttl_s)
         if args.command == "up":
             from tokenspool.supervisor import run_stack

@@ -20,10 +20,12 @@ from collections.abc import Mapping
 from functools import partial
 from types import FrameType
 
+from gateway.settings import GatewaySettings
 from shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable
-from shared.settings import GatewaySettings, WorkerSettings, load_settings
+from tokenspool import settings as settings_of
 from tokenspool.redis_server import EmbeddedRedis
 from tokenspool.stack import Stack, StackError, model_served
+from worker.settings import WorkerSettings
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict[str, str | None]:
@@ -45,8 +47,8 @@ def run_stack(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     server: EmbeddedRedis | None = None
     if not env.get("TOKENSPOOL_REDIS_URL"):
         env["TOKENSPOOL_REDIS_URL"] = "redis://127.0.0.1:1/0"  # placeholder so settings validate first
-    gateway_settings = load_settings(GatewaySettings, env, flags)
-    worker_settings = load_settings(WorkerSettings, env, flags)
+    gateway_settings = settings_of.load(GatewaySettings, env, flags)
+    worker_settings = settings_of.load(WorkerSettings, env, flags)
     if worker_settings.engine == "vllm" and not worker_settings.model:
         print("tokenspool up: --model is required with --engine vllm", file=sys.stderr)
         return 2

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from shared.logs import about
 from shared.queue import ModelQueue, QueueEntry
-from shared.settings import WorkerSettings
 from shared.store import RequestStore
 from worker.metrics import WorkerMetrics
 from worker.runner import RequestRunner
 from worker.running import RunningRequests
+from worker.settings import WorkerSettings
 
 log = logging.getLogger("tokenspool.worker")
 

@@ -10,9 +10,9 @@ import signal
 import socket
 
 from shared.redis_client import RedisTarget, connect
-from shared.settings import WorkerSettings
 from worker.engines.base import Engine, EngineDeadError
 from worker.service import PULL_BLOCK_MS, Worker
+from worker.settings import WorkerSettings
 
 log = logging.getLogger("tokenspool.worker")
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 
 from shared.logs import about
-from shared.settings import WorkerSettings
 from shared.store import RequestStore, now_ms
 from worker.outbox import Ending
 from worker.running import RunningRequests
+from worker.settings import WorkerSettings
 
 log = logging.getLogger("tokenspool.worker")
 

@@ -17,12 +17,12 @@ import time
 from shared import handover, wire
 from shared.logs import about, content
 from shared.queue import ModelQueue, QueueEntry
-from shared.settings import WorkerSettings
 from shared.store import RequestStore, now_ms
 from worker.engines.base import Engine, EngineDeadError, EngineError, EngineRequest
 from worker.metrics import WorkerMetrics
 from worker.outbox import Ending, Outbox, RequestLog, RequestLostError
 from worker.running import RunningRequest, RunningRequests
+from worker.settings import WorkerSettings
 from worker.tasks import Chores
 
 log = logging.getLogger("tokenspool.worker")

@@ -22,7 +22,6 @@ from shared import registry, wire
 from shared.aio import reraise_if_cancelling
 from shared.queue import ModelQueue
 from shared.redis_client import AsyncRedis
-from shared.settings import WorkerSettings
 from shared.store import RequestStore, now_ms
 from worker import policies
 from worker.commands import OperatorCommands
@@ -33,6 +32,7 @@ from worker.outbox import Outbox
 from worker.periodic import PeriodicJob, every
 from worker.runner import RequestRunner
 from worker.running import RunningRequests
+from worker.settings import WorkerSettings
 from worker.tasks import Chores
 
 log = logging.getLogger("tokenspool.worker")

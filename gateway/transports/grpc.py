@@ -61,9 +61,9 @@ from gateway.reader import parse_resume_id
 from gateway.schemas import ChatCompletionRequest
 from gateway.services import Services
 from gateway.session import Events, Heartbeat, Queued, StreamSession, Transport
+from gateway.settings import GatewaySettings
 from shared import keys, wire
 from shared.aio import reraise_if_cancelling
-from shared.settings import GatewaySettings
 from shared.store import RequestMeta
 
 log = logging.getLogger("tokenspool.gateway.grpc")

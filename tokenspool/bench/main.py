@@ -30,11 +30,12 @@ from typing import Any
 
 import orjson
 
-from shared.settings import SettingsError, parse_cpu_list
+from shared.settings import SettingsError
 from tokenspool.bench import targets as tg
 from tokenspool.bench.load import LoadResult, LoadSpec, chat_body, run_load
 from tokenspool.bench.report import plot_latency, table
 from tokenspool.bench.sse_client import StreamError, open_stream
+from worker.settings import parse_cpu_list
 
 TARGET_NAMES = ("tokenspool", "floor", "naive")
 SUMMED = {"requests", "ok", "errors", "lost_events", "duplicated_events"}

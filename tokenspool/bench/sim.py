@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from shared import wire
-from shared.settings import WorkerSettings, load_settings
+from tokenspool import settings as settings_of
 from worker.engines.base import EngineRequest
 from worker.engines.sim import SimEngine
+from worker.settings import WorkerSettings
 
 
 def sim_engine(ttft_ms: str, itl_ms: str) -> SimEngine:
     """The same engine tokenspool's workers run, with room for every request the benchmark sends."""
-    settings = load_settings(
+    settings = settings_of.load(
         WorkerSettings, {}, {"sim_ttft_ms": ttft_ms, "sim_itl_ms": itl_ms, "max_num_seqs": "100000"}
     )
     return SimEngine(settings)

@@ -19,9 +19,9 @@ import random
 from collections.abc import AsyncIterator
 from typing import Final
 
-from shared.settings import WorkerSettings
 from shared.wire import TokenLogprob
 from worker.engines.base import EngineDelta, EngineError, EngineRequest
+from worker.settings import WorkerSettings
 
 VOCABULARY: Final = tuple(
     [

@@ -31,9 +31,10 @@ from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from shared.settings import SettingsError, WorkerSettings, parse_cpu_list
+from shared.settings import SettingsError
 from shared.wire import SamplingOptions, TokenLogprob
 from worker.engines.base import EngineDeadError, EngineDelta, EngineError, EngineRequest
+from worker.settings import WorkerSettings, parse_cpu_list
 
 log = logging.getLogger("tokenspool.worker.vllm")
 

@@ -1,0 +1,23 @@
+"""Every component's settings, for the command that starts them (it stands apart from the components, so it
+may know them all). Gateways and workers started together share one environment: each accepts the other's
+``TOKENSPOOL_*`` variables, and only a name no component knows is refused as a typo."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from gateway.settings import GatewaySettings
+from shared.settings import CommonSettings, S, known_env_names, load_settings
+from worker.settings import WorkerSettings
+
+SETTINGS_CLASSES: tuple[type[CommonSettings], ...] = (CommonSettings, GatewaySettings, WorkerSettings)
+
+
+def every_env_name() -> set[str]:
+    """The variables of every component (what ``tokenspool settings`` lists)."""
+    return known_env_names(*SETTINGS_CLASSES)
+
+
+def load(cls: type[S], environ: Mapping[str, str], flags: Mapping[str, str | None] | None = None) -> S:
+    """One component's settings from an environment the components share."""
+    return load_settings(cls, environ, flags, known=every_env_name())
