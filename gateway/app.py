@@ -14,25 +14,25 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from gateway import page
-from gateway.attachments import Attachments
-from gateway.auth import KeyRing
-from gateway.catalog import ModelCatalog
-from gateway.errors import APIError, redis_unavailable, validation_error
-from gateway.limits import BodySizeLimit, ConnectionLimit, KeyLimits
-from gateway.metrics import CountResponses, GatewayMetrics
-from gateway.reader import EventReader
-from gateway.relay import Relay
-from gateway.services import Services
-from gateway.session import StreamSessions
-from gateway.settings import GatewaySettings, is_loopback
-from gateway.submission import SubmissionService
-from gateway.transports import http, websocket
-from shared.redis_client import NodeConnections, RedisTarget, connect, redact
-from shared.store import RequestStore
+from tokenspool.gateway import page
+from tokenspool.gateway.attachments import Attachments
+from tokenspool.gateway.auth import KeyRing
+from tokenspool.gateway.catalog import ModelCatalog
+from tokenspool.gateway.errors import APIError, redis_unavailable, validation_error
+from tokenspool.gateway.limits import BodySizeLimit, ConnectionLimit, KeyLimits
+from tokenspool.gateway.metrics import CountResponses, GatewayMetrics
+from tokenspool.gateway.reader import EventReader
+from tokenspool.gateway.relay import Relay
+from tokenspool.gateway.services import Services
+from tokenspool.gateway.session import StreamSessions
+from tokenspool.gateway.settings import GatewaySettings, is_loopback
+from tokenspool.gateway.submission import SubmissionService
+from tokenspool.gateway.transports import http, websocket
+from tokenspool.shared.redis_client import NodeConnections, RedisTarget, connect, redact
+from tokenspool.shared.store import RequestStore
 
 if TYPE_CHECKING:
-    from gateway.transports.grpc import GrpcServer
+    from tokenspool.gateway.transports.grpc import GrpcServer
 
 log = logging.getLogger("tokenspool.gateway")
 
@@ -108,7 +108,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             if settings.grpc_port is not None:
                 # Imported here: a gateway without a gRPC port never loads grpc.
-                from gateway.transports.grpc import GrpcServer
+                from tokenspool.gateway.transports.grpc import GrpcServer
 
                 grpc_server = GrpcServer(services, settings)
                 await grpc_server.start()

@@ -17,8 +17,8 @@ from typing import Any
 
 import redis.exceptions
 
-from shared.aio import reraise_if_cancelling
-from shared.store import RequestStore, now_ms
+from tokenspool.shared.aio import reraise_if_cancelling
+from tokenspool.shared.store import RequestStore, now_ms
 
 log = logging.getLogger("tokenspool.gateway.attachments")
 

@@ -4,7 +4,7 @@ A resumable stream is a stored conversation, so every request belongs to the key
 request's metadata holds the key's owner id (128 bits of the key's SHA-256, never the key), and only a
 caller with that owner id may read, resume, inspect or cancel it; anyone else is told the request does not
 exist (404, not 403, so ids cannot be probed). Keys are hashed once, when the settings are parsed
-(:class:`shared.settings.ApiKey`); a key a client sends is hashed and looked up by its hash, so no
+(:class:`tokenspool.shared.settings.ApiKey`); a key a client sends is hashed and looked up by its hash, so no
 comparison ever runs over the key itself.
 
 With no key configured the gateway is open: every caller is :data:`ANONYMOUS` and owns the anonymous
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from gateway.errors import APIError
-from gateway.settings import ApiKey, GatewaySettings, hash_api_key, parse_api_keys
-from shared.settings import SettingsError
+from tokenspool.gateway.errors import APIError
+from tokenspool.gateway.settings import ApiKey, GatewaySettings, hash_api_key, parse_api_keys
+from tokenspool.shared.settings import SettingsError
 
 WS_PROTOCOL: Final = "tokenspool.v1"
 WS_BEARER_PREFIX: Final = "tokenspool.bearer."

@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from shared import registry, wire
-from shared.redis_client import AsyncRedis
-from shared.store import now_ms
+from tokenspool.shared import registry, wire
+from tokenspool.shared.redis_client import AsyncRedis
+from tokenspool.shared.store import now_ms
 
 
 @dataclass(frozen=True, slots=True)

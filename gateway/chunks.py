@@ -11,9 +11,9 @@ from typing import Any
 
 import orjson
 
-from gateway.sse import comment_frame, event_frame
-from shared import handover, keys, wire
-from shared.store import RequestMeta
+from tokenspool.gateway.sse import comment_frame, event_frame
+from tokenspool.shared import handover, keys, wire
+from tokenspool.shared.store import RequestMeta
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

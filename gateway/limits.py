@@ -27,12 +27,12 @@ import redis.exceptions
 from redis.commands.core import AsyncScript
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.auth import Principal
-from gateway.errors import APIError
-from gateway.settings import GatewaySettings
-from shared import keys, lua
-from shared.aio import reraise_if_cancelling
-from shared.redis_client import AsyncRedis
+from tokenspool.gateway.auth import Principal
+from tokenspool.gateway.errors import APIError
+from tokenspool.gateway.settings import GatewaySettings
+from tokenspool.shared import keys, lua
+from tokenspool.shared.aio import reraise_if_cancelling
+from tokenspool.shared.redis_client import AsyncRedis
 
 log = logging.getLogger("tokenspool.gateway.limits")
 

@@ -14,13 +14,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from gateway.errors import APIError, bad_request, not_found
-from gateway.metrics import GatewayMetrics
-from gateway.relay import Relay
-from gateway.settings import GatewaySettings
-from shared import keys, wire
-from shared.logs import about
-from shared.store import TERMINAL_STATES, RequestMeta, RequestStore
+from tokenspool.gateway.errors import APIError, bad_request, not_found
+from tokenspool.gateway.metrics import GatewayMetrics
+from tokenspool.gateway.relay import Relay
+from tokenspool.gateway.settings import GatewaySettings
+from tokenspool.shared import keys, wire
+from tokenspool.shared.logs import about
+from tokenspool.shared.store import TERMINAL_STATES, RequestMeta, RequestStore
 
 Batch = list[tuple[int, bytes]]
 

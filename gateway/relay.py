@@ -32,9 +32,9 @@ from typing import Any
 import redis.exceptions
 from redis.asyncio.connection import AbstractConnection
 
-from shared import keys
-from shared.aio import reraise_if_cancelling
-from shared.redis_client import Address, NodeConnections
+from tokenspool.shared import keys
+from tokenspool.shared.aio import reraise_if_cancelling
+from tokenspool.shared.redis_client import Address, NodeConnections
 
 log = logging.getLogger("tokenspool.gateway.relay")
 

@@ -9,14 +9,14 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway.auth import KeyRing, Principal
-from gateway.catalog import ModelCatalog
-from gateway.limits import KeyLimits
-from gateway.metrics import GatewayMetrics
-from gateway.session import StreamSessions
-from gateway.settings import GatewaySettings
-from gateway.submission import SubmissionService
-from shared.store import RequestStore
+from tokenspool.gateway.auth import KeyRing, Principal
+from tokenspool.gateway.catalog import ModelCatalog
+from tokenspool.gateway.limits import KeyLimits
+from tokenspool.gateway.metrics import GatewayMetrics
+from tokenspool.gateway.session import StreamSessions
+from tokenspool.gateway.settings import GatewaySettings
+from tokenspool.gateway.submission import SubmissionService
+from tokenspool.shared.store import RequestStore
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,20 +19,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
-from gateway.attachments import Attachments
-from gateway.auth import Principal
-from gateway.catalog import ModelCatalog
-from gateway.errors import REDIS_UNREACHABLE, bad_request
-from gateway.limits import KeyLimits, StreamLease
-from gateway.metrics import GatewayMetrics
-from gateway.reader import EventReader, EventsExpiredError, ResumePoint
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.settings import GatewaySettings
-from gateway.submission import SubmissionService
-from shared import wire
-from shared.aio import reraise_if_cancelling
-from shared.logs import about
-from shared.store import RequestStore, StreamFormat
+from tokenspool.gateway.attachments import Attachments
+from tokenspool.gateway.auth import Principal
+from tokenspool.gateway.catalog import ModelCatalog
+from tokenspool.gateway.errors import REDIS_UNREACHABLE, bad_request
+from tokenspool.gateway.limits import KeyLimits, StreamLease
+from tokenspool.gateway.metrics import GatewayMetrics
+from tokenspool.gateway.reader import EventReader, EventsExpiredError, ResumePoint
+from tokenspool.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from tokenspool.gateway.settings import GatewaySettings
+from tokenspool.gateway.submission import SubmissionService
+from tokenspool.shared import wire
+from tokenspool.shared.aio import reraise_if_cancelling
+from tokenspool.shared.logs import about
+from tokenspool.shared.store import RequestStore, StreamFormat
 
 log = logging.getLogger("tokenspool.gateway.session")
 

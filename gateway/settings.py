@@ -1,5 +1,6 @@
 """The gateway's settings (the shared machinery, and the settings every process has, are in
-:mod:`shared.settings`), and the API keys it parses from them: a key is hashed while the setting is parsed."""
+:mod:`tokenspool.shared.settings`), and the API keys it parses from them: a key is hashed while the setting
+is parsed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from shared.settings import CommonSettings, SettingsError, setting
+from tokenspool.shared.settings import CommonSettings, SettingsError, setting
 
 MIN_API_KEY_CHARS = 16
 _KEY_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")

@@ -1,5 +1,5 @@
 """The SSE frame encoder: this module is the only place that builds Server-Sent Events bytes (the response
-that sends them is :mod:`gateway.transports.sse_stream`)."""
+that sends them is :mod:`tokenspool.gateway.transports.sse_stream`)."""
 
 from __future__ import annotations
 

@@ -16,15 +16,15 @@ from typing import Any
 
 import orjson
 
-from gateway.auth import Principal
-from gateway.catalog import ModelCatalog, ModelEntry
-from gateway.errors import APIError, bad_request, not_found
-from gateway.limits import KeyLimits
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.settings import GatewaySettings
-from shared import keys, wire
-from shared.logs import about
-from shared.store import RequestMeta, RequestStore, StreamFormat, now_ms
+from tokenspool.gateway.auth import Principal
+from tokenspool.gateway.catalog import ModelCatalog, ModelEntry
+from tokenspool.gateway.errors import APIError, bad_request, not_found
+from tokenspool.gateway.limits import KeyLimits
+from tokenspool.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from tokenspool.gateway.settings import GatewaySettings
+from tokenspool.shared import keys, wire
+from tokenspool.shared.logs import about
+from tokenspool.shared.store import RequestMeta, RequestStore, StreamFormat, now_ms
 
 MAX_IDEMPOTENCY_KEY = 255
 

@@ -19,7 +19,7 @@ from typing import Final
 
 import orjson
 
-from shared import wire
+from tokenspool.shared import wire
 
 HANDOVER_COMMENT_KEYWORD: Final = "handover"
 """The first word of a handover's SSE comment."""

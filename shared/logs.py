@@ -15,7 +15,7 @@ from typing import Final
 
 import orjson
 
-from shared.settings import CommonSettings
+from tokenspool.shared.settings import CommonSettings
 
 _CREDENTIALS: Final = (
     re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)[^\r\n\"']+"),

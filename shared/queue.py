@@ -5,7 +5,7 @@ an entry a worker has read stays *pending* for that worker until acknowledged, a
 the worker's lease on the request. This module owns every queue command (group creation, ``XREADGROUP``,
 lease renewal, ``XAUTOCLAIM`` takeovers, releases, acknowledgement, dead letters) and decodes the entries
 into jobs, so a worker deals in :class:`QueueEntry` values, never in raw stream fields. Gateways enqueue
-through :meth:`shared.store.RequestStore.create` (the request record and its entry together).
+through :meth:`tokenspool.shared.store.RequestStore.create` (the request record and its entry together).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import redis.exceptions
 
-from shared import keys, lua, wire
-from shared.redis_client import AsyncRedis
+from tokenspool.shared import keys, lua, wire
+from tokenspool.shared.redis_client import AsyncRedis
 
 log = logging.getLogger("tokenspool.queue")
 
@@ -81,7 +81,7 @@ class ModelQueue:
 
     @property
     def scripts(self) -> tuple[Any, ...]:
-        """The scripts this queue runs (to load with :func:`shared.lua.load`)."""
+        """The scripts this queue runs (to load with :func:`tokenspool.shared.lua.load`)."""
         return (self._renew,)
 
     async def ensure_group(self) -> None:

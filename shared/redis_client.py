@@ -20,7 +20,7 @@ import redis.asyncio as aredis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.connection import parse_url as parse_async_url
 
-from shared.settings import REDIS_SCHEMES, CommonSettings, redis_url_problem
+from tokenspool.shared.settings import REDIS_SCHEMES, CommonSettings, redis_url_problem
 
 AsyncRedis: TypeAlias = "aredis.Redis | aredis.RedisCluster"
 SyncRedis: TypeAlias = "redis.Redis | redis.RedisCluster"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from shared import keys, wire
-from shared.redis_client import AsyncRedis
+from tokenspool.shared import keys, wire
+from tokenspool.shared.redis_client import AsyncRedis
 
 
 async def publish(client: AsyncRedis, info: wire.WorkerInfo) -> None:

@@ -1,9 +1,9 @@
 """The request record in Redis and the atomic operations on it, shared by gateways and workers.
 
-A request lives in four keys of one hash slot (see :mod:`shared.keys`): its metadata hash, its job
+A request lives in four keys of one hash slot (see :mod:`tokenspool.shared.keys`): its metadata hash, its job
 record, its event stream, and the connections attached to it. Every state change that touches the event
 stream runs as one Lua script (``shared/lua/``), so an append, its sequence check, its fencing check and
-the state change it implies happen together or not at all. A model's queue is :mod:`shared.queue`'s.
+the state change it implies happen together or not at all. A model's queue is :mod:`tokenspool.shared.queue`'s.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any, Final, Literal
 
 from redis.commands.core import AsyncScript
 
-from shared import keys, lua, queue, wire
-from shared.redis_client import AsyncRedis, is_cluster
-from shared.settings import CommonSettings
+from tokenspool.shared import keys, lua, queue, wire
+from tokenspool.shared.redis_client import AsyncRedis, is_cluster
+from tokenspool.shared.settings import CommonSettings
 
 RequestState = Literal["queued", "running", "done", "cancelled", "failed"]
 TERMINAL_STATES: Final = frozenset({"done", "cancelled", "failed"})

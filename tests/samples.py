@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.store import RequestMeta
+from tokenspool.shared.store import RequestMeta
 
 HEX32 = "0123456789abcdef" * 2
 

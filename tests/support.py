@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 import httpx
 
-from shared import keys, registry, wire
-from shared.redis_client import RedisTarget, connect_sync
 from tokenspool.client_core import SSEComment, SSEDecoder, SSEMessage
 from tokenspool.redis_server import free_port
+from tokenspool.shared import keys, registry, wire
+from tokenspool.shared.redis_client import RedisTarget, connect_sync
 from tokenspool.stack import Process, Stack, StackError, child_env, flags, gateway_ready, model_listed, wait_until
 
 T = TypeVar("T")

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shared.aio import reraise_if_cancelling
+from tokenspool.shared.aio import reraise_if_cancelling
 
 
 def test_a_retry_loop_stops_when_cancelled_even_if_the_cancel_arrives_as_a_timeout() -> None:

@@ -21,12 +21,12 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from gateway.proto import tokenspool_chat_pb2 as pb
-from gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
-from shared import keys
 from tests.support import Cluster, Gateway, Proc, chat_body, clean_env, content_of, read_stream, wait_for
 from tokenspool.client import AuthenticationError, Client, NotFoundError
+from tokenspool.gateway.proto import tokenspool_chat_pb2 as pb
+from tokenspool.gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
 from tokenspool.redis_server import free_port
+from tokenspool.shared import keys
 
 ALICE = "sk-alice-" + secrets.token_hex(16)
 BOB = "sk-bob-" + secrets.token_hex(16)

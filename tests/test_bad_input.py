@@ -8,9 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
-from shared import keys
 from tests.support import Cluster, Gateway, Worker, chat_body, wait_for, wait_for_model
 from tokenspool.redis_server import EmbeddedRedis
+from tokenspool.shared import keys
 
 Stack = tuple[list[Gateway], list[Worker]]
 

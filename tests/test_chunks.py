@@ -5,10 +5,10 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.chunks import ChunkRenderer, completion_body
-from shared import keys, wire
 from tests.samples import meta
 from tests.sse_spec import frame_events, parse_sse
+from tokenspool.gateway.chunks import ChunkRenderer, completion_body
+from tokenspool.shared import keys, wire
 
 STREAM_EVENTS = [
     wire.Event("delta", "Hello", (1,)),

@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 
-from shared import keys
 from tests.support import Cluster, Gateway, Worker, read_stream, wait_for, wait_for_model
 from tokenspool.client import (
     AsyncClient,
@@ -29,6 +28,7 @@ from tokenspool.client import (
     StreamEvent,
 )
 from tokenspool.redis_server import free_port
+from tokenspool.shared import keys
 
 FAST_RETRY = Backoff(base_s=0.02, cap_s=0.2, max_attempts=20)
 MODELS: dict[str, dict[str, Any]] = {

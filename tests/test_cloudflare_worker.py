@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared import keys
 from tests.support import (
     Cluster,
     Gateway,
@@ -31,6 +30,7 @@ from tests.support import (
     wait_for_model,
 )
 from tokenspool.redis_server import free_port
+from tokenspool.shared import keys
 
 CLOUDFLARE_DIR = Path(__file__).resolve().parents[1] / "ops" / "cloudflare"
 WORKERD = CLOUDFLARE_DIR / "node_modules" / ".bin" / "workerd"

@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from shared import keys
 from tests.support import (
     Cluster,
     Gateway,
@@ -18,6 +17,7 @@ from tests.support import (
     read_stream,
     wait_for_model,
 )
+from tokenspool.shared import keys
 
 Stack = tuple[list[Gateway], list[Worker]]
 

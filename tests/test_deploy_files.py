@@ -28,12 +28,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.settings import GatewaySettings
-from shared import keys
-from shared.settings import CommonSettings, load_settings
 from tokenspool import settings as settings_of
 from tokenspool.cli import build_parser
-from worker.settings import WorkerSettings
+from tokenspool.gateway.settings import GatewaySettings
+from tokenspool.shared import keys
+from tokenspool.shared.settings import CommonSettings, load_settings
+from tokenspool.worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = ROOT / "ops" / "k8s"
@@ -411,7 +411,7 @@ def compose_service_running(command: str, **settings: Any) -> tuple[str, Process
 
 def gateway_routes() -> set[str]:
     """The paths the real gateway app serves."""
-    from gateway.app import create_app
+    from tokenspool.gateway.app import create_app
 
     app = create_app(load_settings(GatewaySettings, {"TOKENSPOOL_REDIS_URL": "redis://127.0.0.1:6379/0"}))
     return {str(getattr(route, "path", "")) for route in app.routes}

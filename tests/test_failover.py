@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared import handover, keys, wire
 from tests.support import (
     Cluster,
     Gateway,
@@ -27,6 +26,7 @@ from tests.support import (
     wait_for,
     wait_for_model,
 )
+from tokenspool.shared import handover, keys, wire
 
 MODEL = "failover-sim"
 FAST_LEASE_NO_SIM = {"lease_timeout_s": 1.0, "worker_heartbeat_s": 0.2}

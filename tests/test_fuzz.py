@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import positive_data_acceptance
 
-from shared import keys
 from tests.sse_spec import parse_sse
 from tests.support import Cluster
+from tokenspool.shared import keys
 
 KEY = "sk-fuzz-" + secrets.token_hex(16)
 OTHER_KEY = "sk-fuzz-other-" + secrets.token_hex(16)

@@ -12,11 +12,11 @@ import grpc
 import httpx
 import pytest
 
-from gateway.proto import tokenspool_chat_pb2 as pb
-from gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
-from shared import keys
 from tests.support import Cluster, Gateway, Worker, content_of, read_stream, wait_for
+from tokenspool.gateway.proto import tokenspool_chat_pb2 as pb
+from tokenspool.gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
 from tokenspool.redis_server import free_port
+from tokenspool.shared import keys
 
 Kind = pb.ChatResponse
 

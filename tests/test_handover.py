@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gateway.chunks import ChunkRenderer
-from shared import handover, keys, wire
-from shared.store import RequestMeta
 from tokenspool.client_core import SSEComment, SSEDecoder, StreamState
+from tokenspool.gateway.chunks import ChunkRenderer
+from tokenspool.shared import handover, keys, wire
+from tokenspool.shared.store import RequestMeta
 
 CHAT_JS = Path(__file__).resolve().parent.parent / "gateway" / "static" / "chat.js"
 

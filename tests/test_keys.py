@@ -7,8 +7,8 @@ import re
 import pytest
 from redis.crc import key_slot
 
-from shared import keys
 from tests.samples import HEX32, request_id_with
+from tokenspool.shared import keys
 
 
 @pytest.mark.parametrize(("kind", "prefix"), [("chat", "chatcmpl-"), ("completion", "cmpl-")])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from shared import keys
 from tests.support import Cluster, Gateway, Worker, chat_body, iter_sse, read_stream, wait_for, wait_for_model
+from tokenspool.shared import keys
 
 Stack = tuple[list[Gateway], list[Worker]]
 

@@ -16,8 +16,8 @@ import orjson
 import pytest
 from websockets.sync.client import connect
 
-from shared import keys
 from tests.support import Cluster, Gateway, chat_body, iter_sse, wait_for
+from tokenspool.shared import keys
 
 KEY_A = "sk-limits-a-" + secrets.token_hex(12)
 KEY_B = "sk-limits-b-" + secrets.token_hex(12)

@@ -7,7 +7,7 @@ import fnmatch
 import tomllib
 from pathlib import Path
 
-from shared import lua
+from tokenspool.shared import lua
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA_DIR = ROOT / "shared" / "lua"
@@ -23,7 +23,7 @@ def test_every_script_file_is_named_by_the_loader_and_readable_through_it() -> N
 
 def test_the_scripts_are_package_data() -> None:
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    patterns = package_data.get("shared.lua", [])
+    patterns = package_data.get("tokenspool.shared.lua", [])
     for path in LUA_DIR.glob("*.lua"):
         assert any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns), f"{path.name} is not shipped"
     dockerfile = (ROOT / "Dockerfile").read_text()

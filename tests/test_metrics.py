@@ -11,9 +11,9 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import ClientConnection, connect
 
-from gateway.proto import tokenspool_chat_pb2 as pb
-from gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
 from tests.support import Cluster, chat_body, read_stream, wait_for, wait_for_model
+from tokenspool.gateway.proto import tokenspool_chat_pb2 as pb
+from tokenspool.gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
 from tokenspool.redis_server import free_port
 
 

@@ -9,7 +9,6 @@ import time
 import httpx
 import pytest
 
-from shared import handover, keys, wire
 from tests.support import (
     Cluster,
     Gateway,
@@ -23,6 +22,7 @@ from tests.support import (
     wait_for_model,
 )
 from tokenspool.control import plan_rebalance
+from tokenspool.shared import handover, keys, wire
 
 FAST = {
     "lease_timeout_s": 1.0,

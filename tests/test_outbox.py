@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from shared import keys, wire
-from shared.redis_client import AsyncRedis, RedisTarget, connect
-from shared.store import Append, RequestStore, now_ms
 from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis
-from worker.outbox import Ending, Outbox, RequestLog, RequestLostError
-from worker.settings import WorkerSettings
+from tokenspool.shared import keys, wire
+from tokenspool.shared.redis_client import AsyncRedis, RedisTarget, connect
+from tokenspool.shared.store import Append, RequestStore, now_ms
+from tokenspool.worker.outbox import Ending, Outbox, RequestLog, RequestLostError
+from tokenspool.worker.settings import WorkerSettings
 
 MODEL = "outbox-model"
 

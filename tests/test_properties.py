@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.settings import ApiKey, parse_api_keys
-from gateway.sse import comment_frame, data_frame, event_frame
-from shared import wire
-from shared.settings import SettingsError
 from tests.sse_spec import parse_sse
+from tokenspool.gateway.settings import ApiKey, parse_api_keys
+from tokenspool.gateway.sse import comment_frame, data_frame, event_frame
+from tokenspool.shared import wire
+from tokenspool.shared.settings import SettingsError
 
 # Text with every code point but lone surrogates (which no str from JSON, msgpack or a tokenizer holds),
 # weighted towards the characters that matter to SSE.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.redis_client import RedisTarget
+from tokenspool.shared.redis_client import RedisTarget
 
 
 @pytest.mark.parametrize(

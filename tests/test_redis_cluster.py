@@ -16,8 +16,6 @@ import pytest
 import redis
 import redis.cluster
 
-from shared import keys
-from shared.redis_client import RedisTarget, connect_sync
 from tests.support import (
     Cluster,
     Proc,
@@ -30,6 +28,8 @@ from tests.support import (
     wait_for_model,
 )
 from tokenspool.redis_server import EmbeddedCluster
+from tokenspool.shared import keys
+from tokenspool.shared.redis_client import RedisTarget, connect_sync
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.relay import Subscription
+from tokenspool.gateway.relay import Subscription
 
 
 def test_a_full_subscription_buffer_overflows_instead_of_blocking_the_reader() -> None:

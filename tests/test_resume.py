@@ -7,8 +7,8 @@ import time
 import httpx
 import pytest
 
-from shared import keys
 from tests.support import Cluster, Gateway, Worker, chat_body, content_of, read_stream, wait_for, wait_for_model
+from tokenspool.shared import keys
 
 Stack = tuple[list[Gateway], list[Worker]]
 

@@ -15,8 +15,6 @@ import httpx
 import pytest
 import redis
 
-from shared import keys
-from shared.redis_client import RedisTarget, connect_sync
 from tests.conftest import redis_mode
 from tests.support import (
     Cluster,
@@ -30,6 +28,8 @@ from tests.support import (
 )
 from tests.tls import Certificates, TLSProxy, make_certificates
 from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis
+from tokenspool.shared import keys
+from tokenspool.shared.redis_client import RedisTarget, connect_sync
 
 ACL_FILE = Path(__file__).resolve().parent.parent / "ops" / "redis" / "acl.conf"
 MODEL = "secured-sim"

@@ -10,10 +10,17 @@ from typing import Any
 
 import pytest
 
-from gateway.settings import GatewaySettings
-from shared.settings import CommonSettings, SettingsError, as_environment, flag_name, known_env_names, load_settings
 from tokenspool import settings as settings_of
-from worker.settings import WorkerSettings
+from tokenspool.gateway.settings import GatewaySettings
+from tokenspool.shared.settings import (
+    CommonSettings,
+    SettingsError,
+    as_environment,
+    flag_name,
+    known_env_names,
+    load_settings,
+)
+from tokenspool.worker.settings import WorkerSettings
 
 
 def test_settings_defaults_when_nothing_is_given() -> None:

@@ -7,13 +7,13 @@ import dataclasses
 
 import pytest
 
-from gateway.chunks import completion_body
-from shared import wire
-from shared.settings import load_settings
 from tests.samples import meta, request_id_with
-from worker.engines.base import EngineDelta, EngineError, EngineRequest
-from worker.engines.sim import VOCABULARY, SimEngine
-from worker.settings import WorkerSettings
+from tokenspool.gateway.chunks import completion_body
+from tokenspool.shared import wire
+from tokenspool.shared.settings import load_settings
+from tokenspool.worker.engines.base import EngineDelta, EngineError, EngineRequest
+from tokenspool.worker.engines.sim import VOCABULARY, SimEngine
+from tokenspool.worker.settings import WorkerSettings
 
 
 def sim_engine(**overrides: str) -> SimEngine:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.sse import DONE_FRAME, comment_frame, data_frame, event_frame
 from tests.samples import HEX32
 from tests.sse_spec import frame_events, parse_sse
+from tokenspool.gateway.sse import DONE_FRAME, comment_frame, data_frame, event_frame
 
 
 def test_the_test_parser_follows_the_spec_examples() -> None:

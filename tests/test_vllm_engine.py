@@ -15,7 +15,6 @@ import httpx
 import openai
 import pytest
 
-from shared import keys, wire
 from tests.support import (
     Cluster,
     Gateway,
@@ -27,6 +26,7 @@ from tests.support import (
     wait_for,
     wait_for_model,
 )
+from tokenspool.shared import keys, wire
 
 MODEL = "tiny-llama"
 

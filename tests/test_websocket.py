@@ -15,8 +15,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from shared import keys
 from tests.support import Cluster, Gateway, Worker, chat_body, content_of, read_stream, wait_for, wait_for_model
+from tokenspool.shared import keys
 
 Stack = tuple[list[Gateway], list[Worker]]
 Message = dict[str, Any]

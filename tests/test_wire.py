@@ -8,8 +8,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from shared import keys, wire
 from tests.samples import request_id_with
+from tokenspool.shared import keys, wire
 
 
 def full_job() -> wire.Job:

@@ -26,7 +26,7 @@ import orjson
 from tokenspool.client_core import SSEDecoder, SSEMessage
 from tokenspool.redis_server import EmbeddedRedis, free_port
 from tokenspool.stack import Stack, child_env, model_listed
-from worker.settings import parse_cpu_list
+from tokenspool.worker.settings import parse_cpu_list
 
 SERVED_NAME = "bench-model"
 START_TIMEOUT_S = 600.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from shared import keys, wire
+from tokenspool.shared import keys, wire
 
 Verdict = Literal["ok", "lost", "duplicated", "out_of_order"]
 

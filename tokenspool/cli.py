@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.settings import GatewaySettings
-from shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable
-from shared.settings import CommonSettings, SettingsError, env_name, flag_name
 from tokenspool import settings as settings_of
-from worker.settings import WorkerSettings
+from tokenspool.gateway.settings import GatewaySettings
+from tokenspool.shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable
+from tokenspool.shared.settings import CommonSettings, SettingsError, env_name, flag_name
+from tokenspool.worker.settings import WorkerSettings
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, cls: type[CommonSettings], *, hidden: set[str]) -> None:
@@ -62,9 +62,9 @@ def _target(settings: CommonSettings) -> RedisTarget | None:
 def run_gateway(settings: GatewaySettings) -> int:
     import uvicorn
 
-    from gateway.app import create_app
-    from gateway.metrics import use_multiprocess_mode
-    from shared import logs
+    from tokenspool.gateway.app import create_app
+    from tokenspool.gateway.metrics import use_multiprocess_mode
+    from tokenspool.shared import logs
 
     failure = _require_redis("gateway", settings)
     if failure is not None:
@@ -90,8 +90,8 @@ def run_gateway(settings: GatewaySettings) -> int:
 
 
 def run_worker(settings: WorkerSettings) -> int:
-    from shared import logs
-    from worker.main import serve
+    from tokenspool.shared import logs
+    from tokenspool.worker.main import serve
 
     failure = _require_redis("worker", settings)
     if failure is not None:

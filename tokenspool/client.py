@@ -35,8 +35,6 @@ from typing import Any, Final, Self
 
 import httpx
 
-from shared import keys
-from shared.aio import reraise_if_cancelling
 from tokenspool.client_core import (
     DEFAULT_MAX_EVENT_BYTES,
     FINISHED,
@@ -72,6 +70,8 @@ from tokenspool.client_core import (
     error_from_response,
     give_up,
 )
+from tokenspool.shared import keys
+from tokenspool.shared.aio import reraise_if_cancelling
 
 __all__ = [
     "APIStatusError",

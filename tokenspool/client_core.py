@@ -14,7 +14,7 @@ from typing import Any, Final
 import httpx
 import orjson
 
-from shared import handover, keys
+from tokenspool.shared import handover, keys
 
 RESUMABLE_STREAM_ERRORS: Final = frozenset({"inter_token_timeout", "redis_unavailable"})
 """Error frames (without an event id) a gateway sends when *its connection* cannot go on while the request

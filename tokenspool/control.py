@@ -7,8 +7,8 @@ import sys
 import time
 from typing import Any
 
-from shared import keys, registry, wire
-from shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable, connect_sync
+from tokenspool.shared import keys, registry, wire
+from tokenspool.shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable, connect_sync
 
 
 def _workers(client: Any) -> dict[str, wire.WorkerInfo]:

@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx
 
-from shared import keys
-from shared.redis_client import RedisTarget, connect_sync
 from tokenspool.redis_server import EmbeddedRedis, free_port
+from tokenspool.shared import keys
+from tokenspool.shared.redis_client import RedisTarget, connect_sync
 from tokenspool.stack import Stack, child_env, model_listed
 
 MODEL = "footprint-sim"

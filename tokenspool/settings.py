@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gateway.settings import GatewaySettings
-from shared.settings import CommonSettings, S, known_env_names, load_settings
-from worker.settings import WorkerSettings
+from tokenspool.gateway.settings import GatewaySettings
+from tokenspool.shared.settings import CommonSettings, S, known_env_names, load_settings
+from tokenspool.worker.settings import WorkerSettings
 
 SETTINGS_CLASSES: tuple[type[CommonSettings], ...] = (CommonSettings, GatewaySettings, WorkerSettings)
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import httpx
 
-from shared import keys, wire
-from shared.redis_client import RedisTarget, connect_sync
 from tokenspool.checker import classify
 from tokenspool.client_core import SSEDecoder, SSEMessage
 from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis, free_port
+from tokenspool.shared import keys, wire
+from tokenspool.shared.redis_client import RedisTarget, connect_sync
 from tokenspool.stack import Stack, StackError, child_env, model_listed
 
 MODEL = "soak-sim"

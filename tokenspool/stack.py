@@ -33,8 +33,8 @@ from typing import TypeVar
 
 import redis
 
-from shared import keys, registry, wire
-from shared.redis_client import RedisTarget, connect_sync
+from tokenspool.shared import keys, registry, wire
+from tokenspool.shared.redis_client import RedisTarget, connect_sync
 
 T = TypeVar("T")
 

@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 import redis
 
-from shared import keys, registry, wire
-from shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable, connect_sync
+from tokenspool.shared import keys, registry, wire
+from tokenspool.shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable, connect_sync
 
 
 def used_memory_bytes(client: Any) -> int:

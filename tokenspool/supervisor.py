@@ -20,12 +20,12 @@ from collections.abc import Mapping
 from functools import partial
 from types import FrameType
 
-from gateway.settings import GatewaySettings
-from shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable
 from tokenspool import settings as settings_of
+from tokenspool.gateway.settings import GatewaySettings
 from tokenspool.redis_server import EmbeddedRedis
+from tokenspool.shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable
 from tokenspool.stack import Stack, StackError, model_served
-from worker.settings import WorkerSettings
+from tokenspool.worker.settings import WorkerSettings
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict[str, str | None]:

@@ -8,8 +8,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from shared import registry
-from shared.redis_client import AsyncRedis
+from tokenspool.shared import registry
+from tokenspool.shared.redis_client import AsyncRedis
 
 log = logging.getLogger("tokenspool.worker")
 

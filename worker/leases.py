@@ -13,13 +13,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from shared.logs import about
-from shared.queue import ModelQueue, QueueEntry
-from shared.store import RequestStore
-from worker.metrics import WorkerMetrics
-from worker.runner import RequestRunner
-from worker.running import RunningRequests
-from worker.settings import WorkerSettings
+from tokenspool.shared.logs import about
+from tokenspool.shared.queue import ModelQueue, QueueEntry
+from tokenspool.shared.store import RequestStore
+from tokenspool.worker.metrics import WorkerMetrics
+from tokenspool.worker.runner import RequestRunner
+from tokenspool.worker.running import RunningRequests
+from tokenspool.worker.settings import WorkerSettings
 
 log = logging.getLogger("tokenspool.worker")
 

@@ -9,20 +9,20 @@ import secrets
 import signal
 import socket
 
-from shared.redis_client import RedisTarget, connect
-from worker.engines.base import Engine, EngineDeadError
-from worker.service import PULL_BLOCK_MS, Worker
-from worker.settings import WorkerSettings
+from tokenspool.shared.redis_client import RedisTarget, connect
+from tokenspool.worker.engines.base import Engine, EngineDeadError
+from tokenspool.worker.service import PULL_BLOCK_MS, Worker
+from tokenspool.worker.settings import WorkerSettings
 
 log = logging.getLogger("tokenspool.worker")
 
 
 def build_engine(settings: WorkerSettings) -> Engine:
     if settings.engine == "sim":
-        from worker.engines.sim import SimEngine
+        from tokenspool.worker.engines.sim import SimEngine
 
         return SimEngine(settings)
-    from worker.engines.vllm_engine import VllmEngine
+    from tokenspool.worker.engines.vllm_engine import VllmEngine
 
     engine: Engine = VllmEngine(settings)
     return engine

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import redis.exceptions
 
-from shared import wire
-from shared.aio import reraise_if_cancelling
-from shared.logs import about
-from shared.store import (
+from tokenspool.shared import wire
+from tokenspool.shared.aio import reraise_if_cancelling
+from tokenspool.shared.logs import about
+from tokenspool.shared.store import (
     APPEND_ENDED,
     APPEND_FENCED,
     APPEND_GONE,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import redis.exceptions
 
-from shared.aio import reraise_if_cancelling
+from tokenspool.shared.aio import reraise_if_cancelling
 
 log = logging.getLogger("tokenspool.worker")
 

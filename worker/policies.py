@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import logging
 
-from shared.logs import about
-from shared.store import RequestStore, now_ms
-from worker.outbox import Ending
-from worker.running import RunningRequests
-from worker.settings import WorkerSettings
+from tokenspool.shared.logs import about
+from tokenspool.shared.store import RequestStore, now_ms
+from tokenspool.worker.outbox import Ending
+from tokenspool.worker.running import RunningRequests
+from tokenspool.worker.settings import WorkerSettings
 
 log = logging.getLogger("tokenspool.worker")
 

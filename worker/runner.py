@@ -1,7 +1,7 @@
 """Running one request: claim it, generate it, write its events through the outbox, end it, acknowledge it.
 
 A request task never decides on its own to stop: a stop comes from outside (a client's cancel flag, a
-policy, a lost lease) through its :class:`~worker.outbox.RequestLog`, which says how the request then ends.
+policy, a lost lease) through its :class:`~tokenspool.worker.outbox.RequestLog`, which says how the request then ends.
 The task interrupts the engine, writes that ending, and acknowledges the queue entry; a request that is
 no longer this worker's (fenced, lease lost, ended meanwhile) is abandoned without a write.
 """
@@ -14,16 +14,16 @@ import functools
 import logging
 import time
 
-from shared import handover, wire
-from shared.logs import about, content
-from shared.queue import ModelQueue, QueueEntry
-from shared.store import RequestStore, now_ms
-from worker.engines.base import Engine, EngineDeadError, EngineError, EngineRequest
-from worker.metrics import WorkerMetrics
-from worker.outbox import Ending, Outbox, RequestLog, RequestLostError
-from worker.running import RunningRequest, RunningRequests
-from worker.settings import WorkerSettings
-from worker.tasks import Chores
+from tokenspool.shared import handover, wire
+from tokenspool.shared.logs import about, content
+from tokenspool.shared.queue import ModelQueue, QueueEntry
+from tokenspool.shared.store import RequestStore, now_ms
+from tokenspool.worker.engines.base import Engine, EngineDeadError, EngineError, EngineRequest
+from tokenspool.worker.metrics import WorkerMetrics
+from tokenspool.worker.outbox import Ending, Outbox, RequestLog, RequestLostError
+from tokenspool.worker.running import RunningRequest, RunningRequests
+from tokenspool.worker.settings import WorkerSettings
+from tokenspool.worker.tasks import Chores
 
 log = logging.getLogger("tokenspool.worker")
 

@@ -7,8 +7,8 @@ import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from shared import wire
-from worker.outbox import RequestLog
+from tokenspool.shared import wire
+from tokenspool.worker.outbox import RequestLog
 
 
 @dataclass(eq=False)

@@ -1,10 +1,10 @@
 """The worker service: pull requests for one model within capacity, run them, publish their events.
 
-The parts, one module each: :mod:`worker.running` (what the worker holds), :mod:`worker.runner` (one
-request from claim to acknowledgement), :mod:`worker.outbox` (the group-committed writes),
-:mod:`worker.policies` (cancel flags, unattended requests, deadlines), :mod:`worker.leases` (renewal,
-migration, takeover, dead letters), :mod:`worker.commands` (operator commands) and :mod:`worker.periodic`
-(each periodic job in a loop of its own). The queue itself is :mod:`shared.queue`'s. This module wires
+The parts, one module each (in :mod:`tokenspool.worker`): ``running`` (what the worker holds), ``runner``
+(one request from claim to acknowledgement), ``outbox`` (the group-committed writes), ``policies`` (cancel
+flags, unattended requests, deadlines), ``leases`` (renewal, migration, takeover, dead letters), ``commands``
+(operator commands) and ``periodic`` (each periodic job in a loop of its own). The queue itself is
+:mod:`tokenspool.shared.queue`'s. This module wires
 them together and runs the worker's life: register, pull until told to stop, drain, deregister.
 """
 
@@ -18,22 +18,22 @@ import socket
 
 import redis.exceptions
 
-from shared import registry, wire
-from shared.aio import reraise_if_cancelling
-from shared.queue import ModelQueue
-from shared.redis_client import AsyncRedis
-from shared.store import RequestStore, now_ms
-from worker import policies
-from worker.commands import OperatorCommands
-from worker.engines.base import Engine, EngineDeadError
-from worker.leases import Leases
-from worker.metrics import WorkerMetrics
-from worker.outbox import Outbox
-from worker.periodic import PeriodicJob, every
-from worker.runner import RequestRunner
-from worker.running import RunningRequests
-from worker.settings import WorkerSettings
-from worker.tasks import Chores
+from tokenspool.shared import registry, wire
+from tokenspool.shared.aio import reraise_if_cancelling
+from tokenspool.shared.queue import ModelQueue
+from tokenspool.shared.redis_client import AsyncRedis
+from tokenspool.shared.store import RequestStore, now_ms
+from tokenspool.worker import policies
+from tokenspool.worker.commands import OperatorCommands
+from tokenspool.worker.engines.base import Engine, EngineDeadError
+from tokenspool.worker.leases import Leases
+from tokenspool.worker.metrics import WorkerMetrics
+from tokenspool.worker.outbox import Outbox
+from tokenspool.worker.periodic import PeriodicJob, every
+from tokenspool.worker.runner import RequestRunner
+from tokenspool.worker.running import RunningRequests
+from tokenspool.worker.settings import WorkerSettings
+from tokenspool.worker.tasks import Chores
 
 log = logging.getLogger("tokenspool.worker")
 

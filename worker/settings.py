@@ -1,12 +1,12 @@
 """The worker's settings: the engine, its capacity, leases and the engine's own arguments (the shared
-machinery, and the settings every process has, are in :mod:`shared.settings`)."""
+machinery, and the settings every process has, are in :mod:`tokenspool.shared.settings`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.settings import CommonSettings, SettingsError, setting
+from tokenspool.shared.settings import CommonSettings, SettingsError, setting
 
 EngineName = Literal["sim", "vllm"]
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from gateway.proto import tokenspool_chat_pb2 as gateway_dot_proto_dot_tokenspool__chat__pb2
+from tokenspool.gateway.proto import tokenspool_chat_pb2 as gateway_dot_proto_dot_tokenspool__chat__pb2
 
 GRPC_GENERATED_VERSION = '1.70.0'
 GRPC_VERSION = grpc.__version__

@@ -1,1 +1,1 @@
-"""The transports: each encodes and writes what a stream session (:mod:`gateway.session`) yields."""
+"""The transports: each encodes and writes what a stream session (:mod:`tokenspool.gateway.session`) yields."""

@@ -1,7 +1,7 @@
 """The gRPC transport: ``ChatService`` (``gateway/proto/tokenspool_chat.proto``) on its own port, in the
 gateway process, on its event loop, from the same services as the HTTP API: requests are validated by the
 same schemas and enqueued by :class:`SubmissionService`; a stream is a stream session
-(:mod:`gateway.session`: the same attachment, queue notices, timeouts and metrics as SSE), which this module
+(:mod:`tokenspool.gateway.session`: the same attachment, queue notices, timeouts and metrics as SSE), which this module
 only encodes, so a client whose call drops has the same grace period to resume, over gRPC or HTTP, on any
 gateway, and loses nothing.
 
@@ -52,19 +52,19 @@ from typing import Any, Final
 import grpc
 from pydantic import ValidationError
 
-from gateway.auth import Principal
-from gateway.errors import REDIS_UNREACHABLE, APIError, bad_request, redis_unavailable, validation_error
-from gateway.metrics import GatewayMetrics
-from gateway.proto import tokenspool_chat_pb2 as pb
-from gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
-from gateway.reader import parse_resume_id
-from gateway.schemas import ChatCompletionRequest
-from gateway.services import Services
-from gateway.session import Events, Heartbeat, Queued, StreamSession, Transport
-from gateway.settings import GatewaySettings
-from shared import keys, wire
-from shared.aio import reraise_if_cancelling
-from shared.store import RequestMeta
+from tokenspool.gateway.auth import Principal
+from tokenspool.gateway.errors import REDIS_UNREACHABLE, APIError, bad_request, redis_unavailable, validation_error
+from tokenspool.gateway.metrics import GatewayMetrics
+from tokenspool.gateway.proto import tokenspool_chat_pb2 as pb
+from tokenspool.gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
+from tokenspool.gateway.reader import parse_resume_id
+from tokenspool.gateway.schemas import ChatCompletionRequest
+from tokenspool.gateway.services import Services
+from tokenspool.gateway.session import Events, Heartbeat, Queued, StreamSession, Transport
+from tokenspool.gateway.settings import GatewaySettings
+from tokenspool.shared import keys, wire
+from tokenspool.shared.aio import reraise_if_cancelling
+from tokenspool.shared.store import RequestMeta
 
 log = logging.getLogger("tokenspool.gateway.grpc")
 

@@ -1,5 +1,5 @@
 """The HTTP API's routes: parse the request, call a service, map the result to a response (streams through
-:mod:`gateway.transports.sse_stream`). No logic lives here."""
+:mod:`tokenspool.gateway.transports.sse_stream`). No logic lives here."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from gateway.auth import Principal
-from gateway.chunks import completion_body, usage_body
-from gateway.errors import ERROR_RESPONSES, APIError, bad_request, validation_error
-from gateway.reader import parse_resume_id
-from gateway.schemas import ChatCompletionRequest, ChatMessageIn, CompletionRequest
-from gateway.services import Caller, Services, services
-from gateway.transports.sse_stream import SSE, sse_response
-from shared.store import StreamFormat
+from tokenspool.gateway.auth import Principal
+from tokenspool.gateway.chunks import completion_body, usage_body
+from tokenspool.gateway.errors import ERROR_RESPONSES, APIError, bad_request, validation_error
+from tokenspool.gateway.reader import parse_resume_id
+from tokenspool.gateway.schemas import ChatCompletionRequest, ChatMessageIn, CompletionRequest
+from tokenspool.gateway.services import Caller, Services, services
+from tokenspool.gateway.transports.sse_stream import SSE, sse_response
+from tokenspool.shared.store import StreamFormat
 
 router = APIRouter()
 api = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)

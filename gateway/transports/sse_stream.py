@@ -18,9 +18,9 @@ import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.chunks import ChunkRenderer, error_body
-from gateway.session import Events, Heartbeat, Queued, StreamSession, Transport
-from gateway.sse import DONE_FRAME, comment_frame, data_frame
+from tokenspool.gateway.chunks import ChunkRenderer, error_body
+from tokenspool.gateway.session import Events, Heartbeat, Queued, StreamSession, Transport
+from tokenspool.gateway.sse import DONE_FRAME, comment_frame, data_frame
 
 log = logging.getLogger("tokenspool.gateway.sse")
 

@@ -17,7 +17,7 @@ integer, is an optional tag the answers to that message echo back):
 Authentication: when the gateway has API keys, the upgrade request carries ``Authorization: Bearer KEY``,
 or, from a browser (which cannot set that header), offers the subprotocols ``tokenspool.v1`` and
 ``tokenspool.bearer.<the key in unpadded base64url>``; the gateway answers with ``tokenspool.v1`` alone (see
-:mod:`gateway.auth`). Without a valid key the upgrade is refused with the HTTP API's 401 body. Every request
+:mod:`tokenspool.gateway.auth`). Without a valid key the upgrade is refused with the HTTP API's 401 body. Every request
 a socket submits belongs to its key; resuming or cancelling another key's request is ``request_not_found``.
 
 Server to client:
@@ -43,7 +43,7 @@ Event ids are those of the SSE stream (``<request id>:<seq>``, contiguous over t
 terminal event): a client that loses its socket resumes each of its requests, on a new socket to any
 gateway, with the last event id it saw, and gets the rest with nothing lost and nothing repeated.
 
-Each stream is one task relaying a stream session (:mod:`gateway.session`: the same attachment, queue
+Each stream is one task relaying a stream session (:mod:`tokenspool.gateway.session`: the same attachment, queue
 notices, timeouts and metrics as an SSE stream), which this module only encodes; closing the socket stops
 the relays, not the requests (they get the disconnect grace period, as after an SSE disconnect). Everything
 sent goes through one bounded queue per socket and one writer with a timeout on every send: a client that
@@ -61,12 +61,12 @@ from typing import Any, Final
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
-from gateway.auth import WS_PROTOCOL, Principal
-from gateway.errors import REDIS_UNREACHABLE, APIError, redis_unavailable
-from gateway.services import Services
-from gateway.session import Events, Heartbeat, Queued, StreamItem, StreamSession, Transport
-from gateway.transports import ws_protocol as protocol
-from shared.aio import reraise_if_cancelling
+from tokenspool.gateway.auth import WS_PROTOCOL, Principal
+from tokenspool.gateway.errors import REDIS_UNREACHABLE, APIError, redis_unavailable
+from tokenspool.gateway.services import Services
+from tokenspool.gateway.session import Events, Heartbeat, Queued, StreamItem, StreamSession, Transport
+from tokenspool.gateway.transports import ws_protocol as protocol
+from tokenspool.shared.aio import reraise_if_cancelling
 
 log = logging.getLogger("tokenspool.gateway.websocket")
 

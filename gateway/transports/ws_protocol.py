@@ -2,7 +2,7 @@
 
 Parsing is as strict as the HTTP API and reports problems with the same OpenAI error codes (the request
 fields are checked by the very models the HTTP routes use), so a client sees one set of errors whichever
-transport it uses. The protocol itself is described in :mod:`gateway.transports.websocket`.
+transport it uses. The protocol itself is described in :mod:`tokenspool.gateway.transports.websocket`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any, Final
 import orjson
 from pydantic import ValidationError
 
-from gateway.chunks import chat_logprobs, usage_body
-from gateway.errors import APIError, bad_request, validation_error
-from gateway.schemas import ChatCompletionRequest
-from shared import keys, wire
+from tokenspool.gateway.chunks import chat_logprobs, usage_body
+from tokenspool.gateway.errors import APIError, bad_request, validation_error
+from tokenspool.gateway.schemas import ChatCompletionRequest
+from tokenspool.shared import keys, wire
 
 Tag = str | int | None
 """A client's correlation tag (its message's ``"id"``), echoed on the answers to that message."""

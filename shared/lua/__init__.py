@@ -13,7 +13,7 @@ from typing import Any, Final, Literal
 
 from redis.commands.core import AsyncScript
 
-from shared.redis_client import AsyncRedis
+from tokenspool.shared.redis_client import AsyncRedis
 
 ScriptName = Literal["append", "claim", "cancel", "renew_leases", "count_request", "open_stream"]
 SCRIPT_NAMES: Final[tuple[ScriptName, ...]] = (

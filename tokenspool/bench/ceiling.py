@@ -12,9 +12,9 @@ from typing import Any
 
 import orjson
 
-from gateway.sse import DONE_FRAME, event_frame
-from shared import keys
 from tokenspool.bench.asgi import STREAM_HEADERS, answer_lifespan, empty_response, read_body, serve
+from tokenspool.gateway.sse import DONE_FRAME, event_frame
+from tokenspool.shared import keys
 
 
 def prebuilt_frames(count: int) -> list[bytes]:

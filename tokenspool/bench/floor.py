@@ -14,11 +14,11 @@ from typing import Any
 
 import orjson
 
-from gateway.sse import DONE_FRAME, event_frame
-from shared import keys
 from tokenspool.bench.asgi import STREAM_HEADERS, ASGIMessage, answer_lifespan, empty_response, read_body, serve
 from tokenspool.bench.sim import chat_request, sim_engine
-from worker.engines.sim import SimEngine
+from tokenspool.gateway.sse import DONE_FRAME, event_frame
+from tokenspool.shared import keys
+from tokenspool.worker.engines.sim import SimEngine
 
 
 class FloorApp:

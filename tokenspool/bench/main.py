@@ -30,12 +30,12 @@ from typing import Any
 
 import orjson
 
-from shared.settings import SettingsError
 from tokenspool.bench import targets as tg
 from tokenspool.bench.load import LoadResult, LoadSpec, chat_body, run_load
 from tokenspool.bench.report import plot_latency, table
 from tokenspool.bench.sse_client import StreamError, open_stream
-from worker.settings import parse_cpu_list
+from tokenspool.shared.settings import SettingsError
+from tokenspool.worker.settings import parse_cpu_list
 
 TARGET_NAMES = ("tokenspool", "floor", "naive")
 SUMMED = {"requests", "ok", "errors", "lost_events", "duplicated_events"}
@@ -156,7 +156,7 @@ def _redis_info(url: str, section: str) -> list[dict[str, Any]]:
     """``INFO <section>`` of every primary (of the one server, or of each node of a cluster)."""
     import redis
 
-    from shared.redis_client import RedisTarget, connect_sync
+    from tokenspool.shared.redis_client import RedisTarget, connect_sync
 
     client: Any = connect_sync(RedisTarget(url))
     try:

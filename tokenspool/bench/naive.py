@@ -26,8 +26,8 @@ import redis.asyncio as aredis
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from gateway.sse import DONE_FRAME, event_frame
 from tokenspool.bench.sim import chat_request, sim_engine
+from tokenspool.gateway.sse import DONE_FRAME, event_frame
 
 QUEUE = "naive-relay:queue"
 GROUP = "workers"

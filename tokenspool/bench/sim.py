@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared import wire
 from tokenspool import settings as settings_of
-from worker.engines.base import EngineRequest
-from worker.engines.sim import SimEngine
-from worker.settings import WorkerSettings
+from tokenspool.shared import wire
+from tokenspool.worker.engines.base import EngineRequest
+from tokenspool.worker.engines.sim import SimEngine
+from tokenspool.worker.settings import WorkerSettings
 
 
 def sim_engine(ttft_ms: str, itl_ms: str) -> SimEngine:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from shared.redis_client import RedisTarget
 from tokenspool.redis_server import free_port
+from tokenspool.shared.redis_client import RedisTarget
 from tokenspool.stack import Stack, StackError, child_env, http_ok, model_listed, redis_answers
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -1,1 +1,1 @@
-"""Inference engines behind one interface (:class:`worker.engines.base.Engine`)."""
+"""Inference engines behind one interface (:class:`tokenspool.worker.engines.base.Engine`)."""

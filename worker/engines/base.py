@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from shared.wire import ChatMessage, SamplingOptions, TokenLogprob
+from tokenspool.shared.wire import ChatMessage, SamplingOptions, TokenLogprob
 
 
 class EngineError(Exception):

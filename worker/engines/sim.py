@@ -19,9 +19,9 @@ import random
 from collections.abc import AsyncIterator
 from typing import Final
 
-from shared.wire import TokenLogprob
-from worker.engines.base import EngineDelta, EngineError, EngineRequest
-from worker.settings import WorkerSettings
+from tokenspool.shared.wire import TokenLogprob
+from tokenspool.worker.engines.base import EngineDelta, EngineError, EngineRequest
+from tokenspool.worker.settings import WorkerSettings
 
 VOCABULARY: Final = tuple(
     [

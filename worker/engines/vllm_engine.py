@@ -4,7 +4,7 @@ vLLM is imported only in :meth:`VllmEngine.start`, so this module (and the worke
 engine) imports where vLLM is not installed. The worker hands over a request; this module renders it
 to token ids itself, so that a continuation after failover (``emitted_token_ids``) can be fed back as
 ``prompt + emitted`` token ids and produce exactly the rest of the reply, then streams vLLM's delta
-outputs back as :class:`~worker.engines.base.EngineDelta`.
+outputs back as :class:`~tokenspool.worker.engines.base.EngineDelta`.
 
 Facts about vLLM 0.32 this relies on (checked against its source and on a real CPU engine):
 
@@ -31,10 +31,10 @@ from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from shared.settings import SettingsError
-from shared.wire import SamplingOptions, TokenLogprob
-from worker.engines.base import EngineDeadError, EngineDelta, EngineError, EngineRequest
-from worker.settings import WorkerSettings, parse_cpu_list
+from tokenspool.shared.settings import SettingsError
+from tokenspool.shared.wire import SamplingOptions, TokenLogprob
+from tokenspool.worker.engines.base import EngineDeadError, EngineDelta, EngineError, EngineRequest
+from tokenspool.worker.settings import WorkerSettings, parse_cpu_list
 
 log = logging.getLogger("tokenspool.worker.vllm")
 
@@ -106,7 +106,7 @@ def _describe(exc: BaseException) -> str:
 
 
 class VllmEngine:
-    """:class:`~worker.engines.base.Engine` on vLLM's ``AsyncLLM``; one per worker process.
+    """:class:`~tokenspool.worker.engines.base.Engine` on vLLM's ``AsyncLLM``; one per worker process.
 
     ``AsyncLLM`` starts its engine core in a child process, so a program that creates this engine must
     guard its entry point with ``if __name__ == "__main__":``.
@@ -277,7 +277,7 @@ class VllmEngine:
         return min(requested - emitted, room)
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]:
-        """Stream one request's deltas from vLLM; see :meth:`worker.engines.base.Engine.generate`."""
+        """Stream one request's deltas from vLLM; see :meth:`tokenspool.worker.engines.base.Engine.generate`."""
         engine = self._engine
         if engine is None:
             raise EngineError("the vllm engine is not started")
