@@ -54,6 +54,12 @@ def not_found(message: str, *, code: str = "not_found") -> APIError:
     return APIError(404, message, error_type="not_found_error", code=code)
 
 
+def rate_limited(message: str, *, code: str, retry_after_s: int | None = 1) -> APIError:
+    """A 429 in OpenAI's shape: the caller may retry, after ``Retry-After`` seconds when one is given."""
+    headers = {} if retry_after_s is None else {"Retry-After": str(retry_after_s)}
+    return APIError(429, message, error_type="rate_limit_error", code=code, headers=headers)
+
+
 def redis_unavailable() -> APIError:
     """The answer while Redis cannot be reached: retry later (on any transport)."""
     return APIError(

@@ -18,7 +18,7 @@ import orjson
 
 from tokenspool.gateway.auth import Principal
 from tokenspool.gateway.catalog import ModelCatalog, ModelEntry
-from tokenspool.gateway.errors import APIError, bad_request, not_found
+from tokenspool.gateway.errors import APIError, bad_request, not_found, rate_limited
 from tokenspool.gateway.limits import KeyLimits
 from tokenspool.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from tokenspool.gateway.settings import GatewaySettings
@@ -120,12 +120,8 @@ class SubmissionService:
                 return Submitted(earlier, created=False)
         waiting = await self.queue_depth.waiting(body.model)
         if waiting >= self.settings.max_queue_depth:
-            raise APIError(
-                429,
-                f"the queue for model {body.model!r} is full ({waiting} waiting); retry later",
-                error_type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": "1"},
+            raise rate_limited(
+                f"the queue for model {body.model!r} is full ({waiting} waiting); retry later", code="queue_full"
             )
         await self.limits.admit_request(caller)
         kind: keys.RequestKind = "chat" if isinstance(body, ChatCompletionRequest) else "completion"

@@ -62,7 +62,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from tokenspool.gateway.auth import WS_PROTOCOL, Principal
-from tokenspool.gateway.errors import REDIS_UNREACHABLE, APIError, redis_unavailable
+from tokenspool.gateway.errors import REDIS_UNREACHABLE, APIError, rate_limited, redis_unavailable
 from tokenspool.gateway.services import Services
 from tokenspool.gateway.session import Events, Heartbeat, Queued, StreamItem, StreamSession, Transport
 from tokenspool.gateway.transports import ws_protocol as protocol
@@ -220,11 +220,10 @@ class WebSocketSession:
         if request_id is not None and request_id in self._relays:
             raise APIError(409, f"request {request_id} is already streaming on this socket", code="already_streaming")
         if len(self._relays) >= MAX_STREAMS_PER_SOCKET:
-            raise APIError(
-                429,
+            raise rate_limited(
                 f"this socket already streams {MAX_STREAMS_PER_SOCKET} requests; wait for one to end",
-                error_type="rate_limit_error",
                 code="too_many_streams",
+                retry_after_s=None,
             )
 
     async def _start(self, session: StreamSession, tag: protocol.Tag, started: dict[str, Any]) -> None:
