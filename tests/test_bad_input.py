@@ -152,8 +152,11 @@ def test_unreachable_redis_is_503_and_not_ready(tmp_path: Any) -> None:
 def test_a_nearly_empty_queue_is_not_read_on_every_submission(cluster: Cluster) -> None:
     """Far from max_queue_depth, a reading of the queue's depth is reused (here for a minute), so a request's
     path to its first token saves that round trip; near the limit every submission reads it (the test
-    above: exactly max_queue_depth requests wait)."""
-    cluster.worker(model="roomy", sim_itl_ms=0, sim_ttft_ms=0)
+    above: exactly max_queue_depth requests wait). Only the gateway's reads may count: the worker, which
+    reads the same queue's depth for its gauge once per heartbeat, gets a heartbeat longer than the test."""
+    cluster.worker(
+        model="roomy", sim_itl_ms=0, sim_ttft_ms=0, worker_heartbeat_s=60, worker_ttl_s=300, lease_timeout_s=300
+    )
     gateway = cluster.gateway(queue_depth_fresh_ms=60_000, max_queue_depth=100)
     with httpx.Client(timeout=30) as client:
         wait_for_model(gateway, "roomy")

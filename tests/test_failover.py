@@ -175,9 +175,18 @@ def test_a_request_that_keeps_killing_workers_is_dead_lettered(cluster: Cluster,
     error = data[-2].json()["error"]
     assert error["type"] == "failed" and "gave up after 3 attempts" in error["message"]
     assert cluster.meta(request_id)["state"] == "failed"
+    # The terminal event is written first; the dead letter and the queue entry's acknowledgement follow it
+    # (the client may read [DONE] before they land): wait for them, then check them exactly.
+    wait_for(
+        lambda: (
+            cluster.redis.xpending(keys.queue_key(MODEL), keys.WORKER_GROUP)["pending"] == 0
+            and cluster.redis.xlen(keys.dead_letter_key(MODEL)) > 0
+        ),
+        10,
+        "the dead letter and the acknowledgement",
+    )
     dead = cluster.redis.xrange(keys.dead_letter_key(MODEL))
     assert [fields[b"request_id"].decode() for _id, fields in dead] == [request_id]  # type: ignore[union-attr]
-    assert cluster.redis.xpending(keys.queue_key(MODEL), keys.WORKER_GROUP)["pending"] == 0
     status = subprocess.run(
         [sys.executable, "-m", "tokenspool", "status", "--json"],
         env=clean_env(cluster.redis_url),
