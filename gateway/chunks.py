@@ -217,6 +217,5 @@ def _final_choice(meta: RequestMeta, index: int, events: list[wire.Event], end: 
         message["reasoning"] = reasoning
     tool_calls = merged_tool_calls(events)
     if tool_calls:
-        message["content"] = text or None
         message["tool_calls"] = tool_calls
     return {"index": index, "message": message, "logprobs": chat_logprobs(events), "finish_reason": finish_reason}
