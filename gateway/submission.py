@@ -159,6 +159,7 @@ class SubmissionService:
             created_s=int(time.time()),
             enqueued_ms=now_ms(),
             background=body.background,
+            body=orjson.dumps(body.body_json()),
         )
         try:
             meta = await self.store.create(
@@ -230,6 +231,15 @@ class SubmissionService:
 
     def _check_against_model(self, body: ChatCompletionRequest | CompletionRequest, model: ModelEntry) -> None:
         """Refuse what the model's workers cannot do, before anything is stored."""
+        for feature in body.engine_features():
+            if feature in model.unsupported:
+                raise APIError(
+                    400,
+                    f"{feature!r} is not supported by the {model.engine} engine that serves model {body.model!r} "
+                    "(a vLLM worker serves it)",
+                    param=feature,
+                    code="unsupported_parameter",
+                )
         if body.wants_logprobs() and "logprobs" in model.unsupported:
             raise APIError(
                 400,

@@ -38,8 +38,19 @@ BAD_CHAT_BODIES: dict[str, tuple[bytes | dict[str, Any], str]] = {
     "max_tokens is a string": (chat_body(max_tokens="10"), "max_tokens"),  # type: ignore[arg-type]
     "max_tokens is zero": (chat_body(max_tokens=0), "max_tokens"),
     "temperature out of range": (chat_body(temperature=5), "temperature"),
-    "n > 1": (chat_body(n=2), "n > 1 is not supported"),
-    "unsupported parameter": (chat_body(tools=[]), "unsupported parameter 'tools'"),
+    "n > 1 on the sim engine": (chat_body(n=2), "'n' is not supported by the sim engine"),
+    "tools on the sim engine": (
+        chat_body(tools=[{"type": "function", "function": {"name": "f"}}]),
+        "'tools' is not supported by the sim engine",
+    ),
+    "json_object on the sim engine": (
+        chat_body(response_format={"type": "json_object"}),
+        "'response_format' is not supported by the sim engine",
+    ),
+    "logit_bias on the sim engine": (chat_body(logit_bias={"5": 1.0}), "'logit_bias' is not supported by the sim"),
+    "tools is not a list": (chat_body(tools={"name": "f"}), "tools"),
+    "unknown tool_choice": (chat_body(tool_choice="sometimes"), "tool_choice"),
+    "unknown response_format type": (chat_body(response_format={"type": "yaml"}), "response_format"),
     "top_logprobs without logprobs": (chat_body(top_logprobs=2), "top_logprobs requires logprobs"),
     "repetition_penalty zero": (chat_body(repetition_penalty=0), "repetition_penalty"),
     "stream_options without stream": (

@@ -185,7 +185,8 @@ def test_sim_identity_and_model_name() -> None:
     engine = sim_engine(max_num_seqs="5")
     assert engine.capacity == 5
     assert "simulated" in engine.owned_by
-    assert engine.unsupported == frozenset()
+    assert {"tools", "response_format", "n", "logit_bias"} <= engine.unsupported
+    assert "logprobs" not in engine.unsupported
 
 
 def test_sim_logprobs_are_uniform_and_rendered_as_openai_expects() -> None:

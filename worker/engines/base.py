@@ -31,6 +31,11 @@ class EngineRequest:
     messages: tuple[ChatMessage, ...]
     sampling: SamplingOptions
     emitted_token_ids: tuple[int, ...] = ()
+    body: bytes = b""
+    """The OpenAI request's JSON (``Job.body``), which the vLLM engine renders with vLLM's own code."""
+    emitted: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    """The earlier attempts' deltas as (choice index, token ids), one per stored event: an engine that
+    parses its output (tool calls, reasoning) replays them through fresh parsers with the same boundaries."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +52,12 @@ class EngineDelta:
     prompt_tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()
     """One entry per token id when the request asked for log probabilities."""
+    index: int = 0
+    """The choice (``n > 1``)."""
+    reasoning: str = ""
+    tool_calls: str = ""
+    """Rendered JSON array of OpenAI ``delta.tool_calls`` pieces (empty: none); ``text`` is then the
+    content vLLM's parsers left, not every generated character."""
 
 
 class Engine(Protocol):

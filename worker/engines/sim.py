@@ -19,6 +19,7 @@ import random
 from collections.abc import AsyncIterator
 from typing import Final
 
+from tokenspool.shared.features import ENGINE_FEATURES
 from tokenspool.shared.wire import TokenLogprob
 from tokenspool.worker.engines.base import EngineDelta, EngineError, EngineRequest
 from tokenspool.worker.settings import WorkerSettings
@@ -151,7 +152,9 @@ class SimEngine:
     name = "sim"
     owned_by = SIM_OWNED_BY
     max_model_len = 0
-    unsupported: frozenset[str] = frozenset()
+    unsupported: frozenset[str] = ENGINE_FEATURES
+    """It writes filler words: tools, structured output, several choices and vLLM's own generation
+    parameters are refused at the gateway with a 400 naming this engine."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.model_name = settings.served_model_name or settings.model or "tokenspool-sim"
