@@ -7,7 +7,8 @@
   terminal reaches only the parent; the child's own children can be killed with it), its output in a log
   file or, with no log file, on the parent's own output; optionally pinned to CPUs.
 - :class:`Stack`: named processes sharing an environment and a log folder, waited on together (any of them
-  exiting during a wait fails it at once, with the end of its log) and stopped together in order.
+  exiting during a wait fails it at once, with the end of its log), started again as they were started
+  (:meth:`Stack.restart`, for ``up``'s supervisor) and stopped together in order.
 - the readiness probes: a gateway answers ``/readyz``, it lists a model, a live worker serves a model.
 
 Stopping is the same everywhere: SIGTERM to each process itself (a worker stops its engine after draining,
