@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from prometheus_client.registry import Collector
 
 from tokenspool.shared.wire import ChatMessage, SamplingOptions, TokenLogprob
 
@@ -85,6 +87,10 @@ class Engine(Protocol):
     def dead(self) -> str | None:
         """Why the engine can no longer run anything, or None while it is healthy. Checked every heartbeat,
         so an engine that dies while idle stops its worker too."""
+
+    def metric_collectors(self) -> Sequence[Collector]:
+        """Prometheus collectors of the engine's own metrics, served on the worker's metrics port beside the
+        worker's (vLLM: the ``vllm:*`` series its dashboards read). Asked once, after :meth:`start`."""
 
     async def start(self) -> None:
         """Load the model; raise with a clear message when it cannot."""

@@ -16,8 +16,10 @@ import hashlib
 import math
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Final
+
+from prometheus_client.registry import Collector
 
 from tokenspool.shared.features import ENGINE_FEATURES
 from tokenspool.shared.wire import TokenLogprob
@@ -171,6 +173,9 @@ class SimEngine:
 
     def dead(self) -> str | None:
         return None
+
+    def metric_collectors(self) -> Sequence[Collector]:
+        return ()
 
     async def start(self) -> None:
         return None

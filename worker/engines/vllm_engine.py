@@ -217,6 +217,12 @@ class VllmEngine:
             return "the vLLM engine died (its engine core process is gone)"
         return None
 
+    def metric_collectors(self) -> list[Any]:
+        """vLLM's own ``vllm:*`` metrics, kept by its stat loggers (see :mod:`.vllm_metrics`)."""
+        from tokenspool.worker.engines.vllm_metrics import vllm_metric_collectors
+
+        return vllm_metric_collectors()
+
     async def shutdown(self) -> None:
         """Stop vLLM's engine core and release its memory; safe to call twice or before :meth:`start`."""
         engine, self._engine = self._engine, None
