@@ -54,8 +54,8 @@ from Redis rather than growing).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from contextlib import aclosing
 from typing import Any, Final
 
 from fastapi import APIRouter, WebSocket
@@ -134,11 +134,9 @@ class WebSocketSession:
         if self._writer_gone.is_set():
             raise SocketGoneError("the socket is closed")
         text = protocol.encode(message)
-        try:
+        with contextlib.suppress(asyncio.QueueFull):  # the common case: room now, and no timer to set
             self._outgoing.put_nowait(text)
             return
-        except asyncio.QueueFull:
-            pass
         try:
             async with asyncio.timeout(self._svc.settings.send_timeout_s):  # a timer, not a task per message
                 await self._outgoing.put(text)
@@ -256,13 +254,11 @@ class WebSocketSession:
 
     async def _relay(self, session: StreamSession, tag: protocol.Tag) -> None:
         """Send what the session yields until it ends (or the socket goes)."""
-        try:
-            async with aclosing(session.items()) as items:
+        with contextlib.suppress(SocketGoneError):  # the socket's end ends the relay, not the request
+            async with contextlib.aclosing(session.items()) as items:
                 async for item in items:
                     for message in self._messages(session.request_id, tag, item):
                         await self._send(message)
-        except SocketGoneError:
-            pass
 
     @staticmethod
     def _messages(request_id: str, tag: protocol.Tag, item: StreamItem) -> list[dict[str, Any]]:
