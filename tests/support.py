@@ -164,9 +164,11 @@ def iter_sse(response: httpx.Response) -> Iterator[SSEEvent | str]:
 def read_stream(
     method: str, url: str, *, limit: int | None = None, timeout_s: float = 30.0, **kwargs: Any
 ) -> SSEStream:
-    """Read an SSE response to ``[DONE]`` (or ``limit`` events, then drop the connection)."""
+    """Read an SSE response to ``[DONE]`` (or ``limit`` events, then drop the connection), as a client that
+    resumes: it asks for ``text/event-stream`` (so a POST's events carry ids) unless ``headers`` say otherwise."""
     events: list[SSEEvent] = []
     comments: list[str] = []
+    kwargs["headers"] = {"Accept": "text/event-stream", **(kwargs.get("headers") or {})}
     with httpx.Client(timeout=timeout_s) as client, client.stream(method, url, **kwargs) as response:
         if response.status_code != 200:
             response.read()
