@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tokenspool.gateway.errors import InvalidFieldError
+
 MAX_STOP_SEQUENCES = 4
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -76,7 +78,7 @@ class _GenerationRequest(BaseModel):
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _GenerationRequest:
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise InvalidFieldError("stream_options", "stream_options is only allowed when stream is true")
         return self
 
     def wants_logprobs(self) -> bool:
@@ -105,7 +107,7 @@ class ChatCompletionRequest(_GenerationRequest):
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise InvalidFieldError("top_logprobs", "top_logprobs requires logprobs to be true")
         return self
 
     def logprobs_top(self) -> int | None:
