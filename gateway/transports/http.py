@@ -264,7 +264,11 @@ async def readyz(request: Request) -> Response:
     return _json({"status": "ready"})
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    response_class=Response,
+    responses={200: {"description": "serving (an empty body)"}, 503: {"description": "Redis is unreachable"}},
+)
 async def health(request: Request) -> Response:
     """As ``vllm serve`` answers it: 200 with an empty body while this gateway can serve (it reaches Redis),
     503 (also empty) when it cannot."""
