@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from tests.support import EVENT_STREAM, Cluster, Gateway, Worker, chat_body, content_of, read_stream
+from tokenspool.client import Client
 from tokenspool.shared import keys
 
 ITL_MS = 10
@@ -187,6 +188,18 @@ def test_a_post_with_last_event_id_continues_the_request_it_names_and_submits_no
     assert other.headers is not None and other.headers["x-request-id"] in mismatch.json()["error"]["message"]
     malformed = httpx.post(url, json=chat_body("x", max_tokens=2), headers={"Last-Event-ID": "garbage"})
     assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_event_id"
+
+
+def test_the_python_client_reads_the_last_id_on_done_and_an_attach_from_it_ends_at_once(gateway: Gateway) -> None:
+    with Client(gateway.url) as client:
+        with client.stream_chat(
+            [{"role": "user", "content": "no usage"}], model="tokenspool-sim", max_tokens=3, stream_options=None
+        ) as stream:
+            assert len(stream.text().split()) == 3
+        request_id, last = stream.request_id or "", stream.last_event_id
+        assert last == keys.event_id(request_id, 4), "the end event's id, which only [DONE] carried"
+        with client.attach(request_id, last) as rest:
+            assert list(rest) == [] and rest.resumes == 0 and rest.retries == 0
 
 
 # -- routes clients probe --------------------------------------------------------------------------------
