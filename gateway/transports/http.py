@@ -52,31 +52,6 @@ async def _sse(svc: Services, caller: Principal, request_id: str, last_event_id:
     return sse_response(session, send_timeout_s=svc.settings.send_timeout_s, headers=headers)
 
 
-async def _continue(
-    svc: Services,
-    caller: Principal,
-    body: ChatCompletionRequest | CompletionRequest,
-    idempotency_key: str | None,
-    last_event_id: str,
-) -> Response:
-    """A streaming POST that carries ``Last-Event-ID`` is a reconnect (@microsoft/fetch-event-source retries
-    a POST so, with the same body and headers): it continues the request that id names after that event,
-    and never submits. An Idempotency-Key it carries must name that same request. At the request's end it
-    answers ``[DONE]`` with 200, not 204: a fetch-based client expects an event stream, and an EventSource
-    never POSTs."""
-    request_id, _ = parse_resume_id(last_event_id)
-    if idempotency_key is not None:
-        earlier = await svc.submissions.earlier_request(body, caller, idempotency_key)
-        if earlier is not None and earlier != request_id:
-            raise bad_request(
-                f"Last-Event-ID {last_event_id!r} names another request than this Idempotency-Key ({earlier})",
-                param="Last-Event-ID",
-                code="invalid_event_id",
-            )
-    session = await svc.sessions.resume(caller, request_id, last_event_id, SSE)
-    return sse_response(session, send_timeout_s=svc.settings.send_timeout_s, headers={"X-Request-Id": request_id})
-
-
 async def _generate(
     svc: Services,
     caller: Principal,
@@ -88,7 +63,14 @@ async def _generate(
     last_event_id: str | None = None,
 ) -> Response:
     if body.stream and last_event_id:
-        return await _continue(svc, caller, body, idempotency_key, last_event_id)
+        # A reconnect (as @microsoft/fetch-event-source retries a POST). At the request's end it answers
+        # [DONE] with 200, not the GET streams' 204: such a client expects an event stream, and its default
+        # onopen would take a 204 for an error and retry for ever (an EventSource never POSTs).
+        session = await svc.sessions.reconnect(
+            caller, body, idempotency_key=idempotency_key, last_event_id=last_event_id, transport=SSE
+        )
+        headers = {"X-Request-Id": session.request_id}
+        return sse_response(session, send_timeout_s=svc.settings.send_timeout_s, headers=headers)
     session = await svc.sessions.submit(
         caller, body, stream_format=stream_format, idempotency_key=idempotency_key, transport=SSE
     )
