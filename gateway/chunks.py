@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from tokenspool.gateway.sse import comment_frame, event_frame
+from tokenspool.gateway.sse import DONE_FRAME, comment_frame, event_frame
 from tokenspool.shared import handover, keys, wire
 from tokenspool.shared.store import RequestMeta
 
@@ -104,10 +104,14 @@ def error_body(error_type: str, message: str) -> dict[str, Any]:
 
 
 class ChunkRenderer:
-    """Turns (seq, stored payload) into SSE frames for one request."""
+    """Turns (seq, stored payload) into SSE frames for one request: with ``id:`` lines (``event_ids``, for
+    clients that resume), or exactly vLLM's frames (ARCHITECTURE.md, "Where event ids go")."""
 
-    def __init__(self, meta: RequestMeta) -> None:
+    def __init__(self, meta: RequestMeta, *, event_ids: bool = True) -> None:
         self.meta = meta
+        self.event_ids = event_ids
+        self._unshown_end: int | None = None
+        """The sequence number of a terminal event rendered without a frame of its own."""
         self.deltas_rendered = 0
         self.handovers_rendered = 0
         self._base: dict[str, Any] = {"id": meta.request_id, "created": meta.created_s, "model": meta.model}
@@ -142,8 +146,21 @@ class ChunkRenderer:
                 self.deltas_rendered += 1
             data = self.data(seq, event)
             if data is not None:
-                out.append(event_frame(keys.event_id(self.meta.request_id, seq), data))
+                out.append(event_frame(self._event_id(seq), data))
+            elif event.terminal:
+                self._unshown_end = seq
         return b"".join(out)
+
+    def done_frame(self) -> bytes:
+        """``[DONE]``, after the terminal event was rendered. With ids, it carries the terminal event's id when
+        that event had no frame of its own (a chat or completion stream without usage), so that the last id a
+        client holds is always the request's last event: a reconnect from it is answered 204."""
+        if self._unshown_end is None:
+            return DONE_FRAME
+        return event_frame(self._event_id(self._unshown_end), b"[DONE]")
+
+    def _event_id(self, seq: int) -> str | None:
+        return keys.event_id(self.meta.request_id, seq) if self.event_ids else None
 
     def data(self, seq: int, event: wire.Event) -> bytes | None:
         """The ``data:`` JSON of one event, or None for an event this format does not show."""

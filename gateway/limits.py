@@ -37,7 +37,7 @@ from tokenspool.shared.redis_client import AsyncRedis
 log = logging.getLogger("tokenspool.gateway.limits")
 
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
-NEVER_REFUSED_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+NEVER_REFUSED_PATHS: Final = frozenset({"/healthz", "/readyz", "/health", "/version", "/metrics"})
 WINDOW_MS: Final = 60_000
 
 

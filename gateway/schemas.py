@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, m
 
 from tokenspool.shared.features import VLLM_GENERATION_FIELDS
 
+from tokenspool.gateway.errors import InvalidFieldError
+
 MAX_STOP_SEQUENCES = 4
 _STRICT = ConfigDict(extra="forbid", strict=True)
 _OPEN = ConfigDict(extra="allow", strict=True)
@@ -143,7 +145,7 @@ class _GenerationRequest(BaseModel):
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _GenerationRequest:
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise InvalidFieldError("stream_options", "stream_options is only allowed when stream is true")
         return self
 
     def wants_logprobs(self) -> bool:
@@ -189,7 +191,7 @@ class ChatCompletionRequest(_GenerationRequest):
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise InvalidFieldError("top_logprobs", "top_logprobs requires logprobs to be true")
         return self
 
     tools: list[ToolIn] | None = None

@@ -110,11 +110,7 @@ class SubmissionService:
         fingerprint = ""
         if idempotency_key is not None:
             fingerprint = self._fingerprint(body)
-            if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
-                raise APIError(
-                    400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", param="Idempotency-Key"
-                )
-            idem_key = keys.idempotency_key(owner, idempotency_key)
+            idem_key = self._idempotency_record(owner, idempotency_key)
             earlier = await self._earlier(idem_key, fingerprint)
             if earlier is not None:
                 return Submitted(earlier, created=False)
@@ -180,6 +176,22 @@ class SubmissionService:
             extra=about(request_id),
         )
         return Submitted(request_id, created=True, meta=meta)
+
+    async def earlier_request(
+        self, body: ChatCompletionRequest | CompletionRequest, caller: Principal, idempotency_key: str
+    ) -> str | None:
+        """The request an Idempotency-Key named for this body (422 for another body), or None: a lookup that
+        submits nothing, for a POST that continues a stream (it carries Last-Event-ID)."""
+        record = self._idempotency_record(caller.owner, idempotency_key)
+        return await self._earlier(record, self._fingerprint(body))
+
+    @staticmethod
+    def _idempotency_record(owner: str, idempotency_key: str) -> str:
+        if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise APIError(
+                400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", param="Idempotency-Key"
+            )
+        return keys.idempotency_key(owner, idempotency_key)
 
     def _check_size(self, body: ChatCompletionRequest | CompletionRequest) -> None:
         """Refuse a prompt or a max_tokens larger than this gateway and this key accept."""

@@ -30,7 +30,7 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]
 
 BAD_CHAT_BODIES: dict[str, tuple[bytes | dict[str, Any], str]] = {
     "malformed json": (b'{"model": "tokenspool-sim", "messages": [', "not valid JSON"),
-    "not an object": (b"[1, 2]", "invalid value"),
+    "not an object": (b"[1, 2]", "must be a JSON object"),
     "empty body": (b"", "required"),
     "missing messages": ({"model": "tokenspool-sim"}, "messages"),
     "missing model": ({"messages": [{"role": "user", "content": "hi"}]}, "model"),

@@ -277,6 +277,8 @@ class AsyncEventStream(_StreamProperties):
             method, url, kwargs = spec.request(options.gateways)
             try:
                 async with http.stream(method, url, timeout=options.stream_timeout, **kwargs) as response:
+                    if response.status_code == 204:  # a resume from the request's last event: it had ended
+                        return
                     if response.status_code != 200:
                         await response.aread()
                         failure = _answer_failure(response, spec.state.request_id)
@@ -462,6 +464,8 @@ class EventStream(_StreamProperties):
             method, url, kwargs = spec.request(options.gateways)
             try:
                 with http.stream(method, url, timeout=options.stream_timeout, **kwargs) as response:
+                    if response.status_code == 204:  # a resume from the request's last event: it had ended
+                        return
                     if response.status_code != 200:
                         response.read()
                         failure = _answer_failure(response, spec.state.request_id)
