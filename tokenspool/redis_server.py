@@ -401,6 +401,13 @@ class EmbeddedSentinelGroup:
             return None
         return next(node for node in self.nodes if node.port == port)
 
+    def replicas_online(self, node: EmbeddedRedis) -> int:
+        """How many replicas of ``node`` are connected and in sync."""
+        info = self._ask(node.port, lambda c: c.info("replication")) or {}
+        return sum(
+            1 for k, v in info.items() if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+        )
+
     def rejoin(self, node: EmbeddedRedis, timeout_s: float = 30.0) -> None:
         """Restart a killed node (empty) as a replica of the current primary; return once it is in sync and
         every sentinel counts it again."""
