@@ -207,3 +207,13 @@ def test_with_replica_acks_a_failover_loses_no_acknowledged_event(group: Embedde
     print(f"failover with WAIT (replica lagging): lost {result.lost} events clients had been sent")
     assert result.lost == 0
     assert "Redis lost" not in result.worker_log
+
+
+def test_replica_ack_benchmark_measures_both_modes_side_by_side() -> None:
+    from tokenspool.bench.replica_acks import measure
+
+    result = measure(requests=4, steps=100)
+    for mode in ("without WAIT", "with WAIT"):
+        figures = result[mode]
+        assert figures["steps"] == 100 and figures["unconfirmed_steps"] == 0
+        assert figures["latency_p50_us"] > 0 and figures["primary_cpu_us_per_step"] >= 0
