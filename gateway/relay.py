@@ -130,7 +130,7 @@ class PartitionReader:
             await asyncio.sleep(0.001)  # the XREAD has not reached the server yet
 
     async def _connect(self) -> AbstractConnection:
-        address = self._nodes.address_for(self._slot_key)
+        address = await self._nodes.address_for(self._slot_key)
         conn = await self._nodes.open(address)
         try:
             await conn.send_command("CLIENT", "ID")

@@ -4,7 +4,9 @@ plain or TLS, with or without an ACL user; and the fail-fast reachability check 
 The URL says everything about where and how to connect, so that it is the one thing handed from process to
 process: ``redis://[user:password@]host:port/db`` (one server), ``rediss://`` (TLS), and
 ``redis+cluster://`` / ``rediss+cluster://`` (a Redis Cluster, reached through any of its nodes as a seed;
-the client discovers the others). The only other input is the CA bundle that verifies a TLS server
+the client discovers the others), and ``redis+sentinel://host:port,host:port/service[/db]`` /
+``rediss+sentinel://`` (a primary managed by Redis Sentinel: the client asks the sentinels where the primary
+of ``service`` is, and asks again after a failover). The only other input is the CA bundle that verifies a TLS server
 (``TOKENSPOOL_REDIS_TLS_CA_FILE``), which is a file path and would not read well inside a URL.
 """
 
@@ -17,10 +19,19 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aredis
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+import redis.sentinel
+from redis.asyncio.connection import AbstractConnection, ConnectionPool, SSLConnection
 from redis.asyncio.connection import parse_url as parse_async_url
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
-from tokenspool.shared.settings import REDIS_SCHEMES, CommonSettings, redis_url_problem
+from tokenspool.shared.settings import (
+    REDIS_SCHEMES,
+    SENTINEL_SCHEMES,
+    CommonSettings,
+    SentinelURL,
+    parse_sentinel_url,
+    redis_url_problem,
+)
 
 AsyncRedis: TypeAlias = "aredis.Redis | aredis.RedisCluster"
 SyncRedis: TypeAlias = "redis.Redis | redis.RedisCluster"
@@ -68,6 +79,11 @@ class RedisTarget:
         return urlsplit(self.url).scheme.startswith("rediss")
 
     @property
+    def sentinel(self) -> SentinelURL | None:
+        """The sentinels and service of a ``redis+sentinel://`` URL; None for any other scheme."""
+        return parse_sentinel_url(self.url) if urlsplit(self.url).scheme in SENTINEL_SCHEMES else None
+
+    @property
     def plain_url(self) -> str:
         """The URL redis-py understands (the ``+cluster`` marker removed)."""
         return self.url.replace("+cluster://", "://", 1)
@@ -78,6 +94,66 @@ class RedisTarget:
 
 def is_cluster(client: AsyncRedis) -> bool:
     return isinstance(client, aredis.RedisCluster)
+
+
+# -- Sentinel ---------------------------------------------------------------------------------------
+
+
+class SentinelPrimaryPool(SentinelConnectionPool, aredis.BlockingConnectionPool):
+    """The pool of a Sentinel-managed primary: every new connection asks the sentinels where the primary is
+    (redis-py's :class:`SentinelConnectionPool`), and, like the one-server pool, past ``max_connections`` a
+    command waits for a connection to come back instead of failing at once. Closing it also closes the
+    connections to the sentinels, which belong to no one else."""
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self.sentinel_manager.aclose()
+
+
+class _SentinelPrimaryPoolSync(redis.sentinel.SentinelConnectionPool):
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        super().disconnect(inuse_connections)
+        for sentinel in self.sentinel_manager.sentinels:
+            sentinel.close()
+
+
+def _sentinel_logins(
+    target: RedisTarget, where: SentinelURL, common: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Connection options for the sentinels and for the primary. The URL's user and password log in to the
+    primary only (sentinels usually run without them); TLS (``rediss+sentinel://``) and the socket
+    timeouts apply to both."""
+    tls = {"ssl_ca_certs": target.tls_ca_file} if where.tls and target.tls_ca_file else {}
+    to_sentinels: dict[str, Any] = {k: v for k, v in common.items() if k.startswith("socket_")}
+    to_primary: dict[str, Any] = {**common, "db": where.db, "username": where.username, "password": where.password}
+    if where.tls:
+        to_sentinels.update(ssl=True, **tls)
+        to_primary.update(ssl=True, **tls)
+    return to_sentinels, to_primary
+
+
+def sentinel_primary(
+    target: RedisTarget, where: SentinelURL, common: dict[str, Any], *, pool_timeout_s: float
+) -> aredis.Redis:
+    """An asyncio client of the primary the sentinels name for ``where.service``: a connection broken by a
+    failover is replaced by one to the newly elected primary (redis-py's Sentinel client), and a connection
+    to a demoted primary (``READONLY``) is dropped the same way."""
+    to_sentinels, to_primary = _sentinel_logins(target, where, common)
+    manager = Sentinel(list(where.sentinels), sentinel_kwargs=to_sentinels)  # type: ignore[no-untyped-call]
+    client: aredis.Redis = manager.master_for(
+        where.service, connection_pool_class=SentinelPrimaryPool, timeout=pool_timeout_s, **to_primary
+    )
+    return client
+
+
+def sentinel_primary_sync(target: RedisTarget, where: SentinelURL, common: dict[str, Any]) -> redis.Redis:
+    """A blocking client of the primary the sentinels name (operator commands, tests)."""
+    to_sentinels, to_primary = _sentinel_logins(target, where, common)
+    manager = redis.sentinel.Sentinel(list(where.sentinels), sentinel_kwargs=to_sentinels)  # type: ignore[no-untyped-call]
+    client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
+        where.service, connection_pool_class=_SentinelPrimaryPoolSync, **to_primary
+    )
+    return client
 
 
 def connect(target: RedisTarget, *, socket_timeout_s: float | None = 10.0, max_connections: int = 256) -> AsyncRedis:
@@ -91,6 +167,8 @@ def connect(target: RedisTarget, *, socket_timeout_s: float | None = 10.0, max_c
     }
     if target.cluster:
         return aredis.RedisCluster.from_url(target.plain_url, **common)
+    if target.sentinel is not None:
+        return sentinel_primary(target, target.sentinel, common, pool_timeout_s=socket_timeout_s or 10.0)
     # A blocking pool: past max_connections a command waits (up to the socket timeout) for a connection to
     # come back instead of failing at once with "Too many connections" (500 clients starting together did).
     pool = aredis.BlockingConnectionPool.from_url(
@@ -111,6 +189,8 @@ def connect_sync(target: RedisTarget, *, socket_timeout_s: float = 5.0) -> SyncR
     }
     if target.cluster:
         return redis.RedisCluster.from_url(target.plain_url, **common)
+    if target.sentinel is not None:
+        return sentinel_primary_sync(target, target.sentinel, common)
     return redis.Redis.from_url(target.plain_url, **common)
 
 
@@ -131,6 +211,14 @@ def check_reachable(target: RedisTarget, *, timeout_s: float = 3.0) -> None:
         client.close()
 
 
+def _sentinel_node_options(where: SentinelURL) -> dict[str, Any]:
+    """What :class:`NodeConnections` needs to log in to a Sentinel-managed node (its address comes later)."""
+    options: dict[str, Any] = {"db": where.db, "username": where.username, "password": where.password}
+    if where.tls:
+        options["connection_class"] = SSLConnection
+    return options
+
+
 class NodeConnections:
     """Dedicated connections to the node that serves a given key: what a blocking reader needs, since a
     blocked connection must never go back to a shared pool, and ``CLIENT UNBLOCK`` must reach the same node
@@ -140,8 +228,9 @@ class NodeConnections:
     def __init__(self, target: RedisTarget, client: AsyncRedis, *, socket_timeout_s: float) -> None:
         self._target = target
         self._client = client
+        where = target.sentinel
         self._options: dict[str, Any] = {
-            **parse_async_url(target.plain_url),
+            **(parse_async_url(target.plain_url) if where is None else _sentinel_node_options(where)),
             "socket_timeout": socket_timeout_s,
             "socket_connect_timeout": 5.0,
             **target.tls_kwargs(),
@@ -153,12 +242,18 @@ class NodeConnections:
     def cluster(self) -> bool:
         return self._target.cluster
 
-    def address_for(self, key: str) -> Address:
+    async def address_for(self, key: str) -> Address:
+        """The node that serves ``key`` now: the slot's owner on a cluster, the primary the sentinels name
+        (asked anew each time: after a failover it is another node), or the one server."""
         if isinstance(self._client, aredis.RedisCluster):
             node = self._client.get_node_from_key(key)
             if node is None:
                 raise redis.exceptions.ConnectionError(f"no cluster node serves the slot of {key!r} yet")
             return node.host, int(node.port)
+        pool = self._client.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
+            return str(host), int(port)
         return str(self._options.get("host", "localhost")), int(self._options.get("port", 6379))
 
     async def refresh(self) -> None:

@@ -10,12 +10,13 @@ with a message that names the variable. Units are in the names (``_s``, ``_ms``,
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar, Union, get_args, get_origin
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 ENV_PREFIX = "TOKENSPOOL_"
 
@@ -40,8 +41,20 @@ def setting(
     return field(default=default, metadata=metadata)
 
 
-REDIS_SCHEMES: Final = {"redis": False, "rediss": False, "redis+cluster": True, "rediss+cluster": True}
+REDIS_SCHEMES: Final = {
+    "redis": False,
+    "rediss": False,
+    "redis+cluster": True,
+    "rediss+cluster": True,
+    "redis+sentinel": False,
+    "rediss+sentinel": False,
+}
 """The Redis URL schemes tokenspool accepts, and whether each means a Redis Cluster."""
+
+SENTINEL_SCHEMES: Final = frozenset({"redis+sentinel", "rediss+sentinel"})
+"""The schemes of a Sentinel-managed primary (see :func:`parse_sentinel_url`)."""
+
+SENTINEL_DEFAULT_PORT: Final = 26379
 
 
 def redis_url_problem(url: str, tls_ca_file: str) -> str | None:
@@ -49,10 +62,80 @@ def redis_url_problem(url: str, tls_ca_file: str) -> str | None:
     scheme = urlsplit(url).scheme
     if scheme not in REDIS_SCHEMES:
         shown = scheme + "://" if scheme else "no scheme"
-        return f"expected a redis://, rediss://, redis+cluster:// or rediss+cluster:// URL, got {shown}"
+        return (
+            "expected a redis://, rediss://, redis+cluster://, rediss+cluster://, redis+sentinel:// or "
+            f"rediss+sentinel:// URL, got {shown}"
+        )
     if tls_ca_file and not scheme.startswith("rediss"):
         return "a TLS CA file is set (TOKENSPOOL_REDIS_TLS_CA_FILE) but the URL is not rediss://"
+    if scheme in SENTINEL_SCHEMES:
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            return str(exc)
     return None
+
+
+def replica_ack_problem(url: str | None, min_replicas_acked: int) -> str | None:
+    """Why waiting for replicas cannot work with this URL, or None. A cluster spreads one engine step's
+    appends over several primaries, each needing a WAIT of its own: not supported (yet)."""
+    if min_replicas_acked > 0 and url is not None and REDIS_SCHEMES.get(urlsplit(url).scheme, False):
+        return "waiting for replicas is supported on one primary (redis://, redis+sentinel://), not on a Redis Cluster"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelURL:
+    """A ``redis+sentinel://`` URL, parsed: where the sentinels are, which primary (service) to ask them for,
+    and how to log in to it."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+
+_SENTINEL_FORM: Final = "redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]"
+_SENTINEL_HOST: Final = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::([0-9]{1,5}))?")
+_SENTINEL_SERVICE: Final = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Parse ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]`` strictly
+    (``rediss+sentinel://``: TLS to the sentinels and to the primary). A port defaults to 26379, the db to 0;
+    the user and password (percent-encoded) log in to the primary and its replicas, not to the sentinels.
+    Raises ValueError saying what is wrong (never showing the password)."""
+    scheme, sep, rest = url.partition("://")
+    if scheme not in SENTINEL_SCHEMES or not sep:
+        raise ValueError(f"not a Sentinel URL: expected {_SENTINEL_FORM}")
+    if "?" in rest or "#" in rest:
+        raise ValueError(f"a Sentinel URL takes no query or fragment: expected {_SENTINEL_FORM}")
+    authority, _, path = rest.partition("/")
+    credentials, at, hosts = authority.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = credentials.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+        if password is None and username is not None:
+            raise ValueError(f"a Sentinel URL names a user without a password: expected {_SENTINEL_FORM}")
+    sentinels: list[tuple[str, int]] = []
+    for host in hosts.split(","):
+        match = _SENTINEL_HOST.fullmatch(host)
+        port = int(match.group(2) or SENTINEL_DEFAULT_PORT) if match else 0
+        if match is None or not 1 <= port <= 65535:
+            raise ValueError(f"bad sentinel address {host!r}: expected host[:port] (port 1-65535), {_SENTINEL_FORM}")
+        sentinels.append((match.group(1).strip("[]"), port))
+    service, _, db_text = path.partition("/")
+    if not _SENTINEL_SERVICE.fullmatch(service):
+        raise ValueError(f"a Sentinel URL needs the primary's service name after the hosts: {_SENTINEL_FORM}")
+    if db_text and not db_text.isdigit():
+        raise ValueError(f"bad database {db_text!r} in a Sentinel URL: expected a number, {_SENTINEL_FORM}")
+    if len(set(sentinels)) != len(sentinels):
+        raise ValueError("a Sentinel URL names the same sentinel twice")
+    return SentinelURL(tuple(sentinels), service, int(db_text or 0), username, password, scheme.startswith("rediss"))
 
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -63,10 +146,23 @@ class CommonSettings:
     redis_url: str | None = setting(
         None,
         "Redis URL: redis://[user:password@]host:port/db, rediss:// for TLS, redis+cluster:// or "
-        "rediss+cluster:// for a Redis Cluster (any node as the seed); `up` starts an embedded server when unset",
+        "rediss+cluster:// for a Redis Cluster (any node as the seed), redis+sentinel://[user:password@]"
+        "host:port,host:port/service[/db] for a Sentinel-managed primary; `up` starts an embedded server when unset",
     )
     redis_tls_ca_file: str = setting(
         "", "CA bundle (PEM) that verifies the Redis server's TLS certificate (rediss://; default: the system's)"
+    )
+    redis_min_replicas_acked: int = setting(
+        0,
+        "a worker's append (per engine step) and a new request count as written only once this many replicas "
+        "have them (Redis WAIT); 0: once the primary has them, so a failover can lose the last writes",
+        minimum=0,
+    )
+    redis_replica_ack_timeout_ms: int = setting(
+        1000,
+        "how long one WAIT waits for the replicas; writes not confirmed in time are resent by a worker and "
+        "answered 503 by a gateway",
+        minimum=1,
     )
     log_level: LogLevel = setting("info", "log level")
     log_format: Literal["plain", "json"] = setting("plain", "log line format")
@@ -95,6 +191,9 @@ class CommonSettings:
         problem = None if self.redis_url is None else redis_url_problem(self.redis_url, self.redis_tls_ca_file)
         if problem is not None:
             raise SettingsError(f"TOKENSPOOL_REDIS_URL (--redis-url): {problem}")
+        replicas_problem = replica_ack_problem(self.redis_url, self.redis_min_replicas_acked)
+        if replicas_problem is not None:
+            raise SettingsError(f"TOKENSPOOL_REDIS_MIN_REPLICAS_ACKED (--redis-min-replicas-acked): {replicas_problem}")
 
 
 S = TypeVar("S", bound=CommonSettings)

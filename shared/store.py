@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from tokenspool.shared import keys, lua, queue, wire
@@ -94,6 +95,35 @@ APPEND_ENDED: Final = -3
 APPEND_OUT_OF_SEQUENCE: Final = -4
 
 
+class NotReplicatedError(redis.exceptions.TimeoutError):
+    """Fewer replicas than ``redis_min_replicas_acked`` confirmed a write within
+    ``redis_replica_ack_timeout_ms``: the primary has it, but a failover could still lose it, so it does not
+    count as written (a worker resends it; a gateway answers 503, as for an unreachable Redis)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaAcks:
+    """How many replicas must confirm a write (Redis ``WAIT``) before it counts, and for how long to wait."""
+
+    replicas: int
+    timeout_ms: int
+
+    def command(self) -> tuple[str, int, int]:
+        """The ``WAIT`` that ends a pipeline: it answers once the replicas have every write sent before it on
+        this connection (and everything the primary wrote before those), or at the timeout."""
+        return ("WAIT", self.replicas, self.timeout_ms)
+
+    def check(self, reply: Any) -> NotReplicatedError | None:
+        """None when the ``WAIT`` reply counts enough replicas; else the error that says how many did."""
+        if isinstance(reply, Exception):
+            return NotReplicatedError(f"WAIT failed: {reply}")
+        if int(reply) >= self.replicas:
+            return None
+        return NotReplicatedError(
+            f"confirmed by {int(reply)} of the {self.replicas} replicas required within {self.timeout_ms} ms"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class FinalState:
     """What the last event of a request sets in its metadata."""
@@ -128,6 +158,13 @@ class RequestStore:
         self.retention_ms = int(settings.retention_s * 1000)
         self.meta_ttl_ms = int((settings.retention_s + settings.tombstone_s) * 1000)
         self.running_ttl_ms = int(settings.request_ttl_s * 1000)
+        self.replica_acks: ReplicaAcks | None = (
+            ReplicaAcks(settings.redis_min_replicas_acked, settings.redis_replica_ack_timeout_ms)
+            if settings.redis_min_replicas_acked > 0
+            else None
+        )
+        """Set: creates and appends count only once that many replicas have them (never on a cluster: the
+        settings refuse it)."""
         self._append: AsyncScript = lua.register(client, "append")
         self._claim: AsyncScript = lua.register(client, "claim")
         self._cancel: AsyncScript = lua.register(client, "cancel")
@@ -165,8 +202,12 @@ class RequestStore:
         cluster = is_cluster(self.redis)
         if not cluster:
             pipe.xadd(keys.queue_key(job.model), {"d": payload})
+            if self.replica_acks is not None:
+                pipe.execute_command(*self.replica_acks.command())
         try:
-            await pipe.execute()
+            replies = await pipe.execute()
+            if self.replica_acks is not None and (shortfall := self.replica_acks.check(replies[-1])) is not None:
+                raise shortfall
             if cluster:
                 await self._r.xadd(keys.queue_key(job.model), {"d": payload})
         except BaseException:
@@ -283,6 +324,16 @@ class RequestStore:
         return result[0] >= 0
 
     async def append_many(self, appends: list[Append], maxlen: int) -> list[tuple[int, int] | Exception]:
+        """:meth:`append_batch`, with every append the replicas did not confirm in time answered by the
+        :class:`NotReplicatedError` that says so (for callers that only resend)."""
+        results, shortfall = await self.append_batch(appends, maxlen)
+        if shortfall is None:
+            return results
+        return [result if isinstance(result, Exception) else shortfall for result in results]
+
+    async def append_batch(
+        self, appends: list[Append], maxlen: int
+    ) -> tuple[list[tuple[int, int] | Exception], NotReplicatedError | None]:
         """Run these appends in one round trip: one script call per partition (its keys share a hash slot).
 
         The answer for each append, in order, is ``(last_seq, cancel_requested)`` on success, ``(code,
@@ -290,7 +341,11 @@ class RequestStore:
         error its partition's call met (NOSCRIPT from a node that does not know the script: the caller
         runs :meth:`load_scripts` and sends again). The script is called by hash, as a raw EVALSHA that a
         cluster pipeline routes by its keys (no ``SCRIPT EXISTS`` round trip per call, as redis-py's script
-        helper would make; and that helper is refused in cluster pipelines)."""
+        helper would make; and that helper is refused in cluster pipelines).
+
+        With :attr:`replica_acks` set, the round trip ends with one ``WAIT``; the second item is then the
+        :class:`NotReplicatedError` when it counted too few replicas: what the answers say is written is on
+        the primary only, and counts as written once a later round trip's ``WAIT`` succeeds."""
         groups: dict[int, list[int]] = {}
         for index, item in enumerate(appends):
             groups.setdefault(keys.partition_of(item.request_id), []).append(index)
@@ -299,7 +354,10 @@ class RequestStore:
         for members in calls:
             script_keys, args = self._append_call([appends[i] for i in members], maxlen)
             pipe.execute_command("EVALSHA", self._append.sha, len(script_keys), *script_keys, *args)
+        if self.replica_acks is not None:
+            pipe.execute_command(*self.replica_acks.command())  # one WAIT per round trip (engine step)
         results = await pipe.execute(raise_on_error=False)
+        shortfall = self.replica_acks.check(results.pop()) if self.replica_acks is not None else None
         out: list[tuple[int, int] | Exception] = [ValueError("not sent")] * len(appends)
         for members, result in zip(calls, results, strict=True):
             for position, index in enumerate(members):
@@ -307,7 +365,7 @@ class RequestStore:
                     out[index] = result
                 else:
                     out[index] = (int(result[2 * position]), int(result[2 * position + 1]))
-        return out
+        return out, shortfall
 
     def _append_call(self, group: list[Append], maxlen: int) -> tuple[list[str], list[Any]]:
         script_keys: list[str] = []

@@ -1,10 +1,14 @@
-"""Redis URLs (shared/redis_client.py): the scheme picks cluster mode and TLS; errors hide the password."""
+"""Redis URLs (shared/redis_client.py): the scheme picks cluster mode, Sentinel and TLS; a Sentinel URL is parsed
+strictly; errors hide the password."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
 from tokenspool.shared.redis_client import RedisTarget
+from tokenspool.shared.settings import SentinelURL, parse_sentinel_url
 
 
 @pytest.mark.parametrize(
@@ -26,3 +30,53 @@ def test_redis_target_never_shows_the_password_in_its_errors() -> None:
     with pytest.raises(ValueError) as raised:
         RedisTarget("redis+sentinel://gw:hunter2@h:1")
     assert "hunter2" not in str(raised.value) and "gw:***@h:1" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "redis+sentinel://10.0.0.1:26379,10.0.0.2:26380,sentinel-c/mymaster",
+            SentinelURL((("10.0.0.1", 26379), ("10.0.0.2", 26380), ("sentinel-c", 26379)), "mymaster"),
+        ),
+        (
+            "rediss+sentinel://gw:p%40ss@[::1]:5000/cache.main/3",
+            SentinelURL((("::1", 5000),), "cache.main", 3, "gw", "p@ss", tls=True),
+        ),
+        ("redis+sentinel://:secret@s1/m/", SentinelURL((("s1", 26379),), "m", 0, None, "secret")),
+    ],
+)
+def test_sentinel_url_names_every_sentinel_the_service_the_db_and_the_login(url: str, expected: SentinelURL) -> None:
+    target = RedisTarget(url)
+    assert target.sentinel == expected
+    assert not target.cluster and target.tls == expected.tls
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+sentinel://s1:26379", "service name"),
+        ("redis+sentinel://s1:26379/", "service name"),
+        ("redis+sentinel:///m", "bad sentinel address ''"),
+        ("redis+sentinel://s1,,s2/m", "bad sentinel address ''"),
+        ("redis+sentinel://s1:0/m", "port 1-65535"),
+        ("redis+sentinel://s1:99999/m", "port 1-65535"),
+        ("redis+sentinel://s1:x/m", "bad sentinel address 's1:x'"),
+        ("redis+sentinel://s1/m/one", "bad database 'one'"),
+        ("redis+sentinel://s1/m/0/extra", "bad database '0/extra'"),
+        ("redis+sentinel://s1/m?db=1", "no query"),
+        ("redis+sentinel://s1,s1/m", "same sentinel twice"),
+        ("redis+sentinel://gw@s1/m", "user without a password"),
+    ],
+)
+def test_sentinel_url_is_refused_with_what_is_wrong(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RedisTarget(url)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_sentinel_url(url)
+
+
+def test_sentinel_url_errors_never_show_the_password() -> None:
+    with pytest.raises(ValueError) as raised:
+        RedisTarget("redis+sentinel://gw:hunter2@s1:1")
+    assert "hunter2" not in str(raised.value)

@@ -248,6 +248,20 @@ def test_settings_refuse_a_redis_url_that_cannot_work(environ: dict[str, str], m
         assert "TOKENSPOOL_REDIS_URL" in str(raised.value)
 
 
+@pytest.mark.parametrize("cls", [GatewaySettings, WorkerSettings])
+def test_waiting_for_replicas_is_refused_on_a_cluster_and_accepted_on_one_primary(cls: type[CommonSettings]) -> None:
+    with pytest.raises(SettingsError, match=r"TOKENSPOOL_REDIS_MIN_REPLICAS_ACKED.*not on a Redis Cluster"):
+        load_settings(
+            cls, {"TOKENSPOOL_REDIS_URL": "redis+cluster://h:7000", "TOKENSPOOL_REDIS_MIN_REPLICAS_ACKED": "1"}
+        )
+    for url in ("redis://h:6379/0", "redis+sentinel://s1,s2,s3/main"):
+        environ = {"TOKENSPOOL_REDIS_URL": url, "TOKENSPOOL_REDIS_MIN_REPLICAS_ACKED": "2"}
+        settings = load_settings(cls, {**environ, "TOKENSPOOL_REDIS_REPLICA_ACK_TIMEOUT_MS": "250"})
+        assert (settings.redis_min_replicas_acked, settings.redis_replica_ack_timeout_ms) == (2, 250)
+    with pytest.raises(SettingsError, match=r"TOKENSPOOL_REDIS_REPLICA_ACK_TIMEOUT_MS.*at least 1"):
+        load_settings(cls, {"TOKENSPOOL_REDIS_REPLICA_ACK_TIMEOUT_MS": "0"})
+
+
 @pytest.mark.parametrize("cls", [CommonSettings, GatewaySettings, WorkerSettings])
 def test_every_process_refuses_a_redis_url_it_cannot_use(cls: type[CommonSettings]) -> None:
     with pytest.raises(SettingsError, match="expected a redis://"):

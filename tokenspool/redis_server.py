@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -60,7 +61,11 @@ class EmbeddedRedis:
         appendonly: bool = False,
         appendfsync: str = "everysec",
         extra_args: tuple[str, ...] = (),
+        sentinel_config: str | None = None,
     ) -> None:
+        """``sentinel_config``: run as a sentinel with this configuration (a sentinel rewrites its file, so it
+        is written into ``data_dir`` at start)."""
+        self.sentinel_config = sentinel_config
         self.appendfsync = appendfsync
         self.port = port or free_port()
         self._own_dir = data_dir is None
@@ -75,8 +80,14 @@ class EmbeddedRedis:
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        config: list[str] = []
+        if self.sentinel_config is not None:
+            config_file = self.data_dir / "sentinel.conf"
+            config_file.write_text(self.sentinel_config)
+            config = [str(config_file), "--sentinel"]
         args = [
             str(server_binary()),
+            *config,
             "--port",
             str(self.port),
             "--bind",
@@ -130,6 +141,13 @@ class EmbeddedRedis:
         if self.process is not None and self.process.poll() is None:
             raise EmbeddedServerError(f"valkey-server on port {self.port} is still running")
         return self.start(timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once, without a word to its clients or replicas (its files stay)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
 
     def _end_process(self, timeout_s: float = 10.0) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -261,6 +279,174 @@ class EmbeddedCluster:
                 shutil.rmtree(self.data_dir)
 
     def __enter__(self) -> EmbeddedCluster:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedSentinelGroup:
+    """A primary, its replicas and the sentinels that watch them, all the bundled server on loopback:
+    ``with EmbeddedSentinelGroup() as group: group.url`` (a ``redis+sentinel://`` URL naming every sentinel).
+
+    Fast for tests: a node that does not answer for ``down_after_ms`` is down, and a replica syncs at once
+    (no diskless-sync delay). :meth:`kill` SIGKILLs a node; the sentinels then elect a replica;
+    :meth:`rejoin` restarts a killed node as a replica of the current primary."""
+
+    SERVICE = "tokenspool"
+
+    def __init__(
+        self,
+        replicas: int = 1,
+        sentinels: int = 3,
+        *,
+        data_dir: Path | None = None,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 10000,
+    ) -> None:
+        if replicas < 1 or sentinels < 1:
+            raise ValueError("a sentinel group needs at least one replica and one sentinel")
+        self._own_dir = data_dir is None
+        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="tokenspool-sentinel-"))
+        self.quorum = sentinels // 2 + 1
+        self._down_after_ms = down_after_ms
+        self._failover_timeout_ms = failover_timeout_ms
+        first = self._node(0, None)
+        self.nodes = [first, *(self._node(i, first.port) for i in range(1, replicas + 1))]
+        primary = first.port
+        self.sentinels = [
+            EmbeddedRedis(data_dir=self.data_dir / f"sentinel{i}", sentinel_config=self._sentinel_config(primary))
+            for i in range(sentinels)
+        ]
+
+    def _node(self, index: int, primary_port: int | None, port: int = 0) -> EmbeddedRedis:
+        replica_of = ("--replicaof", "127.0.0.1", str(primary_port)) if primary_port is not None else ()
+        return EmbeddedRedis(
+            port,
+            data_dir=self.data_dir / f"node{index}",
+            extra_args=("--repl-diskless-sync-delay", "0", *replica_of),
+        )
+
+    def _sentinel_config(self, primary_port: int) -> str:
+        name = self.SERVICE
+        return (
+            f"sentinel monitor {name} 127.0.0.1 {primary_port} {self.quorum}\n"
+            f"sentinel down-after-milliseconds {name} {self._down_after_ms}\n"
+            f"sentinel failover-timeout {name} {self._failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {name} 1\n"
+        )
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.SERVICE}"
+
+    def start(self, timeout_s: float = 30.0) -> EmbeddedSentinelGroup:
+        try:
+            for node in self.nodes:
+                node.start()
+            deadline = time.monotonic() + timeout_s
+            self._wait(lambda: all(self._replica_synced(node.port) for node in self.nodes[1:]), deadline, "replicas")
+            for sentinel in self.sentinels:
+                sentinel.start()
+            self._wait(self._sentinels_agree, deadline, "sentinels")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait(self, condition: Any, deadline: float, what: str) -> None:
+        while not condition():
+            if time.monotonic() > deadline:
+                raise EmbeddedServerError(f"the sentinel group's {what} did not become ready")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _ask(port: int, ask: Callable[[Any], Any]) -> Any:
+        """``ask(client)`` of the node or sentinel at ``port``; None when it does not answer."""
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2.0, decode_responses=True)
+        try:
+            return ask(client)
+        except (redis.RedisError, OSError):
+            return None
+        finally:
+            client.close()
+
+    def _replica_synced(self, port: int) -> bool:
+        info = self._ask(port, lambda c: c.info("replication"))
+        return bool(info) and info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+    def _sentinels_agree(self) -> bool:
+        """Every sentinel knows the primary, every live replica (none of them down) and every other sentinel."""
+        replicas = sum(1 for node in self.nodes if node.process is not None) - 1
+        for sentinel in self.sentinels:
+            state = self._ask(sentinel.port, lambda c: c.sentinel_master(self.SERVICE))
+            if not state or not state["is_master"] or state["is_sdown"] or state["is_odown"]:
+                return False
+            if state["num-other-sentinels"] < len(self.sentinels) - 1:
+                return False
+            known = self._ask(sentinel.port, lambda c: c.sentinel_slaves(self.SERVICE)) or []
+            if sum(1 for r in known if not (r["is_sdown"] or r["is_odown"] or r["is_disconnected"])) < replicas:
+                return False
+        return True
+
+    def named_primaries(self) -> set[int | None]:
+        """The primary's port as each sentinel names it (None: a sentinel that does not answer)."""
+        named: set[int | None] = set()
+        for sentinel in self.sentinels:
+            address = self._ask(sentinel.port, lambda c: c.sentinel_get_master_addr_by_name(self.SERVICE))
+            named.add(int(address[1]) if address else None)
+        return named
+
+    def primary(self) -> EmbeddedRedis:
+        """The node every sentinel names as the primary."""
+        named = self.named_primaries()
+        if len(named) != 1:
+            raise EmbeddedServerError(f"the sentinels disagree on the primary: {named}")
+        port = named.pop()
+        return next(node for node in self.nodes if node.port == port)
+
+    def elected(self, instead_of: EmbeddedRedis) -> EmbeddedRedis | None:
+        """The new primary once every sentinel names one other than ``instead_of`` and it answers as a
+        primary; None before."""
+        named = self.named_primaries()
+        port = named.pop() if len(named) == 1 else None
+        if port is None or port == instead_of.port:
+            return None
+        info = self._ask(port, lambda c: c.info("replication"))
+        if not info or info.get("role") != "master":
+            return None
+        return next(node for node in self.nodes if node.port == port)
+
+    def replicas_online(self, node: EmbeddedRedis) -> int:
+        """How many replicas of ``node`` are connected and in sync."""
+        info = self._ask(node.port, lambda c: c.info("replication")) or {}
+        return sum(
+            1 for k, v in info.items() if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+        )
+
+    def rejoin(self, node: EmbeddedRedis, timeout_s: float = 30.0) -> None:
+        """Restart a killed node (empty) as a replica of the current primary; return once it is in sync and
+        every sentinel counts it again."""
+        if node.process is not None:
+            raise EmbeddedServerError("only a killed node can rejoin")
+        index = self.nodes.index(node)
+        node.extra_args = self._node(index, self.primary().port, node.port).extra_args
+        node.start()
+        deadline = time.monotonic() + timeout_s
+        self._wait(lambda: self._replica_synced(node.port), deadline, f"rejoined node {index}")
+        self._wait(self._sentinels_agree, deadline, "sentinels after a rejoin")
+
+    def stop(self) -> None:
+        for process in (*self.sentinels, *self.nodes):
+            process.stop()
+        if self._own_dir:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(self.data_dir)
+
+    def __enter__(self) -> EmbeddedSentinelGroup:
         return self.start()
 
     def __exit__(

@@ -53,6 +53,12 @@ class WorkerMetrics:
             buckets=WRITE_BUCKETS,
             registry=r,
         )
+        self.redis_lost_events = Counter(
+            "tokenspool_worker_redis_lost_events",
+            "Events Redis had acknowledged and no longer holds, as a worker found out on its next append (a "
+            "failover to a replica that had not received them, or a restart without persistence)",
+            registry=r,
+        )
         self.model = model
 
     def include(self, collectors: Iterable[Collector]) -> None:

@@ -80,6 +80,9 @@ class RequestLog:
     attempt: int
     next_seq: int
     unflushed: list[bytes] = field(default_factory=list)
+    """Events put and not yet written: not on the primary, or (waiting for replicas) not yet confirmed."""
+    on_primary: int = 0
+    """How many of ``unflushed`` the primary holds unconfirmed by its replicas (redis_min_replicas_acked)."""
     final: FinalState | None = None
     lost: str = ""
     stop: Ending | None = None
@@ -100,6 +103,7 @@ class RequestLog:
     def mark_lost(self, reason: str) -> None:
         self.lost = reason
         self.unflushed.clear()
+        self.on_primary = 0
         self.done.set()
         self.space.set()
         if not self.stopped.done():
@@ -114,7 +118,10 @@ class Outbox:
         stream_maxlen: int,
         max_unflushed: int,
         observe_flush: Callable[[float], None] | None = None,
+        observe_lost: Callable[[int], None] | None = None,
     ) -> None:
+        """``observe_flush(seconds)``: each round trip's duration; ``observe_lost(count)``: events Redis had
+        acknowledged and then lost (found when the next append of their request meets a shorter stream)."""
         self._store = store
         # Renewing the keys' TTL on every append cost three commands per event; a quarter of the TTL
         # between renewals keeps a running request's keys alive just as surely.
@@ -125,6 +132,7 @@ class Outbox:
         self._wake = asyncio.Event()
         self.round_trips = 0
         self._observe_flush = observe_flush
+        self._observe_lost = observe_lost
         self._reloaded_scripts = False
 
     def open(self, request_id: str, attempt: int, last_seq: int) -> RequestLog:
@@ -182,12 +190,14 @@ class Outbox:
         appends: list[Append] = []
         now = time.monotonic()
         for entry in batch:
-            payloads = list(entry.unflushed)
+            # Of the unwritten events, the first ``on_primary`` are on the primary already (their replicas
+            # did not confirm them yet): only the rest are sent, and this round trip's WAIT covers them all.
+            payloads = entry.unflushed[entry.on_primary :]
             first_seq = entry.next_seq - len(payloads)
             refresh = now - entry.ttl_renewed_at >= self._ttl_renew_s
             appends.append(Append(entry.request_id, entry.attempt, first_seq, payloads, entry.final, refresh))
         started = time.perf_counter()
-        results = await self._store.append_many(appends, self._maxlen)
+        results, shortfall = await self._store.append_batch(appends, self._maxlen)
         if self._observe_flush is not None:
             self._observe_flush(time.perf_counter() - started)
         self.round_trips += 1
@@ -207,7 +217,6 @@ class Outbox:
         self._reloaded_scripts = reload
         failed: list[str] = []
         for entry, append, result in zip(batch, appends, results, strict=True):
-            count, first_seq, terminal = len(append.payloads), append.first_seq, append.final is not None
             if reload and isinstance(result, redis.exceptions.NoScriptError):
                 self._dirty[entry] = None
                 self._wake.set()
@@ -217,35 +226,73 @@ class Outbox:
                 self._dirty[entry] = None
                 self._wake.set()
                 continue
-            code, value = result
-            if code >= 0:
-                if append.refresh_ttl:
-                    entry.ttl_renewed_at = now
-                del entry.unflushed[:count]
-                entry.space.set()
-                if value == 1:
-                    entry.request_stop(Ending.cancelled())
-                if terminal and not entry.unflushed:
-                    entry.done.set()
-            elif code == APPEND_OUT_OF_SEQUENCE and first_seq - 1 < value <= first_seq - 1 + count:
-                # An earlier round trip wrote part or all of this batch before its reply was lost.
-                del entry.unflushed[: value - (first_seq - 1)]
-                entry.space.set()
-                if entry.unflushed:
-                    self._dirty[entry] = None
-                    self._wake.set()
-                elif terminal:
-                    entry.done.set()
-            else:
-                reason = _LOST_REASONS.get(code, f"out of sequence at {value}")
-                log.warning(
-                    "request %s can no longer be written by this worker: %s",
-                    entry.request_id,
-                    reason,
-                    extra=about(entry.request_id),
-                )
-                entry.mark_lost(reason)
+            self._settle(entry, append, result, now, confirmed=shortfall is None)
+        if shortfall is not None:
+            # Resent after the flusher's backoff: the replicas are behind or gone, and asking again at once
+            # would only add WAITs.
+            raise shortfall
         if failed:
             # Retried with the flusher's backoff rather than at once (a script error is not transient
             # the way a dropped connection is, and must not become a hot loop).
             raise redis.exceptions.ResponseError(f"{len(failed)} append(s) failed, first: {failed[0]}")
+
+    def _settle(
+        self, entry: RequestLog, append: Append, result: tuple[int, int], now: float, *, confirmed: bool
+    ) -> None:
+        """Apply one append's answer. ``confirmed``: the round trip's WAIT counted enough replicas (or none
+        are required), so what the primary holds counts as written; else it is only on the primary."""
+        code, value = result
+        confirmed_seq = entry.next_seq - len(entry.unflushed) - 1  # the last event that counts as written
+        sent_seq = append.first_seq - 1 + len(append.payloads)  # the last event this round trip carried
+        terminal = append.final is not None
+        if code >= 0 or (code == APPEND_ENDED and terminal and value == sent_seq):
+            # Written (an ended request: this very batch ended it in an earlier round trip whose answer was
+            # lost or unconfirmed; the request's one writer is this attempt, so that end is ours).
+            if code >= 0 and append.refresh_ttl:
+                entry.ttl_renewed_at = now
+            if code >= 0 and value == 1:
+                entry.request_stop(Ending.cancelled())
+            held = sent_seq - confirmed_seq
+        elif code == APPEND_OUT_OF_SEQUENCE and confirmed_seq <= value <= sent_seq:
+            # The primary holds up to ``value``: an earlier round trip wrote part of this before its reply was
+            # lost, or the replicas had not confirmed it and a failover lost it (then it is resent).
+            held = value - confirmed_seq
+        else:
+            if code == APPEND_OUT_OF_SEQUENCE and value < confirmed_seq:
+                self._report_lost(entry.request_id, confirmed_seq - value, value)
+            reason = _LOST_REASONS.get(code, f"out of sequence at {value}")
+            log.warning(
+                "request %s can no longer be written by this worker: %s",
+                entry.request_id,
+                reason,
+                extra=about(entry.request_id),
+            )
+            entry.mark_lost(reason)
+            return
+        if not confirmed:
+            entry.on_primary = held
+            self._dirty[entry] = None
+            return
+        del entry.unflushed[:held]
+        entry.on_primary = 0
+        entry.space.set()
+        if entry.unflushed:
+            self._dirty[entry] = None
+            self._wake.set()
+        elif terminal:
+            entry.done.set()
+
+    def _report_lost(self, request_id: str, count: int, held: int) -> None:
+        """Redis holds fewer events of this request than it acknowledged to this worker: say so loudly (the
+        request then goes to a takeover, which continues from what Redis holds)."""
+        log.error(
+            "Redis lost %d acknowledged event(s) of request %s (it holds up to event %d): a failover to a "
+            "replica that had not received them, or a restart without persistence; "
+            "TOKENSPOOL_REDIS_MIN_REPLICAS_ACKED prevents the first",
+            count,
+            request_id,
+            held,
+            extra=about(request_id),
+        )
+        if self._observe_lost is not None:
+            self._observe_lost(count)

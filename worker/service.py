@@ -60,6 +60,7 @@ class Worker:
             stream_maxlen=settings.stream_maxlen,
             max_unflushed=settings.max_unflushed_events,
             observe_flush=self.metrics.redis_write.observe,
+            observe_lost=self.metrics.redis_lost_events.inc,
         )
         self.running = RunningRequests(engine.capacity)
         self._chores = Chores()
