@@ -188,7 +188,7 @@ class ChunkRenderer:
                 return plain[0] + orjson.dumps(event.text) + plain[1]
             choice: dict[str, Any] = {
                 "index": event.index,
-                "delta": chat_delta(event, first=seq == 1 or event.index not in self._roles_sent),
+                "delta": chat_delta(event, first=self._first_of_choice(seq, event)),
                 "logprobs": chat_logprobs([event]),
                 "finish_reason": event.finish_reason,
             }
@@ -205,6 +205,12 @@ class ChunkRenderer:
         if self.meta.include_usage:
             chunk["usage"] = None
         return orjson.dumps(chunk)
+
+    def _first_of_choice(self, seq: int, event: wire.Event) -> bool:
+        """Whether this delta opens its choice (and so carries the role). The first choice's opens the
+        request's events (seq 1), decided from the event alone, so a replay from any position renders the
+        same bytes as the live stream did; later choices (n > 1) are known by the deltas rendered before."""
+        return seq == 1 if event.index == 0 else event.index not in self._roles_sent
 
     def _object(self) -> str:
         return "chat.completion.chunk" if self.meta.stream_format == "chat" else "text_completion"

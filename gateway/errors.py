@@ -88,6 +88,7 @@ _KINDS_IN_WORDS: Final = {
     "str": "a string",
     "list[str]": "a list of strings",
     "list[TextPart]": "a list of text parts",
+    "list[tagged-union[TextPart,MediaPart]]": "a list of content parts",
     "int": "an integer",
     "list[int]": "a list of integers",
 }

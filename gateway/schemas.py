@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
-
-from tokenspool.shared.features import VLLM_GENERATION_FIELDS
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, field_validator, model_validator
 
 from tokenspool.gateway.errors import InvalidFieldError
+from tokenspool.shared.features import VLLM_GENERATION_FIELDS
 
 MAX_STOP_SEQUENCES = 4
 _STRICT = ConfigDict(extra="forbid", strict=True)
@@ -31,17 +30,28 @@ class StreamOptions(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = _STRICT
+    model_config = _OPEN
     type: Literal["text"]
     text: str
 
 
-class ContentPart(BaseModel):
-    """A content part: ``text``, or an image, audio or file part that only a multimodal model takes."""
+class MediaPart(BaseModel):
+    """An image, audio or file part: only a multimodal model takes it (a vLLM worker answers as vLLM does)."""
 
     model_config = _OPEN
     type: Annotated[str, Field(min_length=1, max_length=64)]
-    text: str | None = None
+    text: None = None
+
+
+def _part_kind(part: Any) -> str:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return "TextPart" if kind == "text" else "MediaPart"
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("TextPart")] | Annotated[MediaPart, Tag("MediaPart")], Discriminator(_part_kind)
+]
+"""A content part: a text part must have its text; any other kind is passed on."""
 
 
 class FunctionCall(BaseModel):

@@ -231,10 +231,10 @@ def test_cancel_ends_the_stream_with_a_cancelled_error(gateways: list[Gateway]) 
 def test_bad_requests_raise_typed_errors_without_retrying(gateways: list[Gateway]) -> None:
     async def run() -> None:
         async with AsyncClient([g.url for g in gateways]) as client:
-            stream = client.stream_chat(USER, model="client-errors", n=3)
+            stream = client.stream_chat(USER, model="client-errors", n=3)  # the sim engine serves one choice
             with pytest.raises(BadRequestError) as bad:
                 await anext(stream)
-            assert (bad.value.status, bad.value.code, bad.value.param) == (400, "invalid_value", "n")
+            assert (bad.value.status, bad.value.code, bad.value.param) == (400, "unsupported_parameter", "n")
             assert stream.retries == 0
 
             stream = client.stream_completion("hi", model="no-such-model")

@@ -237,7 +237,7 @@ MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "x"}]
         ("/v1/completions", {"prompt": []}, "prompt", "at least 1 item"),
         ("/v1/completions", {"prompt": "x", "stop": 5}, "stop", "expected a string or a list of strings"),
         ("/v1/completions", {"prompt": "x", "stop": [5]}, "stop.0", "valid string"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "text parts"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "content parts"),
         (
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
