@@ -296,7 +296,9 @@ class StreamSessions:
         transport: Transport,
     ) -> StreamSession:
         """Enqueue a request and open its stream from the start (from the metadata it was created with: no
-        read back)."""
+        read back). A request refused by the checks that need nothing else holds nothing, not even a moment
+        of its key's open-stream limit."""
+        self.submissions.check(body)
         lease = await self.limits.open_stream(caller)
         try:
             submitted = await self.submissions.submit(
