@@ -133,6 +133,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "a bad parameter",
         401: "no valid API key (when the gateway has keys)",
         404: "unknown model, or unknown request (another key's request answers the same)",
+        408: "the request body did not all arrive within body_timeout_s",
         409: "the request already ended, or was cancelled",
         410: "the events asked for have expired",
         413: "the body is too large",
