@@ -21,6 +21,8 @@ class ModelEntry:
     max_model_len: int
     """The smallest context length among its workers (0: no limit)."""
     unsupported: frozenset[str]
+    engine: str = ""
+    """The engine its workers run (``sim`` or ``vllm``), for messages."""
 
 
 class ModelCatalog:
@@ -54,6 +56,7 @@ class ModelCatalog:
                     (n for n in (prev.max_model_len if prev else 0, info.max_model_len) if n > 0), default=0
                 ),
                 unsupported=(prev.unsupported if prev else frozenset()) | frozenset(info.unsupported),
+                engine=info.engine,
             )
         self._cached, self._cached_at = out, time.monotonic()
         return out

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from tokenspool.gateway.sse import comment_frame, event_frame
+from tokenspool.gateway.sse import DONE_FRAME, comment_frame, event_frame
 from tokenspool.shared import handover, keys, wire
 from tokenspool.shared.store import RequestMeta
 
@@ -61,15 +61,57 @@ def completion_logprobs(events: list[wire.Event]) -> dict[str, Any] | None:
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
+def is_plain(event: wire.Event) -> bool:
+    """A text delta of the first choice without logprobs, reasoning or tool calls: the common case."""
+    return not (event.logprobs or event.index or event.reasoning or event.tool_calls)
+
+
+def chat_delta(event: wire.Event, *, first: bool) -> dict[str, Any]:
+    """A chat chunk's ``delta``: the role on a choice's first delta, then content, reasoning and tool-call
+    pieces as vLLM's parsers split them (tool calls are stored rendered and embedded as they are)."""
+    delta: dict[str, Any] = {"role": "assistant"} if first else {}
+    if event.text or not (event.reasoning or event.tool_calls):
+        delta["content"] = event.text
+    if event.reasoning:
+        delta["reasoning"] = event.reasoning
+    if event.tool_calls:
+        delta["tool_calls"] = orjson.Fragment(event.tool_calls.encode())
+    return delta
+
+
+def merged_tool_calls(events: list[wire.Event]) -> list[dict[str, Any]]:
+    """The tool calls of one choice, from its streamed pieces: the first piece of each call carries its id,
+    type and name, the later ones more of its arguments."""
+    calls: dict[int, dict[str, Any]] = {}
+    for event in events:
+        if not event.tool_calls:
+            continue
+        for piece in orjson.loads(event.tool_calls):
+            call = calls.setdefault(
+                piece.get("index", 0), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+            if piece.get("id"):
+                call["id"] = piece["id"]
+            function = piece.get("function") or {}
+            if function.get("name"):
+                call["function"]["name"] = function["name"]
+            call["function"]["arguments"] += function.get("arguments") or ""
+    return [calls[index] for index in sorted(calls)]
+
+
 def error_body(error_type: str, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": None, "code": error_type}}
 
 
 class ChunkRenderer:
-    """Turns (seq, stored payload) into SSE frames for one request."""
+    """Turns (seq, stored payload) into SSE frames for one request: with ``id:`` lines (``event_ids``, for
+    clients that resume), or exactly vLLM's frames (ARCHITECTURE.md, "Where event ids go")."""
 
-    def __init__(self, meta: RequestMeta) -> None:
+    def __init__(self, meta: RequestMeta, *, event_ids: bool = True) -> None:
         self.meta = meta
+        self.event_ids = event_ids
+        self._unshown_end: int | None = None
+        """The sequence number of a terminal event rendered without a frame of its own."""
         self.deltas_rendered = 0
         self.handovers_rendered = 0
         self._base: dict[str, Any] = {"id": meta.request_id, "created": meta.created_s, "model": meta.model}
@@ -77,6 +119,9 @@ class ChunkRenderer:
         # the next only in the text, so it is the same prefix and suffix around the encoded text. Built
         # once here, it is byte for byte what ``orjson.dumps`` of the full chunk gives (a unit test checks).
         self._plain_delta: tuple[bytes, bytes] | None = None
+        self._roles_sent: set[int] = set()
+        """Choices whose first delta (with the role) was rendered: a frame depends on the events before it
+        in the stream, which a replay renders too, so replays stay byte-identical."""
         if meta.stream_format == "chat":
             head = orjson.dumps({**self._base, "object": "chat.completion.chunk"})[:-1]
             tail = b',"usage":null}' if meta.include_usage else b"}"
@@ -101,8 +146,21 @@ class ChunkRenderer:
                 self.deltas_rendered += 1
             data = self.data(seq, event)
             if data is not None:
-                out.append(event_frame(keys.event_id(self.meta.request_id, seq), data))
+                out.append(event_frame(self._event_id(seq), data))
+            elif event.terminal:
+                self._unshown_end = seq
         return b"".join(out)
+
+    def done_frame(self) -> bytes:
+        """``[DONE]``, after the terminal event was rendered. With ids, it carries the terminal event's id when
+        that event had no frame of its own (a chat or completion stream without usage), so that the last id a
+        client holds is always the request's last event: a reconnect from it is answered 204."""
+        if self._unshown_end is None:
+            return DONE_FRAME
+        return event_frame(self._event_id(self._unshown_end), b"[DONE]")
+
+    def _event_id(self, seq: int) -> str | None:
+        return keys.event_id(self.meta.request_id, seq) if self.event_ids else None
 
     def data(self, seq: int, event: wire.Event) -> bytes | None:
         """The ``data:`` JSON of one event, or None for an event this format does not show."""
@@ -126,20 +184,23 @@ class ChunkRenderer:
             return orjson.dumps(chunk)
         if fmt == "chat":
             plain = self._plain_delta
-            if plain is not None and seq > 1 and not event.logprobs and event.finish_reason is None:
+            if plain is not None and seq > 1 and is_plain(event) and event.finish_reason is None:
                 return plain[0] + orjson.dumps(event.text) + plain[1]
-            delta: dict[str, Any] = {"content": event.text}
-            if seq == 1:
-                delta = {"role": "assistant", "content": event.text}
             choice: dict[str, Any] = {
-                "index": 0,
-                "delta": delta,
+                "index": event.index,
+                "delta": chat_delta(event, first=seq == 1 or event.index not in self._roles_sent),
                 "logprobs": chat_logprobs([event]),
                 "finish_reason": event.finish_reason,
             }
+            self._roles_sent.add(event.index)
         else:
             logprobs = completion_logprobs([event])
-            choice = {"index": 0, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
+            choice = {
+                "index": event.index,
+                "text": event.text,
+                "logprobs": logprobs,
+                "finish_reason": event.finish_reason,
+            }
         chunk = {**self._base, "object": self._object(), "choices": [choice]}
         if self.meta.include_usage:
             chunk["usage"] = None
@@ -151,13 +212,27 @@ class ChunkRenderer:
 
 def completion_body(meta: RequestMeta, deltas: list[wire.Event], end: wire.Event) -> dict[str, Any]:
     """The non-streaming OpenAI response of a finished request."""
-    text = "".join(event.text for event in deltas)
     usage = usage_body(end.prompt_tokens, end.completion_tokens)
     base = {"id": meta.request_id, "created": meta.created_s, "model": meta.model, "usage": usage}
-    if meta.kind == "chat":
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": chat_logprobs(deltas), "finish_reason": end.finish_reason}
-        return {**base, "object": "chat.completion", "choices": [choice]}
-    logprobs = completion_logprobs(deltas)
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": end.finish_reason}
-    return {**base, "object": "text_completion", "choices": [choice]}
+    by_choice: dict[int, list[wire.Event]] = {}
+    for event in deltas:
+        by_choice.setdefault(event.index, []).append(event)
+    choices = [_final_choice(meta, index, by_choice[index], end) for index in sorted(by_choice)] or [
+        _final_choice(meta, 0, [], end)
+    ]
+    return {**base, "object": "chat.completion" if meta.kind == "chat" else "text_completion", "choices": choices}
+
+
+def _final_choice(meta: RequestMeta, index: int, events: list[wire.Event], end: wire.Event) -> dict[str, Any]:
+    text = "".join(event.text for event in events)
+    finish_reason = next((e.finish_reason for e in reversed(events) if e.finish_reason), end.finish_reason)
+    if meta.kind != "chat":
+        return {"index": index, "text": text, "logprobs": completion_logprobs(events), "finish_reason": finish_reason}
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    reasoning = "".join(event.reasoning for event in events)
+    if reasoning:
+        message["reasoning"] = reasoning
+    tool_calls = merged_tool_calls(events)
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": chat_logprobs(events), "finish_reason": finish_reason}

@@ -3,6 +3,7 @@ errors every transport gives alike (a request that fails validation, an unreacha
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -73,6 +74,12 @@ def not_found(message: str, *, code: str = "not_found") -> APIError:
     return APIError(404, message, error_type="not_found_error", code=code)
 
 
+def rate_limited(message: str, *, code: str, retry_after_s: int | None = 1) -> APIError:
+    """A 429 in OpenAI's shape: the caller may retry, after ``Retry-After`` seconds when one is given."""
+    headers = {} if retry_after_s is None else {"Retry-After": str(retry_after_s)}
+    return APIError(429, message, error_type="rate_limit_error", code=code, headers=headers)
+
+
 def redis_unavailable() -> APIError:
     """The answer while Redis cannot be reached: retry later (on any transport)."""
     return APIError(
@@ -84,15 +91,71 @@ def redis_unavailable() -> APIError:
     )
 
 
+class InvalidFieldError(ValueError):
+    """A check that spans fields (a model validator, whose errors pydantic locates nowhere) names the field
+    the client must change, so the 400 names it too."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+_LOCATIONS: Final = frozenset({"body", "query", "header", "path"})
+_FIELD_NAME: Final = re.compile(r"[a-z_][a-z0-9_]*")
+_TYPE_NAMES: Final = frozenset({"str", "int", "float", "bool", "dict", "list", "bytes", "none"})
+_KINDS_IN_WORDS: Final = {
+    "str": "a string",
+    "list[str]": "a list of strings",
+    "list[TextPart]": "a list of text parts",
+    "int": "an integer",
+    "list[int]": "a list of integers",
+}
+
+
+def _location(error: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Where the error is, without the part of the HTTP request it was read from (body, query, header)."""
+    loc = tuple(error.get("loc", ()))
+    return loc[1:] if loc and loc[0] in _LOCATIONS else loc
+
+
+def _is_union_member(part: Any) -> bool:
+    """pydantic puts the union member it tried into an error's location (``str``, ``list[str]``,
+    ``TextPart``, ``function-after[...]``); the client's fields are snake_case names and list indices."""
+    return isinstance(part, str) and (part in _TYPE_NAMES or not _FIELD_NAME.fullmatch(part))
+
+
+def _reported(errors: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], str | None]:
+    """The error to report, and for a union that no member matched even at its top, what it takes.
+
+    The first error of a union value is its first member's (``prompt.str``: "should be a valid string" for a
+    prompt sent as a list of lists); the member that took the value's kind says what is wrong inside it."""
+    first = errors[0]
+    loc = _location(first)
+    at = next((i for i, part in enumerate(loc) if _is_union_member(part)), None)
+    if at is None:
+        return first, None
+    members = [
+        error
+        for error in errors
+        if len(other := _location(error)) > at and other[:at] == loc[:at] and _is_union_member(other[at])
+    ]
+    for member in sorted(members, key=lambda error: -len(_location(error))):
+        if len(_location(member)) > at + 1 or not str(member.get("type", "")).endswith("_type"):
+            return member, None  # this member took the value's kind: what is wrong is inside it
+    kinds = dict.fromkeys(str(_location(error)[at]) for error in members)
+    return first, " or ".join(_KINDS_IN_WORDS.get(kind, kind) for kind in kinds)
+
+
 def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
     """The first validation problem of a request (pydantic's ``errors()``) as an OpenAI 400 that names the
-    parameter: the same codes and messages whether the request came as an HTTP body, a WebSocket message or
-    a gRPC call."""
+    parameter as the client sent it (``prompt``, ``messages.0.content``, a query parameter's own name): the
+    same codes and messages whether the request came as an HTTP body, a WebSocket message or a gRPC call."""
     if not errors:
         return APIError(400, "invalid request")
-    first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
+    first, expected = _reported(errors)
+    loc = [str(part) for part in _location(first) if not _is_union_member(part)]
+    cause = first.get("ctx", {}).get("error")
+    param = cause.param if isinstance(cause, InvalidFieldError) else ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
@@ -109,7 +172,11 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
         if not loc:
             return APIError(400, "a JSON request body is required", code="missing_body")
         return APIError(400, f"missing required parameter {param!r}", param=param, code="missing_parameter")
-    detail = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if param is None and kind in ("model_attributes_type", "model_type", "dict_type"):
+        return APIError(400, "the request body must be a JSON object", code="invalid_body")
+    detail = (
+        f"expected {expected}" if expected else str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    )
     message = f"invalid value for {param!r}: {detail}" if param else f"invalid value: {detail}"
     return APIError(400, message, param=param, code="invalid_value")
 

@@ -35,7 +35,7 @@ from redis.commands.core import AsyncScript
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenspool.gateway.auth import Principal
-from tokenspool.gateway.errors import APIError
+from tokenspool.gateway.errors import APIError, rate_limited
 from tokenspool.gateway.settings import GatewaySettings
 from tokenspool.shared import keys, lua
 from tokenspool.shared.aio import reraise_if_cancelling
@@ -113,7 +113,7 @@ def head_deadline_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
     return HeadDeadlineProtocol
 
 
-NEVER_REFUSED_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+NEVER_REFUSED_PATHS: Final = frozenset({"/healthz", "/readyz", "/health", "/version", "/metrics"})
 WINDOW_MS: Final = 60_000
 
 
@@ -253,12 +253,10 @@ class KeyLimits:
         counted = await self._rate(keys=[keys.rate_window_key(caller.owner, window)], args=[limit, WINDOW_MS + 1000])
         if not int(counted):
             retry_after = max(1, math.ceil(((window + 1) * WINDOW_MS - now) / 1000))
-            raise APIError(
-                429,
+            raise rate_limited(
                 f"this API key may submit {limit} requests per minute; retry in {retry_after}s",
-                error_type="rate_limit_error",
                 code="rate_limit_exceeded",
-                headers={"Retry-After": str(retry_after)},
+                retry_after_s=retry_after,
             )
 
     # -- open streams -------------------------------------------------------------------------------------
@@ -275,12 +273,9 @@ class KeyLimits:
             args=[now, now + self._lease_ms, limit, lease.stream_id, self._lease_ms],
         )
         if not int(taken):
-            raise APIError(
-                429,
+            raise rate_limited(
                 f"this API key has {limit} streams open already; close one, or retry when one ends",
-                error_type="rate_limit_error",
                 code="too_many_streams",
-                headers={"Retry-After": "1"},
             )
         self._held[lease.stream_id] = lease
         return lease

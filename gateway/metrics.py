@@ -117,7 +117,13 @@ class GatewayMetrics:
     def process_exited(self) -> None:
         """Drop this process's live gauges from the shared directory (its counters stay: they happened)."""
         if self.multiproc_dir:
-            multiprocess.mark_process_dead(os.getpid(), self.multiproc_dir)
+            forget_process(self.multiproc_dir, os.getpid())
+
+
+def forget_process(directory: str, pid: int) -> None:
+    """Drop the live gauges of gateway process ``pid`` from the shared ``directory``: what a gateway does as
+    it exits, done by its supervisor for one that was killed (its open streams leave ``streams_active``)."""
+    multiprocess.mark_process_dead(pid, directory)
 
 
 class CountResponses:

@@ -14,7 +14,7 @@ from typing import Final
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from gateway.errors import not_found
+from tokenspool.gateway.errors import not_found
 
 STATIC_DIR: Final = "static"
 ASSETS: Final[dict[str, str]] = {

@@ -53,6 +53,11 @@ class ResumePoint:
     submitted_here: bool = False
     """The request was created by this very connection (nobody can have been attached to it before)."""
 
+    @property
+    def at_end(self) -> bool:
+        """The client named the request's last event, and the request has ended: nothing can follow."""
+        return self.after_seq > 0 and self.meta.terminal and self.after_seq >= self.meta.last_seq
+
 
 class EventReader:
     """Opens and follows request event streams for this gateway process."""

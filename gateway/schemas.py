@@ -1,14 +1,27 @@
-"""The OpenAI request schemas the gateway accepts, strictly: a wrong type or an unsupported parameter
-is a 400 that names it, before anything reaches Redis."""
+"""The OpenAI request schemas the gateway accepts: a wrong type is a 400 that names it, before anything
+reaches Redis; a field it does not know is accepted and ignored, as ``vllm serve`` does (its
+``OpenAIBaseModel`` allows extra fields), so the no-op fields SDKs send by default (``metadata``,
+``store``, ``service_tier``, ...) pass.
+
+The gateway does not render requests (it runs without vLLM): it checks what it can, then stores the
+request's JSON in the job, and a vLLM worker validates and renders it with vLLM's own protocol classes.
+:meth:`_GenerationRequest.engine_features` names what the request asks of the engine beyond plain
+text, so a worker whose engine cannot do it (the simulated one) is refused with a 400 that names it.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+
+from tokenspool.gateway.errors import InvalidFieldError
+from tokenspool.shared.features import VLLM_GENERATION_FIELDS
 
 MAX_STOP_SEQUENCES = 4
 _STRICT = ConfigDict(extra="forbid", strict=True)
+_OPEN = ConfigDict(extra="allow", strict=True)
+"""Typed where tokenspool reads a field, open to the rest, as vLLM's protocol classes are."""
 
 
 class StreamOptions(BaseModel):
@@ -22,20 +35,79 @@ class TextPart(BaseModel):
     text: str
 
 
+class ContentPart(BaseModel):
+    """A content part: ``text``, or an image, audio or file part that only a multimodal model takes."""
+
+    model_config = _OPEN
+    type: Annotated[str, Field(min_length=1, max_length=64)]
+    text: str | None = None
+
+
+class FunctionCall(BaseModel):
+    model_config = _OPEN
+    name: str
+    arguments: str | dict[str, JsonValue] | None = None
+
+
+class ToolCallIn(BaseModel):
+    """An assistant message's earlier tool call, in the history."""
+
+    model_config = _OPEN
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageIn(BaseModel):
-    model_config = _STRICT
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    model_config = _OPEN
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
     name: str | None = Field(default=None, max_length=256)
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(part.text or "" for part in self.content)
+
+    def has_media(self) -> bool:
+        return isinstance(self.content, list) and any(part.type != "text" for part in self.content)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _OPEN
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    description: str | None = None
+    parameters: dict[str, JsonValue] | None = None
+    strict: bool | None = None
+
+
+class ToolIn(BaseModel):
+    model_config = _OPEN
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = _OPEN
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _OPEN
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class ResponseFormat(BaseModel):
+    model_config = _OPEN
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: dict[str, JsonValue] | None = None
 
 
 class _GenerationRequest(BaseModel):
-    model_config = _STRICT
+    model_config = _OPEN
     model: Annotated[str, Field(min_length=1, max_length=256)]
     max_tokens: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
     temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
@@ -56,12 +128,8 @@ class _GenerationRequest(BaseModel):
     background: bool = False
     """tokenspool: run to the end even if every client leaves (it stays replayable for the retention window)."""
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("n > 1 is not supported: tokenspool streams one choice per request")
-        return value
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, JsonValue] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -76,7 +144,7 @@ class _GenerationRequest(BaseModel):
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _GenerationRequest:
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise InvalidFieldError("stream_options", "stream_options is only allowed when stream is true")
         return self
 
     def wants_logprobs(self) -> bool:
@@ -90,6 +158,23 @@ class _GenerationRequest(BaseModel):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def engine_features(self) -> tuple[str, ...]:
+        """What this request asks of the engine beyond plain text generation (names from
+        :mod:`tokenspool.shared.features`); an engine that lists one as unsupported gets a 400."""
+        used: list[str] = []
+        if self.n > 1:
+            used.append("n")
+        if self.response_format is not None and self.response_format.type != "text":
+            used.append("response_format")
+        used += sorted(name for name in self.model_extra or {} if name in VLLM_GENERATION_FIELDS)
+        if self.structured_outputs is not None:
+            used.append("structured_outputs")
+        return tuple(used)
+
+    def body_json(self) -> dict[str, Any]:
+        """The request as vLLM's protocol class reads it: what the client sent, less tokenspool's own fields."""
+        return self.model_dump(mode="json", exclude_unset=True, exclude={"background"})
 
     @property
     def include_usage(self) -> bool:
@@ -105,11 +190,23 @@ class ChatCompletionRequest(_GenerationRequest):
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise InvalidFieldError("top_logprobs", "top_logprobs requires logprobs to be true")
         return self
+
+    tools: list[ToolIn] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def logprobs_top(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def engine_features(self) -> tuple[str, ...]:
+        used = list(super().engine_features())
+        if self.tools and self.tool_choice != "none":
+            used.append("tools")
+        if any(message.has_media() for message in self.messages):
+            used.append("media")
+        return tuple(used)
 
 
 class CompletionRequest(_GenerationRequest):

@@ -25,7 +25,7 @@ from tokenspool.gateway.catalog import ModelCatalog
 from tokenspool.gateway.errors import REDIS_UNREACHABLE, bad_request
 from tokenspool.gateway.limits import KeyLimits, StreamLease
 from tokenspool.gateway.metrics import GatewayMetrics
-from tokenspool.gateway.reader import EventReader, EventsExpiredError, ResumePoint
+from tokenspool.gateway.reader import EventReader, EventsExpiredError, ResumePoint, parse_resume_id
 from tokenspool.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from tokenspool.gateway.settings import GatewaySettings
 from tokenspool.gateway.submission import SubmissionService
@@ -309,6 +309,30 @@ class StreamSessions:
             self.limits.close_stream(lease)
             raise
         return StreamSession(self, point, lease, transport)
+
+    async def reconnect(
+        self,
+        caller: Principal,
+        body: ChatCompletionRequest | CompletionRequest,
+        *,
+        idempotency_key: str | None,
+        last_event_id: str,
+        transport: Transport,
+    ) -> StreamSession:
+        """A submission that carries ``Last-Event-ID`` is a reconnect (@microsoft/fetch-event-source retries a
+        POST with the same body and headers, adding it): the stream of the request that id names, after that
+        event; nothing is submitted. An Idempotency-Key it carries must name that same request."""
+        self.submissions.check(body)  # the same body as the submission: refused the same way if it was
+        request_id, _ = parse_resume_id(last_event_id)
+        if idempotency_key is not None:
+            earlier = await self.submissions.earlier_request(body, caller, idempotency_key)
+            if earlier is not None and earlier != request_id:
+                raise bad_request(
+                    f"Last-Event-ID {last_event_id!r} names another request than this Idempotency-Key ({earlier})",
+                    param="Last-Event-ID",
+                    code="invalid_event_id",
+                )
+        return await self.resume(caller, request_id, last_event_id, transport)
 
     async def resume(
         self, caller: Principal, request_id: str, last_event_id: str | None, transport: Transport

@@ -8,13 +8,16 @@ from typing import Final
 DONE_FRAME: Final = b"data: [DONE]\n\n"
 
 
-def event_frame(event_id: str, data: bytes) -> bytes:
-    """One SSE event with an ``id:`` line. ``data`` may span lines; each becomes its own ``data:`` line."""
+def event_frame(event_id: str | None, data: bytes) -> bytes:
+    """One SSE event, with an ``id:`` line unless ``event_id`` is None (then exactly vLLM's frame: ``data:``
+    alone). ``data`` may span lines; each becomes its own ``data:`` line."""
     if b"\n" in data or b"\r" in data:
         lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
         body = b"".join(b"data: " + line + b"\n" for line in lines)
     else:
         body = b"data: " + data + b"\n"
+    if event_id is None:
+        return body + b"\n"
     clean_id = event_id.replace("\r", "").replace("\n", "").replace("\0", "")
     return b"id: " + _utf8(clean_id) + b"\n" + body + b"\n"
 

@@ -18,7 +18,7 @@ import orjson
 
 from tokenspool.gateway.auth import Principal
 from tokenspool.gateway.catalog import ModelCatalog, ModelEntry
-from tokenspool.gateway.errors import APIError, bad_request, invalid_text, not_found
+from tokenspool.gateway.errors import APIError, bad_request, invalid_text, not_found, rate_limited
 from tokenspool.gateway.limits import KeyLimits
 from tokenspool.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from tokenspool.gateway.settings import GatewaySettings
@@ -110,22 +110,14 @@ class SubmissionService:
         fingerprint = ""
         if idempotency_key is not None:
             fingerprint = self._fingerprint(body)
-            if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
-                raise APIError(
-                    400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", param="Idempotency-Key"
-                )
-            idem_key = keys.idempotency_key(owner, idempotency_key)
+            idem_key = self._idempotency_record(owner, idempotency_key)
             earlier = await self._earlier(idem_key, fingerprint)
             if earlier is not None:
                 return Submitted(earlier, created=False)
         waiting = await self.queue_depth.waiting(body.model)
         if waiting >= self.settings.max_queue_depth:
-            raise APIError(
-                429,
-                f"the queue for model {body.model!r} is full ({waiting} waiting); retry later",
-                error_type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": "1"},
+            raise rate_limited(
+                f"the queue for model {body.model!r} is full ({waiting} waiting); retry later", code="queue_full"
             )
         await self.limits.admit_request(caller)
         kind: keys.RequestKind = "chat" if isinstance(body, ChatCompletionRequest) else "completion"
@@ -163,6 +155,7 @@ class SubmissionService:
             created_s=int(time.time()),
             enqueued_ms=now_ms(),
             background=body.background,
+            body=orjson.dumps(body.body_json()),
         )
         try:
             meta = await self.store.create(
@@ -192,6 +185,22 @@ class SubmissionService:
         if bad is not None:
             raise invalid_text(bad)
         self._check_size(body)
+
+    async def earlier_request(
+        self, body: ChatCompletionRequest | CompletionRequest, caller: Principal, idempotency_key: str
+    ) -> str | None:
+        """The request an Idempotency-Key named for this body (422 for another body), or None: a lookup that
+        submits nothing, for a POST that continues a stream (it carries Last-Event-ID)."""
+        record = self._idempotency_record(caller.owner, idempotency_key)
+        return await self._earlier(record, self._fingerprint(body))
+
+    @staticmethod
+    def _idempotency_record(owner: str, idempotency_key: str) -> str:
+        if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise APIError(
+                400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", param="Idempotency-Key"
+            )
+        return keys.idempotency_key(owner, idempotency_key)
 
     def _check_size(self, body: ChatCompletionRequest | CompletionRequest) -> None:
         settings = self.settings
@@ -242,6 +251,15 @@ class SubmissionService:
 
     def _check_against_model(self, body: ChatCompletionRequest | CompletionRequest, model: ModelEntry) -> None:
         """Refuse what the model's workers cannot do, before anything is stored."""
+        for feature in body.engine_features():
+            if feature in model.unsupported:
+                raise APIError(
+                    400,
+                    f"{feature!r} is not supported by the {model.engine} engine that serves model {body.model!r} "
+                    "(a vLLM worker serves it)",
+                    param=feature,
+                    code="unsupported_parameter",
+                )
         if body.wants_logprobs() and "logprobs" in model.unsupported:
             raise APIError(
                 400,

@@ -65,6 +65,9 @@ class Job:
     enqueued_ms: int
     background: bool = False
     """Runs to the end even when no client stays attached."""
+    body: bytes = b""
+    """The OpenAI request's JSON as the client sent it (less tokenspool's own fields): a vLLM worker renders
+    it with vLLM's own protocol classes and renderer; the fields above are what the simulated engine reads."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,13 @@ class Event:
     """One entry per token id, when the request asked for log probabilities."""
     text_offset: int = 0
     """Characters of reply text before this event (completions' ``text_offset`` needs it)."""
+    index: int = 0
+    """The choice this delta belongs to (``n > 1``)."""
+    reasoning: str = ""
+    """Reasoning text of this delta, as vLLM's reasoning parser split it from the content (``text``)."""
+    tool_calls: str = ""
+    """The delta's tool-call pieces as vLLM's tool parser streams them: a JSON array of OpenAI
+    ``delta.tool_calls`` entries, stored as rendered (empty: none)."""
 
     @property
     def terminal(self) -> bool:
@@ -182,9 +192,18 @@ def encode(payload: Payload) -> bytes:
             payload.error_type,
             payload.message,
         ]
-        if payload.logprobs or payload.text_offset:
-            fields.append([[lp.token, lp.logprob, [list(alt) for alt in lp.top]] for lp in payload.logprobs])
-            fields.append(payload.text_offset)
+        # Optional fields follow in a fixed order, each written only when it or a later one is set, so a
+        # plain text delta is exactly as small as before they existed.
+        optional: list[Any] = [
+            [[lp.token, lp.logprob, [list(alt) for alt in lp.top]] for lp in payload.logprobs],
+            payload.text_offset,
+            payload.index,
+            payload.reasoning,
+            payload.tool_calls,
+        ]
+        while optional and not optional[-1]:
+            optional.pop()
+        fields += optional
     else:
         fields = [_plain(getattr(payload, f.name)) for f in dataclass_fields(payload)]
     packed: bytes = msgpack.packb([WIRE_VERSION, tag, *fields], use_bin_type=True)
@@ -223,7 +242,7 @@ def decode(data: bytes, kind: type[P]) -> P:
                 error_type,
                 message,
                 logprobs,
-                extra[1] if len(extra) > 1 else 0,
+                *extra[1:5],
             )
             return event  # type: ignore[return-value]
         if kind is Job:

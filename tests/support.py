@@ -142,6 +142,9 @@ def wait_for_model(
 # -- SSE --------------------------------------------------------------------------------------------
 
 
+EVENT_STREAM: dict[str, str] = {"Accept": "text/event-stream"}
+"""The header of a client that resumes: a POST's events then carry ids (a plain POST gets vLLM's frames)."""
+
 SSEEvent = SSEMessage
 """An SSE event as the client's decoder reads it, its raw frame kept (``.raw``) for byte-exact comparisons."""
 
@@ -164,9 +167,11 @@ def iter_sse(response: httpx.Response) -> Iterator[SSEEvent | str]:
 def read_stream(
     method: str, url: str, *, limit: int | None = None, timeout_s: float = 30.0, **kwargs: Any
 ) -> SSEStream:
-    """Read an SSE response to ``[DONE]`` (or ``limit`` events, then drop the connection)."""
+    """Read an SSE response to ``[DONE]`` (or ``limit`` events, then drop the connection), as a client that
+    resumes: it asks for ``text/event-stream`` (so a POST's events carry ids) unless ``headers`` say otherwise."""
     events: list[SSEEvent] = []
     comments: list[str] = []
+    kwargs["headers"] = {**EVENT_STREAM, **(kwargs.get("headers") or {})}
     with httpx.Client(timeout=timeout_s) as client, client.stream(method, url, **kwargs) as response:
         if response.status_code != 200:
             response.read()

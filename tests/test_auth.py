@@ -21,7 +21,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from tests.support import Cluster, Gateway, Proc, chat_body, clean_env, content_of, read_stream, wait_for
+from tests.support import EVENT_STREAM, Cluster, Gateway, Proc, chat_body, clean_env, content_of, read_stream, wait_for
 from tokenspool.client import AuthenticationError, Client, NotFoundError
 from tokenspool.gateway.proto import tokenspool_chat_pb2 as pb
 from tokenspool.gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
@@ -184,7 +184,10 @@ def test_another_key_cannot_cancel_a_running_request_but_its_owner_can(cluster: 
     with (
         httpx.Client(timeout=30) as client,
         client.stream(
-            "POST", keyed.url + "/v1/chat/completions", json={**body, "stream": True}, headers=bearer(ALICE)
+            "POST",
+            keyed.url + "/v1/chat/completions",
+            json={**body, "stream": True},
+            headers={**bearer(ALICE), **EVENT_STREAM},
         ) as response,
     ):
         request_id = response.headers["x-request-id"]

@@ -30,7 +30,7 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]
 
 BAD_CHAT_BODIES: dict[str, tuple[bytes | dict[str, Any], str]] = {
     "malformed json": (b'{"model": "tokenspool-sim", "messages": [', "not valid JSON"),
-    "not an object": (b"[1, 2]", "invalid value"),
+    "not an object": (b"[1, 2]", "must be a JSON object"),
     "empty body": (b"", "required"),
     "missing messages": ({"model": "tokenspool-sim"}, "messages"),
     "missing model": ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
@@ -38,8 +38,19 @@ BAD_CHAT_BODIES: dict[str, tuple[bytes | dict[str, Any], str]] = {
     "max_tokens is a string": (chat_body(max_tokens="10"), "max_tokens"),  # type: ignore[arg-type]
     "max_tokens is zero": (chat_body(max_tokens=0), "max_tokens"),
     "temperature out of range": (chat_body(temperature=5), "temperature"),
-    "n > 1": (chat_body(n=2), "n > 1 is not supported"),
-    "unsupported parameter": (chat_body(tools=[]), "unsupported parameter 'tools'"),
+    "n > 1 on the sim engine": (chat_body(n=2), "'n' is not supported by the sim engine"),
+    "tools on the sim engine": (
+        chat_body(tools=[{"type": "function", "function": {"name": "f"}}]),
+        "'tools' is not supported by the sim engine",
+    ),
+    "json_object on the sim engine": (
+        chat_body(response_format={"type": "json_object"}),
+        "'response_format' is not supported by the sim engine",
+    ),
+    "logit_bias on the sim engine": (chat_body(logit_bias={"5": 1.0}), "'logit_bias' is not supported by the sim"),
+    "tools is not a list": (chat_body(tools={"name": "f"}), "tools"),
+    "unknown tool_choice": (chat_body(tool_choice="sometimes"), "tool_choice"),
+    "unknown response_format type": (chat_body(response_format={"type": "yaml"}), "response_format"),
     "top_logprobs without logprobs": (chat_body(top_logprobs=2), "top_logprobs requires logprobs"),
     "repetition_penalty zero": (chat_body(repetition_penalty=0), "repetition_penalty"),
     "stream_options without stream": (
@@ -152,8 +163,11 @@ def test_unreachable_redis_is_503_and_not_ready(tmp_path: Any) -> None:
 def test_a_nearly_empty_queue_is_not_read_on_every_submission(cluster: Cluster) -> None:
     """Far from max_queue_depth, a reading of the queue's depth is reused (here for a minute), so a request's
     path to its first token saves that round trip; near the limit every submission reads it (the test
-    above: exactly max_queue_depth requests wait)."""
-    cluster.worker(model="roomy", sim_itl_ms=0, sim_ttft_ms=0)
+    above: exactly max_queue_depth requests wait). Only the gateway's reads may count: the worker, which
+    reads the same queue's depth for its gauge once per heartbeat, gets a heartbeat longer than the test."""
+    cluster.worker(
+        model="roomy", sim_itl_ms=0, sim_ttft_ms=0, worker_heartbeat_s=60, worker_ttl_s=300, lease_timeout_s=300
+    )
     gateway = cluster.gateway(queue_depth_fresh_ms=60_000, max_queue_depth=100)
     with httpx.Client(timeout=30) as client:
         wait_for_model(gateway, "roomy")

@@ -10,9 +10,9 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, Response, sync_playwright
 
-from tests.support import Cluster, Gateway, Worker, content_of, read_stream
+from tests.support import Cluster, Gateway, Worker, chat_body, content_of, read_stream
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -210,3 +210,44 @@ def test_on_a_gateway_with_keys_the_page_asks_for_one_keeps_it_in_the_tab_and_se
     page.reload()
     page.wait_for_function("() => document.getElementById('model').dataset.loaded === 'true'")
     assert page.input_value("#api-key") == key
+
+
+EVENT_SOURCE_UNTIL_CLOSED = """async (url) => {
+    const source = new EventSource(url);
+    const messages = [];
+    let opens = 0;
+    await new Promise((resolve) => {
+        source.onopen = () => { opens += 1; };
+        source.onmessage = (event) => { messages.push({ id: event.lastEventId, data: event.data }); };
+        source.onerror = () => { if (source.readyState === EventSource.CLOSED) resolve(); };
+    });
+    return { messages, opens, state: source.readyState };
+}"""
+
+
+@pytest.mark.parametrize("what", ["simple-stream", "finished-request"])
+def test_a_native_eventsource_stops_after_the_204_that_answers_its_reconnect_after_the_end(
+    page: Page, gateway: Gateway, what: str
+) -> None:
+    if what == "simple-stream":  # a new request, streamed live in the seed document's GET form
+        path = "/v1/chat/completions/stream?prompt=hello%20eventsource&max_tokens=4&model=tokenspool-sim"
+    else:  # the replay of a chat request that has ended (without usage: [DONE] carries the last id)
+        done = read_stream("POST", gateway.url + "/v1/chat/completions", json=chat_body("finished", max_tokens=3))
+        path = f"/v1/requests/{done.headers['x-request-id'] if done.headers else ''}/events"
+    responses: list[Response] = []
+    page.on("response", lambda response: responses.append(response) if response.url == gateway.url + path else None)
+    page.goto(gateway.url + "/")
+    seen = page.evaluate(EVENT_SOURCE_UNTIL_CLOSED, path)
+
+    assert seen["state"] == 2, "the EventSource did not close"  # EventSource.CLOSED
+    assert seen["opens"] == 1, "the EventSource opened a second stream"
+    data = [message["data"] for message in seen["messages"]]
+    assert data[-1] == "[DONE]" and data.count("[DONE]") == 1, "the end was delivered again"
+    ids = [message["id"] for message in seen["messages"]]
+    last_id = ids[-1]
+    # the request's last event: the simple form's done event (5, after 4 tokens), or the end event that only
+    # [DONE] carries (4, after 3 deltas)
+    assert last_id.rpartition(":")[2] == ("5" if what == "simple-stream" else "4"), ids
+    # one stream (200), then one reconnect from the request's last event, answered 204
+    exchanges = [(response.request.all_headers().get("last-event-id"), response.status) for response in responses]
+    assert exchanges == [(None, 200), (last_id, 204)], exchanges

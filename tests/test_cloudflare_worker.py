@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.support import (
+    EVENT_STREAM,
     Cluster,
     Gateway,
     SSEEvent,
@@ -118,7 +119,10 @@ def stream_through(
 ) -> tuple[str, list[SSEEvent]]:
     """POST a streaming chat completion through the Worker; (request id, events up to [DONE] or ``leave_after``)."""
     events: list[SSEEvent] = []
-    with httpx.Client(timeout=30) as http, http.stream("POST", relay.url + "/v1/chat/completions", json=body) as resp:
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", relay.url + "/v1/chat/completions", json=body, headers=EVENT_STREAM) as resp,
+    ):
         assert resp.status_code == 200, resp.read()
         for item in iter_sse(resp):
             if isinstance(item, SSEEvent):
@@ -135,7 +139,10 @@ def test_a_stream_arrives_through_the_worker_as_it_is_produced(
     events: list[SSEEvent] = []
     produced_at_first_event: dict[str, str] = {}
     arrivals: list[float] = []
-    with httpx.Client(timeout=30) as http, http.stream("POST", relay.url + "/v1/chat/completions", json=body) as resp:
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", relay.url + "/v1/chat/completions", json=body, headers=EVENT_STREAM) as resp,
+    ):
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         assert resp.headers["cache-control"] == "no-cache" and resp.headers["x-accel-buffering"] == "no"

@@ -162,7 +162,7 @@ class Process:
             settings = self.settings()
             return {} if settings.metrics_port is None else {settings.metrics_port: settings.metrics_host}
         if self.command == "up":
-            return {self.args.port or 8000: self.args.host or "127.0.0.1"}
+            return {int(self.args.port or 8000): self.args.host or "127.0.0.1"}
         return {}
 
     def listening_ports(self) -> set[int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.support import Cluster, Gateway, chat_body, iter_sse, read_stream, wait_for, wait_for_model
+from tests.support import EVENT_STREAM, Cluster, Gateway, chat_body, iter_sse, read_stream, wait_for, wait_for_model
 
 MODEL = "grace-sim"
 GRACE = {"disconnect_grace_s": 1.0}
@@ -23,7 +23,7 @@ def gateways(cluster: Cluster) -> list[Gateway]:
 def read_some_then_leave(gateway: Gateway, body: dict[str, object], count: int) -> tuple[str, str]:
     with (
         httpx.Client(timeout=30) as http,
-        http.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response,
+        http.stream("POST", gateway.url + "/v1/chat/completions", json=body, headers=EVENT_STREAM) as response,
     ):
         events = iter_sse(response)
         seen = [next(item for item in events if not isinstance(item, str)) for _ in range(count)]

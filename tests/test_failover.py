@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.support import (
+    EVENT_STREAM,
     Cluster,
     Gateway,
     Worker,
@@ -79,7 +80,7 @@ def test_worker_killed_mid_stream_is_continued_by_another(cluster: Cluster, gate
         comments: list[str] = []
         with (
             httpx.Client(timeout=30) as http,
-            http.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response,
+            http.stream("POST", gateway.url + "/v1/chat/completions", json=body, headers=EVENT_STREAM) as response,
         ):
             request_id = response.headers["x-request-id"]
             killed_at = 0.0
@@ -121,7 +122,7 @@ def test_stalled_worker_resumed_after_losing_its_lease_cannot_write(cluster: Clu
     body = chat_body("stall me", max_tokens=60, model=MODEL, seed=5)
     with (
         httpx.Client(timeout=30) as http,
-        http.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response,
+        http.stream("POST", gateway.url + "/v1/chat/completions", json=body, headers=EVENT_STREAM) as response,
     ):
         request_id = response.headers["x-request-id"]
         events = iter_sse(response)
@@ -157,7 +158,10 @@ def test_a_request_that_keeps_killing_workers_is_dead_lettered(cluster: Cluster,
     with (
         httpx.Client(timeout=60) as http,
         http.stream(
-            "POST", gateway.url + "/v1/chat/completions", json=chat_body("POISON pill", max_tokens=30, model=MODEL)
+            "POST",
+            gateway.url + "/v1/chat/completions",
+            json=chat_body("POISON pill", max_tokens=30, model=MODEL),
+            headers=EVENT_STREAM,
         ) as response,
     ):
         request_id = response.headers["x-request-id"]
@@ -175,9 +179,18 @@ def test_a_request_that_keeps_killing_workers_is_dead_lettered(cluster: Cluster,
     error = data[-2].json()["error"]
     assert error["type"] == "failed" and "gave up after 3 attempts" in error["message"]
     assert cluster.meta(request_id)["state"] == "failed"
+    # The terminal event is written first; the dead letter and the queue entry's acknowledgement follow it
+    # (the client may read [DONE] before they land): wait for them, then check them exactly.
+    wait_for(
+        lambda: (
+            cluster.redis.xpending(keys.queue_key(MODEL), keys.WORKER_GROUP)["pending"] == 0
+            and cluster.redis.xlen(keys.dead_letter_key(MODEL)) > 0
+        ),
+        10,
+        "the dead letter and the acknowledgement",
+    )
     dead = cluster.redis.xrange(keys.dead_letter_key(MODEL))
     assert [fields[b"request_id"].decode() for _id, fields in dead] == [request_id]  # type: ignore[union-attr]
-    assert cluster.redis.xpending(keys.queue_key(MODEL), keys.WORKER_GROUP)["pending"] == 0
     status = subprocess.run(
         [sys.executable, "-m", "tokenspool", "status", "--json"],
         env=clean_env(cluster.redis_url),
@@ -216,6 +229,7 @@ def test_redis_losing_its_data_ends_open_streams_and_workers_recover(tmp_path: P
                 "POST",
                 gateway.url + "/v1/chat/completions",
                 json=chat_body("forget me", max_tokens=200, model="amnesia"),
+                headers=EVENT_STREAM,
             ) as response,
         ):
             events = iter_sse(response)
@@ -258,7 +272,7 @@ def read_resuming(gateway: Gateway, body: dict[str, object]) -> tuple[str, list[
     resumes = 0
     done = False
     with httpx.Client(timeout=30) as http:
-        with http.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response:
+        with http.stream("POST", gateway.url + "/v1/chat/completions", json=body, headers=EVENT_STREAM) as response:
             request_id = response.headers["x-request-id"]
             with contextlib.suppress(httpx.HTTPError):  # dropped: resume below
                 done = read_until_done(response)
@@ -268,6 +282,9 @@ def read_resuming(gateway: Gateway, body: dict[str, object]) -> tuple[str, list[
             headers = {"Last-Event-ID": ids[-1]} if ids and ids[-1] else {}
             try:
                 with http.stream("GET", f"{gateway.url}/v1/requests/{request_id}/events", headers=headers) as response:
+                    if response.status_code == 204:  # the request had ended at the last event read
+                        done = True
+                        continue
                     if response.status_code == 200:
                         done = read_until_done(response)
                         continue

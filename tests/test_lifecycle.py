@@ -5,7 +5,17 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.support import Cluster, Gateway, Worker, chat_body, iter_sse, read_stream, wait_for, wait_for_model
+from tests.support import (
+    EVENT_STREAM,
+    Cluster,
+    Gateway,
+    Worker,
+    chat_body,
+    iter_sse,
+    read_stream,
+    wait_for,
+    wait_for_model,
+)
 from tokenspool.shared import keys
 
 Stack = tuple[list[Gateway], list[Worker]]
@@ -60,7 +70,9 @@ def test_cancel_of_a_queued_request_ends_it_before_any_worker_runs_it(cluster: C
         with client.stream("POST", url, json=chat_body(model="single-file", max_tokens=2000)) as first:
             blocker = first.headers["x-request-id"]
             wait_for(lambda: cluster.meta(blocker).get("state") == "running", 10, "the first request to run")
-            with client.stream("POST", url, json=chat_body(model="single-file", max_tokens=5)) as second:
+            with client.stream(
+                "POST", url, json=chat_body(model="single-file", max_tokens=5), headers=EVENT_STREAM
+            ) as second:
                 waiting_id = second.headers["x-request-id"]
                 assert cluster.meta(waiting_id)["state"] == "queued"
                 response = client.delete(f"{gateway.url}/v1/requests/{waiting_id}")

@@ -15,7 +15,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import Cluster, Gateway, SSEEvent, chat_body, content_of, iter_sse, read_stream, wait_for
+from tests.support import (
+    EVENT_STREAM,
+    Cluster,
+    Gateway,
+    SSEEvent,
+    chat_body,
+    content_of,
+    iter_sse,
+    read_stream,
+    wait_for,
+)
 from tokenspool.redis_server import free_port
 from tokenspool.stack import model_listed
 
@@ -130,7 +140,10 @@ def test_client_of_a_killed_gateway_resumes_through_nginx_on_the_other(
     with (
         httpx.Client(timeout=30) as client,
         client.stream(
-            "POST", url + "/v1/chat/completions", json=chat_body("kill", max_tokens=TOKENS, model=MODEL)
+            "POST",
+            url + "/v1/chat/completions",
+            json=chat_body("kill", max_tokens=TOKENS, model=MODEL),
+            headers=EVENT_STREAM,
         ) as response,
     ):
         request_id = response.headers["x-request-id"]

@@ -146,3 +146,41 @@ def test_sdk_receives_logprobs_streamed_and_not(client: openai.OpenAI) -> None:
         model="tokenspool-sim", messages=[{"role": "user", "content": "odds"}], max_tokens=5, seed=2
     )
     assert plain.choices[0].logprobs is None
+
+
+def test_sdk_default_no_op_fields_are_accepted_as_vllm_serve_accepts_them(client: openai.OpenAI) -> None:
+    """What SDKs send by default (LangChain, LiteLLM, the Vercel AI SDK) changes nothing: vLLM's server
+    accepts it, and so does tokenspool, even on the simulated engine."""
+    plain = client.chat.completions.create(
+        model="tokenspool-sim", messages=[{"role": "user", "content": "same reply"}], max_tokens=5, seed=3
+    )
+    with_defaults = client.chat.completions.create(
+        model="tokenspool-sim",
+        messages=[{"role": "user", "content": "same reply"}],
+        max_tokens=5,
+        seed=3,
+        response_format={"type": "text"},
+        metadata={"trace": "abc"},
+        store=False,
+        service_tier="auto",
+        user="someone",
+        parallel_tool_calls=True,
+        extra_body={"tools": None, "tool_choice": None, "prompt_cache_key": "k", "some_future_field": 1},
+    )
+    assert with_defaults.choices[0].message.content == plain.choices[0].message.content
+    history = client.chat.completions.create(
+        model="tokenspool-sim",
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ],
+        max_tokens=3,
+    )
+    assert history.choices[0].message.content

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.support import (
+    EVENT_STREAM,
     Cluster,
     Gateway,
     Worker,
@@ -83,7 +84,7 @@ def test_drain_with_migrate_hands_running_requests_over_at_once(cluster: Cluster
     body = chat_body("migrate me", max_tokens=300, model="migrate-model", seed=3)
     with (
         httpx.Client(timeout=60) as http,
-        http.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response,
+        http.stream("POST", gateway.url + "/v1/chat/completions", json=body, headers=EVENT_STREAM) as response,
     ):
         request_id = response.headers["x-request-id"]
         items = iter_sse(response)

@@ -46,19 +46,37 @@ def test_resume_after_completion_and_with_query_parameter(stack: Stack) -> None:
     assert [e.data for e in after_last.events] == ["[DONE]"]
 
 
-def test_resume_after_the_final_usage_chunk_ends_at_once(stack: Stack) -> None:
+def test_resume_from_the_last_event_of_a_finished_request_answers_204_at_once(stack: Stack) -> None:
     (gw_a, gw_b), _ = stack
     body = {**chat_body("usage last", max_tokens=4), "stream_options": {"include_usage": True}}
     done = read_stream("POST", gw_a.url + "/v1/chat/completions", json=body)
     final = done.events[-2]
     assert final.json()["usage"] is not None and final.id
+    assert done.events[-1].data == "[DONE]" and done.events[-1].id is None, "the usage chunk had the last id"
     request_id = done.headers["x-request-id"] if done.headers else ""
+    url = f"{gw_b.url}/v1/requests/{request_id}/events"
     started = time.monotonic()
-    after_final = read_stream(
-        "GET", f"{gw_b.url}/v1/requests/{request_id}/events", headers={"Last-Event-ID": final.id}, timeout_s=10
-    )
-    assert [e.data for e in after_final.events] == ["[DONE]"]
-    assert time.monotonic() - started < 5, "the stream waited for events that can never come"
+    after_final = httpx.get(url, headers={"Last-Event-ID": final.id}, timeout=10)
+    assert after_final.status_code == 204 and after_final.content == b""
+    assert after_final.headers["x-request-id"] == request_id
+    assert time.monotonic() - started < 5, "the answer waited for events that can never come"
+    assert httpx.get(url, params={"last_event_id": final.id}).status_code == 204
+    # one event earlier, there is something left: the usage chunk, then [DONE]
+    before_final = read_stream("GET", url, headers={"Last-Event-ID": done.events[-3].id or ""})
+    assert [e.raw for e in before_final.events] == [e.raw for e in done.events[-2:]]
+
+
+def test_without_usage_the_done_frame_carries_the_last_event_id(stack: Stack) -> None:
+    (gw, _), _ = stack
+    done = read_stream("POST", gw.url + "/v1/chat/completions", json=chat_body("no usage", max_tokens=3))
+    request_id = done.headers["x-request-id"] if done.headers else ""
+    # three deltas (1-3), then the end event (4): it has no frame of its own, so [DONE] carries its id
+    assert [e.id for e in done.events] == [keys.event_id(request_id, n) for n in range(1, 5)]
+    assert done.events[-1].data == "[DONE]"
+    url = f"{gw.url}/v1/requests/{request_id}/events"
+    assert httpx.get(url, headers={"Last-Event-ID": done.events[-1].id or ""}).status_code == 204
+    replay = read_stream("GET", url)
+    assert [e.raw for e in replay.events] == [e.raw for e in done.events]
 
 
 def test_header_wins_over_query_parameter(stack: Stack) -> None:

@@ -185,7 +185,8 @@ def test_sim_identity_and_model_name() -> None:
     engine = sim_engine(max_num_seqs="5")
     assert engine.capacity == 5
     assert "simulated" in engine.owned_by
-    assert engine.unsupported == frozenset()
+    assert {"tools", "response_format", "n", "logit_bias"} <= engine.unsupported
+    assert "logprobs" not in engine.unsupported
 
 
 def test_sim_logprobs_are_uniform_and_rendered_as_openai_expects() -> None:
@@ -212,3 +213,17 @@ def test_sim_logprobs_are_uniform_and_rendered_as_openai_expects() -> None:
     assert all(len(c["top_logprobs"]) == 2 and c["bytes"] == list(c["token"].encode()) for c in content)
     no_logprobs = run_sim(engine, dataclasses.replace(request, sampling=wire.SamplingOptions(max_tokens=3)))
     assert all(d.logprobs == () for d in no_logprobs)
+
+
+@pytest.mark.parametrize("itl_ms", ["20", "7", "1"])
+@pytest.mark.parametrize("clock_s", [100.0, 1234.5, 12345.6, 99_999.9, 543_210.1])
+def test_the_step_clock_counts_whole_steps_whatever_the_clock_reads(itl_ms: str, clock_s: float) -> None:
+    """Each token comes one step after the last: the boundary at or after step k's time is step k itself, and
+    any time inside a step is due at the next. (Adding the step to a float boundary and rounding up landed
+    two steps on for a share of clock values: a benchmark's 20 ms engine streamed at 40 ms.)"""
+    engine = sim_engine(sim_itl_ms=itl_ms)
+    step_s = float(itl_ms) / 1000
+    first = engine._first_step_at_or_after(clock_s)
+    for k in range(first, first + 2000):
+        assert engine._first_step_at_or_after(k * step_s) == k
+        assert engine._first_step_at_or_after(k * step_s + step_s / 2) == k + 1

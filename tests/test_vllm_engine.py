@@ -26,6 +26,7 @@ from tests.support import (
     wait_for,
     wait_for_model,
 )
+from tokenspool.redis_server import free_port
 from tokenspool.shared import keys, wire
 
 MODEL = "tiny-llama"
@@ -44,11 +45,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vllm_stack(cluster: Cluster, model_dir: Path) -> Iterator[tuple[Gateway, Worker]]:
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def vllm_stack(cluster: Cluster, model_dir: Path, metrics_port: int) -> Iterator[tuple[Gateway, Worker]]:
     worker = cluster.worker(
         engine="vllm",
         model=model_dir,
         served_model_name=MODEL,
+        metrics_port=metrics_port,
         dtype="float32",
         max_model_len=1024,
         enforce_eager="true",
@@ -307,3 +314,37 @@ def test_make_test_model_writes_the_same_bytes_every_time(model_dir: Path, tmp_p
     assert folder_digest(again) == folder_digest(model_dir)
     assert sum(f.stat().st_size for f in again.iterdir()) < 1_000_000
     assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= {f.name for f in again.iterdir()}
+
+
+def test_the_worker_exports_vllm_own_metrics_beside_its_own(
+    vllm_stack: tuple[Gateway, Worker], client: openai.OpenAI, metrics_port: int
+) -> None:
+    """vLLM's Grafana dashboards read these series; they come from vLLM's own stat loggers, after traffic."""
+    client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "count the stars"}], max_tokens=12, temperature=0
+    )
+
+    def scrape() -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        return {line.split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
+
+    def series(samples: dict[str, float], name: str) -> float:
+        """The value of ``name`` for the served model (vLLM labels each series with model_name and engine)."""
+        (value,) = [v for k, v in samples.items() if k.split("{")[0] == name and f'model_name="{MODEL}"' in k]
+        return value
+
+    def counted() -> dict[str, float] | None:
+        # vLLM records a request's stats when the engine reports its last step, just after the reply went out.
+        samples = scrape()
+        finished = sum(v for k, v in samples.items() if k.startswith("vllm:request_success_total"))
+        return samples if finished >= 1 else None
+
+    samples = wait_for(counted, 30, "vLLM to count the request")
+    assert series(samples, "vllm:prompt_tokens_total") > 0
+    assert series(samples, "vllm:generation_tokens_total") >= 12
+    assert series(samples, "vllm:time_to_first_token_seconds_count") >= 1
+    assert series(samples, "vllm:inter_token_latency_seconds_count") >= 11
+    assert series(samples, "vllm:request_time_per_output_token_seconds_count") >= 1
+    assert series(samples, "vllm:num_requests_running") == 0 and series(samples, "vllm:num_requests_waiting") == 0
+    assert 0 <= series(samples, "vllm:kv_cache_usage_perc") <= 1
+    assert samples["tokenspool_worker_output_tokens_total"] >= 12, "the worker's own metrics are still there"

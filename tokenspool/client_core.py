@@ -325,7 +325,8 @@ def give_up(failure: Failure, attempts: int, request_id: str | None) -> Tokenspo
 @dataclass(slots=True)  # not frozen: building a frozen one costs ~0.2 µs more, once per event per reader
 class SSEMessage:
     id: str | None
-    """This frame's own ``id:`` (None for the gateway's id-less error frames and ``[DONE]``)."""
+    """This frame's own ``id:`` (None for the gateway's id-less error frames, ``[DONE]`` after a frame with the
+    terminal event's id, and every frame of a stream that has none)."""
     data: str
     raw: bytes = b""
     """The whole frame as it arrived, blank line included: kept only by a decoder made with ``keep_raw``
@@ -462,6 +463,9 @@ class StreamState:
         if item.id is None:
             return self._without_id(item.data)
         request_id, seq = self._check_sequence(item.id)
+        if item.data == "[DONE]":  # it carries the id of a terminal event that had no frame of its own
+            self.last_seq, self.last_event_id, self._handovers = seq, item.id, 0
+            return FINISHED
         try:
             chunk = orjson.loads(item.data)
         except orjson.JSONDecodeError:

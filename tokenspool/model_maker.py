@@ -4,7 +4,9 @@ Nothing can be downloaded where tokenspool's tests run (no model hub), yet the w
 must be exercised on a real model folder through vLLM's real loading code. :func:`make_test_model`
 writes such a folder in a second or two: a two-layer Llama with random weights and a word-level
 tokenizer with a chat template. The model's output is meaningless, but it is made of readable words
-(a byte-level tokenizer would print broken UTF-8 from random weights), every token is one word, and
+(a byte-level tokenizer would print broken UTF-8 from random weights), every token is one word or mark
+(with its leading space) so that structured output can spell JSON, the chat template renders tools and
+tool calls Hermes-style and reasoning Qwen-style, and
 the folder is byte-for-byte the same every time it is made, so tests and benchmarks are repeatable.
 
 The module imports nothing heavy: ``torch``, ``transformers``, ``tokenizers`` and ``safetensors``
@@ -41,17 +43,33 @@ VOCAB_SEED: Final = 7
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS: Final = (UNK, BOS, EOS, PAD)
 """In id order 0..3, as in Llama's own vocabulary (unk 0, bos 1, eos 2)."""
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+THINK_START, THINK_END = "<think>", "</think>"
+MARKUP_TOKENS: Final = (TOOL_CALL_START, TOOL_CALL_END, THINK_START, THINK_END)
+"""Hermes-style tool-call markers and Qwen-style reasoning markers (ids 4..7): plain added tokens, so they
+stay in the text vLLM's tool parser (``--tool-call-parser hermes``) and reasoning parser
+(``--reasoning-parser qwen3``) read."""
 
 CHAT_TEMPLATE: Final = (
     "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ message['role'] }} : {{ message['content'] }} {{ eos_token }} "
-    "{% endfor %}"
-    "{% if add_generation_prompt %}assistant :{% endif %}"
+    "{%- if tools %}system : tools :{% for tool in tools %} {{ tool.function | tojson }}{% endfor %} </s>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}assistant :"
+    "{% if message.content %} {{ message.content }}{% endif %}"
+    "{% for call in message.tool_calls %}<tool_call>"
+    '{"name": {{ call.function.name | tojson }}, "arguments": '
+    "{{ call.function.arguments if call.function.arguments is string else call.function.arguments | tojson }}}"
+    "</tool_call>{% endfor %} </s>\n"
+    "{%- else %}{{ message.role }} : {{ message.content if message.content is string else '' }} </s>\n"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}assistant :{% if enable_thinking is false %} <think> </think>{% endif %}{% endif %}"
 )
-"""Each turn as ``role : content </s>``, then ``assistant :`` to prompt a reply (every piece is a word)."""
+"""Each turn as ``role : content </s>``; tools listed in a system turn as their JSON; an assistant's tool
+calls Hermes-style (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``); then ``assistant :``
+(closing an empty ``<think> </think>`` when ``enable_thinking`` is false, as Qwen3's template does)."""
 
-_PUNCTUATION: Final = tuple(".,!?;:'\"-()[]/&%$#@*+=<>")
+_PUNCTUATION: Final = tuple(".,!?;:'\"-()[]{}_/&%$#@*+=<>")
 _DIGITS: Final = tuple("0123456789")
 _COMMON_WORDS_TEXT: Final = """
     a about after again all also always am an and any are as ask assistant at away back be because
@@ -64,21 +82,32 @@ _COMMON_WORDS_TEXT: Final = """
     system take tell than thank thanks that the their them then there these they thing think this those
     three through time to today too try two under up us use user very want was way we well were what
     when where which while who why will with word work world would write yes yet you your
+    true false null tool tools arguments city weather unit celsius type object properties string
     """
-"""Everyday words, so that prompts people type tokenize mostly to known words rather than ``<unk>``."""
+"""Everyday words (and JSON's), so that prompts people type tokenize mostly to known words rather than
+``<unk>``."""
 _ONSETS: Final = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br", "st")
 _VOWELS: Final = ("a", "e", "i", "o", "u")
 _CODAS: Final = ("", "", "n", "r", "l", "s")
+PRE_TOKENIZER_PATTERN: Final = r" ?[a-z]+| ?[0-9]| ?[^\sa-z0-9]|\s"
+"""A piece is a word, a digit or a punctuation mark, each with the one space before it if any, or a lone
+whitespace character: the vocabulary holds every piece as it is spelled, so decoding is concatenation."""
 
 
 def build_vocabulary() -> list[str]:
-    """The vocabulary in id order: special tokens, punctuation, digits, everyday words, then made-up words.
+    """The vocabulary in id order: special and markup tokens, whitespace, then punctuation, digits and everyday
+    words (each bare and with a leading space), then made-up words with a leading space.
 
-    The made-up words are two syllables (onset, vowel, optional coda) drawn in a seeded order, so the
-    list is the same on every run and every platform (``random.Random`` with a fixed seed is stable),
-    and random weights print pronounceable words such as ``tobar`` or ``stelu``.
+    Every token is the text it decodes to, so text decodes by concatenation and a grammar engine
+    (vLLM's structured output) can spell any JSON with it: ``{"city": "rome"}`` is ``{``, ``"``, ``city``,
+    ``"``, ``:``, `` "``, ``rome``, ``"``, ``}``. The made-up words are two syllables (onset, vowel,
+    optional coda) drawn in a seeded order, so the list is the same on every run and every platform
+    (``random.Random`` with a fixed seed is stable), and random weights print pronounceable words such as
+    `` tobar`` or `` stelu``.
     """
-    words: list[str] = [*SPECIAL_TOKENS, *_PUNCTUATION, *_DIGITS, *_COMMON_WORDS_TEXT.split()]
+    pieces = [*_PUNCTUATION, *_DIGITS, *dict.fromkeys(_COMMON_WORDS_TEXT.split())]
+    words: list[str] = [*SPECIAL_TOKENS, *MARKUP_TOKENS, "\n", " "]
+    words += [spelled for piece in pieces for spelled in (piece, " " + piece)]
     seen = set(words)
     syllables = ["".join(parts) for parts in itertools.product(_ONSETS, _VOWELS, _CODAS)]
     syllables = list(dict.fromkeys(syllables))
@@ -87,9 +116,9 @@ def build_vocabulary() -> list[str]:
     for word in made_up:
         if len(words) == VOCAB_SIZE:
             break
-        if word not in seen:
-            seen.add(word)
-            words.append(word)
+        if " " + word not in seen:
+            seen.add(" " + word)
+            words.append(" " + word)
     if len(words) != VOCAB_SIZE:  # pragma: no cover - the syllable space is far larger than the vocabulary
         raise RuntimeError(f"built {len(words)} words, wanted {VOCAB_SIZE}")
     return words
@@ -103,25 +132,24 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def _write_tokenizer(directory: Path, vocabulary: list[str]) -> None:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` (with the chat template) and the special tokens map.
 
-    The ``tokenizers`` pipeline: lowercase, split on whitespace, punctuation and single digits, look each
-    piece up as a whole word (``<unk>`` otherwise), add ``<s>`` in front of a plain encode (as Llama does;
-    the chat template writes its own ``<s>``), and decode by joining words with spaces (the WordPiece
-    decoder with no ``##`` continuations and no clean-up is exactly that, and vLLM's incremental
-    detokenizer then yields each new word with its leading space).
+    The ``tokenizers`` pipeline: lowercase, split into words, digits and punctuation marks each with its
+    leading space (:data:`PRE_TOKENIZER_PATTERN`), look each piece up whole (``<unk>`` otherwise), add
+    ``<s>`` in front of a plain encode (as Llama does; the chat template writes its own ``<s>``), and decode
+    by concatenation (``Fuse``): a token's text is its vocabulary entry, which is what a grammar engine
+    assumes of a vocabulary it cannot classify as byte-level or byte-fallback.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     vocab = {word: index for index, word in enumerate(vocabulary)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)]
-    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(PRE_TOKENIZER_PATTERN), behavior="isolated")
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
     )
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.add_tokens([AddedToken(token, normalized=False) for token in MARKUP_TOKENS])
     (directory / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
 
     added_tokens_decoder = {
@@ -131,9 +159,9 @@ def _write_tokenizer(directory: Path, vocabulary: list[str]) -> None:
             "normalized": False,
             "rstrip": False,
             "single_word": False,
-            "special": True,
+            "special": token in SPECIAL_TOKENS,
         }
-        for token in SPECIAL_TOKENS
+        for token in (*SPECIAL_TOKENS, *MARKUP_TOKENS)
     }
     _write_json(
         directory / "tokenizer_config.json",

@@ -108,15 +108,30 @@ class EmbeddedRedis:
                     return self
                 except redis.AuthenticationError:
                     return self  # it answered: a server whose default user is off (an ACL file) is up
-                except redis.ConnectionError:
+                except redis.ConnectionError:  # not listening yet, or still loading its data (BusyLoadingError)
                     if time.monotonic() > deadline:
-                        self.stop()
+                        self._end_process()
                         raise EmbeddedServerError(f"valkey-server did not answer on port {self.port}") from None
                     time.sleep(0.02)
         finally:
             client.close()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def returncode(self) -> int | None:
+        """The server's exit code once it has exited (None while it runs or before it was started)."""
+        return None if self.process is None else self.process.poll()
+
+    def restart(self, timeout_s: float = 30.0) -> EmbeddedRedis:
+        """Start the server again after it exited, on the same port and data folder: with ``appendonly`` it
+        loads its append-only file first (``timeout_s`` covers that), so it comes back with its data."""
+        if self.process is not None and self.process.poll() is None:
+            raise EmbeddedServerError(f"valkey-server on port {self.port} is still running")
+        return self.start(timeout_s)
+
+    def _end_process(self, timeout_s: float = 10.0) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -125,6 +140,10 @@ class EmbeddedRedis:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the server and remove its data folder when it made that folder itself."""
+        self._end_process(timeout_s)
         if self._own_dir:
             with contextlib.suppress(OSError):
                 shutil.rmtree(self.data_dir)

@@ -12,6 +12,10 @@ from tokenspool.worker.settings import WorkerSettings
 
 SETTINGS_CLASSES: tuple[type[CommonSettings], ...] = (CommonSettings, GatewaySettings, WorkerSettings)
 
+SET_BY_UP: frozenset[str] = frozenset({"fd", "worker_id", "metrics_multiproc_dir"})
+"""The settings ``tokenspool up`` gives its children itself (the shared socket, each worker's id, the gateways'
+shared metrics folder); every other gateway and worker setting is a flag of ``up``."""
+
 
 def every_env_name() -> set[str]:
     """The variables of every component (what ``tokenspool settings`` lists)."""

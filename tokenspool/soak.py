@@ -128,7 +128,12 @@ class Trial:
 
 def read_stream(base: str, body: dict[str, Any], on_event: Any) -> tuple[str, list[str]]:
     ids: list[str] = []
-    with httpx.Client(timeout=60) as http, http.stream("POST", base + "/v1/chat/completions", json=body) as response:
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream(
+            "POST", base + "/v1/chat/completions", json=body, headers={"Accept": "text/event-stream"}
+        ) as response,
+    ):
         request_id = response.headers["x-request-id"]
         decoder = SSEDecoder()
         for chunk in response.iter_raw():

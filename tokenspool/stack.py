@@ -7,7 +7,8 @@
   terminal reaches only the parent; the child's own children can be killed with it), its output in a log
   file or, with no log file, on the parent's own output; optionally pinned to CPUs.
 - :class:`Stack`: named processes sharing an environment and a log folder, waited on together (any of them
-  exiting during a wait fails it at once, with the end of its log) and stopped together in order.
+  exiting during a wait fails it at once, with the end of its log), started again as they were started
+  (:meth:`Stack.restart`, for ``up``'s supervisor) and stopped together in order.
 - the readiness probes: a gateway answers ``/readyz``, it lists a model, a live worker serves a model.
 
 Stopping is the same everywhere: SIGTERM to each process itself (a worker stops its engine after draining,
@@ -83,6 +84,11 @@ class Process:
         self.argv = argv
         self.name = name or (argv[0] if argv else module)
         self.log_path = log_path
+        self.env = dict(env)
+        self.module = module
+        self.pass_fds = pass_fds
+        self.cpus = cpus
+        self.started_at = time.monotonic()
 
         def pin() -> None:
             if cpus:
@@ -92,7 +98,7 @@ class Process:
             log = files.enter_context(open(log_path, "ab")) if log_path is not None else None
             self.process = subprocess.Popen(
                 [sys.executable, "-m", module, *argv],
-                env=dict(env),
+                env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT if log is not None else None,
                 stdin=subprocess.DEVNULL,
@@ -111,6 +117,22 @@ class Process:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def again(self) -> Process:
+        """The same command started anew (same arguments, environment, inherited sockets, CPUs and log), once
+        this one has exited; what it left behind in its process group is killed first."""
+        if self.alive():
+            raise ValueError(f"{self.name} is still running")
+        self.kill()
+        return Process(
+            self.argv,
+            self.log_path,
+            self.env,
+            module=self.module,
+            name=self.name,
+            pass_fds=self.pass_fds,
+            cpus=self.cpus,
+        )
 
     def log(self) -> str:
         """Its whole log so far ("" when its output is not in a file)."""
@@ -252,6 +274,12 @@ class Stack:
     def kill(self, name: str) -> None:
         """SIGKILL ``name`` and what it started, at once (a crash, as the soak test makes them)."""
         self.processes.pop(name).kill()
+
+    def restart(self, name: str) -> Process:
+        """Start ``name`` again, as it was started, after it exited (see :meth:`Process.again`)."""
+        process = self.processes[name].again()
+        self.processes[name] = process
+        return process
 
     def close(self) -> None:
         """Stop every process, newest first (gateways before the workers behind them, Redis last)."""

@@ -38,20 +38,22 @@ async def serve(settings: WorkerSettings) -> int:
     engine = build_engine(settings)
     if engine.name == "sim":
         log.warning("engine: SIMULATED (deterministic filler words for broker tests and demos, not a model)")
-    await engine.start()
     target = RedisTarget.of(settings)
     client = connect(target)
     pull_client = connect(target, socket_timeout_s=PULL_BLOCK_MS / 1000 + 10, max_connections=4)
     worker = Worker(settings, engine, client, pull_client, settings.worker_id or default_worker_id())
-    if settings.metrics_port is not None:
-        worker.metrics.serve(settings.metrics_port, settings.metrics_host)
-        log.info("metrics on http://127.0.0.1:%d/metrics", settings.metrics_port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     engine_failed = False
     try:
+        if settings.metrics_port is not None:
+            # Before the engine starts: a busy port is reported at once, not after a model has loaded.
+            worker.metrics.serve(settings.metrics_port, settings.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+        await engine.start()
+        worker.metrics.include(engine.metric_collectors())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
         await worker.run(stop)
     except* EngineDeadError as group:
         log.error("engine failed: %s; unfinished requests stay claimable in the queue", group.exceptions[0])

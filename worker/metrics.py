@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.registry import Collector
+
+from tokenspool.shared.ports import unavailable
 
 WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2)
@@ -50,5 +55,17 @@ class WorkerMetrics:
         )
         self.model = model
 
+    def include(self, collectors: Iterable[Collector]) -> None:
+        """Serve ``collectors`` (an engine's own metrics) beside the worker's."""
+        for collector in collectors:
+            self.registry.register(collector)
+
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+        """Serve ``/metrics`` on ``host:port`` from a thread; :class:`PortUnavailableError` when the port is
+        taken."""
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise unavailable(
+                "the worker's metrics port", host, port, "TOKENSPOOL_METRICS_PORT, --metrics-port", exc
+            ) from None

@@ -159,6 +159,8 @@ class RequestRunner:
     async def _generate(self, job: wire.Job, entry: RequestLog, emitted: list[wire.Event]) -> Ending:
         emitted_ids = tuple(token for event in emitted for token in event.token_ids)
         request = EngineRequest(
+            body=job.body,
+            emitted=tuple((event.index, event.token_ids) for event in emitted if event.token_ids),
             request_id=job.request_id,
             kind=job.kind,
             prompt=job.prompt,
@@ -188,7 +190,15 @@ class RequestRunner:
                 if delta.finish_reason:
                     finish_reason = delta.finish_reason
                 if delta.text or delta.token_ids or (delta.finish_reason and not finished_before):
-                    event = wire.Event("delta", delta.text, delta.token_ids, delta.finish_reason)
+                    event = wire.Event(
+                        "delta",
+                        delta.text,
+                        delta.token_ids,
+                        delta.finish_reason,
+                        index=delta.index,
+                        reasoning=delta.reasoning,
+                        tool_calls=delta.tool_calls,
+                    )
                     if wants_logprobs:
                         event = dataclasses.replace(event, logprobs=delta.logprobs, text_offset=text_offset)
                     text_offset += len(delta.text)

@@ -52,6 +52,12 @@ class WorkerSettings(CommonSettings):
     tensor_parallel_size: int = setting(1, "vllm: GPUs per engine", minimum=1)
     enforce_eager: bool = setting(False, "vllm: disable CUDA graphs")
     engine_args_json: str = setting("", "vllm: extra AsyncEngineArgs as a JSON object")
+    enable_auto_tool_choice: bool = setting(
+        False, "vllm: let the model choose to call tools (`tool_choice: auto`), as `vllm serve` spells it"
+    )
+    tool_call_parser: str = setting("", "vllm: the tool parser that reads the model's tool calls (e.g. hermes)")
+    reasoning_parser: str = setting("", "vllm: the parser that splits reasoning from the reply (e.g. qwen3)")
+    chat_template: str = setting("", "vllm: a chat template (a file or the template itself) over the model's own")
     engine_cpus: str = setting(
         "", "vllm: CPUs the engine's processes are confined to, e.g. `0` or `0-3,8` (default: all)"
     )

@@ -307,12 +307,18 @@ function open(turn) {
   if (turn.requestId === null) {
     return fetch('/v1/chat/completions', {
       method: 'POST',
-      headers: { ...authHeaders(), 'Content-Type': 'application/json', 'Idempotency-Key': turn.idempotencyKey },
+      headers: {
+        ...authHeaders(),
+        Accept: 'text/event-stream', // with event ids, which a resume needs (a plain POST gets vLLM's frames)
+        'Content-Type': 'application/json',
+        'Idempotency-Key': turn.idempotencyKey,
+      },
       body: JSON.stringify(turn.body),
       signal,
     });
   }
-  const headers = turn.lastEventId === null ? authHeaders() : { ...authHeaders(), 'Last-Event-ID': turn.lastEventId };
+  const headers = { ...authHeaders(), Accept: 'text/event-stream' };
+  if (turn.lastEventId !== null) headers['Last-Event-ID'] = turn.lastEventId;
   return fetch(`/v1/requests/${encodeURIComponent(turn.requestId)}/events`, { headers, signal, cache: 'no-store' });
 }
 
@@ -327,6 +333,8 @@ async function run(turn) {
       if (turn.controller.signal.aborted) return;
       reason = `network error: ${err.message}`;
     }
+    // 204: the request had ended at the last event this page showed (its connection dropped before [DONE]).
+    if (response !== null && response.status === 204) return;
     if (response !== null && !response.ok) {
       const error = await errorOf(response);
       if (!(turn.requestId !== null && RETRYABLE_STATUS.has(response.status))) {

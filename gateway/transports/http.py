@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Annotated, Any
 
 import orjson
@@ -11,12 +12,21 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from tokenspool.gateway.auth import Principal
+from tokenspool.gateway.catalog import ModelEntry
 from tokenspool.gateway.chunks import completion_body, usage_body
-from tokenspool.gateway.errors import ERROR_RESPONSES, APIError, bad_request, validation_error
+from tokenspool.gateway.errors import (
+    ERROR_RESPONSES,
+    REDIS_UNREACHABLE,
+    APIError,
+    bad_request,
+    not_found,
+    validation_error,
+)
 from tokenspool.gateway.reader import parse_resume_id
 from tokenspool.gateway.schemas import ChatCompletionRequest, ChatMessageIn, CompletionRequest
 from tokenspool.gateway.services import Caller, Services, services
-from tokenspool.gateway.transports.sse_stream import SSE, sse_response
+from tokenspool.gateway.transports.sse_stream import SSE, sse_response, wants_event_ids
+from tokenspool.shared.aio import reraise_if_cancelling
 from tokenspool.shared.store import StreamFormat
 
 router = APIRouter()
@@ -31,9 +41,15 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 async def _sse(svc: Services, caller: Principal, request_id: str, last_event_id: str | None) -> Response:
-    """A stream of the caller's request from a position, counted among its key's open streams."""
+    """A stream of the caller's request after a position (with ids: it is a resume), counted among its key's
+    open streams; 204 when the position is the last event of a request that has ended, which tells an
+    EventSource to stop reconnecting (what the specification gives for that)."""
+    headers = {"X-Request-Id": request_id}
     session = await svc.sessions.resume(caller, request_id, last_event_id, SSE)
-    return sse_response(session, send_timeout_s=svc.settings.send_timeout_s, headers={"X-Request-Id": request_id})
+    if session.point.at_end:
+        session.close()
+        return Response(status_code=204, headers=headers)
+    return sse_response(session, send_timeout_s=svc.settings.send_timeout_s, headers=headers)
 
 
 async def _generate(
@@ -42,13 +58,25 @@ async def _generate(
     body: ChatCompletionRequest | CompletionRequest,
     stream_format: StreamFormat,
     idempotency_key: str | None,
+    *,
+    event_ids: bool,
+    last_event_id: str | None = None,
 ) -> Response:
+    if body.stream and last_event_id:
+        # A reconnect (as @microsoft/fetch-event-source retries a POST). At the request's end it answers
+        # [DONE] with 200, not the GET streams' 204: such a client expects an event stream, and its default
+        # onopen would take a 204 for an error and retry for ever (an EventSource never POSTs).
+        session = await svc.sessions.reconnect(
+            caller, body, idempotency_key=idempotency_key, last_event_id=last_event_id, transport=SSE
+        )
+        headers = {"X-Request-Id": session.request_id}
+        return sse_response(session, send_timeout_s=svc.settings.send_timeout_s, headers=headers)
     session = await svc.sessions.submit(
         caller, body, stream_format=stream_format, idempotency_key=idempotency_key, transport=SSE
     )
     headers = {"X-Request-Id": session.request_id}
     if body.stream:
-        return sse_response(session, send_timeout_s=svc.settings.send_timeout_s, headers=headers)
+        return sse_response(session, send_timeout_s=svc.settings.send_timeout_s, headers=headers, event_ids=event_ids)
     try:
         deltas, last = await session.collect()
     finally:
@@ -59,14 +87,24 @@ async def _generate(
     return _json(completion_body(session.point.meta, deltas, last), headers=headers)
 
 
+IdempotencyKey = Annotated[str | None, Header()]
+Accept = Annotated[str | None, Header()]
+LastEventIdHeader = Annotated[str | None, Header(alias="Last-Event-ID")]
+
+
 @api.post("/chat/completions", responses=JSON_OR_SSE)
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
     who: Caller,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
+    accept: Accept = None,
+    last_event_id: LastEventIdHeader = None,
 ) -> Response:
-    return await _generate(services(request), who, body, "chat", idempotency_key)
+    event_ids = wants_event_ids(accept, idempotency_key=idempotency_key)
+    return await _generate(
+        services(request), who, body, "chat", idempotency_key, event_ids=event_ids, last_event_id=last_event_id
+    )
 
 
 @api.post("/completions", responses=JSON_OR_SSE)
@@ -74,9 +112,14 @@ async def completions(
     body: CompletionRequest,
     request: Request,
     who: Caller,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
+    accept: Accept = None,
+    last_event_id: LastEventIdHeader = None,
 ) -> Response:
-    return await _generate(services(request), who, body, "completion", idempotency_key)
+    event_ids = wants_event_ids(accept, idempotency_key=idempotency_key)
+    return await _generate(
+        services(request), who, body, "completion", idempotency_key, event_ids=event_ids, last_event_id=last_event_id
+    )
 
 
 @api.get("/chat/completions/stream", responses=SSE_ONLY)
@@ -89,7 +132,7 @@ async def simple_stream(
     temperature: Annotated[float | None, Query()] = None,
     seed: Annotated[int | None, Query()] = None,
     last_event_id: Annotated[str | None, Query()] = None,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id_header: LastEventIdHeader = None,
 ) -> Response:
     """The seed document's GET form for ``EventSource``: ``{"token": ..., "done": ...}`` events, resumable."""
     svc = services(request)
@@ -112,7 +155,7 @@ async def simple_stream(
         )
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
-    return await _generate(svc, who, body, "simple", None)
+    return await _generate(svc, who, body, "simple", None, event_ids=True)
 
 
 @api.get("/requests/{request_id}/events", responses=SSE_ONLY)
@@ -121,7 +164,7 @@ async def request_events(
     request: Request,
     who: Caller,
     last_event_id: Annotated[str | None, Query()] = None,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id_header: LastEventIdHeader = None,
 ) -> Response:
     """A request's events from any gateway, after ``Last-Event-ID`` (header, else query), then live."""
     return await _sse(services(request), who, request_id, last_event_id_header or last_event_id)
@@ -162,15 +205,33 @@ async def cancel_request(request_id: str, request: Request, who: Caller) -> Resp
     )
 
 
+def _model_card(entry: ModelEntry) -> dict[str, Any]:
+    """A model as ``vllm serve`` lists it (its ``max_model_len`` is the smallest of its workers', null when
+    none reports one)."""
+    return {
+        "id": entry.name,
+        "object": "model",
+        "created": entry.last_seen_ms // 1000,
+        "owned_by": entry.owned_by,
+        "max_model_len": entry.max_model_len or None,
+    }
+
+
 @api.get("/models")
 async def list_models(request: Request, _who: Caller) -> Response:
     models = await services(request).catalog.models()
-    data = [
-        {"id": entry.name, "object": "model", "created": entry.last_seen_ms // 1000, "owned_by": entry.owned_by}
-        for entry in sorted(models.values(), key=lambda e: e.name)
-        if entry.live_workers
-    ]
+    data = [_model_card(entry) for entry in sorted(models.values(), key=lambda e: e.name) if entry.live_workers]
     return _json({"object": "list", "data": data})
+
+
+@api.get("/models/{model:path}")
+async def retrieve_model(model: str, request: Request, _who: Caller) -> Response:
+    """One model (OpenAI's retrieve; ``vllm serve`` 0.32 has no such route): 404 ``model_not_found`` unless a
+    live worker serves it. The path may hold slashes, as Hugging Face model ids do."""
+    entry = (await services(request).catalog.models()).get(model)
+    if entry is None or not entry.live_workers:
+        raise not_found(f"the model {model!r} does not exist or no worker serves it", code="model_not_found")
+    return _json(_model_card(entry))
 
 
 @router.get("/healthz")
@@ -183,6 +244,32 @@ async def readyz(request: Request) -> Response:
     svc = services(request)
     await svc.store.redis.ping()
     return _json({"status": "ready"})
+
+
+@router.get(
+    "/health",
+    response_class=Response,
+    responses={200: {"description": "serving (an empty body)"}, 503: {"description": "Redis is unreachable"}},
+)
+async def health(request: Request) -> Response:
+    """As ``vllm serve`` answers it: 200 with an empty body while this gateway can serve (it reaches Redis),
+    503 (also empty) when it cannot."""
+    try:
+        await services(request).store.redis.ping()
+    except REDIS_UNREACHABLE:
+        reraise_if_cancelling()
+        return Response(status_code=503)
+    return Response(status_code=200)
+
+
+@router.get("/version")
+async def version() -> Response:
+    """As ``vllm serve`` answers it, ``{"version": ...}``: tokenspool's version."""
+    try:
+        installed = importlib.metadata.version("tokenspool")
+    except importlib.metadata.PackageNotFoundError:
+        installed = "unknown"
+    return _json({"version": installed})
 
 
 router.include_router(api)

@@ -30,15 +30,32 @@ SSE: Final = Transport("SSE", resume_hint="resume with Last-Event-ID")
 STREAM_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def sse_frames(session: StreamSession) -> AsyncIterator[bytes]:
+def wants_event_ids(accept: str | None, *, idempotency_key: str | None) -> bool:
+    """Whether a POST's stream carries ``id:`` lines: for a client that shows it can resume, by asking for an
+    event stream (``Accept: text/event-stream``, as EventSource, @microsoft/fetch-event-source and
+    tokenspool's clients send) or by naming its request for a retry (``Idempotency-Key``). Every other
+    client (the OpenAI SDKs send ``application/json``, ``vllm bench serve`` and curl ``*/*``) gets vLLM's
+    frames, which parsers that strip a leading ``data: `` from each event can read (ARCHITECTURE.md)."""
+    if idempotency_key is not None:
+        return True
+    if accept is None:
+        return False
+    return any(part.split(";", 1)[0].strip().lower() == "text/event-stream" for part in accept.split(","))
+
+
+async def sse_frames(session: StreamSession, *, event_ids: bool = True) -> AsyncIterator[bytes]:
     """The SSE body of a stream: rendered events (several per write when the client is behind),
-    queue-position comments while the request waits, heartbeats while idle, then ``[DONE]`` (after an
-    interruption too, as an error event without an id)."""
-    renderer = ChunkRenderer(session.point.meta)
+    queue-position comments while the request waits, heartbeats while idle, then ``[DONE]`` (in the same
+    write as the terminal event; after an interruption, as an error event without an id)."""
+    renderer = ChunkRenderer(session.point.meta, event_ids=event_ids)
+    done = False
     async with aclosing(session.items()) as items:
         async for item in items:
             if isinstance(item, Events):
                 frames = renderer.render(item.events)
+                if item.final_state:
+                    frames += renderer.done_frame()
+                    done = True
                 if frames:
                     yield frames
             elif isinstance(item, Queued):
@@ -47,12 +64,16 @@ async def sse_frames(session: StreamSession) -> AsyncIterator[bytes]:
                 yield comment_frame("ping")
             else:
                 yield data_frame(orjson.dumps(error_body(item.code, item.message)))
-    yield DONE_FRAME
+    if not done:
+        yield DONE_FRAME
 
 
-def sse_response(session: StreamSession, *, send_timeout_s: float, headers: Mapping[str, str]) -> SSEResponse:
+def sse_response(
+    session: StreamSession, *, send_timeout_s: float, headers: Mapping[str, str], event_ids: bool = True
+) -> SSEResponse:
     """The response that streams a session; it gives the session's place back when it ends."""
-    return SSEResponse(sse_frames(session), send_timeout_s=send_timeout_s, headers=headers, on_close=session.close)
+    frames = sse_frames(session, event_ids=event_ids)
+    return SSEResponse(frames, send_timeout_s=send_timeout_s, headers=headers, on_close=session.close)
 
 
 class SSEResponse(StreamingResponse):

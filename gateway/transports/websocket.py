@@ -54,15 +54,15 @@ from Redis rather than growing).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from contextlib import aclosing
 from typing import Any, Final
 
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from tokenspool.gateway.auth import WS_PROTOCOL, Principal
-from tokenspool.gateway.errors import REDIS_UNREACHABLE, APIError, redis_unavailable
+from tokenspool.gateway.errors import REDIS_UNREACHABLE, APIError, rate_limited, redis_unavailable
 from tokenspool.gateway.services import Services
 from tokenspool.gateway.session import Events, Heartbeat, Queued, StreamItem, StreamSession, Transport
 from tokenspool.gateway.transports import ws_protocol as protocol
@@ -134,11 +134,9 @@ class WebSocketSession:
         if self._writer_gone.is_set():
             raise SocketGoneError("the socket is closed")
         text = protocol.encode(message)
-        try:
+        with contextlib.suppress(asyncio.QueueFull):  # the common case: room now, and no timer to set
             self._outgoing.put_nowait(text)
             return
-        except asyncio.QueueFull:
-            pass
         try:
             async with asyncio.timeout(self._svc.settings.send_timeout_s):  # a timer, not a task per message
                 await self._outgoing.put(text)
@@ -220,11 +218,10 @@ class WebSocketSession:
         if request_id is not None and request_id in self._relays:
             raise APIError(409, f"request {request_id} is already streaming on this socket", code="already_streaming")
         if len(self._relays) >= MAX_STREAMS_PER_SOCKET:
-            raise APIError(
-                429,
+            raise rate_limited(
                 f"this socket already streams {MAX_STREAMS_PER_SOCKET} requests; wait for one to end",
-                error_type="rate_limit_error",
                 code="too_many_streams",
+                retry_after_s=None,
             )
 
     async def _start(self, session: StreamSession, tag: protocol.Tag, started: dict[str, Any]) -> None:
@@ -257,13 +254,11 @@ class WebSocketSession:
 
     async def _relay(self, session: StreamSession, tag: protocol.Tag) -> None:
         """Send what the session yields until it ends (or the socket goes)."""
-        try:
-            async with aclosing(session.items()) as items:
+        with contextlib.suppress(SocketGoneError):  # the socket's end ends the relay, not the request
+            async with contextlib.aclosing(session.items()) as items:
                 async for item in items:
                     for message in self._messages(session.request_id, tag, item):
                         await self._send(message)
-        except SocketGoneError:
-            pass
 
     @staticmethod
     def _messages(request_id: str, tag: protocol.Tag, item: StreamItem) -> list[dict[str, Any]]:

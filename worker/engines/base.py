@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from prometheus_client.registry import Collector
 
 from tokenspool.shared.wire import ChatMessage, SamplingOptions, TokenLogprob
 
@@ -31,6 +33,11 @@ class EngineRequest:
     messages: tuple[ChatMessage, ...]
     sampling: SamplingOptions
     emitted_token_ids: tuple[int, ...] = ()
+    body: bytes = b""
+    """The OpenAI request's JSON (``Job.body``), which the vLLM engine renders with vLLM's own code."""
+    emitted: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    """The earlier attempts' deltas as (choice index, token ids), one per stored event: an engine that
+    parses its output (tool calls, reasoning) replays them through fresh parsers with the same boundaries."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +54,12 @@ class EngineDelta:
     prompt_tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()
     """One entry per token id when the request asked for log probabilities."""
+    index: int = 0
+    """The choice (``n > 1``)."""
+    reasoning: str = ""
+    tool_calls: str = ""
+    """Rendered JSON array of OpenAI ``delta.tool_calls`` pieces (empty: none); ``text`` is then the
+    content vLLM's parsers left, not every generated character."""
 
 
 class Engine(Protocol):
@@ -74,6 +87,10 @@ class Engine(Protocol):
     def dead(self) -> str | None:
         """Why the engine can no longer run anything, or None while it is healthy. Checked every heartbeat,
         so an engine that dies while idle stops its worker too."""
+
+    def metric_collectors(self) -> Sequence[Collector]:
+        """Prometheus collectors of the engine's own metrics, served on the worker's metrics port beside the
+        worker's (vLLM: the ``vllm:*`` series its dashboards read). Asked once, after :meth:`start`."""
 
     async def start(self) -> None:
         """Load the model; raise with a clear message when it cannot."""

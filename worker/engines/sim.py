@@ -16,9 +16,12 @@ import hashlib
 import math
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
+from prometheus_client.registry import Collector
+
+from tokenspool.shared.features import ENGINE_FEATURES
 from tokenspool.shared.wire import TokenLogprob
 from tokenspool.worker.engines.base import EngineDelta, EngineError, EngineRequest
 from tokenspool.worker.settings import WorkerSettings
@@ -151,7 +154,9 @@ class SimEngine:
     name = "sim"
     owned_by = SIM_OWNED_BY
     max_model_len = 0
-    unsupported: frozenset[str] = frozenset()
+    unsupported: frozenset[str] = ENGINE_FEATURES
+    """It writes filler words: tools, structured output, several choices and vLLM's own generation
+    parameters are refused at the gateway with a 400 naming this engine."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.model_name = settings.served_model_name or settings.model or "tokenspool-sim"
@@ -168,6 +173,9 @@ class SimEngine:
 
     def dead(self) -> str | None:
         return None
+
+    def metric_collectors(self) -> Sequence[Collector]:
+        return ()
 
     async def start(self) -> None:
         return None
@@ -186,13 +194,26 @@ class SimEngine:
             limit = request.sampling.max_tokens  # like a real engine told to ignore its end-of-sequence token
         return [rng.randrange(len(VOCABULARY)) for _ in range(limit)], max(1, len(text.split()))
 
-    async def _sleep_until_step(self, earliest: float) -> float:
-        """Sleep to the first step boundary at or after ``earliest``; return that boundary."""
-        loop = asyncio.get_running_loop()
-        target = earliest if self._step_s <= 0 else math.ceil(earliest / self._step_s) * self._step_s
-        delay = target - loop.time()
+    def _first_step_at_or_after(self, earliest: float) -> int:
+        """The number of the first step boundary at or after ``earliest`` (boundaries are whole multiples of
+        the step on the loop's clock, shared by every request). Steps are counted, not added up as floats:
+        ``ceil((k * step + step) / step)`` is ``k + 2`` for a large share of clock values (the float division
+        lands just above ``k + 1``), which made every other token wait two steps."""
+        return math.ceil(earliest / self._step_s - 1e-6)  # within a millionth of a step counts as on it
+
+    async def _sleep_until_step(self, step: int) -> int:
+        """Sleep until step ``step``'s boundary; return ``step``."""
+        delay = step * self._step_s - asyncio.get_running_loop().time()
         await asyncio.sleep(delay if delay > 0 else 0)
-        return target
+        return step
+
+    async def _sleep_until(self, earliest: float) -> int:
+        """Sleep to the first step boundary at or after ``earliest`` (at once with no step); its number."""
+        if self._step_s <= 0:
+            delay = earliest - asyncio.get_running_loop().time()
+            await asyncio.sleep(delay if delay > 0 else 0)
+            return 0
+        return await self._sleep_until_step(self._first_step_at_or_after(earliest))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
         self._running += 1
@@ -207,7 +228,7 @@ class SimEngine:
         requested = request.sampling.max_tokens
         natural_stop = requested is None or len(token_ids) < requested
         loop = asyncio.get_running_loop()
-        step_at = await self._sleep_until_step(loop.time() + self._ttft_s)
+        step = await self._sleep_until(loop.time() + self._ttft_s)
         done = len(request.emitted_token_ids)
         # What was already emitted counts for stop strings that span the resume point.
         text_so_far = "".join(VOCABULARY[t] if i == 0 else " " + VOCABULARY[t] for i, t in enumerate(token_ids[:done]))
@@ -233,7 +254,10 @@ class SimEngine:
             if not last:
                 # The next step is one step after this one, however long the consumer took with this token:
                 # a real engine keeps stepping while its output waits to be read.
-                step_at = await self._sleep_until_step(step_at + self._step_s)
+                if self._step_s > 0:
+                    step = await self._sleep_until_step(step + 1)
+                else:
+                    await asyncio.sleep(0)
         if done >= len(token_ids):
             yield EngineDelta("", (), "stop" if natural_stop else "length", prompt_tokens)
 

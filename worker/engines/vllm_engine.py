@@ -65,6 +65,8 @@ def engine_kwargs(settings: WorkerSettings) -> dict[str, Any]:
         "tensor_parallel_size": settings.tensor_parallel_size,
         "enforce_eager": settings.enforce_eager,
     }
+    if settings.reasoning_parser:
+        kwargs["reasoning_parser"] = settings.reasoning_parser  # the engine ends grammars after reasoning
     raw = settings.engine_args_json.strip()
     if raw:
         try:
@@ -130,6 +132,7 @@ class VllmEngine:
         self._max_model_len = 0
         self._default_sampling: dict[str, Any] = {}
         self._tokenize_pool: ThreadPoolExecutor | None = None
+        self._front_end: Any = None
 
     async def start(self) -> None:
         """Build the ``AsyncLLM``: load the model and start vLLM's engine core.
@@ -169,6 +172,22 @@ class VllmEngine:
         except Exception as exc:
             engine.shutdown()
             raise EngineError(f"the vllm engine needs the model's tokenizer: {_describe(exc)}") from exc
+        try:
+            from tokenspool.worker.engines.vllm_openai import OpenAIFrontEnd, ParserFlags
+
+            front_end = OpenAIFrontEnd(
+                engine,
+                ParserFlags(
+                    enable_auto_tool_choice=self._settings.enable_auto_tool_choice,
+                    tool_call_parser=self._settings.tool_call_parser,
+                    reasoning_parser=self._settings.reasoning_parser,
+                    chat_template=self._settings.chat_template,
+                ),
+            )
+        except Exception as exc:
+            engine.shutdown()
+            raise EngineError(f"vLLM's OpenAI front end could not start: {_describe(exc)}") from exc
+        self._front_end = front_end
         self._engine = engine
         self._tokenizer = tokenizer
         self._max_model_len = int(engine.model_config.max_model_len)
@@ -180,7 +199,7 @@ class VllmEngine:
         # Something imported while vLLM starts keeps a reference to this (finished) frame, and with it
         # its locals: drop the engine from them so that shutdown() really releases the AsyncLLM
         # (otherwise its __del__ runs at interpreter exit and prints a TypeError).
-        del engine, tokenizer
+        del engine, tokenizer, front_end
 
     @property
     def max_model_len(self) -> int:
@@ -197,6 +216,12 @@ class VllmEngine:
         if engine is not None and getattr(engine, "errored", False):
             return "the vLLM engine died (its engine core process is gone)"
         return None
+
+    def metric_collectors(self) -> list[Any]:
+        """vLLM's own ``vllm:*`` metrics, kept by its stat loggers (see :mod:`.vllm_metrics`)."""
+        from tokenspool.worker.engines.vllm_metrics import vllm_metric_collectors
+
+        return vllm_metric_collectors()
 
     async def shutdown(self) -> None:
         """Stop vLLM's engine core and release its memory; safe to call twice or before :meth:`start`."""
@@ -281,6 +306,10 @@ class VllmEngine:
         engine = self._engine
         if engine is None:
             raise EngineError("the vllm engine is not started")
+        if request.body:
+            async for delta in self._generate_openai(request):
+                yield delta
+            return
         from vllm.inputs import tokens_input
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
@@ -336,6 +365,116 @@ class VllmEngine:
             await stream.aclose()
             if not finished and not dead:
                 await self._abort(request.request_id)
+
+    async def _generate_openai(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]:
+        """Stream a request rendered from its OpenAI body by vLLM's own front end (see ``vllm_openai``).
+
+        A continuation after failover either feeds ``prompt + emitted`` (one choice, no grammar) or, when
+        the output cannot be continued mid-way (a structured-output grammar, several choices), generates
+        again from the prompt and skips, choice by choice, the tokens already delivered, checking that they
+        come out the same (deterministic at temperature 0 or with a seed); either way the parsers first
+        replay what was delivered.
+        """
+        from vllm.inputs import tokens_input
+
+        from tokenspool.worker.engines.vllm_openai import InvalidRequestError
+
+        front_end = self._front_end
+        try:
+            rendered = await front_end.render(request.kind, request.body, self._max_model_len)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"could not render the request: {_describe(exc)}") from exc
+        prompt_ids = rendered.prompt_ids
+        prompt_tokens = len(prompt_ids)
+        emitted = list(request.emitted_token_ids)
+        skip = [0] * rendered.choices
+        engine_prompt = prompt_ids
+        if request.emitted:
+            await self._off_loop(lambda: rendered.replay(self._tokenizer, request.emitted))
+            if rendered.needs_fresh_run:
+                skip = [len(ids) for ids in rendered.emitted]
+            else:
+                engine_prompt = prompt_ids + emitted
+                budget = (rendered.params.max_tokens or 0) - len(emitted)
+                if budget <= 0:
+                    yield EngineDelta("", (), "length", prompt_tokens)
+                    return
+                rendered.params.max_tokens = budget
+        stream = self._engine.generate(
+            tokens_input(engine_prompt), rendered.params, request.request_id, **rendered.generate_kwargs
+        )
+        async for output in self._vllm_outputs(stream, request.request_id):
+            for completion in output.outputs:
+                index = int(completion.index)
+                token_ids = list(completion.token_ids)
+                text = completion.text
+                if skip[index]:
+                    expected = rendered.emitted[index][len(rendered.emitted[index]) - skip[index] :]
+                    taken = token_ids[: skip[index]]
+                    if taken != expected[: len(taken)]:
+                        raise EngineError(
+                            "the continuation diverged from the tokens already delivered (the request is not "
+                            "deterministic: set temperature 0 or a seed)"
+                        )
+                    skip[index] -= len(taken)
+                    token_ids = token_ids[len(taken) :]
+                    if not token_ids and completion.finish_reason is None:
+                        continue
+                    text = rendered.decode_tail(self._tokenizer, index, token_ids)
+                reason: str | None = None
+                if completion.finish_reason is not None:
+                    vllm_reason = str(completion.finish_reason)
+                    reason = FINISH_REASONS.get(vllm_reason)
+                    if reason is None:
+                        raise EngineError(f"vLLM ended the request with finish reason {vllm_reason!r}")
+                if not text and not token_ids and reason is None:
+                    continue
+                parsed = rendered.parse(index, text, token_ids, reason)
+                if parsed is None:
+                    # Held back by a parser: the tokens are still stored, so a takeover replays them.
+                    yield EngineDelta("", tuple(token_ids), None, prompt_tokens, index=index)
+                    continue
+                content, reasoning, tool_calls, finish = parsed
+                logprobs = _token_logprobs(completion, rendered.params.logprobs)
+                yield EngineDelta(
+                    content,
+                    tuple(token_ids),
+                    finish,
+                    prompt_tokens,
+                    logprobs,
+                    index=index,
+                    reasoning=reasoning,
+                    tool_calls=tool_calls,
+                )
+
+    async def _vllm_outputs(self, stream: Any, request_id: str) -> AsyncGenerator[Any, None]:
+        """vLLM's outputs of one request, with its failures mapped to the worker's errors and the request
+        aborted in vLLM when it did not finish."""
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+        engine = self._engine
+        finished = False
+        dead = False
+        try:
+            async for output in stream:
+                finished = bool(output.finished)
+                yield output
+        except VllmEngineDeadError as exc:
+            dead = True
+            raise EngineDeadError(f"the vLLM engine died: {_describe(exc)}") from exc
+        except (EngineError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            if getattr(engine, "errored", False):
+                dead = True
+                raise EngineDeadError(f"the vLLM engine died: {_describe(exc)}") from exc
+            raise EngineError(f"vLLM failed the request: {_describe(exc)}") from exc
+        finally:
+            await stream.aclose()
+            if not finished and not dead:
+                await self._abort(request_id)
 
     async def _abort(self, request_id: str) -> None:
         """Abort by request id (a no-op for a request vLLM no longer has); never raises but cancellation."""

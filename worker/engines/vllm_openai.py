@@ -1,0 +1,223 @@
+"""The OpenAI API on the vLLM engine, by vLLM's own code: a stored request body is validated by vLLM's
+protocol classes, rendered by vLLM's ``OnlineRenderer`` (chat template, tools, ``adjust_request``'s
+structured-output grammar for ``tool_choice``, ``response_format``), turned into ``SamplingParams`` by
+the request's own ``to_sampling_params``, and the engine's outputs are split into content, reasoning and
+tool-call pieces by the ``Parser`` class ``vllm serve`` builds from the same flags, one parser per choice,
+called once per engine step as vLLM's chat server calls it.
+
+Imported only by the vLLM engine once vLLM is known to be installed.
+
+A parser's state cannot be stored, but it is a function of the token chunks it was fed: a worker that
+takes a request over rebuilds it by replaying the stored deltas' token ids, with their boundaries, through
+a fresh parser and discarding what it says (as vLLM's ``OnlineDerenderer`` does for its stateless stream
+derender). The text each replayed chunk decoded to is recomputed by decoding the choice's tokens so far.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.entrypoints.generate.base.protocol import DeltaMessage
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionNamedToolChoiceParam,
+    ChatCompletionRequest,
+    ChatCompletionResponseStreamChoice,
+)
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
+from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
+from vllm.renderers.chat_utils import load_chat_template
+from vllm.renderers.online_renderer import OnlineRenderer
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from tokenspool.worker.engines.base import EngineError
+
+
+class InvalidRequestError(EngineError):
+    """vLLM refused the request as its OpenAI server would (a 400): the stream ends with an error event of
+    type ``invalid_request_error``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParserFlags:
+    """The ``vllm serve`` flags that shape rendering and parsing, with their ``vllm serve`` names."""
+
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str = ""
+    reasoning_parser: str = ""
+    chat_template: str = ""
+
+
+@dataclass(slots=True)
+class Rendered:
+    """A request rendered for the engine, and how to read its outputs."""
+
+    request: ChatCompletionRequest | CompletionRequest
+    prompt_ids: list[int]
+    params: SamplingParams
+    generate_kwargs: dict[str, Any]
+    parsers: list[Any]
+    """One vLLM ``Parser`` per choice (chat with a tool or reasoning parser configured), else empty."""
+    tools_streamed: list[bool] = field(default_factory=list)
+    emitted: list[list[int]] = field(default_factory=list)
+    """Each choice's output token ids so far (for decoding replayed chunks)."""
+
+    @property
+    def choices(self) -> int:
+        return self.params.n
+
+    @property
+    def needs_fresh_run(self) -> bool:
+        """A continuation cannot start mid-output: the grammar of a structured output, and the choices of
+        ``n > 1``, start from the prompt. Such a request is generated again and what was delivered skipped."""
+        return self.params.structured_outputs is not None or self.params.n > 1
+
+    def replay(self, tokenizer: Any, chunks: tuple[tuple[int, tuple[int, ...]], ...]) -> None:
+        """Feed the chunks an earlier attempt streamed to this attempt's parsers, discarding their output."""
+        for index, token_ids in chunks:
+            before = self.emitted[index]
+            text = self._decode(tokenizer, before, list(token_ids))
+            before.extend(token_ids)
+            if self.parsers:
+                delta = self.parsers[index].parse_delta(
+                    delta_text=text,
+                    delta_token_ids=list(token_ids),
+                    request=self.request,
+                    prompt_token_ids=self.prompt_ids,
+                    finished=False,
+                )
+                if delta is not None and delta.tool_calls:
+                    self.tools_streamed[index] = True
+
+    def decode_tail(self, tokenizer: Any, index: int, new: list[int]) -> str:
+        """The text ``new`` adds after the choice's tokens so far (its first new tokens after a skip)."""
+        return self._decode(tokenizer, self.emitted[index], new)
+
+    def _decode(self, tokenizer: Any, before: list[int], new: list[int]) -> str:
+        skip = self.params.skip_special_tokens
+        full: str = tokenizer.decode(before + new, skip_special_tokens=skip)
+        head: str = tokenizer.decode(before, skip_special_tokens=skip) if before else ""
+        return full[len(head) :] if full.startswith(head) else full
+
+    def parse(
+        self, index: int, text: str, token_ids: list[int], finish_reason: str | None
+    ) -> tuple[str, str, str, str | None] | None:
+        """One engine step of one choice as (content, reasoning, tool_calls JSON, finish reason), or None
+        when vLLM's server would send nothing for it (a parser holding back markup)."""
+        self.emitted[index].extend(token_ids)
+        if not self.parsers:
+            return text, "", "", finish_reason
+        assert isinstance(self.request, ChatCompletionRequest)
+        delta: DeltaMessage | None = self.parsers[index].parse_delta(
+            delta_text=text,
+            delta_token_ids=token_ids,
+            request=self.request,
+            prompt_token_ids=self.prompt_ids,
+            finished=finish_reason is not None,
+        )
+        if delta is not None and delta.tool_calls:
+            self.tools_streamed[index] = True
+        if delta is None:
+            if finish_reason is None:
+                return None
+            delta = DeltaMessage()
+        if finish_reason == "stop" and self.tools_streamed[index]:
+            named = isinstance(self.request.tool_choice, ChatCompletionNamedToolChoiceParam)
+            finish_reason = "stop" if named else "tool_calls"
+        choice = maybe_filter_parallel_tool_calls(
+            ChatCompletionResponseStreamChoice(index=index, delta=delta, finish_reason=finish_reason), self.request
+        )
+        delta = choice.delta
+        tool_calls = ""
+        if delta.tool_calls:
+            tool_calls = json.dumps(
+                [call.model_dump(exclude_unset=True) for call in delta.tool_calls], separators=(",", ":")
+            )
+        return delta.content or "", delta.reasoning or "", tool_calls, finish_reason
+
+
+class OpenAIFrontEnd:
+    """vLLM's renderer and parser classes for one engine, built as ``vllm serve`` builds them."""
+
+    def __init__(self, engine: AsyncLLM, flags: ParserFlags) -> None:
+        self._engine = engine
+        self._model_config = engine.model_config
+        self.renderer = OnlineRenderer(
+            model_config=engine.model_config,
+            renderer=engine.renderer,
+            request_logger=None,
+            chat_template=load_chat_template(flags.chat_template or None),
+            chat_template_content_format="auto",
+            enable_auto_tools=flags.enable_auto_tool_choice,
+            tool_parser=flags.tool_call_parser or None,
+            reasoning_parser=flags.reasoning_parser,
+        )
+        self.default_sampling = dict(engine.model_config.get_diff_sampling_param())
+        self.tokenizer = engine.renderer.get_tokenizer()
+
+    async def render(self, kind: str, body: bytes, max_model_len: int) -> Rendered:
+        """The request's prompt ids, sampling parameters and parsers; :class:`InvalidRequestError` with
+        vLLM's own message for what vLLM's server refuses."""
+        try:
+            raw = json.loads(body)
+            request: ChatCompletionRequest | CompletionRequest = (
+                ChatCompletionRequest.model_validate(raw) if kind == "chat" else CompletionRequest.model_validate(raw)
+            )
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        parsers: list[Any] = []
+        if isinstance(request, ChatCompletionRequest):
+            result = await self.renderer.render_chat(request)
+            if isinstance(result, ErrorResponse):
+                raise InvalidRequestError(result.error.message)
+            engine_inputs = result[1]
+        else:
+            completion = await self.renderer.render_completion(request)
+            if isinstance(completion, ErrorResponse):
+                raise InvalidRequestError(completion.error.message)
+            engine_inputs = completion
+        if len(engine_inputs) != 1:
+            raise InvalidRequestError(f"expected exactly one prompt, got {len(engine_inputs)}")
+        prompt_ids = [int(token) for token in engine_inputs[0]["prompt_token_ids"]]  # type: ignore[typeddict-item]
+        requested = (
+            request.max_completion_tokens
+            if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None
+            else request.max_tokens
+        )
+        try:
+            max_tokens = get_max_tokens(max_model_len, requested, len(prompt_ids), self.default_sampling)
+            params = request.to_sampling_params(max_tokens, self.default_sampling)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        params.output_kind = RequestOutputKind.DELTA
+        generate_kwargs: dict[str, Any] = {"priority": request.priority}
+        parser_cls = self.renderer.parser
+        if isinstance(request, ChatCompletionRequest) and parser_cls is not None:
+            template_kwargs = self.renderer.effective_chat_template_kwargs(request)
+            parsers = [
+                parser_cls(
+                    self.tokenizer,
+                    list(request.tools) if request.tools is not None else None,
+                    chat_template_kwargs=template_kwargs,
+                    model_config=self._model_config,
+                )
+                for _ in range(params.n)
+            ]
+            reasoning_kwargs = None
+            if parsers[0].reasoning_parser is not None:
+                reasoning_kwargs = {"chat_template_kwargs": template_kwargs}
+            generate_kwargs["reasoning_ended"] = request.resolve_reasoning_ended(parsers[0], prompt_ids)
+            generate_kwargs["reasoning_parser_kwargs"] = reasoning_kwargs
+        return Rendered(
+            request,
+            prompt_ids,
+            params,
+            generate_kwargs,
+            parsers,
+            tools_streamed=[False] * params.n,
+            emitted=[[] for _ in range(params.n)],
+        )
