@@ -161,7 +161,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     # Outermost last: CORS answers preflights and decorates every answer (refusals included); the
     # connection limit refuses before any work; the body limit before any parsing.
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)
     app.add_middleware(CountResponses, metrics=metrics)
     app.add_middleware(ConnectionLimit, max_connections=settings.max_connections)
     if settings.cors_origin_list():

@@ -61,8 +61,15 @@ class Attachments:
     def _background(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(self._ended)
         return task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """Forget a finished write, logging its failure (none dies unobserved: Redis errors other than an
+        unreachable server, e.g. a read-only replica during a failover, are not handled in ``_write``)."""
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("could not record attachments: %s", task.exception(), exc_info=task.exception())
 
     async def _after(self, earlier: asyncio.Task[None] | None, entries: list[tuple[str, str, int]]) -> None:
         if earlier is not None:

@@ -30,11 +30,14 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        # The message may quote what the client sent (a parameter's name), which may hold text with no
+        # UTF-8 form (a lone surrogate): written as escapes, so that every answer can be encoded.
+        message = printable(message)
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
-        self.param = param
+        self.param = param if param is None else printable(param)
         self.code = code
         self.headers = headers or {}
 
@@ -45,6 +48,22 @@ class APIError(Exception):
         return Response(
             orjson.dumps(self.body()), status_code=self.status, media_type="application/json", headers=self.headers
         )
+
+
+def printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (lone surrogates) written as ``\\udxxx`` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def invalid_text(param: str) -> APIError:
+    """The answer to text no UTF-8 encoding exists for (a lone UTF-16 surrogate, which a JSON ``\\ud800``
+    escape can carry), in any field: a 400 that names it, on every transport."""
+    return APIError(
+        400,
+        f"invalid value for {param!r}: the text is not valid Unicode (it holds a lone UTF-16 surrogate)",
+        param=param,
+        code="invalid_text",
+    )
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
@@ -144,6 +163,12 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
         return APIError(400, f"the request body is not valid JSON ({detail})", code="invalid_json")
     if kind == "extra_forbidden":
         return APIError(400, f"unsupported parameter {param!r}", param=param, code="unsupported_parameter")
+    if kind == "string_unicode":
+        if param:
+            return invalid_text(param)
+        return APIError(
+            400, "a parameter name is not valid Unicode (it holds a lone UTF-16 surrogate)", code="invalid_text"
+        )
     if kind == "missing":
         if not loc:
             return APIError(400, "a JSON request body is required", code="missing_body")
@@ -176,6 +201,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "a bad parameter",
         401: "no valid API key (when the gateway has keys)",
         404: "unknown model, or unknown request (another key's request answers the same)",
+        408: "the request body did not all arrive within body_timeout_s",
         409: "the request already ended, or was cancelled",
         410: "the events asked for have expired",
         413: "the body is too large",

@@ -1,11 +1,18 @@
-"""Limits: what one request, one gateway and one API key may take.
+"""Limits: what one request, one connection, one gateway and one API key may take.
 
+- :func:`head_deadline_protocol`: uvicorn's HTTP protocol with a deadline on receiving a request's head (its
+  request line and headers): a connection that has not sent a whole head ``header_timeout_s`` after it
+  opened, or after its previous response, is closed (408 if it had begun one). uvicorn has no such timer,
+  so a client sending a header a byte a second, or nothing at all, held its socket forever.
 - :class:`BodySizeLimit`: the request body, enforced before anything parses it: 413 when Content-Length or
-  the bytes actually received exceed it (chunked uploads included). The body is read here, bounded by the
+  the bytes actually received exceed it (chunked uploads included), 408 when it has not all arrived within
+  ``body_timeout_s`` (a client that declares more than it sends). The body is read here, bounded by the
   limit, and handed on whole, so no parser ever sees more than the limit.
 - :class:`ConnectionLimit`: HTTP requests and WebSockets one gateway process serves at once (open streams
   are requests that last); above it, 503 with ``Retry-After`` before any work. Probes and metrics are never
-  refused, so a busy gateway is not mistaken for a dead one.
+  refused, so a busy gateway is not mistaken for a dead one. Open sockets are counted too, whether or not
+  they have sent a request yet: uvicorn's own ``limit_concurrency`` answers 503 on a socket beyond
+  :func:`socket_limit` (the connection limit plus room for probes).
 - :class:`KeyLimits`: per API key, across every gateway (the counters live in Redis): requests per minute
   (fixed one-minute windows, one atomic script per submission) and streams open at once (leases in a sorted
   set, renewed by the gateway holding each stream, so the place of a stream whose gateway died frees itself
@@ -37,14 +44,84 @@ from tokenspool.shared.redis_client import AsyncRedis
 log = logging.getLogger("tokenspool.gateway.limits")
 
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+PROBE_SOCKETS: Final = 32
+"""Sockets allowed beyond ``max_connections``, so that probes and scrapes still reach a gateway whose
+requests are at the limit."""
+REQUEST_TIMEOUT_HEAD: Final = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+
+
+def socket_limit(max_connections: int) -> int:
+    """Open sockets a gateway accepts (uvicorn's ``limit_concurrency``): every socket counts, one that has
+    not finished sending its request as well as one holding a stream."""
+    return max_connections + PROBE_SOCKETS
+
+
+def head_deadline_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools when installed, as uvicorn itself picks, else h11) that closes a
+    connection whose request head does not arrive within ``header_timeout_s``: from the moment it opened,
+    or its previous response ended (keep-alive), to the end of its headers. A WebSocket, once upgraded, is
+    another protocol's and not timed here."""
+    base: Any
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+
+    class HeadDeadlineProtocol(base):  # type: ignore[misc]
+        _head_timer: asyncio.TimerHandle | None = None
+        _head_begun = False
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._await_head()
+
+        def data_received(self, data: bytes) -> None:
+            self._head_begun = self._head_timer is not None
+            super().data_received(data)
+            upgraded = self.transport.get_protocol() is not self
+            if upgraded or (self.cycle is not None and not self.cycle.response_complete):
+                self._stop_head_timer()  # the head is in (a new request cycle began), or a WebSocket took over
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._await_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_head_timer()
+            super().connection_lost(exc)
+
+        def _await_head(self) -> None:
+            self._stop_head_timer()
+            self._head_begun = False
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_too_slow)
+
+        def _stop_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_too_slow(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing():
+                return
+            if self._head_begun:
+                log.info("closing a connection whose request head took over %gs", header_timeout_s)
+                self.transport.write(REQUEST_TIMEOUT_HEAD)
+            self.transport.close()
+
+    return HeadDeadlineProtocol
+
+
 NEVER_REFUSED_PATHS: Final = frozenset({"/healthz", "/readyz", "/health", "/version", "/metrics"})
 WINDOW_MS: Final = 60_000
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = APIError(413, f"request body is larger than {self.max_body_bytes} bytes", code="body_too_large")
@@ -60,18 +137,30 @@ class BodySizeLimit:
                 return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left before sending its body
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout_s):  # a timer, not a task
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client left before sending its body
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        await self._refuse(scope, receive, send)
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            reraise_if_cancelling()
+            error = APIError(
+                408,
+                f"the request body did not arrive within {self.body_timeout_s:g}s",
+                code="body_timeout",
+                headers={"Connection": "close"},
+            )
+            await error.response()(scope, receive, send)
+            return
         replayed = False
 
         async def replay_receive() -> Message:

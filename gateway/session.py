@@ -296,7 +296,9 @@ class StreamSessions:
         transport: Transport,
     ) -> StreamSession:
         """Enqueue a request and open its stream from the start (from the metadata it was created with: no
-        read back)."""
+        read back). A request refused by the checks that need nothing else holds nothing, not even a moment
+        of its key's open-stream limit."""
+        self.submissions.check(body)
         lease = await self.limits.open_stream(caller)
         try:
             submitted = await self.submissions.submit(
@@ -320,6 +322,7 @@ class StreamSessions:
         """A submission that carries ``Last-Event-ID`` is a reconnect (@microsoft/fetch-event-source retries a
         POST with the same body and headers, adding it): the stream of the request that id names, after that
         event; nothing is submitted. An Idempotency-Key it carries must name that same request."""
+        self.submissions.check(body)  # the same body as the submission: refused the same way if it was
         request_id, _ = parse_resume_id(last_event_id)
         if idempotency_key is not None:
             earlier = await self.submissions.earlier_request(body, caller, idempotency_key)

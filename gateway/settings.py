@@ -88,6 +88,15 @@ class GatewaySettings(CommonSettings):
         30.0, "a client that takes longer than this to accept a write is dropped", minimum=0.01
     )
     max_body_bytes: int = setting(1_048_576, "largest request body accepted (413 above)", minimum=1)
+    header_timeout_s: float = setting(
+        10.0,
+        "a connection that has not sent a whole request head (request line and headers) this long after it "
+        "opened, or after its previous response, is closed",
+        minimum=0.01,
+    )
+    body_timeout_s: float = setting(
+        30.0, "a request body that has not all arrived this long after its head is answered 408", minimum=0.01
+    )
     max_queue_depth: int = setting(1000, "waiting requests per model before new ones get 429", minimum=1)
     queue_depth_fresh_ms: float = setting(
         100.0,
@@ -147,7 +156,8 @@ class GatewaySettings(CommonSettings):
     max_connections: int = setting(
         10_000,
         "HTTP requests and WebSockets one gateway serves at once, open streams included (503 above; "
-        "health, readiness and metrics are never refused)",
+        "health, readiness and metrics are never refused); open sockets count too, a socket still sending "
+        "its request included, with room for 32 more (probes)",
         minimum=1,
     )
     cors_origins: str = setting(

@@ -18,7 +18,7 @@ import orjson
 
 from tokenspool.gateway.auth import Principal
 from tokenspool.gateway.catalog import ModelCatalog, ModelEntry
-from tokenspool.gateway.errors import APIError, bad_request, not_found, rate_limited
+from tokenspool.gateway.errors import APIError, bad_request, invalid_text, not_found, rate_limited
 from tokenspool.gateway.limits import KeyLimits
 from tokenspool.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from tokenspool.gateway.settings import GatewaySettings
@@ -96,7 +96,7 @@ class SubmissionService:
         caller: Principal,
         idempotency_key: str | None,
     ) -> Submitted:
-        self._check_size(body)
+        """Record and enqueue a request that passed :meth:`check`."""
         owner = caller.owner
         models = await self.catalog.models()
         if body.model not in models:
@@ -177,6 +177,15 @@ class SubmissionService:
         )
         return Submitted(request_id, created=True, meta=meta)
 
+    def check(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        """The checks that need nothing but the request, run before anything is held for it (an open-stream
+        place, a per-minute count): text the wire format cannot carry (a lone UTF-16 surrogate, in any
+        field), and a prompt or a max_tokens larger than this gateway and this key accept."""
+        bad = wire.unencodable_text(body.model_dump(exclude_none=True))
+        if bad is not None:
+            raise invalid_text(bad)
+        self._check_size(body)
+
     async def earlier_request(
         self, body: ChatCompletionRequest | CompletionRequest, caller: Principal, idempotency_key: str
     ) -> str | None:
@@ -194,7 +203,6 @@ class SubmissionService:
         return keys.idempotency_key(owner, idempotency_key)
 
     def _check_size(self, body: ChatCompletionRequest | CompletionRequest) -> None:
-        """Refuse a prompt or a max_tokens larger than this gateway and this key accept."""
         settings = self.settings
         if isinstance(body, ChatCompletionRequest):
             if len(body.messages) > settings.max_messages:

@@ -65,6 +65,13 @@ async def waiting(client: AsyncRedis, model: str) -> int:
     return max(0, int(length) - taken)
 
 
+def pairs_to_dict(fields: list[bytes] | None) -> dict[bytes, bytes] | None:
+    """A stream entry's fields as a script returns them (a flat list, or nil for a deleted entry)."""
+    if not fields:
+        return None
+    return dict(zip(fields[::2], fields[1::2], strict=True))
+
+
 class ModelQueue:
     """One model's queue as seen by one consumer (a worker).
 
@@ -78,11 +85,12 @@ class ModelQueue:
         self._r: Any = client
         self._pull: Any = pull_client
         self._renew = lua.register(client, "renew_leases")
+        self._claim_abandoned = lua.register(client, "claim_abandoned")
 
     @property
     def scripts(self) -> tuple[Any, ...]:
         """The scripts this queue runs (to load with :func:`tokenspool.shared.lua.load`)."""
-        return (self._renew,)
+        return (self._renew, self._claim_abandoned)
 
     async def ensure_group(self) -> None:
         """Create the queue and its consumer group unless they exist."""
@@ -111,6 +119,10 @@ class ModelQueue:
             return []
         return [QueueEntry.decode(entry_id, fields) for _stream, entries in reply or [] for entry_id, fields in entries]
 
+    async def ping(self) -> None:
+        """One round trip to the server: is it reachable?"""
+        await self._r.ping()
+
     async def renew_leases(self, entry_ids: list[bytes]) -> set[bytes]:
         """Reset the idle time of this consumer's pending entries; the ids it still holds (one script)."""
         if not entry_ids:
@@ -124,21 +136,19 @@ class ModelQueue:
 
     async def claim_abandoned(self, min_idle_ms: int, count: int) -> list[QueueEntry]:
         """Up to ``count`` entries whose holder stopped renewing them for ``min_idle_ms``, now leased to
-        this consumer, each with the times it has been delivered (a takeover included)."""
+        this consumer, each with the times it has been delivered (a takeover included). None while the
+        server has been up for less than ``min_idle_ms`` (after a restart, the idle time of an entry
+        includes the time the server was down: see ``claim_abandoned.lua``)."""
         claimed: list[tuple[bytes, dict[bytes, bytes] | None]] = []
         cursor: Any = "0-0"
         try:
             while len(claimed) < count:
-                reply = await self._r.xautoclaim(
-                    self.key,
-                    keys.WORKER_GROUP,
-                    self.consumer,
-                    min_idle_ms,
-                    start_id=cursor,
-                    count=count - len(claimed),
+                reply = await self._claim_abandoned(
+                    keys=[self.key],
+                    args=[keys.WORKER_GROUP, self.consumer, min_idle_ms, cursor, count - len(claimed)],
                 )
                 cursor, entries = reply[0], reply[1]
-                claimed.extend((entry_id, fields) for entry_id, fields in entries)
+                claimed.extend((entry_id, pairs_to_dict(fields)) for entry_id, fields in entries)
                 if cursor in (b"0-0", "0-0"):
                     break
         except redis.exceptions.ResponseError as exc:

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aredis
+import redis.asyncio.retry
+import redis.retry
 import redis.sentinel
 from redis.asyncio.connection import AbstractConnection, ConnectionPool, SSLConnection
 from redis.asyncio.connection import parse_url as parse_async_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialWithJitterBackoff
 
 from tokenspool.shared.settings import (
     REDIS_SCHEMES,
@@ -36,6 +39,10 @@ from tokenspool.shared.settings import (
 AsyncRedis: TypeAlias = "aredis.Redis | aredis.RedisCluster"
 SyncRedis: TypeAlias = "redis.Redis | redis.RedisCluster"
 Address: TypeAlias = tuple[str, int]
+
+
+UNREACHABLE: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+"""What a command raises when Redis cannot be reached (after the client's own retries)."""
 
 
 class RedisUnreachableError(RuntimeError):
@@ -156,13 +163,45 @@ def sentinel_primary_sync(target: RedisTarget, where: SentinelURL, common: dict[
     return client
 
 
+RETRIES: Final = 3
+"""How many times a command that met a broken connection is sent again, each time on a new connection."""
+RETRY_BACKOFF: Final = ExponentialWithJitterBackoff(base=0.05, cap=0.5)
+"""Waits between those tries: up to 0.1, 0.2, 0.4 s (full jitter), so a Redis that is really down is
+answered as such (503) within about a second, and a restarted one is reached on the first or second try."""
+HEALTH_CHECK_INTERVAL_S: Final = 30
+"""A pooled connection idle longer than this is checked with a PING before it carries a command (a
+connection a proxy or NAT closed while idle is replaced before, not after, a command is lost on it)."""
+
+
+def resilience_options(*, asyncio: bool = True) -> dict[str, Any]:
+    """The client options that make a broken connection cost a retry, not an error: redis-py's own retry
+    and health-check machinery, configured (a pooled connection from before a Redis restart fails on first
+    use; without a retry that failure was the request's answer).
+
+    A command that fails with ``ConnectionError`` or ``TimeoutError`` (``BusyLoadingError``, a server still
+    loading its data, is a ``ConnectionError``) is sent again on a fresh connection after a backoff, up to
+    :data:`RETRIES` times. Sending again is safe for every command this project sends: appends carry
+    explicit event ids (a repeated one is refused and reported), the claim script only takes a request
+    that is still queued or fences a stale holder, a repeated enqueue of one request is skipped by the
+    claim script, and the rest are reads or idempotent writes. Blocking reads (``XREAD``/``XREADGROUP``
+    with ``BLOCK``) are retried only after a failure, never after a cancellation: redis-py disconnects a
+    connection whose reply was not read (a cancelled blocking read), so it is never reused."""
+    retry_class = redis.asyncio.retry.Retry if asyncio else redis.retry.Retry
+    return {
+        "retry": retry_class(RETRY_BACKOFF, RETRIES, supported_errors=UNREACHABLE),
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+    }
+
+
 def connect(target: RedisTarget, *, socket_timeout_s: float | None = 10.0, max_connections: int = 256) -> AsyncRedis:
-    """An asyncio client with bounded pools (per node on a cluster); binary replies (payloads are msgpack)."""
+    """An asyncio client with bounded pools (per node on a cluster); binary replies (payloads are msgpack);
+    broken connections retried (:func:`resilience_options`)."""
     common: dict[str, Any] = {
         "decode_responses": False,
         "socket_timeout": socket_timeout_s,
         "socket_connect_timeout": 5.0,
         "max_connections": max_connections,
+        **resilience_options(),
         **target.tls_kwargs(),
     }
     if target.cluster:
@@ -174,17 +213,17 @@ def connect(target: RedisTarget, *, socket_timeout_s: float | None = 10.0, max_c
     pool = aredis.BlockingConnectionPool.from_url(
         target.plain_url,
         timeout=socket_timeout_s or 10.0,
-        health_check_interval=30,
         **common,
     )
     return aredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
 def connect_sync(target: RedisTarget, *, socket_timeout_s: float = 5.0) -> SyncRedis:
-    """A blocking client, for the operator commands and tests."""
+    """A blocking client, for the operator commands and tests (broken connections retried likewise)."""
     common: dict[str, Any] = {
         "socket_timeout": socket_timeout_s,
         "socket_connect_timeout": socket_timeout_s,
+        **resilience_options(asyncio=False),
         **target.tls_kwargs(),
     }
     if target.cluster:

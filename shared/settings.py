@@ -194,6 +194,28 @@ class CommonSettings:
         replicas_problem = replica_ack_problem(self.redis_url, self.redis_min_replicas_acked)
         if replicas_problem is not None:
             raise SettingsError(f"TOKENSPOOL_REDIS_MIN_REPLICAS_ACKED (--redis-min-replicas-acked): {replicas_problem}")
+        require_at_least(
+            self,
+            "request_ttl_s",
+            "queue_timeout_s",
+            1,
+            "a queued request's keys live request_ttl_s from its submission, so with a shorter one a request "
+            "vanishes while it waits, before its queue timeout can end it with an error",
+        )
+
+
+def require_at_least(settings: CommonSettings, name: str, base: str, factor: float, why: str) -> None:
+    """Refuse settings where ``name`` is below ``factor`` times ``base``: a relation without which they
+    cannot work. The message names both as people set them and says why the rule holds."""
+    value, floor = getattr(settings, name), getattr(settings, base)
+    if value >= factor * floor:
+        return
+    fields = {f.name: f for f in dataclasses.fields(settings)}
+    times = "" if factor == 1 else f"{factor:g} times "
+    raise SettingsError(
+        f"{env_name(name)} ({flag_name(fields[name])}) must be at least {times}{env_name(base)} "
+        f"({flag_name(fields[base])}), got {value:g} and {floor:g}: {why}"
+    )
 
 
 S = TypeVar("S", bound=CommonSettings)

@@ -183,8 +183,11 @@ class RequestStore:
         it names exists."""
         rk = keys.RequestKeys.of(job.request_id)
         payload = wire.encode(job)
+        # Sent again by the client's retry (a reply lost to a broken connection), this must not undo what a
+        # worker did meanwhile: the fields a claim or an append changes are set only where absent (HSETNX),
+        # the rest never change. A second queue entry for the request is skipped by the claim script.
+        progress: dict[str, Any] = {"state": "queued", "attempt": 0, "last_seq": 0}
         fields: dict[str, Any] = {
-            "state": "queued",
             "kind": job.kind,
             "format": stream_format,
             "model": job.model,
@@ -192,11 +195,11 @@ class RequestStore:
             "include_usage": "1" if include_usage else "0",
             "created_s": job.created_s,
             "enqueued_ms": job.enqueued_ms,
-            "attempt": 0,
-            "last_seq": 0,
         }
         pipe = self._r.pipeline(transaction=False)
         pipe.hset(rk.meta, mapping=fields)
+        for name, value in progress.items():
+            pipe.hsetnx(rk.meta, name, value)
         pipe.pexpire(rk.meta, self.running_ttl_ms)
         pipe.set(rk.job, payload, px=self.running_ttl_ms)
         cluster = is_cluster(self.redis)
@@ -213,7 +216,8 @@ class RequestStore:
         except BaseException:
             await self._r.delete(rk.meta, rk.job)
             raise
-        return RequestMeta.from_hash(job.request_id, {k.encode(): str(v).encode() for k, v in fields.items()})
+        written = {**fields, **progress}
+        return RequestMeta.from_hash(job.request_id, {k.encode(): str(v).encode() for k, v in written.items()})
 
     async def meta(self, request_id: str) -> RequestMeta | None:
         raw = await self._r.hgetall(keys.RequestKeys.of(request_id).meta)
@@ -292,11 +296,15 @@ class RequestStore:
 
     # -- worker side --------------------------------------------------------------------------------
 
-    async def claim(self, request_id: str, worker_id: str, *, takeover: bool = False) -> tuple[int, int]:
-        """Take a queued request (or, with ``takeover``, a running one whose worker lost its lease);
-        (attempt, last_seq), attempt 0 when it cannot be taken."""
+    async def claim(
+        self, request_id: str, worker_id: str, entry_id: bytes = b"", *, takeover: bool = False
+    ) -> tuple[int, int]:
+        """Take a queued request from its queue entry ``entry_id`` (or, with ``takeover``, a running one
+        whose worker lost its lease); (attempt, last_seq), attempt 0 when it cannot be taken. Safe to send
+        again: a repeated claim by the same worker of the same entry answers like the first."""
         attempt, last_seq = await self._claim(
-            keys=[keys.RequestKeys.of(request_id).meta], args=[worker_id, now_ms(), "1" if takeover else "0"]
+            keys=[keys.RequestKeys.of(request_id).meta],
+            args=[worker_id, now_ms(), "1" if takeover else "0", entry_id],
         )
         return int(attempt), int(last_seq)
 

@@ -152,6 +152,32 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def unencodable_text(value: Any, path: str = "") -> str | None:
+    """The path (``messages.0.content``) of the first text in ``value`` (nested dicts, lists, tuples and
+    strings, as a request is decoded from JSON) that the wire format cannot carry, or None when it has none.
+
+    Text is stored as UTF-8, and a lone UTF-16 surrogate (``"\\ud800"`` in JSON, which Python's decoder
+    accepts) has no UTF-8 form: a request carrying one must be refused where it arrives, with the field
+    named, before anything is held or written for it, not fail when it is encoded."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "(body)"
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = unencodable_text(key, path) or unencodable_text(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def encode(payload: Payload) -> bytes:
     """Serialise a payload; the single writer of tokenspool's stored bytes."""
     tag = _TAGS[type(payload)]

@@ -37,6 +37,16 @@ def run_cli(args: list[str], env: dict[str, str], timeout_s: float = 30) -> subp
         ("worker", {"TOKENSPOOL_ENFORCE_EAGER": "maybe"}, "expected true or false"),
         ("worker", {"TOKENSPOOL_MAX_NUM_SEQZ": "4"}, "unknown setting TOKENSPOOL_MAX_NUM_SEQZ"),
         ("up", {"TOKENSPOOL_RETENTION_S": "soon"}, "TOKENSPOOL_RETENTION_S: expected a number"),
+        (
+            "worker",
+            {"TOKENSPOOL_LEASE_TIMEOUT_S": "1"},
+            "TOKENSPOOL_LEASE_TIMEOUT_S (--lease-timeout-s) must be at least 2 times TOKENSPOOL_WORKER_HEARTBEAT_S",
+        ),
+        (
+            "up",
+            {"TOKENSPOOL_LEASE_TIMEOUT_S": "1"},
+            "TOKENSPOOL_LEASE_TIMEOUT_S (--lease-timeout-s) must be at least 2 times TOKENSPOOL_WORKER_HEARTBEAT_S",
+        ),
     ],
 )
 def test_bad_settings_fail_fast_with_a_message_naming_the_variable(

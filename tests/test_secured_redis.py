@@ -17,6 +17,7 @@ import redis
 
 from tests.conftest import redis_mode
 from tests.support import (
+    EVENT_STREAM,
     Cluster,
     Gateway,
     chat_body,
@@ -131,7 +132,9 @@ def exercise(stack: Cluster, gateway: Gateway) -> None:
     )
     assert resumed.events[0].id == f"{request_id}:3" and resumed.events[-1].data == "[DONE]"
     with httpx.Client(timeout=30) as http:
-        with http.stream("POST", url, json=chat_body("to cancel", max_tokens=500, model=MODEL)) as response:
+        with http.stream(
+            "POST", url, json=chat_body("to cancel", max_tokens=500, model=MODEL), headers=EVENT_STREAM
+        ) as response:
             cancel_id = response.headers["x-request-id"]
             events = iter_sse(response)
             first_event = next(item for item in events if not isinstance(item, str))

@@ -129,6 +129,45 @@ def test_settings_below_minimum_raise_naming_the_variable(cls: type[CommonSettin
         load_settings(cls, {name: raw})
 
 
+@pytest.mark.parametrize(
+    ("cls", "env", "rule"),
+    [
+        (
+            WorkerSettings,
+            {"TOKENSPOOL_LEASE_TIMEOUT_S": "1", "TOKENSPOOL_WORKER_HEARTBEAT_S": "1"},
+            "TOKENSPOOL_LEASE_TIMEOUT_S (--lease-timeout-s) must be at least 2 times TOKENSPOOL_WORKER_HEARTBEAT_S "
+            "(--worker-heartbeat-s), got 1 and 1: a worker renews its leases once per heartbeat",
+        ),
+        (
+            WorkerSettings,
+            {"TOKENSPOOL_WORKER_HEARTBEAT_S": "3", "TOKENSPOOL_LEASE_TIMEOUT_S": "6"},
+            "TOKENSPOOL_WORKER_TTL_S (--worker-ttl-s) must be at least 2 times TOKENSPOOL_WORKER_HEARTBEAT_S",
+        ),
+        (
+            GatewaySettings,
+            {"TOKENSPOOL_REQUEST_TTL_S": "60"},
+            "TOKENSPOOL_REQUEST_TTL_S (--request-ttl-s) must be at least TOKENSPOOL_QUEUE_TIMEOUT_S "
+            "(--queue-timeout-s), got 60 and 600: a queued request's keys live request_ttl_s",
+        ),
+    ],
+)
+def test_settings_that_cannot_work_together_are_refused_with_the_rule(
+    cls: type[CommonSettings], env: dict[str, str], rule: str
+) -> None:
+    with pytest.raises(SettingsError, match=re.escape(rule)):
+        load_settings(cls, env)
+
+
+def test_settings_on_the_edge_of_a_rule_are_accepted() -> None:
+    worker = load_settings(
+        WorkerSettings,
+        {"TOKENSPOOL_LEASE_TIMEOUT_S": "0.4", "TOKENSPOOL_WORKER_HEARTBEAT_S": "0.2", "TOKENSPOOL_WORKER_TTL_S": "0.4"},
+    )
+    assert (worker.lease_timeout_s, worker.worker_ttl_s) == (0.4, 0.4)
+    gateway = load_settings(GatewaySettings, {"TOKENSPOOL_REQUEST_TTL_S": "60", "TOKENSPOOL_QUEUE_TIMEOUT_S": "60"})
+    assert gateway.request_ttl_s == gateway.queue_timeout_s == 60
+
+
 def test_settings_minimum_is_inclusive() -> None:
     settings = load_settings(GatewaySettings, {"TOKENSPOOL_PORT": "0", "TOKENSPOOL_RETENTION_S": "0.001"})
     assert (settings.port, settings.retention_s) == (0, 0.001)

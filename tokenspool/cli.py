@@ -79,6 +79,7 @@ def run_gateway(settings: GatewaySettings) -> int:
     import uvicorn
 
     from tokenspool.gateway.app import create_app
+    from tokenspool.gateway.limits import head_deadline_protocol, socket_limit
     from tokenspool.gateway.metrics import use_multiprocess_mode
     from tokenspool.shared import logs
 
@@ -114,7 +115,8 @@ def run_gateway(settings: GatewaySettings) -> int:
         port=settings.port,
         fd=settings.fd,
         loop="auto",
-        http="auto",
+        http=head_deadline_protocol(settings.header_timeout_s),
+        limit_concurrency=socket_limit(settings.max_connections),
         lifespan="on",
         access_log=False,
         log_config=None,

@@ -5,16 +5,27 @@ its workers.
 A pending entry of the consumer group is the lease: every heartbeat the holder resets its idle time;
 another worker takes an entry idle longer than ``lease_timeout_s`` and continues the request from its
 stored tokens, fencing the old holder with a new attempt number.
+
+An entry's idle time proves its holder stopped only if the holder could have renewed it all that time.
+Across a Redis outage nobody could. A restarted server restores its pending entries with the idle time
+they had plus the time it was down, so the takeover script claims nothing until the server has been up
+for a lease timeout (``shared/lua/claim_abandoned.lua``). A server that stayed up while workers could not
+reach it counts on too, so a worker whose own lease commands failed takes nothing over until a lease
+timeout after Redis answered it again. Either way, by then every live holder, which renews every
+heartbeat (shorter than a lease), has renewed its entries, and only the dead holders' entries look idle.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from tokenspool.shared.logs import about
 from tokenspool.shared.queue import ModelQueue, QueueEntry
+from tokenspool.shared.redis_client import UNREACHABLE
 from tokenspool.shared.store import RequestStore
 from tokenspool.worker.metrics import WorkerMetrics
 from tokenspool.worker.runner import RequestRunner
@@ -22,6 +33,8 @@ from tokenspool.worker.running import RunningRequests
 from tokenspool.worker.settings import WorkerSettings
 
 log = logging.getLogger("tokenspool.worker")
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -34,12 +47,32 @@ class Leases:
     runner: RequestRunner
     metrics: WorkerMetrics
     _no_takeover_until: float = field(default=float("-inf"))
-    """After a migration, this worker takes nothing over for a while (it would take back what it gave)."""
+    """After a migration, this worker takes nothing over for a while (it would take back what it gave); after
+    a Redis outage, neither (the leases of live workers look expired until they renewed them)."""
+    _outage: bool = False
+    """A lease command failed to reach Redis since the last one that did."""
+
+    async def _reaching(self, command: Awaitable[T]) -> T:
+        """Await a lease command, noting whether Redis could be reached: the first answer after a failure
+        holds takeovers off for a lease timeout."""
+        try:
+            result = await command
+        except UNREACHABLE:
+            self._outage = True
+            raise
+        if self._outage:
+            self._outage = False
+            self._no_takeover_until = max(self._no_takeover_until, time.monotonic() + self.settings.lease_timeout_s)
+            log.info(
+                "Redis answering again: no takeover for %gs, while live workers renew their leases",
+                self.settings.lease_timeout_s,
+            )
+        return result
 
     async def renew(self) -> None:
         """Renew the leases of running requests; a request whose lease another worker took is lost."""
         held = {r.entry_id: r for r in self.running if r.writable}
-        renewed = await self.queue.renew_leases(list(held))
+        renewed = await self._reaching(self.queue.renew_leases(list(held)))
         for entry_id in set(held) - renewed:
             entry = held[entry_id].log
             if entry is not None and not entry.done.is_set():
@@ -67,7 +100,11 @@ class Leases:
         free = self.running.free()
         if free <= 0 or self.running.failure is not None or time.monotonic() < self._no_takeover_until:
             return
-        for entry in await self.queue.claim_abandoned(int(self.settings.lease_timeout_s * 1000), free):
+        if self._outage:
+            await self._reaching(self.queue.ping())  # back? then hold off, rather than claim at once
+            return
+        lease_ms = int(self.settings.lease_timeout_s * 1000)
+        for entry in await self._reaching(self.queue.claim_abandoned(lease_ms, free)):
             if self.running.holds_entry(entry.entry_id):
                 continue  # ours all along (its lease only looked expired, e.g. after a Redis outage)
             if entry.delivered > self.settings.max_attempts:

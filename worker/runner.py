@@ -70,7 +70,7 @@ class RequestRunner:
             await self.queue.finish(held.entry_id)
             log.info("request %s: %s", request_id, message, extra=about(request_id))
             return
-        attempt, last_seq = await self.store.claim(request_id, self.worker_id, takeover=takeover)
+        attempt, last_seq = await self.store.claim(request_id, self.worker_id, held.entry_id, takeover=takeover)
         if attempt == 0:
             log.info(
                 "request %s can no longer be taken (cancelled, ended or expired); skipping it",

@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from tokenspool.shared.settings import CommonSettings, SettingsError, setting
+from tokenspool.shared.settings import CommonSettings, SettingsError, require_at_least, setting
 
 EngineName = Literal["sim", "vllm"]
+LEASE_HEARTBEATS = 2
+"""A lease (and a registry entry) must outlast this many heartbeats: it survives one late renewal."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +28,10 @@ class WorkerSettings(CommonSettings):
     stream_maxlen: int = setting(100_000, "events kept per request stream while it runs", minimum=1)
     max_unflushed_events: int = setting(4096, "events a request may buffer while Redis is slow", minimum=1)
     lease_timeout_s: float = setting(
-        3.0, "a running request whose worker stops renewing its lease this long is taken over", minimum=0.1
+        3.0,
+        "a running request whose worker stops renewing its lease this long is taken over (at least two "
+        "worker heartbeats)",
+        minimum=0.1,
     )
     max_attempts: int = setting(3, "attempts before a request that keeps failing workers is dead-lettered", minimum=1)
     drain_timeout_s: float = setting(30.0, "on SIGTERM, how long running requests may take to finish", minimum=0.0)
@@ -60,6 +65,23 @@ class WorkerSettings(CommonSettings):
     def __post_init__(self) -> None:
         CommonSettings.__post_init__(self)
         parse_cpu_list(self.engine_cpus)
+        require_at_least(
+            self,
+            "lease_timeout_s",
+            "worker_heartbeat_s",
+            LEASE_HEARTBEATS,
+            "a worker renews its leases once per heartbeat and another worker takes over a lease left idle "
+            "for lease_timeout_s, so with less, one renewal a little late (a slow Redis round trip, a busy "
+            "event loop) hands a live worker's requests to another",
+        )
+        require_at_least(
+            self,
+            "worker_ttl_s",
+            "worker_heartbeat_s",
+            LEASE_HEARTBEATS,
+            "a worker refreshes its registry entry once per heartbeat and counts as dead when not heard from "
+            "for worker_ttl_s, so with less, one refresh a little late makes a live worker look dead",
+        )
 
 
 def parse_cpu_list(text: str) -> frozenset[int]:

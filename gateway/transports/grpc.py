@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -50,6 +51,7 @@ from contextlib import aclosing
 from typing import Any, Final
 
 import grpc
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
 from tokenspool.gateway.auth import Principal
@@ -452,6 +454,70 @@ def _refusals(metrics: GatewayMetrics) -> Iterator[None]:
         raise Refusal.of(down) from None
 
 
+class Undecodable:
+    """A request message that did not parse, e.g. a string field that is not UTF-8 (protobuf's rule, which
+    a lone UTF-16 surrogate breaks): stands in for the message until the call can be refused."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class RefuseUndecodable(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Answers a request message that does not parse with INVALID_ARGUMENT, like any bad parameter, where a
+    failing deserializer would make it UNKNOWN (a server error). Wraps every method's handler: the
+    deserializer returns :class:`Undecodable` instead of raising, and the call is refused when it meets one."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+
+        def parse(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except DecodeError as exc:
+                return Undecodable(str(exc))
+
+        async def refuse_if_undecodable(request: Any, context: Any) -> None:
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse: {request.reason}")
+
+        async def run(behavior: Any, request: Any, context: Any) -> Any:
+            """The method's answer; a streaming one (an async generator) is written out here."""
+            result = behavior(request, context)
+            if not inspect.isasyncgen(result):
+                return await result
+            async for response in result:
+                await context.write(response)
+            return None
+
+        async def checked(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            async for request in requests:
+                await refuse_if_undecodable(request, context)
+                yield request
+
+        async def one_request(request: Any, context: Any) -> Any:
+            await refuse_if_undecodable(request, context)
+            return await run(behavior, request, context)
+
+        async def request_stream(requests: AsyncIterator[Any], context: Any) -> Any:
+            return await run(behavior, checked(requests, context), context)
+
+        serialize = handler.response_serializer
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+            return grpc.unary_unary_rpc_method_handler(one_request, parse, serialize)
+        if handler.unary_stream is not None:
+            behavior = handler.unary_stream
+            return grpc.unary_stream_rpc_method_handler(one_request, parse, serialize)
+        if handler.stream_unary is not None:
+            behavior = handler.stream_unary
+            return grpc.stream_unary_rpc_method_handler(request_stream, parse, serialize)
+        behavior = handler.stream_stream
+        return grpc.stream_stream_rpc_method_handler(request_stream, parse, serialize)
+
+
 class GrpcServer:
     """ChatService on ``settings.grpc_port``, served by the gateway's own event loop and services."""
 
@@ -459,13 +525,14 @@ class GrpcServer:
         assert settings.grpc_port is not None
         self._settings = settings
         self._server = grpc.aio.server(
+            interceptors=[RefuseUndecodable()],
             options=[
                 ("grpc.max_receive_message_length", settings.max_body_bytes),
                 # Pings find clients that vanished without closing, as SSE's heartbeats do, so their
                 # attachments end and their requests are not generated for nobody.
                 ("grpc.keepalive_time_ms", int(max(settings.heartbeat_s, 1.0) * 1000)),
                 ("grpc.keepalive_timeout_ms", int(settings.send_timeout_s * 1000)),
-            ]
+            ],
         )
         pb_grpc.add_ChatServiceServicer_to_server(ChatService(services), self._server)
 

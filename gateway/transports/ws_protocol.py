@@ -7,6 +7,7 @@ transport it uses. The protocol itself is described in :mod:`tokenspool.gateway.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -14,7 +15,7 @@ import orjson
 from pydantic import ValidationError
 
 from tokenspool.gateway.chunks import chat_logprobs, usage_body
-from tokenspool.gateway.errors import APIError, bad_request, validation_error
+from tokenspool.gateway.errors import APIError, bad_request, invalid_text, validation_error
 from tokenspool.gateway.schemas import ChatCompletionRequest
 from tokenspool.shared import keys, wire
 
@@ -68,7 +69,11 @@ def decode(data: str | bytes | None, max_bytes: int) -> dict[str, Any]:
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise bad_request(f"the message is not valid JSON ({exc})", code="invalid_json") from None
+        try:  # valid JSON orjson refuses: a lone surrogate escape ("\ud800"), which the submission's text
+            # check then refuses naming its field, as over HTTP (whose parser is this one)
+            value = json.loads(data)
+        except ValueError:
+            raise bad_request(f"the message is not valid JSON ({exc})", code="invalid_json") from None
     if not isinstance(value, dict):
         raise bad_request("a message must be a JSON object", code="invalid_message")
     return value
@@ -81,6 +86,8 @@ def tag_of(message: dict[str, Any]) -> Tag:
         return None
     if isinstance(tag, bool) or not isinstance(tag, str | int):
         raise bad_request("'id' must be a string or an integer", param="id", code="invalid_value")
+    if isinstance(tag, str) and wire.unencodable_text(tag) is not None:
+        raise invalid_text("id")  # echoed in every answer: it must be text an answer can carry
     if isinstance(tag, str) and len(tag) > MAX_TAG_CHARS:
         raise bad_request(f"'id' must be at most {MAX_TAG_CHARS} characters", param="id", code="invalid_value")
     return tag
@@ -90,7 +97,7 @@ def named_request(message: dict[str, Any]) -> str | None:
     """The request a cancel or resume names (for the ``request_id`` of an error about it)."""
     for field in ("cancel", "resume"):
         value = message.get(field)
-        if isinstance(value, str):
+        if isinstance(value, str) and wire.unencodable_text(value) is None:
             return value
     return None
 
@@ -98,6 +105,9 @@ def named_request(message: dict[str, Any]) -> str | None:
 def parse(message: dict[str, Any]) -> Command:
     """The command a decoded message carries; an APIError naming the problem if it carries none."""
     tag = tag_of(message)
+    bad = wire.unencodable_text(message)  # named as this message names it ('prompt', not the chat message)
+    if bad is not None:
+        raise invalid_text(bad)
     if "cancel" in message:
         _only(message, _CANCEL_FIELDS)
         return Cancel(tag, _string(message, "cancel"))

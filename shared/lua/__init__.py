@@ -15,12 +15,13 @@ from redis.commands.core import AsyncScript
 
 from tokenspool.shared.redis_client import AsyncRedis
 
-ScriptName = Literal["append", "claim", "cancel", "renew_leases", "count_request", "open_stream"]
+ScriptName = Literal["append", "claim", "cancel", "renew_leases", "claim_abandoned", "count_request", "open_stream"]
 SCRIPT_NAMES: Final[tuple[ScriptName, ...]] = (
     "append",
     "claim",
     "cancel",
     "renew_leases",
+    "claim_abandoned",
     "count_request",
     "open_stream",
 )
