@@ -88,6 +88,10 @@ class FunctionToolIn(BaseModel):
     strict: bool | None = None
 
 
+FUNCTION_FIELDS: Final = frozenset({"name", "description", "parameters", "strict"})
+"""What a function tool says of its function (its chat form's ``function`` object)."""
+
+
 class NamedFunctionChoice(BaseModel):
     model_config = _OPEN
     type: Literal["function"]
@@ -154,8 +158,11 @@ class ResponsesRequest(BaseModel):
         return self
 
     def record(self, model: str) -> bytes:
-        """What the job keeps of this request (as the client sent it, with the model resolved)."""
-        return orjson.dumps({**self.model_dump(mode="json", by_alias=True, exclude_unset=True), "model": model})
+        """What the job keeps of this request: the fields it reads, as the client sent them (the ones it
+        ignores are dropped), with the model resolved."""
+        known = set(type(self).model_fields)
+        fields = self.model_dump(mode="json", by_alias=True, exclude_unset=True, include=known)
+        return orjson.dumps({**fields, "model": model})
 
     @classmethod
     def from_record(cls, record: bytes) -> ResponsesRequest:
@@ -284,7 +291,7 @@ def to_chat(
         body["tools"] = [
             {
                 "type": "function",
-                "function": tool.model_dump(mode="json", exclude_unset=True, exclude={"type"}),
+                "function": tool.model_dump(mode="json", exclude_unset=True, include=FUNCTION_FIELDS),
             }
             for tool in request.tools
         ]
@@ -317,9 +324,11 @@ def to_chat(
     body.update({name: value for name, value in optional.items() if value is not None})
     try:
         chat = MappedChatRequest.model_validate(body)
+        chat._record = request.record(model)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
-    chat._record = request.record(model)
+    except TypeError as exc:  # JSON the store cannot keep (orjson: an integer beyond 64 bits)
+        raise bad_request(f"the request cannot be stored as JSON: {exc}", code="invalid_value") from None
     return chat
 
 
@@ -440,7 +449,8 @@ class ResponseRenderer:
         )
 
     def _tools(self) -> list[dict[str, Any]]:
-        return [tool.model_dump(mode="json", exclude_unset=True) for tool in self.request.tools or ()]
+        known = FUNCTION_FIELDS | {"type"}
+        return [tool.model_dump(mode="json", exclude_unset=True, include=known) for tool in self.request.tools or ()]
 
     # -- events
 

@@ -29,6 +29,7 @@ SLOW = {**WORKER, "sim_itl_ms": 25, "sim_ttft_ms": 5}
 class Stack:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
+        self.clients: dict[tuple[str, str], openai.OpenAI] = {}
         self.workers: list[Worker] = [cluster.worker(**SLOW), cluster.worker(**SLOW)]
         cluster.worker(**{**SLOW, "model": LONG_MODEL, "sim_default_max_tokens": 5000})
         self.gateways: list[Gateway] = [self.gateway(), self.gateway()]
@@ -40,7 +41,13 @@ class Stack:
 
     def client(self, gateway: Gateway | None = None, key: str = ALICE) -> openai.OpenAI:
         url = (gateway or self.gateways[0]).url + "/v1"
-        return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=30)
+        if (url, key) not in self.clients:
+            self.clients[url, key] = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=30)
+        return self.clients[url, key]
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
 
     def job(self, response_id: str) -> wire.Job:
         raw = self.cluster.redis.get(keys.RequestKeys.of(response_id).job)
@@ -49,8 +56,10 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(cluster: Cluster) -> Stack:
-    return Stack(cluster)
+def stack(cluster: Cluster) -> Iterator[Stack]:
+    stack = Stack(cluster)
+    yield stack
+    stack.close()
 
 
 def types_of(events: list[ResponseStreamEvent]) -> list[str]:
