@@ -291,7 +291,7 @@ def to_chat(
         body["tools"] = [
             {
                 "type": "function",
-                "function": tool.model_dump(mode="json", exclude_unset=True, include=FUNCTION_FIELDS),
+                "function": tool.model_dump(mode="json", exclude_unset=True, include=set(FUNCTION_FIELDS)),
             }
             for tool in request.tools
         ]
@@ -449,7 +449,7 @@ class ResponseRenderer:
         )
 
     def _tools(self) -> list[dict[str, Any]]:
-        known = FUNCTION_FIELDS | {"type"}
+        known = set(FUNCTION_FIELDS | {"type"})
         return [tool.model_dump(mode="json", exclude_unset=True, include=known) for tool in self.request.tools or ()]
 
     # -- events
@@ -545,9 +545,7 @@ class ResponseRenderer:
             out.append(
                 ResponseContentPartAddedEvent(
                     type="response.content_part.added",
-                    sequence_number=self._next(),
-                    output_index=current.output_index,
-                    item_id=current.item_id,
+                    **self._at(current),
                     content_index=0,
                     part=part,
                 )
@@ -557,9 +555,7 @@ class ResponseRenderer:
             out.append(
                 ResponseTextDeltaEvent(
                     type="response.output_text.delta",
-                    sequence_number=self._next(),
-                    output_index=current.output_index,
-                    item_id=current.item_id,
+                    **self._at(current),
                     content_index=0,
                     delta=text,
                     logprobs=[],
@@ -569,9 +565,7 @@ class ResponseRenderer:
             out.append(
                 ResponseReasoningTextDeltaEvent(
                     type="response.reasoning_text.delta",
-                    sequence_number=self._next(),
-                    output_index=current.output_index,
-                    item_id=current.item_id,
+                    **self._at(current),
                     content_index=0,
                     delta=text,
                 )
@@ -611,9 +605,7 @@ class ResponseRenderer:
             out.append(
                 ResponseFunctionCallArgumentsDeltaEvent(
                     type="response.function_call_arguments.delta",
-                    sequence_number=self._next(),
-                    output_index=current.output_index,
-                    item_id=current.item_id,
+                    **self._at(current),
                     delta=arguments,
                 )
             )
@@ -631,9 +623,7 @@ class ResponseRenderer:
             out.append(
                 ResponseTextDoneEvent(
                     type="response.output_text.done",
-                    sequence_number=self._next(),
-                    output_index=current.output_index,
-                    item_id=current.item_id,
+                    **self._at(current),
                     content_index=0,
                     text=current.text,
                     logprobs=[],
@@ -644,9 +634,7 @@ class ResponseRenderer:
             out.append(
                 ResponseReasoningTextDoneEvent(
                     type="response.reasoning_text.done",
-                    sequence_number=self._next(),
-                    output_index=current.output_index,
-                    item_id=current.item_id,
+                    **self._at(current),
                     content_index=0,
                     text=current.text,
                 )
@@ -656,9 +644,7 @@ class ResponseRenderer:
             out.append(
                 ResponseFunctionCallArgumentsDoneEvent(
                     type="response.function_call_arguments.done",
-                    sequence_number=self._next(),
-                    output_index=current.output_index,
-                    item_id=current.item_id,
+                    **self._at(current),
                     arguments=current.text,
                 )
             )
@@ -673,12 +659,14 @@ class ResponseRenderer:
         self.output.append(item)
         return out
 
+    def _at(self, current: _OpenItem) -> dict[str, Any]:
+        """Where an event of the streamed item stands: the next sequence number, the item and its place."""
+        return {"sequence_number": self._next(), "output_index": current.output_index, "item_id": current.item_id}
+
     def _part_done(self, current: _OpenItem, part: Any) -> ResponseContentPartDoneEvent:
         return ResponseContentPartDoneEvent(
             type="response.content_part.done",
-            sequence_number=self._next(),
-            output_index=current.output_index,
-            item_id=current.item_id,
+            **self._at(current),
             content_index=0,
             part=part,
         )

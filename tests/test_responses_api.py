@@ -326,3 +326,75 @@ def test_bad_input_gets_openai_errors(stack: Stack) -> None:
 
 def done_last(client: openai.OpenAI, response_id: str) -> int:
     return list(client.responses.retrieve(response_id, stream=True))[-1].sequence_number
+
+
+# -- the renderer alone: what the sim engine cannot produce (reasoning, tool calls), from stored events ------
+
+
+def rendered(events: list[wire.Event]) -> list[dict[str, Any]]:
+    from tokenspool.gateway.responses import ResponseRenderer, ResponsesRequest, dump
+    from tokenspool.shared.store import RequestMeta
+
+    request = ResponsesRequest.model_validate({"model": "m", "input": "hi"})
+    meta = RequestMeta.from_hash("resp_" + "ab" * 16, {b"model": b"m", b"created_s": b"7", b"format": b"response"})
+    renderer = ResponseRenderer(meta, request)
+    out = renderer.start()
+    for event in events:
+        out += renderer.feed(event)
+    return [dump(event) for event in out]
+
+
+def test_reasoning_text_and_tool_calls_render_as_vllm_streams_them() -> None:
+    call = [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q"'}}]
+    more = [{"index": 0, "function": {"arguments": ': "x"}'}}]
+    second = [{"index": 1, "id": "call_2", "type": "function", "function": {"name": "other", "arguments": "{}"}}]
+    stored = [
+        wire.Event("delta", reasoning="thinking"),
+        wire.Event("delta", text="Let me look.", reasoning=" more"),  # reasoning first, as vLLM splits a delta
+        wire.Event("delta", tool_calls=json.dumps(call)),
+        wire.Event("delta", tool_calls=json.dumps(more)),
+        wire.Event("handover", message="continued"),
+        wire.Event("delta", tool_calls=json.dumps(second), finish_reason="tool_calls"),
+        wire.Event("end", finish_reason="tool_calls", prompt_tokens=4, completion_tokens=9),
+    ]
+    events = rendered(stored)
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+    assert [event["type"] for event in events[2:]] == [
+        "response.output_item.added",  # reasoning
+        "response.content_part.added",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",  # message
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",  # first call
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.output_item.added",  # second call
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    output = events[-1]["response"]["output"]
+    assert [item["type"] for item in output] == ["reasoning", "message", "function_call", "function_call"]
+    assert output[0]["content"] == [{"type": "reasoning_text", "text": "thinking more"}]
+    assert output[2] | {"id": None} == {
+        "type": "function_call",
+        "id": None,
+        "call_id": "call_1",
+        "name": "lookup",
+        "arguments": '{"q": "x"}',
+        "status": "completed",
+    }
+    assert output[3]["call_id"] == "call_2" and output[3]["arguments"] == "{}"
+    # The same stored events give the same events, ids included, wherever and whenever they are rendered.
+    assert rendered(stored) == events

@@ -30,10 +30,7 @@ def _json(body: Any, headers: dict[str, str] | None = None) -> Response:
 
 @router.post("/responses", responses=JSON_OR_SSE)
 async def create_response(
-    body: ResponsesRequest,
-    request: Request,
-    who: Caller,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    request: Request, who: Caller, body: ResponsesRequest, idempotency_key: Annotated[str | None, Header()] = None
 ) -> Response:
     """Create a response: streamed (``stream``), run in the background (``background``: answered at once
     with status ``queued``, retrievable and resumable from any gateway), or answered when it ends."""
