@@ -183,6 +183,10 @@ class MappedChatRequest(ChatCompletionRequest):
     def origin_record(self) -> bytes:
         return self._record
 
+    def engine_features(self) -> tuple[str, ...]:
+        # add_special_tokens is the mapping's, not the client's: every engine takes it (the sim ignores it).
+        return tuple(feature for feature in super().engine_features() if feature != "add_special_tokens")
+
 
 # -- Responses input items -> chat messages (as vLLM's construct_input_messages) ------------------------------
 
@@ -286,7 +290,14 @@ def to_chat(
     messages += [message for message in history if message.get("role") != "system"]
     messages += chat_messages([item for item in previous_output if item.get("type") != "reasoning"], "output")
     messages += chat_messages(input_items(request))
-    body: dict[str, Any] = {"model": model, "messages": messages, "background": request.background}
+    # vLLM's Responses renderer tokenizes the templated prompt with the tokenizer's special tokens (its
+    # ResponsesRequest has no add_special_tokens, the chat request's defaults to false): the same prompt ids.
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "background": request.background,
+        "add_special_tokens": True,
+    }
     if request.tools:
         body["tools"] = [
             {

@@ -4,8 +4,11 @@ after a gateway or a worker died), cancels, deletes and chains responses; anothe
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +19,7 @@ from openai.types.responses import ResponseStreamEvent
 from tests.support import Cluster, Gateway, Worker, wait_for, wait_for_model
 from tokenspool.shared import keys, wire
 
+NODE_DIR = Path(__file__).parent / "node"
 MODEL = "responses-sim"
 LONG_MODEL = "responses-sim-long"
 """A model whose replies run for a minute unless stopped (for cancels)."""
@@ -398,3 +402,23 @@ def test_reasoning_text_and_tool_calls_render_as_vllm_streams_them() -> None:
     assert output[3]["call_id"] == "call_2" and output[3]["arguments"] == "{}"
     # The same stored events give the same events, ids included, wherever and whenever they are rendered.
     assert rendered(stored) == events
+
+
+def test_node_sdk_resumes_a_background_stream_on_another_gateway(stack: Stack) -> None:
+    """The official Node SDK (tests/node, `npm ci --prefix tests/node`), unchanged."""
+    node = shutil.which("node")
+    if node is None or not (NODE_DIR / "node_modules" / "openai").is_dir():
+        pytest.fail("the Node SDK is not installed: run `npm ci --prefix tests/node` (node 20 or later)")
+    first, second = (gateway.url + "/v1" for gateway in stack.gateways)
+    done = subprocess.run(
+        [node, str(NODE_DIR / "resume_response.mjs"), first, second, ALICE, MODEL],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["seen"] == list(range(len(result["seen"]))) and len(result["seen"]) > 6
+    assert result["lastType"] == "response.completed" and result["status"] == "completed"
+    assert result["text"] == result["output"] and result["text"]
