@@ -27,7 +27,7 @@ from tokenspool.gateway.services import Services
 from tokenspool.gateway.session import StreamSessions
 from tokenspool.gateway.settings import GatewaySettings, is_loopback
 from tokenspool.gateway.submission import SubmissionService
-from tokenspool.gateway.transports import http, websocket
+from tokenspool.gateway.transports import http, responses_http, websocket
 from tokenspool.shared.redis_client import NodeConnections, RedisTarget, connect, redact
 from tokenspool.shared.store import RequestStore
 
@@ -126,6 +126,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="tokenspool gateway", version="0.1.0", lifespan=lifespan)
     app.include_router(http.router)
+    app.include_router(responses_http.router)
     app.include_router(websocket.router)
     app.include_router(page.router)
 

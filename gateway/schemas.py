@@ -11,7 +11,7 @@ text, so a worker whose engine cannot do it (the simulated one) is refused with 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, field_validator, model_validator
 
@@ -182,6 +182,15 @@ class _GenerationRequest(BaseModel):
         if self.structured_outputs is not None:
             used.append("structured_outputs")
         return tuple(used)
+
+    feature_params: ClassVar[dict[str, str]] = {}
+    """The parameter the client named for an engine feature, where it is not the feature's own name (a
+    Responses API request asks for ``response_format`` as ``text.format``): refusals name what was sent."""
+
+    def origin_record(self) -> bytes:
+        """The JSON of the request the client sent, when this one was mapped from it (``POST /v1/responses``
+        onto chat), kept in the job so any gateway can answer about it; empty otherwise."""
+        return b""
 
     def body_json(self) -> dict[str, Any]:
         """The request as vLLM's protocol class reads it: what the client sent, less tokenspool's own fields."""

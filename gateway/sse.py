@@ -36,3 +36,10 @@ def _utf8(text: str) -> bytes:
     """UTF-8, with any lone surrogate (which has none) replaced: a frame is always valid UTF-8, so a client's
     decoder never fails on it, whatever text reached the encoder."""
     return text.encode("utf-8", "replace")
+
+
+def named_frame(event: str, data: bytes) -> bytes:
+    """An SSE event with an ``event:`` name and no id, as OpenAI sends Responses API events (``data`` is one
+    line of JSON; a client resumes those by sequence number, not by ``Last-Event-ID``)."""
+    clean = event.replace("\r", "").replace("\n", "")
+    return b"event: " + _utf8(clean) + b"\ndata: " + data.replace(b"\r", b" ").replace(b"\n", b" ") + b"\n\n"

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -120,8 +120,8 @@ class SubmissionService:
                 f"the queue for model {body.model!r} is full ({waiting} waiting); retry later", code="queue_full"
             )
         await self.limits.admit_request(caller)
-        kind: keys.RequestKind = "chat" if isinstance(body, ChatCompletionRequest) else "completion"
-        request_id = keys.new_request_id(kind)
+        kind: Literal["chat", "completion"] = "chat" if isinstance(body, ChatCompletionRequest) else "completion"
+        request_id = keys.new_request_id("response" if stream_format == "response" else kind)
         if idem_key is not None:
             ttl_ms = int((self.settings.retention_s + self.settings.request_ttl_s) * 1000)
             won = await self.store.redis.set(idem_key, f"{request_id} {fingerprint}", nx=True, px=ttl_ms)
@@ -156,6 +156,7 @@ class SubmissionService:
             enqueued_ms=now_ms(),
             background=body.background,
             body=orjson.dumps(body.body_json()),
+            response=body.origin_record(),
         )
         try:
             meta = await self.store.create(
@@ -253,11 +254,12 @@ class SubmissionService:
         """Refuse what the model's workers cannot do, before anything is stored."""
         for feature in body.engine_features():
             if feature in model.unsupported:
+                param = body.feature_params.get(feature, feature)
                 raise APIError(
                     400,
-                    f"{feature!r} is not supported by the {model.engine} engine that serves model {body.model!r} "
+                    f"{param!r} is not supported by the {model.engine} engine that serves model {body.model!r} "
                     "(a vLLM worker serves it)",
-                    param=feature,
+                    param=param,
                     code="unsupported_parameter",
                 )
         if body.wants_logprobs() and "logprobs" in model.unsupported:

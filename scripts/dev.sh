@@ -51,6 +51,9 @@ tools() {  # the real programs the tests drive besides Python: nginx, chromium, 
     if [ -f ops/cloudflare/package-lock.json ] && [ ! -d ops/cloudflare/node_modules/workerd ]; then
         npm ci --prefix ops/cloudflare --no-audit --no-fund --loglevel=error >/dev/null
     fi
+    if [ -f tests/node/package-lock.json ] && [ ! -d tests/node/node_modules/openai ]; then
+        npm ci --prefix tests/node --no-audit --no-fund --loglevel=error >/dev/null  # the OpenAI Node SDK
+    fi
 }
 
 case "${1:-}" in

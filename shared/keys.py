@@ -24,14 +24,15 @@ PARTITIONS: Final = 16
 WORKER_GROUP: Final = "workers"
 """The consumer group every worker of a model reads its queue through."""
 
-RequestKind = Literal["chat", "completion"]
+RequestKind = Literal["chat", "completion", "response"]
 
-_ID_PREFIX: Final[dict[str, str]] = {"chat": "chatcmpl-", "completion": "cmpl-"}
-_REQUEST_ID_RE: Final = re.compile(r"(chatcmpl|cmpl)-([0-9a-f]{32})")
+_ID_PREFIX: Final[dict[str, str]] = {"chat": "chatcmpl-", "completion": "cmpl-", "response": "resp_"}
+_REQUEST_ID_RE: Final = re.compile(r"(chatcmpl-|cmpl-|resp_)([0-9a-f]{32})")
 
 
 def new_request_id(kind: RequestKind) -> str:
-    """A fresh request id with 128 random bits, prefixed as OpenAI prefixes its completion ids."""
+    """A fresh request id with 128 random bits, prefixed as OpenAI prefixes its ids (``resp_`` for a
+    Responses API response, which is a chat request underneath)."""
     return _ID_PREFIX[kind] + secrets.token_hex(16)
 
 

@@ -22,7 +22,7 @@ from tokenspool.shared.settings import CommonSettings
 
 RequestState = Literal["queued", "running", "done", "cancelled", "failed"]
 TERMINAL_STATES: Final = frozenset({"done", "cancelled", "failed"})
-StreamFormat = Literal["chat", "completion", "simple"]
+StreamFormat = Literal["chat", "completion", "simple", "response"]
 
 
 def now_ms() -> int:
@@ -222,6 +222,22 @@ class RequestStore:
     async def meta(self, request_id: str) -> RequestMeta | None:
         raw = await self._r.hgetall(keys.RequestKeys.of(request_id).meta)
         return RequestMeta.from_hash(request_id, raw) if raw else None
+
+    async def job(self, request_id: str) -> wire.Job | None:
+        """The request's job record (what it was asked), kept as long as its events."""
+        raw = await self._r.get(keys.RequestKeys.of(request_id).job)
+        return wire.decode(raw, wire.Job) if raw is not None else None
+
+    async def delete(self, request_id: str, owner: str) -> bool:
+        """Forget the caller's request: its metadata, job, events and attachments. False when it is unknown
+        or another owner's. A request still running loses its record: its worker's next append is refused
+        (``gone``), so it stops and acknowledges its queue entry; a queued one is skipped when pulled."""
+        rk = keys.RequestKeys.of(request_id)
+        recorded = await self._r.hget(rk.meta, "owner")
+        if recorded is None or recorded.decode() != owner:
+            return False
+        await self._r.delete(rk.meta, rk.job, rk.events, rk.attached)
+        return True
 
     async def state(self, request_id: str) -> tuple[str, int]:
         """(state, last_seq) in one small read; ('', 0) for an unknown request."""

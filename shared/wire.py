@@ -68,6 +68,10 @@ class Job:
     body: bytes = b""
     """The OpenAI request's JSON as the client sent it (less tokenspool's own fields): a vLLM worker renders
     it with vLLM's own protocol classes and renderer; the fields above are what the simulated engine reads."""
+    response: bytes = b""
+    """For a Responses API request (``POST /v1/responses``): that request's JSON as the gateway accepted it,
+    from which any gateway renders the response object (``body`` is the chat request it was mapped to, which
+    is what workers run). Empty for every other request."""
 
 
 @dataclass(frozen=True, slots=True)
