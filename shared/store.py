@@ -51,6 +51,8 @@ class RequestMeta:
     completion_tokens: int
     error: str
     cancel_requested: bool
+    choices: int = 1
+    """The request's ``n`` (stored only when above 1): a chat stream opens with one role chunk per choice."""
 
     @property
     def terminal(self) -> bool:
@@ -84,6 +86,7 @@ class RequestMeta:
             completion_tokens=number("completion_tokens"),
             error=text("error"),
             cancel_requested=text("cancel") == "1",
+            choices=number("choices") or 1,
         )
 
 
@@ -135,7 +138,7 @@ class RequestStore:
     # -- gateway side -------------------------------------------------------------------------------
 
     async def create(
-        self, job: wire.Job, *, stream_format: StreamFormat, owner: str, include_usage: bool
+        self, job: wire.Job, *, stream_format: StreamFormat, owner: str, include_usage: bool, choices: int = 1
     ) -> RequestMeta:
         """Record a new request, then enqueue it on its model's queue; the metadata written (so a stream of
         it can start without reading it back).
@@ -158,6 +161,8 @@ class RequestStore:
             "attempt": 0,
             "last_seq": 0,
         }
+        if choices > 1:
+            fields["choices"] = choices
         pipe = self._r.pipeline(transaction=False)
         pipe.hset(rk.meta, mapping=fields)
         pipe.pexpire(rk.meta, self.running_ttl_ms)
