@@ -167,8 +167,62 @@ CORPUS: dict[str, dict[str, Any]] = {
     "seeded sampling": chat(temperature=0.8, top_p=0.9, seed=5),
     "logprobs": chat(logprobs=True, top_logprobs=2, max_tokens=5),
     "max_completion_tokens": chat(max_completion_tokens=7),
+    "include_stop_str_in_output": chat(stop=[" the"], include_stop_str_in_output=True),
+    "skip_special_tokens off": chat(skip_special_tokens=False, tools=[WEATHER], tool_choice=NAMED, max_tokens=30),
+    "chat_template_kwargs": chat(chat_template_kwargs={"enable_thinking": False}),
+    "continue_final_message": chat(
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "well the"}],
+        add_generation_prompt=False,
+        continue_final_message=True,
+    ),
+    "structured_outputs json": chat(structured_outputs={"json": CITY_SCHEMA}, max_tokens=30),
+    "structured_outputs grammar": chat(structured_outputs={"grammar": 'root ::= "yes" | "no"'}),
+    "tools required-free history + auto": chat(messages=HISTORY, tools=[WEATHER], tool_choice="auto"),
+    "stop token ids": chat(stop_token_ids=[5, 6]),
+    "repetition and penalties": chat(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5),
 }
 STREAMED = {f"{name} (stream)": {**body, "stream": True} for name, body in CORPUS.items() if name != "logprobs"}
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "the weather in", "max_tokens": 12, "temperature": 0, **fields}
+
+
+COMPLETIONS: dict[str, dict[str, Any]] = {
+    "completion plain": completion(),
+    "completion echo": completion(echo=True),
+    "completion logprobs": completion(logprobs=2, max_tokens=4),
+    "completion n=2 seeded": completion(n=2, temperature=1.0, seed=3),
+    "completion structured choice": completion(structured_outputs={"choice": ["rain", "sun"]}),
+}
+REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
+    "n=2 greedy": ("/v1/chat/completions", chat(n=2)),
+    "n=2 greedy (stream)": ("/v1/chat/completions", chat(n=2, stream=True)),
+    "image part on a text-only model": (
+        "/v1/chat/completions",
+        chat(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                    ],
+                }
+            ]
+        ),
+    ),
+    "named tool that is not offered (stream)": (
+        "/v1/chat/completions",
+        chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}, stream=True),
+    ),
+    "two structured outputs at once": (
+        "/v1/chat/completions",
+        chat(structured_outputs={"regex": "a", "choice": ["a"]}),
+    ),
+    "completion n=2 greedy (stream)": ("/v1/completions", completion(n=2, stream=True)),
+    "completion suffix": ("/v1/completions", completion(suffix="!")),
+}
 
 
 def comparable(answer: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +279,48 @@ def test_answers_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str) -
     ours = httpx.post(tokenspool + "/v1/chat/completions", json=body, timeout=120)
     assert (ours.status_code, theirs.status_code) == (200, 200), (ours.text, theirs.text)
     assert comparable(ours.json()) == comparable(theirs.json())
+
+
+def comparable_completion(answer: dict[str, Any]) -> dict[str, Any]:
+    choices = []
+    for choice in sorted(answer["choices"], key=lambda c: c["index"]):
+        logprobs = choice.get("logprobs")
+        tokens = list(zip(logprobs["tokens"], [round(p, 3) for p in logprobs["token_logprobs"]])) if logprobs else None
+        choices.append((choice["index"], choice["text"], choice["finish_reason"], tokens))
+    return {"choices": choices, "usage": {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")}}
+
+
+@pytest.mark.parametrize("name", sorted(COMPLETIONS))
+def test_completions_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str) -> None:
+    body = COMPLETIONS[name]
+    theirs = httpx.post(vllm_serve + "/v1/completions", json=body, timeout=120)
+    ours = httpx.post(tokenspool + "/v1/completions", json=body, timeout=120)
+    assert (ours.status_code, theirs.status_code) == (200, 200), (ours.text, theirs.text)
+    assert comparable_completion(ours.json()) == comparable_completion(theirs.json())
+    if "logprobs" not in name:
+        texts = {}
+        for url in (vllm_serve, tokenspool):
+            pieces: dict[int, str] = {}
+            for event in stream_events(url, {**body, "stream": True}, "/v1/completions"):
+                if event.data != "[DONE]":
+                    for choice in orjson.loads(event.data)["choices"]:
+                        pieces[choice["index"]] = pieces.get(choice["index"], "") + choice["text"]
+            texts[url] = pieces
+        assert texts[tokenspool] == texts[vllm_serve]
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_what_vllm_refuses_is_refused_alike_before_any_event(vllm_serve: str, tokenspool: str, name: str) -> None:
+    path, body = REFUSED[name]
+    answers = {}
+    for url in (vllm_serve, tokenspool):
+        with httpx.stream("POST", url + path, json=body, timeout=120) as response:
+            response.read()
+            answers[url] = (response.status_code, response.headers["content-type"].split(";")[0])
+            if response.status_code != 200:
+                answers[url] += (response.json()["error"]["type"],)
+    assert answers[tokenspool] == answers[vllm_serve]
+    assert 400 <= answers[vllm_serve][0] < 500
 
 
 @pytest.mark.parametrize("name", sorted(STREAMED))

@@ -139,7 +139,7 @@ class Refusal(Exception):
     @classmethod
     def of(cls, error: APIError) -> Refusal:
         status = _BY_HTTP_STATUS.get(error.status, grpc.StatusCode.INTERNAL)
-        code = error.code or error.error_type
+        code = str(error.code or error.error_type)
         return cls(status, code, error.message, retry_after=error.headers.get("Retry-After"))
 
     def trailers(self) -> tuple[tuple[str, str], ...]:

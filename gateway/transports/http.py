@@ -12,11 +12,11 @@ from starlette.responses import Response
 
 from tokenspool.gateway.auth import Principal
 from tokenspool.gateway.chunks import completion_body, usage_body
-from tokenspool.gateway.errors import ERROR_RESPONSES, APIError, bad_request, validation_error
+from tokenspool.gateway.errors import ERROR_RESPONSES, APIError, bad_request, engine_refusal, validation_error
 from tokenspool.gateway.reader import parse_resume_id
 from tokenspool.gateway.schemas import ChatCompletionRequest, ChatMessageIn, CompletionRequest
 from tokenspool.gateway.services import Caller, Services, services
-from tokenspool.gateway.transports.sse_stream import SSE, sse_response
+from tokenspool.gateway.transports.sse_stream import SSE, open_sse, sse_response
 from tokenspool.shared.store import StreamFormat
 
 router = APIRouter()
@@ -48,11 +48,18 @@ async def _generate(
     )
     headers = {"X-Request-Id": session.request_id}
     if body.stream:
+        model = (await svc.catalog.models()).get(body.model)
+        if model is not None and model.refuses_late:
+            return await open_sse(session, send_timeout_s=svc.settings.send_timeout_s, headers=headers)
         return sse_response(session, send_timeout_s=svc.settings.send_timeout_s, headers=headers)
     try:
         deltas, last = await session.collect()
     finally:
         session.close()
+    refusal = None if deltas else engine_refusal(last)
+    if refusal is not None:
+        refusal.headers.update(headers)
+        raise refusal
     if last.kind == "error":
         status = 409 if last.error_type == "cancelled" else 500
         raise APIError(status, last.message, error_type=last.error_type, code=last.error_type, headers=headers)

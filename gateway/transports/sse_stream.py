@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from typing import Final
 
@@ -19,7 +19,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from tokenspool.gateway.chunks import ChunkRenderer, error_body
-from tokenspool.gateway.session import Events, Heartbeat, Queued, StreamSession, Transport
+from tokenspool.gateway.errors import engine_refusal
+from tokenspool.gateway.session import Events, Heartbeat, Queued, StreamItem, StreamSession, Transport
 from tokenspool.gateway.sse import DONE_FRAME, comment_frame, data_frame
 
 log = logging.getLogger("tokenspool.gateway.sse")
@@ -30,29 +31,65 @@ SSE: Final = Transport("SSE", resume_hint="resume with Last-Event-ID")
 STREAM_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def sse_frames(session: StreamSession) -> AsyncIterator[bytes]:
+async def sse_frames(
+    session: StreamSession, items: AsyncGenerator[StreamItem, None] | None = None, first: StreamItem | None = None
+) -> AsyncIterator[bytes]:
     """The SSE body of a stream: rendered events (several per write when the client is behind),
     queue-position comments while the request waits, heartbeats while idle, then ``[DONE]`` (after an
-    interruption too, as an error event without an id)."""
+    interruption too, as an error event without an id). ``items`` and ``first``: a session's items already
+    opened, and the one already taken from them (see :func:`open_sse`)."""
     renderer = ChunkRenderer(session.point.meta)
-    async with aclosing(session.items()) as items:
-        async for item in items:
-            if isinstance(item, Events):
-                frames = renderer.render(item.events)
-                if frames:
-                    yield frames
-            elif isinstance(item, Queued):
-                yield comment_frame(item.notice())
-            elif isinstance(item, Heartbeat):
-                yield comment_frame("ping")
-            else:
-                yield data_frame(orjson.dumps(error_body(item.code, item.message)))
+    async with aclosing(items if items is not None else session.items()) as stream:
+        if first is not None:
+            yield _frames(renderer, first)
+        async for item in stream:
+            frames = _frames(renderer, item)
+            if frames:
+                yield frames
     yield DONE_FRAME
+
+
+def _frames(renderer: ChunkRenderer, item: StreamItem) -> bytes:
+    if isinstance(item, Events):
+        return renderer.render(item.events)
+    if isinstance(item, Queued):
+        return comment_frame(item.notice())
+    if isinstance(item, Heartbeat):
+        return comment_frame("ping")
+    return data_frame(orjson.dumps(error_body(item.code, item.message)))
 
 
 def sse_response(session: StreamSession, *, send_timeout_s: float, headers: Mapping[str, str]) -> SSEResponse:
     """The response that streams a session; it gives the session's place back when it ends."""
     return SSEResponse(sse_frames(session), send_timeout_s=send_timeout_s, headers=headers, on_close=session.close)
+
+
+async def open_sse(session: StreamSession, *, send_timeout_s: float, headers: Mapping[str, str]) -> SSEResponse:
+    """The response that streams a new request, once its first item says it was not refused.
+
+    What vLLM refuses after the gateway accepted the request (``n > 1`` at temperature 0, a grammar vLLM
+    cannot build, an image for a text-only model) comes back as the request's first stored event; ``vllm
+    serve`` answers it with a 4xx before any byte of stream, so this waits for the first item (an event,
+    or the first queue notice or heartbeat of a request that waits) before committing to a 200, and raises
+    the refusal as :class:`APIError` instead. A request taken at once costs nothing more: its first frame
+    could not have been written earlier, and the status line now goes with it."""
+    items = session.items()
+    try:
+        first = await anext(items, None)
+        refusal = None
+        if isinstance(first, Events) and first.events[0][0] == 1:
+            refusal = engine_refusal(first.events[0][1])
+        if refusal is not None:
+            refusal.headers.update(headers)
+            raise refusal
+    except BaseException:
+        try:
+            await items.aclose()
+        finally:
+            session.close()
+        raise
+    frames = sse_frames(session, items, first)
+    return SSEResponse(frames, send_timeout_s=send_timeout_s, headers=headers, on_close=session.close)
 
 
 class SSEResponse(StreamingResponse):
