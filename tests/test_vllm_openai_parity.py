@@ -285,7 +285,9 @@ def comparable_completion(answer: dict[str, Any]) -> dict[str, Any]:
     choices = []
     for choice in sorted(answer["choices"], key=lambda c: c["index"]):
         logprobs = choice.get("logprobs")
-        tokens = list(zip(logprobs["tokens"], [round(p, 3) for p in logprobs["token_logprobs"]])) if logprobs else None
+        tokens = None
+        if logprobs:
+            tokens = list(zip(logprobs["tokens"], [round(p, 3) for p in logprobs["token_logprobs"]], strict=True))
         choices.append((choice["index"], choice["text"], choice["finish_reason"], tokens))
     return {"choices": choices, "usage": {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")}}
 
