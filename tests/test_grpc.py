@@ -374,3 +374,16 @@ def test_a_stopping_gateway_ends_its_calls_and_the_client_resumes_elsewhere(
     whole = events_of(head) + tail
     assert_contiguous(request_id, whole)
     assert whole[-1].kind == Kind.END and whole[-1].usage.completion_tokens == 400
+
+
+def test_delta_responses_carry_choice_reasoning_and_tool_calls() -> None:
+    from tests.samples import meta
+    from tokenspool.gateway.transports.grpc import ChatService
+    from tokenspool.shared import wire
+
+    calls = '[{"index":0,"function":{"arguments":"{\\"ci"}}]'
+    event = wire.Event("delta", "", (9,), index=1, reasoning="hm", tool_calls=calls)
+    response = ChatService._event(meta(), 4, event, "t", 0.0)
+    assert (response.index, response.reasoning, response.tool_calls) == (1, "hm", calls)
+    plain = ChatService._event(meta(), 5, wire.Event("delta", "word", (3,)), "t", 0.0)
+    assert not (plain.index or plain.reasoning or plain.tool_calls)

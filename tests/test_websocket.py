@@ -371,3 +371,16 @@ def test_a_waiting_request_reports_its_queue_and_a_model_must_be_named_when_seve
         assert_exactly_once(messages, patient)
     finally:
         narrow.proc.stop()
+
+
+def test_token_messages_carry_choice_reasoning_and_tool_calls_only_when_set() -> None:
+    from tokenspool.gateway.transports import ws_protocol
+    from tokenspool.shared import wire
+
+    calls = '[{"index":0,"function":{"arguments":"{\\"ci"}}]'
+    rich = ws_protocol.token("chatcmpl-x", 4, wire.Event("delta", "", (9,), index=1, reasoning="hm", tool_calls=calls))
+    decoded = orjson.loads(ws_protocol.encode(rich))
+    assert (decoded["index"], decoded["reasoning"]) == (1, "hm")
+    assert decoded["tool_calls"] == [{"index": 0, "function": {"arguments": '{"ci'}}]
+    plain = ws_protocol.token("chatcmpl-x", 5, wire.Event("delta", "word", (3,)))
+    assert set(plain) == {"type", "request_id", "event_id", "content"}

@@ -392,6 +392,9 @@ class ChatService:
             response.kind = pb.ChatResponse.DELTA
             response.content = response.token = event.text
             response.finish_reason = event.finish_reason or ""
+            response.index = event.index
+            response.reasoning = event.reasoning
+            response.tool_calls = event.tool_calls
         elif event.kind == "handover":
             response.kind = pb.ChatResponse.HANDOVER
             response.notice = event.message
