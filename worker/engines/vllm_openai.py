@@ -167,8 +167,17 @@ class OpenAIFrontEnd:
         self.tokenizer = engine.renderer.get_tokenizer()
 
     async def render(self, kind: str, body: bytes, max_model_len: int) -> Rendered:
-        """The request's prompt ids, sampling parameters and parsers; :class:`InvalidRequestError` with
-        vLLM's own message for what vLLM's server refuses."""
+        """The request's prompt ids, sampling parameters and parsers; :class:`InvalidRequestError` with the
+        type and message ``vllm serve`` answers for whatever rendering raises (vLLM's ``VLLMValidationError``
+        is no ``ValueError``: its error mapping, not the exception's class, says what the client sees)."""
+        try:
+            return await self._render(kind, body, max_model_len)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:
+            raise InvalidRequestError(exc) from exc
+
+    async def _render(self, kind: str, body: bytes, max_model_len: int) -> Rendered:
         try:
             raw = json.loads(body)
             request: ChatCompletionRequest | CompletionRequest = (
