@@ -64,7 +64,7 @@ def assert_contiguous(request_id: str, responses: list[pb.ChatResponse]) -> None
 
 def http_replay_text_and_ids(url: str, request_id: str) -> tuple[str, list[str | None]]:
     replay = read_stream("GET", f"{url}/v1/requests/{request_id}/events")
-    return content_of(replay.events), [e.id for e in replay.events if e.data != "[DONE]"]
+    return content_of(replay.events), [e.id for e in replay.events if e.id]
 
 
 def stored_request_count(cluster: Cluster) -> int:
