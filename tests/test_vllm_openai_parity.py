@@ -329,6 +329,18 @@ def test_streams_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str) -
     assert streamed(tokenspool, body) == streamed(vllm_serve, body)
 
 
+@pytest.mark.parametrize("name", ["plain (stream)", "n=2 seeded (stream)", "tools named (stream)"])
+def test_streams_open_with_the_role_chunks_vllm_serve_sends(vllm_serve: str, tokenspool: str, name: str) -> None:
+    openings = {}
+    for url in (vllm_serve, tokenspool):
+        opening: list[SSEEvent] = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=STREAMED[name], timeout=120) as response:
+            first = next(e for e in iter_sse(response, opening) if isinstance(e, SSEEvent))
+        openings[url] = [orjson.loads(e.data)["choices"] for e in opening]
+        assert "role" not in first.data, "the role comes once, in the opening chunks"
+    assert openings[tokenspool] == openings[vllm_serve]
+
+
 # -- durable like plain text: cut, resumed elsewhere, taken over -------------------------------------------
 
 GROWING_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
