@@ -24,6 +24,12 @@ class ModelEntry:
     engine: str = ""
     """The engine its workers run (``sim`` or ``vllm``), for messages."""
 
+    @property
+    def refuses_late(self) -> bool:
+        """Whether its workers validate the OpenAI body themselves (vLLM's own protocol classes and
+        renderer) and may refuse, as the request's first event, what the gateway accepted."""
+        return self.engine == "vllm"
+
 
 class ModelCatalog:
     def __init__(self, client: AsyncRedis, *, worker_ttl_s: float, model_grace_s: float, cache_s: float = 1.0) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from tokenspool.gateway.sse import DONE_FRAME, comment_frame, event_frame
+from tokenspool.gateway.sse import DONE_FRAME, comment_frame, data_frame, event_frame
 from tokenspool.shared import handover, keys, wire
 from tokenspool.shared.store import RequestMeta
 
@@ -66,9 +66,10 @@ def is_plain(event: wire.Event) -> bool:
     return not (event.logprobs or event.index or event.reasoning or event.tool_calls)
 
 
-def chat_delta(event: wire.Event, *, first: bool) -> dict[str, Any]:
-    """A chat chunk's ``delta``: the role on a choice's first delta, then content, reasoning and tool-call
-    pieces as vLLM's parsers split them (tool calls are stored rendered and embedded as they are)."""
+def chat_delta(event: wire.Event, *, first: bool = False) -> dict[str, Any]:
+    """A chat chunk's ``delta``: content, reasoning and tool-call pieces as vLLM's parsers split them (tool
+    calls are stored rendered and embedded as they are); with the role when ``first`` (a transport whose
+    stream has no role chunk of its own)."""
     delta: dict[str, Any] = {"role": "assistant"} if first else {}
     if event.text or not (event.reasoning or event.tool_calls):
         delta["content"] = event.text
@@ -115,19 +116,31 @@ class ChunkRenderer:
         self.deltas_rendered = 0
         self.handovers_rendered = 0
         self._base: dict[str, Any] = {"id": meta.request_id, "created": meta.created_s, "model": meta.model}
-        # Most events are a plain chat delta (not the first, no logprobs, no finish): its JSON differs from
-        # the next only in the text, so it is the same prefix and suffix around the encoded text. Built
-        # once here, it is byte for byte what ``orjson.dumps`` of the full chunk gives (a unit test checks).
+        # Most events are a plain chat delta (no logprobs, no finish): its JSON differs from the next only
+        # in the text, so it is the same prefix and suffix around the encoded text. Built once here, it is
+        # byte for byte what ``orjson.dumps`` of the full chunk gives (a unit test checks).
         self._plain_delta: tuple[bytes, bytes] | None = None
-        self._roles_sent: set[int] = set()
-        """Choices whose first delta (with the role) was rendered: a frame depends on the events before it
-        in the stream, which a replay renders too, so replays stay byte-identical."""
+        self._role_frames = b""
+        """What a chat stream opens with, as ``vllm serve`` opens it: one role-only chunk per choice
+        (``{"role": "assistant", "content": ""}``), sent before the first event's frame and without an id
+        of its own (a client that saw only it resumes from the start, which sends it again)."""
+        self._roles_due: bool | None = None
+        """Whether the role chunks are still to be sent: decided by the first event rendered."""
         if meta.stream_format == "chat":
             head = orjson.dumps({**self._base, "object": "chat.completion.chunk"})[:-1]
             tail = b',"usage":null}' if meta.include_usage else b"}"
             self._plain_delta = (
                 head + b',"choices":[{"index":0,"delta":{"content":',
                 b'},"logprobs":null,"finish_reason":null}]' + tail,
+            )
+            self._role_frames = b"".join(
+                data_frame(
+                    head
+                    + b',"choices":[{"index":%d,"delta":{"role":"assistant","content":""},' % index
+                    + b'"logprobs":null,"finish_reason":null}]'
+                    + tail
+                )
+                for index in range(meta.choices)
             )
 
     def frames(self, items: list[tuple[int, bytes]]) -> bytes:
@@ -138,6 +151,8 @@ class ChunkRenderer:
         """The SSE frames of decoded (seq, event) pairs (a stream session decodes each event once)."""
         out = []
         for seq, event in items:
+            if self._roles_due is None:
+                self._roles_due = seq == 1  # a stream from its start (a resumed one had the role chunks)
             if event.kind == "handover":
                 self.handovers_rendered += 1
                 out.append(comment_frame(handover.comment(seq, event)))
@@ -146,6 +161,10 @@ class ChunkRenderer:
                 self.deltas_rendered += 1
             data = self.data(seq, event)
             if data is not None:
+                if self._roles_due:
+                    self._roles_due = False
+                    if event.kind != "error":  # vLLM sends none before a refusal
+                        out.append(self._role_frames)
                 out.append(event_frame(self._event_id(seq), data))
             elif event.terminal:
                 self._unshown_end = seq
@@ -184,15 +203,14 @@ class ChunkRenderer:
             return orjson.dumps(chunk)
         if fmt == "chat":
             plain = self._plain_delta
-            if plain is not None and seq > 1 and is_plain(event) and event.finish_reason is None:
+            if plain is not None and is_plain(event) and event.finish_reason is None:
                 return plain[0] + orjson.dumps(event.text) + plain[1]
             choice: dict[str, Any] = {
                 "index": event.index,
-                "delta": chat_delta(event, first=self._first_of_choice(seq, event)),
+                "delta": chat_delta(event),
                 "logprobs": chat_logprobs([event]),
                 "finish_reason": event.finish_reason,
             }
-            self._roles_sent.add(event.index)
         else:
             logprobs = completion_logprobs([event])
             choice = {
@@ -205,12 +223,6 @@ class ChunkRenderer:
         if self.meta.include_usage:
             chunk["usage"] = None
         return orjson.dumps(chunk)
-
-    def _first_of_choice(self, seq: int, event: wire.Event) -> bool:
-        """Whether this delta opens its choice (and so carries the role). The first choice's opens the
-        request's events (seq 1), decided from the event alone, so a replay from any position renders the
-        same bytes as the live stream did; later choices (n > 1) are known by the deltas rendered before."""
-        return seq == 1 if event.index == 0 else event.index not in self._roles_sent
 
     def _object(self) -> str:
         return "chat.completion.chunk" if self.meta.stream_format == "chat" else "text_completion"

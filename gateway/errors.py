@@ -12,6 +12,8 @@ import redis.exceptions
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from tokenspool.shared import wire
+
 REDIS_UNREACHABLE: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 """What an unreachable Redis raises: a 503 (``redis_unavailable``) before a stream starts, an interruption
 after it has."""
@@ -27,7 +29,7 @@ class APIError(Exception):
         *,
         error_type: str = "invalid_request_error",
         param: str | None = None,
-        code: str | None = None,
+        code: str | int | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         # The message may quote what the client sent (a parameter's name), which may hold text with no
@@ -64,6 +66,25 @@ def invalid_text(param: str) -> APIError:
         param=param,
         code="invalid_text",
     )
+
+
+ENGINE_REFUSALS: Final[Mapping[str, int]] = {
+    "BadRequestError": 400,
+    "NotFoundError": 404,
+    "UnprocessableEntityError": 422,
+}
+"""Error types a vLLM worker stores when vLLM's own front end refuses a request (the types ``vllm serve``
+answers with), and the status ``vllm serve`` gives each."""
+
+
+def engine_refusal(event: wire.Event) -> APIError | None:
+    """The HTTP error ``vllm serve`` would have answered, when a request's first stored event says the
+    engine refused it (a ``wire.Event`` of kind ``error`` with one of :data:`ENGINE_REFUSALS`' types); the
+    body is vLLM's (``code`` is the status)."""
+    status = ENGINE_REFUSALS.get(event.error_type) if event.kind == "error" else None
+    if status is None:
+        return None
+    return APIError(status, event.message, error_type=event.error_type, code=status)
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:

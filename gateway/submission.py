@@ -160,7 +160,7 @@ class SubmissionService:
         )
         try:
             meta = await self.store.create(
-                job, stream_format=stream_format, owner=owner, include_usage=body.include_usage
+                job, stream_format=stream_format, owner=owner, include_usage=body.include_usage, choices=body.n
             )
         except BaseException:
             if idem_key is not None:

@@ -52,6 +52,8 @@ class RequestMeta:
     completion_tokens: int
     error: str
     cancel_requested: bool
+    choices: int = 1
+    """The request's ``n`` (stored only when above 1): a chat stream opens with one role chunk per choice."""
 
     @property
     def terminal(self) -> bool:
@@ -85,6 +87,7 @@ class RequestMeta:
             completion_tokens=number("completion_tokens"),
             error=text("error"),
             cancel_requested=text("cancel") == "1",
+            choices=number("choices") or 1,
         )
 
 
@@ -172,7 +175,7 @@ class RequestStore:
     # -- gateway side -------------------------------------------------------------------------------
 
     async def create(
-        self, job: wire.Job, *, stream_format: StreamFormat, owner: str, include_usage: bool
+        self, job: wire.Job, *, stream_format: StreamFormat, owner: str, include_usage: bool, choices: int = 1
     ) -> RequestMeta:
         """Record a new request, then enqueue it on its model's queue; the metadata written (so a stream of
         it can start without reading it back).
@@ -196,6 +199,8 @@ class RequestStore:
             "created_s": job.created_s,
             "enqueued_ms": job.enqueued_ms,
         }
+        if choices > 1:
+            fields["choices"] = choices
         pipe = self._r.pipeline(transaction=False)
         pipe.hset(rk.meta, mapping=fields)
         for name, value in progress.items():

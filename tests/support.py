@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -152,16 +152,31 @@ SSEEvent = SSEMessage
 @dataclass
 class SSEStream:
     events: list[SSEEvent]
+    """The events with a position (an id), then ``[DONE]`` and any error without an id."""
     comments: list[str]
     headers: httpx.Headers | None = None
+    opening: list[SSEEvent] = field(default_factory=list)
+    """A chat stream's opening role chunks (one per choice, as vLLM sends them): no id, no text."""
 
 
-def iter_sse(response: httpx.Response) -> Iterator[SSEEvent | str]:
-    """The events of an SSE response (comments as their text), decoded by the client's own decoder."""
+def is_opening(item: SSEEvent) -> bool:
+    """A chat stream's opening role chunk (one per choice, as vLLM sends them): no id, no text."""
+    return item.id is None and '"delta":{"role":"assistant","content":""}' in item.data
+
+
+def iter_sse(response: httpx.Response, opening: list[SSEEvent] | None = None) -> Iterator[SSEEvent | str]:
+    """The events of an SSE response (comments as their text), decoded by the client's own decoder. A chat
+    stream's opening role chunks are left out (into ``opening`` when given): tests count positioned events."""
     decoder = SSEDecoder(keep_raw=True)
     for chunk in response.iter_raw():
         for item in decoder.feed(chunk):
-            yield item.text if isinstance(item, SSEComment) else item
+            if isinstance(item, SSEComment):
+                yield item.text
+            elif is_opening(item):
+                if opening is not None:
+                    opening.append(item)
+            else:
+                yield item
 
 
 def read_stream(
@@ -172,18 +187,19 @@ def read_stream(
     events: list[SSEEvent] = []
     comments: list[str] = []
     kwargs["headers"] = {**EVENT_STREAM, **(kwargs.get("headers") or {})}
+    opening: list[SSEEvent] = []
     with httpx.Client(timeout=timeout_s) as client, client.stream(method, url, **kwargs) as response:
         if response.status_code != 200:
             response.read()
             raise AssertionError(f"{method} {url}: {response.status_code} {response.text}")
-        for item in iter_sse(response):
+        for item in iter_sse(response, opening):
             if isinstance(item, str):
                 comments.append(item)
                 continue
             events.append(item)
             if item.data == "[DONE]" or (limit is not None and len(events) >= limit):
                 break
-        return SSEStream(events, comments, response.headers)
+        return SSEStream(events, comments, response.headers, opening)
 
 
 def chat_body(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 import pytest
 
@@ -30,15 +32,33 @@ def test_rendering_is_byte_identical_across_renderers(stream_format: str, includ
     assert b"".join(third.frames([item]) for item in items) == first
     events, _ = parse_sse(first)
     request_id = meta(stream_format).request_id
-    assert all(keys.parse_event_id(e.last_event_id)[0] == request_id for e in events)
+    with_ids = events[1:] if stream_format == "chat" else events  # the role chunk has no id of its own
+    assert all(keys.parse_event_id(e.last_event_id)[0] == request_id for e in with_ids)
 
 
-def test_chat_rendering_seq_one_carries_the_assistant_role() -> None:
+@pytest.mark.parametrize("choices", [1, 3])
+def test_a_chat_stream_opens_with_a_role_chunk_per_choice_as_vllm_does(choices: int) -> None:
+    frames = ChunkRenderer(dataclasses.replace(meta("chat"), choices=choices)).frames(
+        [(seq, wire.encode(event)) for seq, event in enumerate(STREAM_EVENTS, start=1)]
+    )
+    events, _ = parse_sse(frames)
+    opening = [orjson.loads(e.data) for e in events[:choices]]
+    assert [c["choices"] for c in opening] == [
+        [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+        for i in range(choices)
+    ]
+    assert all(e.last_event_id == "" for e in events[:choices])
+    assert orjson.loads(events[choices].data)["choices"][0]["delta"] == {"content": "Hello"}
+    resumed = ChunkRenderer(meta("chat")).frames([(2, wire.encode(STREAM_EVENTS[1]))])
+    assert b"role" not in resumed, "a resumed stream had its role chunks already"
+
+
+def test_chat_rendering_of_deltas() -> None:
     renderer = ChunkRenderer(meta("chat"))
     first = orjson.loads(renderer.data(1, STREAM_EVENTS[0]) or b"")
     second = orjson.loads(renderer.data(2, STREAM_EVENTS[1]) or b"")
     assert first["object"] == "chat.completion.chunk"
-    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "Hello"}
+    assert first["choices"][0]["delta"] == {"content": "Hello"}
     assert second["choices"][0]["delta"] == {"content": " wörld 👋\n"}
     assert first["choices"][0]["finish_reason"] is None
     assert first["id"] == meta().request_id

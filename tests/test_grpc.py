@@ -64,7 +64,7 @@ def assert_contiguous(request_id: str, responses: list[pb.ChatResponse]) -> None
 
 def http_replay_text_and_ids(url: str, request_id: str) -> tuple[str, list[str | None]]:
     replay = read_stream("GET", f"{url}/v1/requests/{request_id}/events")
-    return content_of(replay.events), [e.id for e in replay.events if e.data != "[DONE]"]
+    return content_of(replay.events), [e.id for e in replay.events if e.id]
 
 
 def stored_request_count(cluster: Cluster) -> int:
@@ -374,3 +374,16 @@ def test_a_stopping_gateway_ends_its_calls_and_the_client_resumes_elsewhere(
     whole = events_of(head) + tail
     assert_contiguous(request_id, whole)
     assert whole[-1].kind == Kind.END and whole[-1].usage.completion_tokens == 400
+
+
+def test_delta_responses_carry_choice_reasoning_and_tool_calls() -> None:
+    from tests.samples import meta
+    from tokenspool.gateway.transports.grpc import ChatService
+    from tokenspool.shared import wire
+
+    calls = '[{"index":0,"function":{"arguments":"{\\"ci"}}]'
+    event = wire.Event("delta", "", (9,), index=1, reasoning="hm", tool_calls=calls)
+    response = ChatService._event(meta(), 4, event, "t", 0.0)
+    assert (response.index, response.reasoning, response.tool_calls) == (1, "hm", calls)
+    plain = ChatService._event(meta(), 5, wire.Event("delta", "word", (3,)), "t", 0.0)
+    assert not (plain.index or plain.reasoning or plain.tool_calls)

@@ -84,9 +84,11 @@ def test_stream_headers_and_event_ids(stack: Stack) -> None:
     assert stream.headers["x-accel-buffering"] == "no"
     request_id = stream.headers["x-request-id"]
     assert stream.events[-1].data == "[DONE]"
+    [role] = stream.opening
+    assert role.id is None and role.json()["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     data_events = stream.events[:-1]
     assert [e.id for e in data_events] == [f"{request_id}:{n}" for n in range(1, 6)]
-    assert all(e.json()["id"] == request_id for e in data_events)
+    assert all(e.json()["id"] == request_id for e in [role, *data_events])
 
 
 def test_models_lists_what_live_workers_serve(stack: Stack) -> None:

@@ -250,16 +250,17 @@ def test_logprobs_come_from_vllm(client: openai.OpenAI) -> None:
     assert len(tokens) == 4
 
 
-def test_a_prompt_longer_than_the_context_ends_with_an_error_event(vllm_stack: tuple[Gateway, Worker]) -> None:
+def test_a_prompt_longer_than_the_context_is_refused_as_vllm_serve_refuses_it(
+    vllm_stack: tuple[Gateway, Worker],
+) -> None:
+    """vLLM refuses it while rendering, as the request's first event: a 400 of vLLM's type, before any byte
+    of stream."""
     gateway = vllm_stack[0]
-    stream = read_stream(
-        "POST",
-        gateway.url + "/v1/completions",
-        json={"model": MODEL, "prompt": "word " * 1500, "max_tokens": 4, "stream": True},
-    )
-    error = stream.events[-2].json()["error"]
-    assert error["type"] == "engine_error" and "context" in error["message"]
-    assert stream.events[-1].data == "[DONE]"
+    body = {"model": MODEL, "prompt": "word " * 1500, "max_tokens": 4, "stream": True}
+    refused = httpx.post(gateway.url + "/v1/completions", json=body, timeout=60)
+    assert refused.status_code == 400 and refused.headers["content-type"].startswith("application/json")
+    error = refused.json()["error"]
+    assert error["type"] == "BadRequestError" and error["code"] == 400 and "context" in error["message"]
 
 
 def test_engine_death_stops_the_worker_and_leaves_its_requests_claimable(

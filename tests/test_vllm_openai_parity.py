@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,8 +19,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.support import Cluster, Gateway, SSEEvent, iter_sse, wait_for, wait_for_model
+from tests.support import Cluster, Gateway, SSEEvent, Worker, iter_sse, read_stream, wait_for, wait_for_model
 from tokenspool.redis_server import free_port
+from tokenspool.shared import handover, keys, wire
 
 MODEL = "tiny-llama"
 ENGINE_ENV = {
@@ -72,9 +74,9 @@ def vllm_serve(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         log.close()
 
 
-@pytest.fixture(scope="module")
-def tokenspool(cluster: Cluster, model_dir: Path) -> str:
-    worker = cluster.worker(
+def start_worker(cluster: Cluster, model_dir: Path) -> Worker:
+    """A vLLM worker with the same model, template and parsers as ``vllm serve`` (its engine on core 0)."""
+    return cluster.worker(
         engine="vllm",
         model=model_dir,
         served_model_name=MODEL,
@@ -88,9 +90,25 @@ def tokenspool(cluster: Cluster, model_dir: Path) -> str:
         engine_cpus="0",
         env={**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0"},
     )
+
+
+@pytest.fixture(scope="module")
+def workers(cluster: Cluster, model_dir: Path) -> list[Worker]:
+    """The module's workers: one at first; the takeover test (the module's last) kills it and starts the next."""
+    return [start_worker(cluster, model_dir)]
+
+
+@pytest.fixture(scope="module")
+def tokenspool(cluster: Cluster, workers: list[Worker]) -> str:
     gateway: Gateway = cluster.gateway()
-    wait_for_model(gateway, MODEL, 300, interval_s=0.5, watch=[worker.proc])
+    wait_for_model(gateway, MODEL, 300, interval_s=0.5, watch=[workers[0].proc])
     return gateway.url
+
+
+@pytest.fixture(scope="module")
+def other_gateway(cluster: Cluster, tokenspool: str) -> str:
+    """A second gateway, for streams resumed elsewhere than where they began."""
+    return cluster.gateway().url
 
 
 WEATHER = {
@@ -149,8 +167,60 @@ CORPUS: dict[str, dict[str, Any]] = {
     "seeded sampling": chat(temperature=0.8, top_p=0.9, seed=5),
     "logprobs": chat(logprobs=True, top_logprobs=2, max_tokens=5),
     "max_completion_tokens": chat(max_completion_tokens=7),
+    "include_stop_str_in_output": chat(stop=[" the"], include_stop_str_in_output=True),
+    "skip_special_tokens off": chat(skip_special_tokens=False, tools=[WEATHER], tool_choice=NAMED, max_tokens=30),
+    "chat_template_kwargs": chat(chat_template_kwargs={"enable_thinking": False}),
+    "continue_final_message": chat(
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "well the"}],
+        add_generation_prompt=False,
+        continue_final_message=True,
+    ),
+    "structured_outputs json": chat(structured_outputs={"json": CITY_SCHEMA}, max_tokens=30),
+    "structured_outputs grammar": chat(structured_outputs={"grammar": 'root ::= "yes" | "no"'}),
+    "tools required-free history + auto": chat(messages=HISTORY, tools=[WEATHER], tool_choice="auto"),
+    "stop token ids": chat(stop_token_ids=[5, 6]),
+    "repetition and penalties": chat(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5),
 }
 STREAMED = {f"{name} (stream)": {**body, "stream": True} for name, body in CORPUS.items() if name != "logprobs"}
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "the weather in", "max_tokens": 12, "temperature": 0, **fields}
+
+
+COMPLETIONS: dict[str, dict[str, Any]] = {
+    "completion plain": completion(),
+    "completion logprobs": completion(logprobs=2, max_tokens=4),
+    "completion n=2 seeded": completion(n=2, temperature=1.0, seed=3),
+}
+REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
+    "n=2 greedy": ("/v1/chat/completions", chat(n=2)),
+    "n=2 greedy (stream)": ("/v1/chat/completions", chat(n=2, stream=True)),
+    "image part on a text-only model": (
+        "/v1/chat/completions",
+        chat(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                    ],
+                }
+            ]
+        ),
+    ),
+    "named tool that is not offered (stream)": (
+        "/v1/chat/completions",
+        chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}, stream=True),
+    ),
+    "two structured outputs at once": (
+        "/v1/chat/completions",
+        chat(structured_outputs={"regex": "a", "choice": ["a"]}),
+    ),
+    "completion n=2 greedy (stream)": ("/v1/completions", completion(n=2, stream=True)),
+    "completion suffix": ("/v1/completions", completion(suffix="!")),
+}
 
 
 def comparable(answer: dict[str, Any]) -> dict[str, Any]:
@@ -166,31 +236,38 @@ def comparable(answer: dict[str, Any]) -> dict[str, Any]:
     return {"choices": choices, "usage": {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")}}
 
 
-def streamed(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    """A stream folded into per-choice content, reasoning, tool calls and finish reasons."""
+def fold(events: list[SSEEvent]) -> dict[int, dict[str, Any]]:
+    """Stream events folded into per-choice content, reasoning, tool calls and finish reasons."""
     folded: dict[int, dict[str, Any]] = {}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
-        assert response.status_code == 200, response.read()
-        for event in iter_sse(response):
-            if not isinstance(event, SSEEvent):
-                continue
-            if event.data == "[DONE]":
-                break
-            chunk = orjson.loads(event.data)
-            assert "error" not in chunk, chunk
-            for choice in chunk["choices"]:
-                into = folded.setdefault(choice["index"], {"content": "", "reasoning": "", "calls": {}})
-                delta = choice["delta"]
-                into["content"] += delta.get("content") or ""
-                into["reasoning"] += delta.get("reasoning") or ""
-                for piece in delta.get("tool_calls") or []:
-                    call = into["calls"].setdefault(piece["index"], {"name": "", "arguments": ""})
-                    function = piece.get("function") or {}
-                    call["name"] += function.get("name") or ""
-                    call["arguments"] += function.get("arguments") or ""
-                if choice.get("finish_reason"):
-                    into["finish_reason"] = choice["finish_reason"]
+    for event in events:
+        if event.data == "[DONE]":
+            break
+        chunk = orjson.loads(event.data)
+        assert "error" not in chunk, chunk
+        for choice in chunk["choices"]:
+            into = folded.setdefault(choice["index"], {"content": "", "reasoning": "", "calls": {}})
+            delta = choice["delta"]
+            into["content"] += delta.get("content") or ""
+            into["reasoning"] += delta.get("reasoning") or ""
+            for piece in delta.get("tool_calls") or []:
+                call = into["calls"].setdefault(piece["index"], {"name": "", "arguments": ""})
+                function = piece.get("function") or {}
+                call["name"] += function.get("name") or ""
+                call["arguments"] += function.get("arguments") or ""
+            if choice.get("finish_reason"):
+                into["finish_reason"] = choice["finish_reason"]
     return folded
+
+
+def stream_events(url: str, body: dict[str, Any], path: str = "/v1/chat/completions") -> list[SSEEvent]:
+    with httpx.stream("POST", url + path, json=body, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        return [event for event in iter_sse(response) if isinstance(event, SSEEvent)]
+
+
+def streamed(url: str, body: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """A chat stream folded per choice."""
+    return fold(stream_events(url, body))
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
@@ -202,10 +279,159 @@ def test_answers_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str) -
     assert comparable(ours.json()) == comparable(theirs.json())
 
 
+def comparable_completion(answer: dict[str, Any]) -> dict[str, Any]:
+    choices = []
+    for choice in sorted(answer["choices"], key=lambda c: c["index"]):
+        logprobs = choice.get("logprobs")
+        tokens = None
+        if logprobs:
+            tokens = list(zip(logprobs["tokens"], [round(p, 3) for p in logprobs["token_logprobs"]], strict=True))
+        choices.append((choice["index"], choice["text"], choice["finish_reason"], tokens))
+    return {"choices": choices, "usage": {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")}}
+
+
+@pytest.mark.parametrize("name", sorted(COMPLETIONS))
+def test_completions_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str) -> None:
+    body = COMPLETIONS[name]
+    theirs = httpx.post(vllm_serve + "/v1/completions", json=body, timeout=120)
+    ours = httpx.post(tokenspool + "/v1/completions", json=body, timeout=120)
+    assert (ours.status_code, theirs.status_code) == (200, 200), (ours.text, theirs.text)
+    assert comparable_completion(ours.json()) == comparable_completion(theirs.json())
+    if "logprobs" not in name:
+        texts = {}
+        for url in (vllm_serve, tokenspool):
+            pieces: dict[int, str] = {}
+            for event in stream_events(url, {**body, "stream": True}, "/v1/completions"):
+                if event.data != "[DONE]":
+                    for choice in orjson.loads(event.data)["choices"]:
+                        pieces[choice["index"]] = pieces.get(choice["index"], "") + choice["text"]
+            texts[url] = pieces
+        assert texts[tokenspool] == texts[vllm_serve]
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_what_vllm_refuses_is_refused_alike_before_any_event(vllm_serve: str, tokenspool: str, name: str) -> None:
+    path, body = REFUSED[name]
+    answers = {}
+    for url in (vllm_serve, tokenspool):
+        with httpx.stream("POST", url + path, json=body, timeout=120) as response:
+            response.read()
+            answers[url] = (response.status_code, response.headers["content-type"].split(";")[0])
+            if response.status_code != 200:
+                answers[url] += (response.json()["error"]["type"],)
+    assert answers[tokenspool] == answers[vllm_serve]
+    assert 400 <= answers[vllm_serve][0] < 500
+
+
 @pytest.mark.parametrize("name", sorted(STREAMED))
 def test_streams_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str) -> None:
     body = STREAMED[name]
     assert streamed(tokenspool, body) == streamed(vllm_serve, body)
+
+
+@pytest.mark.parametrize("name", ["plain (stream)", "n=2 seeded (stream)", "tools named (stream)"])
+def test_streams_open_with_the_role_chunks_vllm_serve_sends(vllm_serve: str, tokenspool: str, name: str) -> None:
+    openings = {}
+    for url in (vllm_serve, tokenspool):
+        opening: list[SSEEvent] = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=STREAMED[name], timeout=120) as response:
+            first = next(e for e in iter_sse(response, opening) if isinstance(e, SSEEvent))
+        openings[url] = [orjson.loads(e.data)["choices"] for e in opening]
+        assert "role" not in first.data, "the role comes once, in the opening chunks"
+    assert openings[tokenspool] == openings[vllm_serve]
+
+
+# -- durable like plain text: cut, resumed elsewhere, taken over -------------------------------------------
+
+GROWING_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+GROWING_TOOL = {"type": "function", "function": {**WEATHER["function"], "parameters": GROWING_SCHEMA}}
+DURABLE = {
+    "tool call": chat(tools=[GROWING_TOOL], tool_choice=NAMED, max_tokens=60, stream=True),
+    "json_schema": chat(
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": GROWING_SCHEMA}},
+        max_tokens=60,
+        stream=True,
+    ),
+}
+
+
+def arguments_of(events: list[SSEEvent]) -> str:
+    """The tool-call arguments (or, for a JSON answer, the content) streamed in these events."""
+    out = ""
+    for event in events:
+        if event.data == "[DONE]":
+            continue
+        for choice in event.json()["choices"]:
+            delta = choice["delta"]
+            out += delta.get("content") or ""
+            for call in delta.get("tool_calls") or []:
+                out += (call.get("function") or {}).get("arguments") or ""
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(DURABLE))
+def test_stream_cut_mid_arguments_resumes_on_another_gateway_byte_for_byte(
+    tokenspool: str, other_gateway: str, name: str
+) -> None:
+    body = DURABLE[name]
+    undisturbed = read_stream("POST", tokenspool + "/v1/chat/completions", json=body, timeout_s=120)
+    complete = arguments_of(undisturbed.events)
+    assert complete.lstrip().startswith("{"), "the undisturbed run spells JSON (cut short by max_tokens)"
+    head: list[SSEEvent] = []
+    with httpx.stream("POST", tokenspool + "/v1/chat/completions", json=body, timeout=120) as response:
+        request_id = response.headers["x-request-id"]
+        for event in iter_sse(response):
+            if isinstance(event, SSEEvent):
+                head.append(event)
+                if len(arguments_of(head)) >= len(complete) // 2:
+                    break  # the connection drops here, inside the arguments
+    partial = arguments_of(head)
+    assert partial and complete.startswith(partial) and partial != complete, "cut inside the arguments"
+    last_id = [e.id for e in head if e.id][-1]
+    tail = read_stream(
+        "GET", f"{other_gateway}/v1/requests/{request_id}/events", headers={"Last-Event-ID": last_id}, timeout_s=120
+    )
+    ids = [e.id for e in head + tail.events if e.id]
+    assert ids == [keys.event_id(request_id, n) for n in range(1, len(ids) + 1)], "gap or duplicate"
+    replay = read_stream("GET", f"{other_gateway}/v1/requests/{request_id}/events", timeout_s=120)
+    assert [e.raw for e in head + tail.events] == [e.raw for e in replay.events]
+    # Chunk boundaries depend on engine timing; what they spell, at temperature 0, does not.
+    assert fold(replay.events) == fold(undisturbed.events)
+
+
+def test_worker_killed_mid_tool_call_is_finished_by_the_next_worker_exactly(
+    cluster: Cluster, model_dir: Path, workers: list[Worker], tokenspool: str, vllm_serve: str
+) -> None:
+    """SIGKILL the worker (and its engine) while the tool call's arguments are half stored; the next worker
+    replays the stored tokens through its parsers and regenerates under the grammar: at temperature 0 the
+    final tool call is the undisturbed run's (and ``vllm serve``'s). The module's last test: it replaces
+    the module's worker."""
+    body = {**DURABLE["tool call"], "max_tokens": 300}
+    undisturbed = streamed(tokenspool, body)
+    assert undisturbed == streamed(vllm_serve, body)
+    doomed = workers[0]
+    pid = doomed.proc.process.pid
+    engine = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    with httpx.stream("POST", tokenspool + "/v1/chat/completions", json=body, timeout=120) as response:
+        request_id = response.headers["x-request-id"]
+    events = keys.RequestKeys.of(request_id).events
+
+    def arguments_stored() -> list[wire.Event] | None:
+        stored = [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
+        return stored if sum(1 for e in stored if e.tool_calls) >= 3 else None
+
+    wait_for(arguments_stored, 60, "a few tool-call pieces to be stored")
+    os.kill(pid, signal.SIGSTOP)  # no more writes: what is stored now is what the next worker finds
+    stored = [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
+    assert not stored[-1].terminal, "killed before the end of the tool call"
+    for victim in [pid, *engine]:
+        os.kill(victim, signal.SIGKILL)
+    doomed.proc.process.wait(30)
+    workers[0] = start_worker(cluster, model_dir)
+    wait_for(lambda: cluster.meta(request_id).get("state") == "done", 300, "the next worker to finish the request")
+    taken_over = read_stream("GET", f"{tokenspool}/v1/requests/{request_id}/events", timeout_s=120)
+    assert any(c.lstrip().startswith(handover.HANDOVER_COMMENT_KEYWORD) for c in taken_over.comments)
+    assert fold(taken_over.events) == undisturbed
 
 
 # -- the Responses API: POST /v1/responses on both, answers and streams compared -------------------------------

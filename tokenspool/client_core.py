@@ -201,6 +201,13 @@ class StreamEvent:
     usage: Usage | None
     """Set on the final usage chunk (the client asks for ``stream_options.include_usage`` by default)."""
     chunk: dict[str, Any]
+    index: int = 0
+    """The choice this delta belongs to (``n > 1``)."""
+    reasoning: str = ""
+    """The delta's reasoning text (``delta.reasoning``, with a reasoning parser)."""
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    """The delta's tool-call pieces as OpenAI streams them (``delta.tool_calls``: index, then id, type and
+    name on a call's first piece, then more of its ``function.arguments``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,7 +489,7 @@ class StreamState:
             self.usage = event.usage
         return event
 
-    def _without_id(self, data: str) -> Finished | Resume:
+    def _without_id(self, data: str) -> Finished | Resume | None:
         if data == "[DONE]":
             return FINISHED
         try:
@@ -490,6 +497,8 @@ class StreamState:
         except orjson.JSONDecodeError:
             body = None
         error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(body, dict) and error is None and self.last_seq == 0 and "choices" in body:
+            return None  # a chat stream's opening role chunk (one per choice): no text, no position
         if not isinstance(error, dict):
             raise ProtocolError(f"an event without an id that is neither [DONE] nor an error: {data[:200]!r}")
         if error.get("type") in RESUMABLE_STREAM_ERRORS:
@@ -526,17 +535,25 @@ class StreamState:
 
 
 def _event(request_id: str, event_id: str, seq: int, chunk: dict[str, Any]) -> StreamEvent:
-    text, finish_reason = "", None
+    text, finish_reason, index, reasoning = "", None, 0, ""
+    tool_calls: tuple[dict[str, Any], ...] = ()
     choices = chunk.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         choice = choices[0]
         delta = choice.get("delta")
         text = (delta.get("content") if isinstance(delta, dict) else choice.get("text")) or ""
         finish_reason = choice.get("finish_reason")
+        raw_index = choice.get("index")
+        index = raw_index if isinstance(raw_index, int) else 0
+        if isinstance(delta, dict):
+            reasoning = str(delta.get("reasoning") or "")
+            calls = delta.get("tool_calls")
+            tool_calls = tuple(c for c in calls if isinstance(c, dict)) if isinstance(calls, list) else ()
     elif "token" in chunk:  # the simple GET form, when attaching to a request created through it
         text = str(chunk.get("token") or "")
         finish_reason = chunk.get("finish_reason")
-    return StreamEvent(request_id, event_id, seq, str(text), finish_reason, Usage.parse(chunk.get("usage")), chunk)
+    usage = Usage.parse(chunk.get("usage"))
+    return StreamEvent(request_id, event_id, seq, str(text), finish_reason, usage, chunk, index, reasoning, tool_calls)
 
 
 def chat_body(messages: Sequence[Mapping[str, Any]], model: str, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -141,7 +141,7 @@ class RequestRunner:
         if isinstance(failure, RequestLostError):
             return None
         if isinstance(failure, EngineError):
-            return Ending.failed("engine_error", str(failure))
+            return Ending.failed(failure.error_type, str(failure))
         if isinstance(failure, EngineDeadError):
             log.error("engine died while running %s: %s", job.request_id, failure, extra=about(job.request_id))
             self.running.close(failure)  # the worker stops; the entry stays pending for another worker

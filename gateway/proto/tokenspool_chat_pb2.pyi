@@ -105,7 +105,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., status: _Optional[int] = ...) -> None: ...
 
 class ChatResponse(_message.Message):
-    __slots__ = ("token", "done", "latency_ms", "request_id", "event_id", "content", "finish_reason", "usage", "error", "tag", "kind", "notice")
+    __slots__ = ("token", "done", "latency_ms", "request_id", "event_id", "content", "finish_reason", "usage", "error", "tag", "kind", "notice", "index", "reasoning", "tool_calls")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[ChatResponse.Kind]
@@ -136,6 +136,9 @@ class ChatResponse(_message.Message):
     TAG_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REASONING_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     token: str
     done: bool
     latency_ms: float
@@ -148,4 +151,7 @@ class ChatResponse(_message.Message):
     tag: str
     kind: ChatResponse.Kind
     notice: str
-    def __init__(self, token: _Optional[str] = ..., done: bool = ..., latency_ms: _Optional[float] = ..., request_id: _Optional[str] = ..., event_id: _Optional[str] = ..., content: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., tag: _Optional[str] = ..., kind: _Optional[_Union[ChatResponse.Kind, str]] = ..., notice: _Optional[str] = ...) -> None: ...
+    index: int
+    reasoning: str
+    tool_calls: str
+    def __init__(self, token: _Optional[str] = ..., done: bool = ..., latency_ms: _Optional[float] = ..., request_id: _Optional[str] = ..., event_id: _Optional[str] = ..., content: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., tag: _Optional[str] = ..., kind: _Optional[_Union[ChatResponse.Kind, str]] = ..., notice: _Optional[str] = ..., index: _Optional[int] = ..., reasoning: _Optional[str] = ..., tool_calls: _Optional[str] = ...) -> None: ...

@@ -141,7 +141,7 @@ class Refusal(Exception):
     @classmethod
     def of(cls, error: APIError) -> Refusal:
         status = _BY_HTTP_STATUS.get(error.status, grpc.StatusCode.INTERNAL)
-        code = error.code or error.error_type
+        code = str(error.code or error.error_type)
         return cls(status, code, error.message, retry_after=error.headers.get("Retry-After"))
 
     def trailers(self) -> tuple[tuple[str, str], ...]:
@@ -394,6 +394,9 @@ class ChatService:
             response.kind = pb.ChatResponse.DELTA
             response.content = response.token = event.text
             response.finish_reason = event.finish_reason or ""
+            response.index = event.index
+            response.reasoning = event.reasoning
+            response.tool_calls = event.tool_calls
         elif event.kind == "handover":
             response.kind = pb.ChatResponse.HANDOVER
             response.notice = event.message

@@ -19,13 +19,14 @@ from tokenspool.gateway.errors import (
     REDIS_UNREACHABLE,
     APIError,
     bad_request,
+    engine_refusal,
     not_found,
     validation_error,
 )
 from tokenspool.gateway.reader import parse_resume_id
 from tokenspool.gateway.schemas import ChatCompletionRequest, ChatMessageIn, CompletionRequest
 from tokenspool.gateway.services import Caller, Services, services
-from tokenspool.gateway.transports.sse_stream import SSE, sse_response, wants_event_ids
+from tokenspool.gateway.transports.sse_stream import SSE, open_sse, sse_response, wants_event_ids
 from tokenspool.shared.aio import reraise_if_cancelling
 from tokenspool.shared.store import StreamFormat
 
@@ -76,11 +77,19 @@ async def _generate(
     )
     headers = {"X-Request-Id": session.request_id}
     if body.stream:
-        return sse_response(session, send_timeout_s=svc.settings.send_timeout_s, headers=headers, event_ids=event_ids)
+        model = (await svc.catalog.models()).get(body.model)
+        timeout_s = svc.settings.send_timeout_s
+        if model is not None and model.refuses_late:
+            return await open_sse(session, send_timeout_s=timeout_s, headers=headers, event_ids=event_ids)
+        return sse_response(session, send_timeout_s=timeout_s, headers=headers, event_ids=event_ids)
     try:
         deltas, last = await session.collect()
     finally:
         session.close()
+    refusal = None if deltas else engine_refusal(last)
+    if refusal is not None:
+        refusal.headers.update(headers)
+        raise refusal
     if last.kind == "error":
         status = 409 if last.error_type == "cancelled" else 500
         raise APIError(status, last.message, error_type=last.error_type, code=last.error_type, headers=headers)

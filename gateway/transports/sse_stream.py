@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from typing import Final
 
@@ -19,7 +19,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from tokenspool.gateway.chunks import ChunkRenderer, error_body
-from tokenspool.gateway.session import Events, Heartbeat, Queued, StreamSession, Transport
+from tokenspool.gateway.errors import engine_refusal
+from tokenspool.gateway.session import Events, Heartbeat, Queued, StreamItem, StreamSession, Transport
 from tokenspool.gateway.sse import DONE_FRAME, comment_frame, data_frame
 
 log = logging.getLogger("tokenspool.gateway.sse")
@@ -43,27 +44,40 @@ def wants_event_ids(accept: str | None, *, idempotency_key: str | None) -> bool:
     return any(part.split(";", 1)[0].strip().lower() == "text/event-stream" for part in accept.split(","))
 
 
-async def sse_frames(session: StreamSession, *, event_ids: bool = True) -> AsyncIterator[bytes]:
+async def sse_frames(
+    session: StreamSession,
+    *,
+    event_ids: bool = True,
+    items: AsyncGenerator[StreamItem, None] | None = None,
+    first: StreamItem | None = None,
+) -> AsyncIterator[bytes]:
     """The SSE body of a stream: rendered events (several per write when the client is behind),
     queue-position comments while the request waits, heartbeats while idle, then ``[DONE]`` (in the same
-    write as the terminal event; after an interruption, as an error event without an id)."""
+    write as the terminal event; after an interruption, as an error event without an id). ``items`` and
+    ``first``: a session's items already opened, and the one already taken from them (see :func:`open_sse`)."""
     renderer = ChunkRenderer(session.point.meta, event_ids=event_ids)
     done = False
-    async with aclosing(session.items()) as items:
-        async for item in items:
-            if isinstance(item, Events):
-                frames = renderer.render(item.events)
-                if item.final_state:
-                    frames += renderer.done_frame()
-                    done = True
-                if frames:
-                    yield frames
-            elif isinstance(item, Queued):
-                yield comment_frame(item.notice())
-            elif isinstance(item, Heartbeat):
-                yield comment_frame("ping")
-            else:
-                yield data_frame(orjson.dumps(error_body(item.code, item.message)))
+
+    def frames_of(item: StreamItem) -> bytes:
+        nonlocal done
+        if isinstance(item, Events):
+            frames = renderer.render(item.events)
+            if item.final_state:
+                frames += renderer.done_frame()
+                done = True
+            return frames
+        if isinstance(item, Queued):
+            return comment_frame(item.notice())
+        if isinstance(item, Heartbeat):
+            return comment_frame("ping")
+        return data_frame(orjson.dumps(error_body(item.code, item.message)))
+
+    async with aclosing(items if items is not None else session.items()) as stream:
+        if first is not None and (frames := frames_of(first)):
+            yield frames
+        async for item in stream:
+            if frames := frames_of(item):
+                yield frames
     if not done:
         yield DONE_FRAME
 
@@ -73,6 +87,36 @@ def sse_response(
 ) -> SSEResponse:
     """The response that streams a session; it gives the session's place back when it ends."""
     frames = sse_frames(session, event_ids=event_ids)
+    return SSEResponse(frames, send_timeout_s=send_timeout_s, headers=headers, on_close=session.close)
+
+
+async def open_sse(
+    session: StreamSession, *, send_timeout_s: float, headers: Mapping[str, str], event_ids: bool = True
+) -> SSEResponse:
+    """The response that streams a new request, once its first item says it was not refused.
+
+    What vLLM refuses after the gateway accepted the request (``n > 1`` at temperature 0, a grammar vLLM
+    cannot build, an image for a text-only model) comes back as the request's first stored event; ``vllm
+    serve`` answers it with a 4xx before any byte of stream, so this waits for the first item (an event,
+    or the first queue notice or heartbeat of a request that waits) before committing to a 200, and raises
+    the refusal as :class:`APIError` instead. A request taken at once costs nothing more: its first frame
+    could not have been written earlier, and the status line now goes with it."""
+    items = session.items()
+    try:
+        first = await anext(items, None)
+        refusal = None
+        if isinstance(first, Events) and first.events[0][0] == 1:
+            refusal = engine_refusal(first.events[0][1])
+        if refusal is not None:
+            refusal.headers.update(headers)
+            raise refusal
+    except BaseException:
+        try:
+            await items.aclose()
+        finally:
+            session.close()
+        raise
+    frames = sse_frames(session, event_ids=event_ids, items=items, first=first)
     return SSEResponse(frames, send_timeout_s=send_timeout_s, headers=headers, on_close=session.close)
 
 

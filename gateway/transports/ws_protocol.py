@@ -202,6 +202,13 @@ def token(request_id: str, seq: int, event: wire.Event) -> dict[str, Any]:
     }
     if event.logprobs:
         out["logprobs"] = chat_logprobs([event])
+    # What vLLM's parsers split off, only when set (a plain token's message is unchanged).
+    if event.index:
+        out["index"] = event.index
+    if event.reasoning:
+        out["reasoning"] = event.reasoning
+    if event.tool_calls:
+        out["tool_calls"] = orjson.Fragment(event.tool_calls.encode())
     return out
 
 

@@ -12,7 +12,10 @@ from tokenspool.shared.wire import ChatMessage, SamplingOptions, TokenLogprob
 
 
 class EngineError(Exception):
-    """This request failed in the engine; the stream ends with an error event, the worker goes on."""
+    """This request failed in the engine; the stream ends with an error event of type ``error_type``, the
+    worker goes on."""
+
+    error_type: str = "engine_error"
 
 
 class EngineDeadError(Exception):

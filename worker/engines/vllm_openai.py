@@ -27,6 +27,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
 )
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
 from vllm.renderers.chat_utils import load_chat_template
@@ -38,8 +39,14 @@ from tokenspool.worker.engines.base import EngineError
 
 
 class InvalidRequestError(EngineError):
-    """vLLM refused the request as its OpenAI server would (a 400): the stream ends with an error event of
-    type ``invalid_request_error``."""
+    """vLLM refused the request as its OpenAI server would: the stream ends with an error event whose type
+    is the one ``vllm serve`` answers (``BadRequestError`` for a 400, ``NotFoundError``, ...), which the
+    gateway turns into the same HTTP status when it comes before anything was streamed."""
+
+    def __init__(self, problem: ErrorResponse | Exception) -> None:
+        error = (problem if isinstance(problem, ErrorResponse) else create_error_response(problem)).error
+        super().__init__(error.message)
+        self.error_type = error.type
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,28 +167,37 @@ class OpenAIFrontEnd:
         self.tokenizer = engine.renderer.get_tokenizer()
 
     async def render(self, kind: str, body: bytes, max_model_len: int) -> Rendered:
-        """The request's prompt ids, sampling parameters and parsers; :class:`InvalidRequestError` with
-        vLLM's own message for what vLLM's server refuses."""
+        """The request's prompt ids, sampling parameters and parsers; :class:`InvalidRequestError` with the
+        type and message ``vllm serve`` answers for whatever rendering raises (vLLM's ``VLLMValidationError``
+        is no ``ValueError``: its error mapping, not the exception's class, says what the client sees)."""
+        try:
+            return await self._render(kind, body, max_model_len)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:
+            raise InvalidRequestError(exc) from exc
+
+    async def _render(self, kind: str, body: bytes, max_model_len: int) -> Rendered:
         try:
             raw = json.loads(body)
             request: ChatCompletionRequest | CompletionRequest = (
                 ChatCompletionRequest.model_validate(raw) if kind == "chat" else CompletionRequest.model_validate(raw)
             )
         except ValueError as exc:
-            raise InvalidRequestError(str(exc)) from exc
+            raise InvalidRequestError(exc) from exc
         parsers: list[Any] = []
         if isinstance(request, ChatCompletionRequest):
             result = await self.renderer.render_chat(request)
             if isinstance(result, ErrorResponse):
-                raise InvalidRequestError(result.error.message)
+                raise InvalidRequestError(result)
             engine_inputs = result[1]
         else:
             completion = await self.renderer.render_completion(request)
             if isinstance(completion, ErrorResponse):
-                raise InvalidRequestError(completion.error.message)
+                raise InvalidRequestError(completion)
             engine_inputs = completion
         if len(engine_inputs) != 1:
-            raise InvalidRequestError(f"expected exactly one prompt, got {len(engine_inputs)}")
+            raise InvalidRequestError(ValueError(f"expected exactly one prompt, got {len(engine_inputs)}"))
         prompt_ids = [int(token) for token in engine_inputs[0]["prompt_token_ids"]]  # type: ignore[typeddict-item]
         requested = (
             request.max_completion_tokens
@@ -192,7 +208,7 @@ class OpenAIFrontEnd:
             max_tokens = get_max_tokens(max_model_len, requested, len(prompt_ids), self.default_sampling)
             params = request.to_sampling_params(max_tokens, self.default_sampling)
         except ValueError as exc:
-            raise InvalidRequestError(str(exc)) from exc
+            raise InvalidRequestError(exc) from exc
         params.output_kind = RequestOutputKind.DELTA
         generate_kwargs: dict[str, Any] = {"priority": request.priority}
         parser_cls = self.renderer.parser
