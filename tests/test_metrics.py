@@ -62,7 +62,7 @@ def test_gateway_and_worker_metrics_count_real_traffic(cluster: Cluster) -> None
     # The resume came after event 2 of a stored stream of 6 (5 deltas and the end marker): 4 to replay.
     assert g[("tokenspool_gateway_resume_backlog_events_count", ())] == 1
     assert g[("tokenspool_gateway_resume_backlog_events_sum", ())] == 4
-    assert g[("tokenspool_gateway_errors_total", (("code", "invalid_value"), ("status", "400")))] == 1
+    assert g[("tokenspool_gateway_errors_total", (("code", "unsupported_parameter"), ("status", "400")))] == 1
     assert g.get(("tokenspool_gateway_handovers_total", ()), 0) == 0
 
     w = scrape(f"http://127.0.0.1:{port}/metrics")
