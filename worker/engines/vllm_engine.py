@@ -24,6 +24,7 @@ Facts about vLLM 0.32 this relies on (checked against its source and on a real C
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -80,6 +81,16 @@ def engine_kwargs(settings: WorkerSettings) -> dict[str, Any]:
             )
         kwargs.update(extra)
     return kwargs
+
+
+def _finish_reason(completion: Any) -> str | None:
+    """Why vLLM ended a choice, in OpenAI's words (None while it runs); an unknown reason is an error."""
+    if completion.finish_reason is None:
+        return None
+    reason = FINISH_REASONS.get(str(completion.finish_reason))
+    if reason is None:
+        raise EngineError(f"vLLM ended the request with finish reason {str(completion.finish_reason)!r}")
+    return reason
 
 
 def _token_logprobs(completion: Any, top: int | None) -> tuple[TokenLogprob, ...]:
@@ -311,7 +322,6 @@ class VllmEngine:
                 yield delta
             return
         from vllm.inputs import tokens_input
-        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
         try:
             prompt_ids = await self._off_loop(lambda: self._render(request))
@@ -336,35 +346,13 @@ class VllmEngine:
         except Exception as exc:  # SamplingParams checks its values (VLLMValidationError in 0.32)
             raise EngineError(f"invalid sampling parameters: {_describe(exc)}") from exc
         stream = engine.generate(tokens_input(prompt_ids + emitted), params, request.request_id)
-        finished = False
-        dead = False
-        try:
-            async for output in stream:
+        # Closed on the way out (a cancel, an error), so vLLM aborts the request at once, not when collected.
+        async with contextlib.aclosing(self._vllm_outputs(stream, request.request_id)) as outputs:
+            async for output in outputs:
                 completion = output.outputs[0]
-                reason: str | None = None
-                if output.finished:
-                    finished = True
-                    vllm_reason = str(completion.finish_reason)
-                    reason = FINISH_REASONS.get(vllm_reason)
-                    if reason is None:
-                        raise EngineError(f"vLLM ended the request with finish reason {vllm_reason!r}")
+                reason = _finish_reason(completion) if output.finished else None
                 logprobs = _token_logprobs(completion, request.sampling.logprobs)
                 yield EngineDelta(completion.text, tuple(completion.token_ids), reason, prompt_tokens, logprobs)
-        except VllmEngineDeadError as exc:
-            dead = True
-            raise EngineDeadError(f"the vLLM engine died: {_describe(exc)}") from exc
-        except (EngineError, asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as exc:
-            if getattr(engine, "errored", False):
-                dead = True
-                raise EngineDeadError(f"the vLLM engine died: {_describe(exc)}") from exc
-            raise EngineError(f"vLLM failed the request: {_describe(exc)}") from exc
-        finally:
-            # Closing vLLM's generator aborts the request there if it is still running.
-            await stream.aclose()
-            if not finished and not dead:
-                await self._abort(request.request_id)
 
     async def _generate_openai(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]:
         """Stream a request rendered from its OpenAI body by vLLM's own front end (see ``vllm_openai``).
@@ -405,49 +393,45 @@ class VllmEngine:
         stream = self._engine.generate(
             tokens_input(engine_prompt), rendered.params, request.request_id, **rendered.generate_kwargs
         )
-        async for output in self._vllm_outputs(stream, request.request_id):
-            for completion in output.outputs:
-                index = int(completion.index)
-                token_ids = list(completion.token_ids)
-                text = completion.text
-                if skip[index]:
-                    expected = rendered.emitted[index][len(rendered.emitted[index]) - skip[index] :]
-                    taken = token_ids[: skip[index]]
-                    if taken != expected[: len(taken)]:
-                        raise EngineError(
-                            "the continuation diverged from the tokens already delivered (the request is not "
-                            "deterministic: set temperature 0 or a seed)"
-                        )
-                    skip[index] -= len(taken)
-                    token_ids = token_ids[len(taken) :]
-                    if not token_ids and completion.finish_reason is None:
+        async with contextlib.aclosing(self._vllm_outputs(stream, request.request_id)) as outputs:
+            async for output in outputs:
+                for completion in output.outputs:
+                    index = int(completion.index)
+                    token_ids = list(completion.token_ids)
+                    text = completion.text
+                    if skip[index]:
+                        expected = rendered.emitted[index][len(rendered.emitted[index]) - skip[index] :]
+                        taken = token_ids[: skip[index]]
+                        if taken != expected[: len(taken)]:
+                            raise EngineError(
+                                "the continuation diverged from the tokens already delivered (the request is not "
+                                "deterministic: set temperature 0 or a seed)"
+                            )
+                        skip[index] -= len(taken)
+                        token_ids = token_ids[len(taken) :]
+                        if not token_ids and completion.finish_reason is None:
+                            continue
+                        text = rendered.decode_tail(self._tokenizer, index, token_ids)
+                    reason = _finish_reason(completion)
+                    if not text and not token_ids and reason is None:
                         continue
-                    text = rendered.decode_tail(self._tokenizer, index, token_ids)
-                reason: str | None = None
-                if completion.finish_reason is not None:
-                    vllm_reason = str(completion.finish_reason)
-                    reason = FINISH_REASONS.get(vllm_reason)
-                    if reason is None:
-                        raise EngineError(f"vLLM ended the request with finish reason {vllm_reason!r}")
-                if not text and not token_ids and reason is None:
-                    continue
-                parsed = rendered.parse(index, text, token_ids, reason)
-                if parsed is None:
-                    # Held back by a parser: the tokens are still stored, so a takeover replays them.
-                    yield EngineDelta("", tuple(token_ids), None, prompt_tokens, index=index)
-                    continue
-                content, reasoning, tool_calls, finish = parsed
-                logprobs = _token_logprobs(completion, rendered.params.logprobs)
-                yield EngineDelta(
-                    content,
-                    tuple(token_ids),
-                    finish,
-                    prompt_tokens,
-                    logprobs,
-                    index=index,
-                    reasoning=reasoning,
-                    tool_calls=tool_calls,
-                )
+                    parsed = rendered.parse(index, text, token_ids, reason)
+                    if parsed is None:
+                        # Held back by a parser: the tokens are still stored, so a takeover replays them.
+                        yield EngineDelta("", tuple(token_ids), None, prompt_tokens, index=index)
+                        continue
+                    content, reasoning, tool_calls, finish = parsed
+                    logprobs = _token_logprobs(completion, rendered.params.logprobs)
+                    yield EngineDelta(
+                        content,
+                        tuple(token_ids),
+                        finish,
+                        prompt_tokens,
+                        logprobs,
+                        index=index,
+                        reasoning=reasoning,
+                        tool_calls=tool_calls,
+                    )
 
     async def _vllm_outputs(self, stream: Any, request_id: str) -> AsyncGenerator[Any, None]:
         """vLLM's outputs of one request, with its failures mapped to the worker's errors and the request
