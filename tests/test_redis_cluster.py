@@ -17,6 +17,7 @@ import redis
 import redis.cluster
 
 from tests.support import (
+    EVENT_STREAM,
     Cluster,
     Proc,
     chat_body,
@@ -154,7 +155,7 @@ def test_a_stream_goes_on_when_its_slot_moves_to_another_node(stack: Cluster, re
     body = chat_body("moving", max_tokens=60, model="resharded")
     with (
         httpx.Client(timeout=60) as http,
-        http.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response,
+        http.stream("POST", gateway.url + "/v1/chat/completions", json=body, headers=EVENT_STREAM) as response,
     ):
         request_id = response.headers["x-request-id"]
         events_key = keys.RequestKeys.of(request_id).events

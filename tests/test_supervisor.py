@@ -54,7 +54,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     port = free_port()
     argv = ["up", "--port", str(port), "--gateways", "2", "--workers", "1"]
     # Worker settings as flags of `up`: tokens every 40 ms, and a dead worker's requests taken over after 1 s.
-    argv += ["--sim-itl-ms", "40", "--lease-timeout-s", "1"]
+    argv += ["--sim-itl-ms", "40", "--lease-timeout-s", "1", "--worker-heartbeat-s", "0.5"]
     proc = Proc(argv, tmp_path_factory.mktemp("up") / "up.log", clean_env(None))
     try:
         wait_for(lambda: "tokenspool is up at" in proc.log() or not proc.alive(), 60, "the stack to start")
