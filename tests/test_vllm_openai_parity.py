@@ -19,7 +19,17 @@ import httpx
 import orjson
 import pytest
 
-from tests.support import Cluster, Gateway, SSEEvent, Worker, iter_sse, read_stream, wait_for, wait_for_model
+from tests.support import (
+    EVENT_STREAM,
+    Cluster,
+    Gateway,
+    SSEEvent,
+    Worker,
+    iter_sse,
+    read_stream,
+    wait_for,
+    wait_for_model,
+)
 from tokenspool.redis_server import free_port
 from tokenspool.shared import handover, keys, wire
 
@@ -378,7 +388,8 @@ def test_stream_cut_mid_arguments_resumes_on_another_gateway_byte_for_byte(
     complete = arguments_of(undisturbed.events)
     assert complete.lstrip().startswith("{"), "the undisturbed run spells JSON (cut short by max_tokens)"
     head: list[SSEEvent] = []
-    with httpx.stream("POST", tokenspool + "/v1/chat/completions", json=body, timeout=120) as response:
+    url = tokenspool + "/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=EVENT_STREAM, timeout=120) as response:
         request_id = response.headers["x-request-id"]
         for event in iter_sse(response):
             if isinstance(event, SSEEvent):
