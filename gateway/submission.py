@@ -182,9 +182,15 @@ class SubmissionService:
         """The checks that need nothing but the request, run before anything is held for it (an open-stream
         place, a per-minute count): text the wire format cannot carry (a lone UTF-16 surrogate, in any
         field), and a prompt or a max_tokens larger than this gateway and this key accept."""
-        bad = wire.unencodable_text(body.model_dump(exclude_none=True))
+        sent = body.model_dump(exclude_none=True)
+        bad = wire.unencodable_text(sent)
         if bad is not None:
             raise invalid_text(bad)
+        big = wire.unencodable_integer(sent)
+        if big is not None:
+            raise bad_request(
+                f"invalid value for {big!r}: an integer must fit in 64 bits", param=big, code="invalid_value"
+            )
         self._check_size(body)
 
     async def earlier_request(

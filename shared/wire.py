@@ -8,6 +8,7 @@ token event small (tens of bytes), and the version lets a later release read wha
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field, is_dataclass
 from dataclasses import fields as dataclass_fields
 from typing import Any, Final, Literal, TypeVar
@@ -156,30 +157,49 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def unencodable_text(value: Any, path: str = "") -> str | None:
-    """The path (``messages.0.content``) of the first text in ``value`` (nested dicts, lists, tuples and
-    strings, as a request is decoded from JSON) that the wire format cannot carry, or None when it has none.
-
-    Text is stored as UTF-8, and a lone UTF-16 surrogate (``"\\ud800"`` in JSON, which Python's decoder
-    accepts) has no UTF-8 form: a request carrying one must be refused where it arrives, with the field
-    named, before anything is held or written for it, not fail when it is encoded."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path or "(body)"
-        return None
+def _first_path(value: Any, bad: Callable[[Any], bool], path: str = "") -> str | None:
+    """The path (``messages.0.content``) of the first leaf of ``value`` (nested dicts, lists and tuples, as a
+    request is decoded from JSON; keys count as leaves) for which ``bad`` is true, or None."""
     if isinstance(value, dict):
         items: Any = value.items()
     elif isinstance(value, list | tuple):
         items = enumerate(value)
     else:
-        return None
+        return (path or "(body)") if bad(value) else None
     for key, item in items:
-        found = unencodable_text(key, path) or unencodable_text(item, f"{path}.{key}" if path else str(key))
+        found = _first_path(key, bad, path) or _first_path(item, bad, f"{path}.{key}" if path else str(key))
         if found is not None:
             return found
     return None
+
+
+def _not_utf8(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _beyond_64_bits(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64
+
+
+def unencodable_text(value: Any, path: str = "") -> str | None:
+    """The path of the first text in ``value`` that the wire format cannot carry, or None when it has none.
+
+    Text is stored as UTF-8, and a lone UTF-16 surrogate (``"\\ud800"`` in JSON, which Python's decoder
+    accepts) has no UTF-8 form: a request carrying one must be refused where it arrives, with the field
+    named, before anything is held or written for it, not fail when it is encoded."""
+    return _first_path(value, _not_utf8, path)
+
+
+def unencodable_integer(value: Any, path: str = "") -> str | None:
+    """The path of the first integer in ``value`` beyond 64 bits (JSON has no limit; msgpack and the JSON
+    stored for a worker do), or None: refused where it arrives, like bad text."""
+    return _first_path(value, _beyond_64_bits, path)
 
 
 def encode(payload: Payload) -> bytes:

@@ -60,6 +60,10 @@ BAD_CHAT_BODIES: dict[str, tuple[bytes | dict[str, Any], str]] = {
     "unknown role": (chat_body(messages=[{"role": "robot", "content": "beep"}]), "role"),
     "empty messages": (chat_body(messages=[]), "messages"),
     "too many stop sequences": (chat_body(stop=["a", "b", "c", "d", "e"]), "stop"),
+    "an integer beyond 64 bits in a field it passes on": (
+        chat_body(metadata={"n": 2**70}),
+        "invalid value for 'metadata.n': an integer must fit in 64 bits",
+    ),
 }
 
 

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import importlib.metadata
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
@@ -53,16 +54,38 @@ async def _sse(svc: Services, caller: Principal, request_id: str, last_event_id:
     return sse_response(session, send_timeout_s=svc.settings.send_timeout_s, headers=headers)
 
 
+LastEventIdHeader = Annotated[str | None, Header(alias="Last-Event-ID")]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationHeaders:
+    """What a generation POST's headers say: the request it names (``Idempotency-Key``), whether its events
+    carry ids (:func:`wants_event_ids`), and the event a retried POST continues after (``Last-Event-ID``)."""
+
+    idempotency_key: str | None
+    event_ids: bool
+    last_event_id: str | None
+
+
+async def generation_headers(
+    idempotency_key: Annotated[str | None, Header()] = None,
+    accept: Annotated[str | None, Header()] = None,
+    last_event_id: LastEventIdHeader = None,
+) -> GenerationHeaders:
+    return GenerationHeaders(idempotency_key, wants_event_ids(accept, idempotency_key=idempotency_key), last_event_id)
+
+
+GenerationHeadersOf = Annotated[GenerationHeaders, Depends(generation_headers)]
+
+
 async def _generate(
     svc: Services,
     caller: Principal,
     body: ChatCompletionRequest | CompletionRequest,
     stream_format: StreamFormat,
-    idempotency_key: str | None,
-    *,
-    event_ids: bool,
-    last_event_id: str | None = None,
+    sent: GenerationHeaders,
 ) -> Response:
+    idempotency_key, event_ids, last_event_id = sent.idempotency_key, sent.event_ids, sent.last_event_id
     if body.stream and last_event_id:
         # A reconnect (as @microsoft/fetch-event-source retries a POST). At the request's end it answers
         # [DONE] with 200, not the GET streams' 204: such a client expects an event stream, and its default
@@ -96,39 +119,16 @@ async def _generate(
     return _json(completion_body(session.point.meta, deltas, last), headers=headers)
 
 
-IdempotencyKey = Annotated[str | None, Header()]
-Accept = Annotated[str | None, Header()]
-LastEventIdHeader = Annotated[str | None, Header(alias="Last-Event-ID")]
-
-
 @api.post("/chat/completions", responses=JSON_OR_SSE)
 async def chat_completions(
-    body: ChatCompletionRequest,
-    request: Request,
-    who: Caller,
-    idempotency_key: IdempotencyKey = None,
-    accept: Accept = None,
-    last_event_id: LastEventIdHeader = None,
+    body: ChatCompletionRequest, request: Request, who: Caller, sent: GenerationHeadersOf
 ) -> Response:
-    event_ids = wants_event_ids(accept, idempotency_key=idempotency_key)
-    return await _generate(
-        services(request), who, body, "chat", idempotency_key, event_ids=event_ids, last_event_id=last_event_id
-    )
+    return await _generate(services(request), who, body, "chat", sent)
 
 
 @api.post("/completions", responses=JSON_OR_SSE)
-async def completions(
-    body: CompletionRequest,
-    request: Request,
-    who: Caller,
-    idempotency_key: IdempotencyKey = None,
-    accept: Accept = None,
-    last_event_id: LastEventIdHeader = None,
-) -> Response:
-    event_ids = wants_event_ids(accept, idempotency_key=idempotency_key)
-    return await _generate(
-        services(request), who, body, "completion", idempotency_key, event_ids=event_ids, last_event_id=last_event_id
-    )
+async def completions(body: CompletionRequest, request: Request, who: Caller, sent: GenerationHeadersOf) -> Response:
+    return await _generate(services(request), who, body, "completion", sent)
 
 
 @api.get("/chat/completions/stream", responses=SSE_ONLY)
@@ -164,7 +164,7 @@ async def simple_stream(
         )
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
-    return await _generate(svc, who, body, "simple", None, event_ids=True)
+    return await _generate(svc, who, body, "simple", GenerationHeaders(None, event_ids=True, last_event_id=None))
 
 
 @api.get("/requests/{request_id}/events", responses=SSE_ONLY)
