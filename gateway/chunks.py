@@ -1,8 +1,8 @@
 """Rendering stored events as what clients read: OpenAI chunk objects, the simple GET form, final JSON.
 
 Rendering depends only on the stored event and on the request's metadata (id, model, created, format,
-include_usage), never on the connection: a replay therefore carries, byte for byte, the frames the live
-stream carried.
+include_usage, continuous_usage), never on the connection: a replay therefore carries, byte for byte, the
+frames the live stream carried.
 """
 
 from __future__ import annotations
@@ -120,28 +120,33 @@ class ChunkRenderer:
         # in the text, so it is the same prefix and suffix around the encoded text. Built once here, it is
         # byte for byte what ``orjson.dumps`` of the full chunk gives (a unit test checks).
         self._plain_delta: tuple[bytes, bytes] | None = None
+        self._role_chunks: list[bytes] = []
+        """The role chunks' JSON up to their usage (see ``_role_frames``)."""
         self._role_frames = b""
         """What a chat stream opens with, as ``vllm serve`` opens it: one role-only chunk per choice
         (``{"role": "assistant", "content": ""}``), sent before the first event's frame and without an id
         of its own (a client that saw only it resumes from the start, which sends it again)."""
         self._roles_due: bool | None = None
         """Whether the role chunks are still to be sent: decided by the first event rendered."""
+        self._continuous_usage = meta.continuous_usage and meta.stream_format in ("chat", "completion")
+        """Every chunk carries the usage so far, from its event (``stream_options.continuous_usage_stats``):
+        the role chunks the prompt's tokens and none generated, a delta its choice's tokens so far (the
+        worker stores both on the deltas of such a request), as ``vllm serve`` sends them."""
         if meta.stream_format == "chat":
             head = orjson.dumps({**self._base, "object": "chat.completion.chunk"})[:-1]
-            tail = b',"usage":null}' if meta.include_usage else b"}"
+            # With continuous usage, the usage and the closing brace follow per event (``_usage_tail``).
+            tail = b"" if self._continuous_usage else b',"usage":null}' if meta.include_usage else b"}"
             self._plain_delta = (
                 head + b',"choices":[{"index":0,"delta":{"content":',
                 b'},"logprobs":null,"finish_reason":null}]' + tail,
             )
-            self._role_frames = b"".join(
-                data_frame(
-                    head
-                    + b',"choices":[{"index":%d,"delta":{"role":"assistant","content":""},' % index
-                    + b'"logprobs":null,"finish_reason":null}]'
-                    + tail
-                )
+            self._role_chunks = [
+                head
+                + b',"choices":[{"index":%d,"delta":{"role":"assistant","content":""},' % index
+                + b'"logprobs":null,"finish_reason":null}]'
                 for index in range(meta.choices)
-            )
+            ]
+            self._role_frames = b"".join(data_frame(chunk + tail) for chunk in self._role_chunks)
 
     def frames(self, items: list[tuple[int, bytes]]) -> bytes:
         """The SSE frames of stored (seq, payload) pairs."""
@@ -164,11 +169,23 @@ class ChunkRenderer:
                 if self._roles_due:
                     self._roles_due = False
                     if event.kind != "error":  # vLLM sends none before a refusal
-                        out.append(self._role_frames)
+                        out.append(self._opening(event))
                 out.append(event_frame(self._event_id(seq), data))
             elif event.terminal:
                 self._unshown_end = seq
         return b"".join(out)
+
+    def _opening(self, event: wire.Event) -> bytes:
+        """The role chunks, before the first event's frame (with continuous usage, the prompt's tokens are
+        that event's: every delta and the end event of such a request carry them)."""
+        if not self._continuous_usage:
+            return self._role_frames
+        tail = self._usage_tail(event.prompt_tokens, 0)
+        return b"".join(data_frame(chunk + tail) for chunk in self._role_chunks)
+
+    @staticmethod
+    def _usage_tail(prompt_tokens: int, completion_tokens: int) -> bytes:
+        return b',"usage":' + orjson.dumps(usage_body(prompt_tokens, completion_tokens)) + b"}"
 
     def done_frame(self) -> bytes:
         """``[DONE]``, after the terminal event was rendered. With ids, it carries the terminal event's id when
@@ -204,6 +221,13 @@ class ChunkRenderer:
         if fmt == "chat":
             plain = self._plain_delta
             if plain is not None and is_plain(event) and event.finish_reason is None:
+                if self._continuous_usage:
+                    return (
+                        plain[0]
+                        + orjson.dumps(event.text)
+                        + plain[1]
+                        + self._usage_tail(event.prompt_tokens, event.completion_tokens)
+                    )
                 return plain[0] + orjson.dumps(event.text) + plain[1]
             choice: dict[str, Any] = {
                 "index": event.index,
@@ -220,7 +244,9 @@ class ChunkRenderer:
                 "finish_reason": event.finish_reason,
             }
         chunk = {**self._base, "object": self._object(), "choices": [choice]}
-        if self.meta.include_usage:
+        if self._continuous_usage:
+            chunk["usage"] = usage_body(event.prompt_tokens, event.completion_tokens)
+        elif self.meta.include_usage:
             chunk["usage"] = None
         return orjson.dumps(chunk)
 

@@ -26,7 +26,10 @@ _OPEN = ConfigDict(extra="allow", strict=True)
 
 class StreamOptions(BaseModel):
     model_config = _STRICT
-    include_usage: bool = False
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+    """With ``include_usage``: every chunk carries the usage so far, as ``vllm serve`` sends it (guidellm asks
+    for it)."""
 
 
 class TextPart(BaseModel):
@@ -198,7 +201,12 @@ class _GenerationRequest(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage on every chunk: asked for with ``include_usage``, which it needs (vLLM's ``should_include_usage``)."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class ChatCompletionRequest(_GenerationRequest):

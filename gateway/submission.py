@@ -157,6 +157,7 @@ class SubmissionService:
             background=body.background,
             body=orjson.dumps(body.body_json()),
             response=body.origin_record(),
+            continuous_usage=body.continuous_usage,
         )
         try:
             meta = await self.store.create(

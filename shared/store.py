@@ -54,6 +54,8 @@ class RequestMeta:
     cancel_requested: bool
     choices: int = 1
     """The request's ``n`` (stored only when above 1): a chat stream opens with one role chunk per choice."""
+    continuous_usage: bool = False
+    """Every chunk carries the usage so far (``stream_options.continuous_usage_stats``; stored only when set)."""
 
     @property
     def terminal(self) -> bool:
@@ -88,6 +90,7 @@ class RequestMeta:
             error=text("error"),
             cancel_requested=text("cancel") == "1",
             choices=number("choices") or 1,
+            continuous_usage=text("continuous_usage") == "1",
         )
 
 
@@ -201,6 +204,8 @@ class RequestStore:
         }
         if choices > 1:
             fields["choices"] = choices
+        if job.continuous_usage:
+            fields["continuous_usage"] = "1"
         pipe = self._r.pipeline(transaction=False)
         pipe.hset(rk.meta, mapping=fields)
         for name, value in progress.items():

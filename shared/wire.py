@@ -73,6 +73,10 @@ class Job:
     """For a Responses API request (``POST /v1/responses``): that request's JSON as the gateway accepted it,
     from which any gateway renders the response object (``body`` is the chat request it was mapped to, which
     is what workers run). Empty for every other request."""
+    continuous_usage: bool = False
+    """The client asked for usage on every chunk (``stream_options.continuous_usage_stats``): the worker then
+    stores, on each delta, the prompt's tokens and its choice's tokens so far. Written only when set, so a
+    plain job's bytes (and what an older worker reads) are as before."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +234,8 @@ def encode(payload: Payload) -> bytes:
         fields += optional
     else:
         fields = [_plain(getattr(payload, f.name)) for f in dataclass_fields(payload)]
+        if isinstance(payload, Job) and not payload.continuous_usage:
+            fields.pop()
     packed: bytes = msgpack.packb([WIRE_VERSION, tag, *fields], use_bin_type=True)
     return packed
 

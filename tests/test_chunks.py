@@ -11,6 +11,7 @@ from tests.samples import meta
 from tests.sse_spec import frame_events, parse_sse
 from tokenspool.gateway.chunks import ChunkRenderer, completion_body
 from tokenspool.shared import keys, wire
+from tokenspool.shared.store import RequestMeta
 
 STREAM_EVENTS = [
     wire.Event("delta", "Hello", (1,)),
@@ -103,6 +104,49 @@ def test_include_usage_adds_null_usage_and_a_usage_chunk(stream_format: str) -> 
     assert end["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
     expected_object = "chat.completion.chunk" if stream_format == "chat" else "text_completion"
     assert end["object"] == delta["object"] == expected_object
+
+
+CONTINUOUS_EVENTS = [
+    wire.Event("delta", "Hello", (1,), prompt_tokens=5, completion_tokens=1),
+    wire.Event("delta", " wörld", (2, 3), prompt_tokens=5, completion_tokens=3),
+    wire.Event("delta", "", (4,), finish_reason="stop", prompt_tokens=5, completion_tokens=4),
+    wire.Event("end", finish_reason="stop", prompt_tokens=5, completion_tokens=4),
+]
+
+
+def continuous_meta(stream_format: str) -> RequestMeta:
+    return dataclasses.replace(meta(stream_format, include_usage=True), continuous_usage=True)
+
+
+@pytest.mark.parametrize("stream_format", ["chat", "completion"])
+def test_continuous_usage_puts_the_usage_so_far_on_every_chunk_as_vllm_does(stream_format: str) -> None:
+    items = [(seq, wire.encode(event)) for seq, event in enumerate(CONTINUOUS_EVENTS, start=1)]
+    frames = ChunkRenderer(continuous_meta(stream_format)).frames(items)
+    chunks = [orjson.loads(e.data) for e in parse_sse(frames)[0]]
+    usages = [
+        (c["usage"]["prompt_tokens"], c["usage"]["completion_tokens"], c["usage"]["total_tokens"]) for c in chunks
+    ]
+    deltas = [(5, 1, 6), (5, 3, 8), (5, 4, 9)]
+    opening = [(5, 0, 5)] if stream_format == "chat" else []  # vLLM's role chunk counts nothing generated
+    assert usages == [*opening, *deltas, (5, 4, 9)]
+    assert chunks[-1]["choices"] == []
+    # a replay from the middle is the live stream's tail, byte for byte
+    resumed = ChunkRenderer(continuous_meta(stream_format)).frames(items[2:])
+    assert frames.endswith(resumed) and b"role" not in resumed
+
+
+@pytest.mark.parametrize("text", ["plain", ' "quoted" \\ back\nslash', "wörld 👋"])
+def test_a_plain_chat_delta_with_continuous_usage_renders_exactly_as_the_full_chunk_would(text: str) -> None:
+    event = wire.Event("delta", text, (7,), prompt_tokens=12, completion_tokens=3)
+    chunk = {
+        "id": meta().request_id,
+        "created": 1_700_000_000,
+        "model": "tokenspool-sim",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+    }
+    assert ChunkRenderer(continuous_meta("chat")).data(2, event) == orjson.dumps(chunk)
 
 
 def test_completion_rendering_uses_text_choices() -> None:

@@ -143,3 +143,30 @@ def test_simple_get_form_streams_tokens_and_resumes_by_query(stack: Stack) -> No
     resumed = read_stream("GET", f"{gw_b.url}/v1/chat/completions/stream?last_event_id={full.events[1].id}")
     assert [e.raw for e in resumed.events] == [e.raw for e in full.events[2:]]
     assert httpx.get(f"{gw_a.url}/v1/chat/completions/stream").status_code == 400
+
+
+def test_continuous_usage_is_on_every_chunk_and_a_resume_on_another_gateway_replays_it_byte_for_byte(
+    stack: Stack,
+) -> None:
+    """What guidellm asks for: ``include_usage`` with ``continuous_usage_stats``, as ``vllm serve`` answers it."""
+    (gw_a, gw_b), _ = stack
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = chat_body("count as you go", max_tokens=12, stream_options=options)
+    live = read_stream("POST", gw_a.url + "/v1/chat/completions", json=body)
+    request_id = live.headers["x-request-id"] if live.headers else ""
+    chunks = [e.json() for e in live.opening + live.events if e.data != "[DONE]"]
+    usages = [c["usage"] for c in chunks]
+    prompt_tokens = usages[0]["prompt_tokens"]
+    assert prompt_tokens > 0 and usages[0]["completion_tokens"] == 0, "the role chunk counts the prompt only"
+    so_far = [u["completion_tokens"] for u in usages]
+    assert so_far == sorted(so_far) and so_far[-1] == 12, "cumulative, ending at the final count"
+    assert all(u["prompt_tokens"] == prompt_tokens for u in usages)
+    assert all(u["total_tokens"] == prompt_tokens + u["completion_tokens"] for u in usages)
+    assert chunks[-1]["choices"] == [] and len(chunks) == 1 + 12 + 1, "role, one chunk per token, usage"
+    middle = live.events[5].id or ""
+    resumed = read_stream("GET", f"{gw_b.url}/v1/requests/{request_id}/events", headers={"Last-Event-ID": middle})
+    assert [e.raw for e in resumed.events] == [e.raw for e in live.events[6:]]
+    replay = read_stream("GET", f"{gw_b.url}/v1/requests/{request_id}/events")
+    assert [e.raw for e in replay.opening + replay.events] == [e.raw for e in live.opening + live.events]
+    plain = read_stream("POST", gw_b.url + "/v1/chat/completions", json=chat_body("count as you go", max_tokens=12))
+    assert all(b"usage" not in e.raw for e in plain.opening + plain.events), "only when asked"

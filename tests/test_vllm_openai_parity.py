@@ -351,6 +351,39 @@ def test_streams_open_with_the_role_chunks_vllm_serve_sends(vllm_serve: str, tok
     assert openings[tokenspool] == openings[vllm_serve]
 
 
+CONTINUOUS_USAGE = {"include_usage": True, "continuous_usage_stats": True}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", chat(stream=True, stream_options=CONTINUOUS_USAGE)),
+        ("/v1/completions", completion(stream=True, stream_options=CONTINUOUS_USAGE)),
+    ],
+    ids=["chat", "completion"],
+)
+def test_continuous_usage_is_on_every_chunk_as_vllm_serve_sends_it(
+    vllm_serve: str, tokenspool: str, path: str, body: dict[str, Any]
+) -> None:
+    """What guidellm asks for. Chunk boundaries may differ (engine steps), so what is compared is what does
+    not depend on them: the first chunk's usage (a chat stream's role chunk: the prompt, nothing generated),
+    the last choice chunk's and the final usage chunk's; and that every chunk has a usage that only grows."""
+    seen = {}
+    for url in (vllm_serve, tokenspool):
+        opening: list[SSEEvent] = []
+        with httpx.stream("POST", url + path, json=body, timeout=120) as response:
+            assert response.status_code == 200, response.read()
+            events = [e for e in iter_sse(response, opening) if isinstance(e, SSEEvent) and e.data != "[DONE]"]
+        chunks = [orjson.loads(e.data) for e in opening + events]
+        usages = [
+            (c["usage"]["prompt_tokens"], c["usage"]["completion_tokens"], c["usage"]["total_tokens"]) for c in chunks
+        ]
+        assert [u[1] for u in usages] == sorted(u[1] for u in usages), url
+        last_choice = max(i for i, c in enumerate(chunks) if c["choices"])
+        seen[url] = (usages[0], usages[last_choice], chunks[-1]["choices"], usages[-1])
+    assert seen[tokenspool] == seen[vllm_serve]
+
+
 # -- durable like plain text: cut, resumed elsewhere, taken over -------------------------------------------
 
 GROWING_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}

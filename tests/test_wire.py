@@ -172,7 +172,18 @@ def test_a_job_encodes_exactly_as_its_fields_as_nested_lists() -> None:
     def as_lists(value: object) -> object:
         return [as_lists(item) for item in value] if isinstance(value, tuple) else value
 
-    reference = [as_lists(value) for value in dataclasses.astuple(job)]
+    # the trailing ``continuous_usage`` is written only when set (an older reader reads a plain job)
+    reference = [as_lists(value) for value in dataclasses.astuple(job)][:-1]
     version, _tag, *fields = msgpack.unpackb(wire.encode(job), raw=False)
     assert version == wire.WIRE_VERSION and fields == reference
     assert wire.decode(wire.encode(job), wire.Job) == job
+
+
+def test_a_job_asking_for_continuous_usage_round_trips_and_a_plain_one_reads_as_before() -> None:
+    plain = full_job()
+    continuous = dataclasses.replace(plain, continuous_usage=True)
+    assert wire.decode(wire.encode(continuous), wire.Job) == continuous
+    assert len(wire.encode(continuous)) == len(wire.encode(plain)) + 1
+    _version, _tag, *fields = msgpack.unpackb(wire.encode(plain), raw=False)
+    assert len(fields) == len(dataclasses.fields(wire.Job)) - 1, "a plain job has no trailing flag"
+    assert wire.decode(wire.encode(plain), wire.Job).continuous_usage is False

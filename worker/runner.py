@@ -170,6 +170,13 @@ class RequestRunner:
         )
         prompt_tokens = 0
         completion_tokens = len(emitted_ids)
+        # Per choice, the tokens generated so far: stored on each delta of a request that asked for usage on
+        # every chunk (vLLM counts them per choice), so any gateway renders a chunk's usage from the event.
+        choice_tokens: dict[int, int] | None = None
+        if job.continuous_usage:
+            choice_tokens = {}
+            for event in emitted:
+                choice_tokens[event.index] = choice_tokens.get(event.index, 0) + len(event.token_ids)
         text_offset = sum(len(event.text) for event in emitted)
         finish_reason = "stop"
         wants_logprobs = job.sampling.logprobs is not None
@@ -201,6 +208,9 @@ class RequestRunner:
                     )
                     if wants_logprobs:
                         event = dataclasses.replace(event, logprobs=delta.logprobs, text_offset=text_offset)
+                    if choice_tokens is not None:
+                        so_far = choice_tokens[delta.index] = choice_tokens.get(delta.index, 0) + len(delta.token_ids)
+                        event = dataclasses.replace(event, prompt_tokens=delta.prompt_tokens, completion_tokens=so_far)
                     text_offset += len(delta.text)
                     await self.outbox.put(entry, event)
                     if generated is not None:
