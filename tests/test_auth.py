@@ -47,6 +47,7 @@ class KeyedGateway:
         )
         self.url = self.gateway.url
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+        grpc.channel_ready_future(self.channel).result(timeout=30)  # the gRPC port itself, not only HTTP
         self.stub = pb_grpc.ChatServiceStub(self.channel)
 
 

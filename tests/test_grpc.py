@@ -32,6 +32,8 @@ class GrpcGateway:
         self.url = self.gateway.url
         self.target = f"127.0.0.1:{port}"
         self.channel = grpc.insecure_channel(self.target)
+        # The HTTP side answering is not the gRPC port listening: wait for the channel itself.
+        grpc.channel_ready_future(self.channel).result(timeout=30)
         self.stub = pb_grpc.ChatServiceStub(self.channel)
 
 

@@ -115,6 +115,7 @@ def test_websocket_and_grpc_streams_count_in_every_stream_metric(cluster: Cluste
     active = ("tokenspool_gateway_streams_active", ())
     ws_url = gateway.url.replace("http://", "ws://", 1) + "/v1/ws"
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel, connect(ws_url, open_timeout=10) as ws:
+        grpc.channel_ready_future(channel).result(timeout=30)  # the gRPC port itself, not only HTTP
         stub = pb_grpc.ChatServiceStub(channel)
         long_request = {"prompt": "go on", "model": "wired", "max_tokens": 5000, "ignore_eos": True}
         ws.send(orjson.dumps(long_request).decode())
