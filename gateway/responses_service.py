@@ -162,7 +162,7 @@ class ResponsesService:
                     self._feed(renderer, batch)
                     cursor = batch[-1][0]
         except TimeoutError:
-            pass
+            pass  # followed the stream for follow_s: the object is answered as it stands now
         except EventsExpiredError:
             raise self._expired(stored.meta.request_id) from None
         return renderer
