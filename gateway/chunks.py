@@ -66,17 +66,24 @@ def is_plain(event: wire.Event) -> bool:
     return not (event.logprobs or event.index or event.reasoning or event.tool_calls)
 
 
-def chat_delta(event: wire.Event, *, first: bool = False) -> dict[str, Any]:
-    """A chat chunk's ``delta``: content, reasoning and tool-call pieces as vLLM's parsers split them (tool
-    calls are stored rendered and embedded as they are); with the role when ``first`` (a transport whose
-    stream has no role chunk of its own)."""
-    delta: dict[str, Any] = {"role": "assistant"} if first else {}
+def parsed_pieces(event: wire.Event) -> dict[str, Any]:
+    """What vLLM's parsers split off a delta, only when set: reasoning text, and the tool-call pieces (stored
+    rendered, embedded as they are). Every transport that carries them carries them in this shape."""
+    pieces: dict[str, Any] = {}
+    if event.reasoning:
+        pieces["reasoning"] = event.reasoning
+    if event.tool_calls:
+        pieces["tool_calls"] = orjson.Fragment(event.tool_calls.encode())
+    return pieces
+
+
+def chat_delta(event: wire.Event) -> dict[str, Any]:
+    """A chat chunk's ``delta``: content (unless the delta carries only parsed pieces), then
+    :func:`parsed_pieces`. The role is not here: a chat stream opens with vLLM's role-only chunks."""
+    delta: dict[str, Any] = {}
     if event.text or not (event.reasoning or event.tool_calls):
         delta["content"] = event.text
-    if event.reasoning:
-        delta["reasoning"] = event.reasoning
-    if event.tool_calls:
-        delta["tool_calls"] = orjson.Fragment(event.tool_calls.encode())
+    delta.update(parsed_pieces(event))
     return delta
 
 

@@ -14,7 +14,7 @@ from typing import Any, Final
 import orjson
 from pydantic import ValidationError
 
-from tokenspool.gateway.chunks import chat_logprobs, usage_body
+from tokenspool.gateway.chunks import chat_logprobs, parsed_pieces, usage_body
 from tokenspool.gateway.errors import APIError, bad_request, invalid_text, validation_error
 from tokenspool.gateway.schemas import ChatCompletionRequest
 from tokenspool.shared import keys, wire
@@ -205,10 +205,7 @@ def token(request_id: str, seq: int, event: wire.Event) -> dict[str, Any]:
     # What vLLM's parsers split off, only when set (a plain token's message is unchanged).
     if event.index:
         out["index"] = event.index
-    if event.reasoning:
-        out["reasoning"] = event.reasoning
-    if event.tool_calls:
-        out["tool_calls"] = orjson.Fragment(event.tool_calls.encode())
+    out.update(parsed_pieces(event))
     return out
 
 
