@@ -181,7 +181,7 @@ def test_another_keys_request_is_404_on_every_http_route_exactly_like_an_unknown
 
 
 def test_another_key_cannot_cancel_a_running_request_but_its_owner_can(cluster: Cluster, keyed: KeyedGateway) -> None:
-    body = chat_body(max_tokens=4000, stream=False, background=True)
+    body = chat_body(max_tokens=4000, stream=False, background=True, ignore_eos=True)  # runs until cancelled
     with (
         httpx.Client(timeout=30) as client,
         client.stream(
