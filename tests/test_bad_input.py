@@ -168,7 +168,12 @@ def test_a_nearly_empty_queue_is_not_read_on_every_submission(cluster: Cluster) 
     """Far from max_queue_depth, a reading of the queue's depth is reused (here for a minute), so a request's
     path to its first token saves that round trip; near the limit every submission reads it (the test
     above: exactly max_queue_depth requests wait). Only the gateway's reads may count: the worker, which
-    reads the same queue's depth for its gauge once per heartbeat, gets a heartbeat longer than the test."""
+    reads the same queue's depth for its gauge once per heartbeat, gets a heartbeat longer than the test, and
+    the workers earlier tests of this file started (whose gauges read their own queues') are stopped first:
+    the count is server-wide. (The file's last test, so nothing after it needs them.)"""
+    for proc in cluster.procs:
+        if proc.argv[0] == "worker" and proc.alive():
+            proc.stop()
     cluster.worker(
         model="roomy", sim_itl_ms=0, sim_ttft_ms=0, worker_heartbeat_s=60, worker_ttl_s=300, lease_timeout_s=300
     )
