@@ -222,7 +222,7 @@ class SubmissionService:
             chars = sum(len(m.text()) for m in body.messages)
             param = "messages"
         else:
-            chars = len(body.prompt_text())
+            chars = body.prompt_size()
             param = "prompt"
         if chars > settings.max_prompt_chars:
             raise bad_request(

@@ -84,7 +84,8 @@ class TokenLogprob:
     """A generated token's text and log probability, with the most likely alternatives at that position."""
 
     token: str
-    logprob: float
+    logprob: float | None
+    """None only for a prompt's first token (echoed with its prompt's logprobs: nothing precedes it)."""
     top: tuple[tuple[str, float], ...] = ()
 
 

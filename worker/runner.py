@@ -177,12 +177,15 @@ class RequestRunner:
             choice_tokens = {}
             for event in emitted:
                 choice_tokens[event.index] = choice_tokens.get(event.index, 0) + len(event.token_ids)
-        text_offset = sum(len(event.text) for event in emitted)
+        # Per choice, the characters of its text so far (a completion's ``text_offset``).
+        text_offsets: dict[int, int] = {}
+        for event in emitted:
+            text_offsets[event.index] = text_offsets.get(event.index, 0) + len(event.text)
         finish_reason = "stop"
         wants_logprobs = job.sampling.logprobs is not None
-        # A previous holder that emitted the last token but died before closing the stream: the engine
-        # still reports the prompt's length, and no second finish is streamed.
-        finished_before = bool(emitted and emitted[-1].finish_reason)
+        # Choices a previous holder finished before it died (their last token came with the finish): the
+        # engine, run again, still reports the prompt's length, and no second finish is streamed.
+        finished_before = {event.index for event in emitted if event.finish_reason}
         generated: list[str] | None = [] if self.settings.log_content else None
         stream = self.engine.generate(request)
         step_started = time.monotonic()
@@ -191,12 +194,12 @@ class RequestRunner:
                 now = time.monotonic()
                 self.metrics.engine_step.observe(now - step_started)
                 step_started = now
-                prompt_tokens = delta.prompt_tokens
+                prompt_tokens = delta.request_prompt_tokens or delta.prompt_tokens
                 completion_tokens += len(delta.token_ids)
                 self.metrics.output_tokens.inc(len(delta.token_ids))
                 if delta.finish_reason:
                     finish_reason = delta.finish_reason
-                if delta.text or delta.token_ids or (delta.finish_reason and not finished_before):
+                if delta.text or delta.token_ids or (delta.finish_reason and delta.index not in finished_before):
                     event = wire.Event(
                         "delta",
                         delta.text,
@@ -207,11 +210,12 @@ class RequestRunner:
                         tool_calls=delta.tool_calls,
                     )
                     if wants_logprobs:
-                        event = dataclasses.replace(event, logprobs=delta.logprobs, text_offset=text_offset)
+                        offset = text_offsets.get(delta.index, 0)
+                        event = dataclasses.replace(event, logprobs=delta.logprobs, text_offset=offset)
+                        text_offsets[delta.index] = offset + len(delta.text)
                     if choice_tokens is not None:
                         so_far = choice_tokens[delta.index] = choice_tokens.get(delta.index, 0) + len(delta.token_ids)
                         event = dataclasses.replace(event, prompt_tokens=delta.prompt_tokens, completion_tokens=so_far)
-                    text_offset += len(delta.text)
                     await self.outbox.put(entry, event)
                     if generated is not None:
                         generated.append(delta.text)
