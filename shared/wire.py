@@ -110,7 +110,8 @@ class Event:
     logprobs: tuple[TokenLogprob, ...] = ()
     """One entry per token id, when the request asked for log probabilities."""
     text_offset: int = 0
-    """Characters of reply text before this event (completions' ``text_offset`` needs it)."""
+    """Characters its choice's logprob tokens spelled before this event (completions' ``text_offset``, counted
+    as vLLM counts it)."""
     index: int = 0
     """The choice this delta belongs to (``n > 1``)."""
     reasoning: str = ""

@@ -190,6 +190,9 @@ CORPUS: dict[str, dict[str, Any]] = {
     "tools required-free history + auto": chat(messages=HISTORY, tools=[WEATHER], tool_choice="auto"),
     "stop token ids": chat(stop_token_ids=[5, 6]),
     "repetition and penalties": chat(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5),
+    "echo of the last assistant message": chat(
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "well the"}], echo=True
+    ),
 }
 STREAMED = {f"{name} (stream)": {**body, "stream": True} for name, body in CORPUS.items() if name != "logprobs"}
 
@@ -198,10 +201,23 @@ def completion(**fields: Any) -> dict[str, Any]:
     return {"model": MODEL, "prompt": "the weather in", "max_tokens": 12, "temperature": 0, **fields}
 
 
+PROMPTS = ["the weather in", "a city of"]
+TOKEN_PROMPTS = [[1, 20, 21, 22], [1, 30, 31]]
 COMPLETIONS: dict[str, dict[str, Any]] = {
     "completion plain": completion(),
     "completion logprobs": completion(logprobs=2, max_tokens=4),
     "completion n=2 seeded": completion(n=2, temperature=1.0, seed=3),
+    "completion list of strings": completion(prompt=PROMPTS),
+    "completion token ids": completion(prompt=TOKEN_PROMPTS[0]),
+    "completion list of token-id lists": completion(prompt=TOKEN_PROMPTS),
+    "completion list, n=2 seeded": completion(prompt=PROMPTS, n=2, temperature=1.0, seed=3),
+    "completion list with logprobs": completion(prompt=PROMPTS, logprobs=1, max_tokens=4),
+    "completion echo": completion(echo=True),
+    "completion echo with logprobs": completion(echo=True, logprobs=2, max_tokens=4),
+    "completion echo of token ids with logprobs": completion(prompt=TOKEN_PROMPTS, echo=True, logprobs=0, max_tokens=3),
+    "completion echo without tokens": completion(echo=True, max_tokens=0),
+    "completion echo without tokens, logprobs": completion(echo=True, max_tokens=0, logprobs=1),
+    "completion echo of a list, n=2 seeded": completion(prompt=PROMPTS, echo=True, n=2, temperature=1.0, seed=3),
 }
 REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
     "n=2 greedy": ("/v1/chat/completions", chat(n=2)),
@@ -230,6 +246,16 @@ REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "completion n=2 greedy (stream)": ("/v1/completions", completion(n=2, stream=True)),
     "completion suffix": ("/v1/completions", completion(suffix="!")),
+    "completion echo with suffix": ("/v1/completions", completion(echo=True, suffix="!")),
+    "completion list, n=2 greedy (stream)": ("/v1/completions", completion(prompt=PROMPTS, n=2, stream=True)),
+    "completion list, one prompt over the context": (
+        "/v1/completions",
+        completion(prompt=["the weather in", "the " * 1100]),
+    ),
+    "completion prompt_logprobs streamed": (
+        "/v1/completions",
+        completion(prompt=PROMPTS, echo=True, prompt_logprobs=1, stream=True),
+    ),
 }
 
 
@@ -289,15 +315,48 @@ def test_answers_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str) -
     assert comparable(ours.json()) == comparable(theirs.json())
 
 
+def completion_tokens(logprobs: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """A completion's logprobs, token by token: text, logprob (3 places; None for a prompt's first token),
+    offset, and whether it has alternatives."""
+    return [
+        (token, None if logprob is None else round(logprob, 3), offset, top is not None)
+        for token, logprob, offset, top in zip(
+            logprobs["tokens"],
+            logprobs["token_logprobs"],
+            logprobs["text_offset"],
+            logprobs["top_logprobs"],
+            strict=True,
+        )
+    ]
+
+
 def comparable_completion(answer: dict[str, Any]) -> dict[str, Any]:
     choices = []
     for choice in sorted(answer["choices"], key=lambda c: c["index"]):
         logprobs = choice.get("logprobs")
-        tokens = None
-        if logprobs:
-            tokens = list(zip(logprobs["tokens"], [round(p, 3) for p in logprobs["token_logprobs"]], strict=True))
+        tokens = completion_tokens(logprobs) if logprobs else None
         choices.append((choice["index"], choice["text"], choice["finish_reason"], tokens))
     return {"choices": choices, "usage": {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")}}
+
+
+def streamed_completion(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A completion stream folded per choice (text, finish reason, logprobs) with its final usage."""
+    choices: dict[int, dict[str, Any]] = {}
+    usage = None
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    for event in stream_events(url, body, "/v1/completions"):
+        if event.data == "[DONE]":
+            continue
+        chunk = orjson.loads(event.data)
+        usage = chunk.get("usage") or usage
+        for choice in chunk["choices"]:
+            into = choices.setdefault(choice["index"], {"text": "", "finish_reason": None, "tokens": []})
+            into["text"] += choice["text"]
+            into["finish_reason"] = choice["finish_reason"] or into["finish_reason"]
+            if choice.get("logprobs"):
+                into["tokens"] += completion_tokens(choice["logprobs"])
+    assert usage is not None
+    return {"choices": choices, "usage": {k: usage[k] for k in ("prompt_tokens", "completion_tokens")}}
 
 
 @pytest.mark.parametrize("name", sorted(COMPLETIONS))
@@ -307,16 +366,7 @@ def test_completions_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: st
     ours = httpx.post(tokenspool + "/v1/completions", json=body, timeout=120)
     assert (ours.status_code, theirs.status_code) == (200, 200), (ours.text, theirs.text)
     assert comparable_completion(ours.json()) == comparable_completion(theirs.json())
-    if "logprobs" not in name:
-        texts = {}
-        for url in (vllm_serve, tokenspool):
-            pieces: dict[int, str] = {}
-            for event in stream_events(url, {**body, "stream": True}, "/v1/completions"):
-                if event.data != "[DONE]":
-                    for choice in orjson.loads(event.data)["choices"]:
-                        pieces[choice["index"]] = pieces.get(choice["index"], "") + choice["text"]
-            texts[url] = pieces
-        assert texts[tokenspool] == texts[vllm_serve]
+    assert streamed_completion(tokenspool, body) == streamed_completion(vllm_serve, body)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
@@ -441,6 +491,38 @@ def test_stream_cut_mid_arguments_resumes_on_another_gateway_byte_for_byte(
     assert [e.raw for e in head + tail.events] == [e.raw for e in replay.events]
     # Chunk boundaries depend on engine timing; what they spell, at temperature 0, does not.
     assert fold(replay.events) == fold(undisturbed.events)
+
+
+def test_prompt_list_stream_cut_midway_resumes_on_another_gateway_byte_for_byte(
+    vllm_serve: str, tokenspool: str, other_gateway: str
+) -> None:
+    """Every choice of every prompt is stored with its index: a stream cut after a few events and resumed
+    elsewhere with Last-Event-ID, then replayed whole, is the same bytes, and spells what vLLM's does."""
+    body = completion(prompt=PROMPTS, n=2, temperature=1.0, seed=7, max_tokens=16, echo=True, stream=True)
+    head: list[SSEEvent] = []
+    with httpx.stream("POST", tokenspool + "/v1/completions", json=body, headers=EVENT_STREAM, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        request_id = response.headers["x-request-id"]
+        for event in iter_sse(response):
+            if isinstance(event, SSEEvent):
+                head.append(event)
+                if len(head) == 6:
+                    break  # the connection drops here, mid-stream
+    last_id = [e.id for e in head if e.id][-1]
+    tail = read_stream(
+        "GET", f"{other_gateway}/v1/requests/{request_id}/events", headers={"Last-Event-ID": last_id}, timeout_s=120
+    )
+    ids = [e.id for e in head + tail.events if e.id]
+    assert ids == [keys.event_id(request_id, n) for n in range(1, len(ids) + 1)], "gap or duplicate"
+    replay = read_stream("GET", f"{other_gateway}/v1/requests/{request_id}/events", timeout_s=120)
+    assert [e.raw for e in head + tail.events] == [e.raw for e in replay.events]
+    texts: dict[int, str] = {}
+    for event in replay.events:
+        if event.data != "[DONE]":
+            for choice in orjson.loads(event.data)["choices"]:
+                texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert sorted(texts) == [0, 1, 2, 3]
+    assert texts == {i: c["text"] for i, c in streamed_completion(vllm_serve, body)["choices"].items()}
 
 
 def test_worker_killed_mid_tool_call_is_finished_by_the_next_worker_exactly(

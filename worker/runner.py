@@ -177,10 +177,11 @@ class RequestRunner:
             choice_tokens = {}
             for event in emitted:
                 choice_tokens[event.index] = choice_tokens.get(event.index, 0) + len(event.token_ids)
-        # Per choice, the characters of its text so far (a completion's ``text_offset``).
+        # Per choice, the characters its logprob tokens spelled so far: a completion's ``text_offset``, counted
+        # as vLLM counts it (by the tokens reported, which an echoed prompt's start).
         text_offsets: dict[int, int] = {}
         for event in emitted:
-            text_offsets[event.index] = text_offsets.get(event.index, 0) + len(event.text)
+            text_offsets[event.index] = text_offsets.get(event.index, 0) + _spelled(event.logprobs)
         finish_reason = "stop"
         wants_logprobs = job.sampling.logprobs is not None
         # Choices a previous holder finished before it died (their last token came with the finish): the
@@ -212,7 +213,7 @@ class RequestRunner:
                     if wants_logprobs:
                         offset = text_offsets.get(delta.index, 0)
                         event = dataclasses.replace(event, logprobs=delta.logprobs, text_offset=offset)
-                        text_offsets[delta.index] = offset + len(delta.text)
+                        text_offsets[delta.index] = offset + _spelled(delta.logprobs)
                     if choice_tokens is not None:
                         so_far = choice_tokens[delta.index] = choice_tokens.get(delta.index, 0) + len(delta.token_ids)
                         event = dataclasses.replace(event, prompt_tokens=delta.prompt_tokens, completion_tokens=so_far)
@@ -224,3 +225,8 @@ class RequestRunner:
         if generated is not None:
             log.info("request %s output: %s", job.request_id, content("".join(generated)), extra=about(job.request_id))
         return Ending.finished(finish_reason, prompt_tokens, completion_tokens)
+
+
+def _spelled(logprobs: tuple[wire.TokenLogprob, ...]) -> int:
+    """The characters these logprob tokens spell."""
+    return sum(len(lp.token) for lp in logprobs)
