@@ -313,6 +313,8 @@ def test_answers_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str) -
     ours = httpx.post(tokenspool + "/v1/chat/completions", json=body, timeout=120)
     assert (ours.status_code, theirs.status_code) == (200, 200), (ours.text, theirs.text)
     assert comparable(ours.json()) == comparable(theirs.json())
+    if body.get("echo"):
+        assert ours.json()["choices"][0]["message"]["content"].startswith(body["messages"][-1]["content"])
 
 
 def completion_tokens(logprobs: dict[str, Any]) -> list[tuple[Any, ...]]:
@@ -366,6 +368,10 @@ def test_completions_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: st
     ours = httpx.post(tokenspool + "/v1/completions", json=body, timeout=120)
     assert (ours.status_code, theirs.status_code) == (200, 200), (ours.text, theirs.text)
     assert comparable_completion(ours.json()) == comparable_completion(theirs.json())
+    if body.get("echo") and isinstance(body["prompt"][0], str):
+        prompts = [body["prompt"]] if isinstance(body["prompt"], str) else body["prompt"]
+        for choice in ours.json()["choices"]:
+            assert choice["text"].startswith(prompts[choice["index"] // body.get("n", 1)]), choice
     assert streamed_completion(tokenspool, body) == streamed_completion(vllm_serve, body)
 
 
