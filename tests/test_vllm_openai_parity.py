@@ -468,6 +468,20 @@ def arguments_of(events: list[SSEEvent]) -> str:
     return out
 
 
+def resumed_elsewhere(head: list[SSEEvent], request_id: str, other_gateway: str) -> list[SSEEvent]:
+    """Resume a cut stream on ``other_gateway`` from the last id of ``head``; check that head and tail are the
+    request's events without a gap or a repeat, byte for byte what a whole replay gives, and return that."""
+    last_id = [e.id for e in head if e.id][-1]
+    tail = read_stream(
+        "GET", f"{other_gateway}/v1/requests/{request_id}/events", headers={"Last-Event-ID": last_id}, timeout_s=120
+    )
+    ids = [e.id for e in head + tail.events if e.id]
+    assert ids == [keys.event_id(request_id, n) for n in range(1, len(ids) + 1)], "gap or duplicate"
+    replay = read_stream("GET", f"{other_gateway}/v1/requests/{request_id}/events", timeout_s=120)
+    assert [e.raw for e in head + tail.events] == [e.raw for e in replay.events]
+    return replay.events
+
+
 @pytest.mark.parametrize("name", sorted(DURABLE))
 def test_stream_cut_mid_arguments_resumes_on_another_gateway_byte_for_byte(
     tokenspool: str, other_gateway: str, name: str
@@ -487,16 +501,9 @@ def test_stream_cut_mid_arguments_resumes_on_another_gateway_byte_for_byte(
                     break  # the connection drops here, inside the arguments
     partial = arguments_of(head)
     assert partial and complete.startswith(partial) and partial != complete, "cut inside the arguments"
-    last_id = [e.id for e in head if e.id][-1]
-    tail = read_stream(
-        "GET", f"{other_gateway}/v1/requests/{request_id}/events", headers={"Last-Event-ID": last_id}, timeout_s=120
-    )
-    ids = [e.id for e in head + tail.events if e.id]
-    assert ids == [keys.event_id(request_id, n) for n in range(1, len(ids) + 1)], "gap or duplicate"
-    replay = read_stream("GET", f"{other_gateway}/v1/requests/{request_id}/events", timeout_s=120)
-    assert [e.raw for e in head + tail.events] == [e.raw for e in replay.events]
+    replay = resumed_elsewhere(head, request_id, other_gateway)
     # Chunk boundaries depend on engine timing; what they spell, at temperature 0, does not.
-    assert fold(replay.events) == fold(undisturbed.events)
+    assert fold(replay) == fold(undisturbed.events)
 
 
 def test_prompt_list_stream_cut_midway_resumes_on_another_gateway_byte_for_byte(
@@ -514,16 +521,9 @@ def test_prompt_list_stream_cut_midway_resumes_on_another_gateway_byte_for_byte(
                 head.append(event)
                 if len(head) == 6:
                     break  # the connection drops here, mid-stream
-    last_id = [e.id for e in head if e.id][-1]
-    tail = read_stream(
-        "GET", f"{other_gateway}/v1/requests/{request_id}/events", headers={"Last-Event-ID": last_id}, timeout_s=120
-    )
-    ids = [e.id for e in head + tail.events if e.id]
-    assert ids == [keys.event_id(request_id, n) for n in range(1, len(ids) + 1)], "gap or duplicate"
-    replay = read_stream("GET", f"{other_gateway}/v1/requests/{request_id}/events", timeout_s=120)
-    assert [e.raw for e in head + tail.events] == [e.raw for e in replay.events]
+    replay = resumed_elsewhere(head, request_id, other_gateway)
     texts: dict[int, str] = {}
-    for event in replay.events:
+    for event in replay:
         if event.data != "[DONE]":
             for choice in orjson.loads(event.data)["choices"]:
                 texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
