@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,7 @@ def start_worker(cluster: Cluster, model_dir: Path) -> Worker:
 
 @pytest.fixture(scope="module")
 def workers(cluster: Cluster, model_dir: Path) -> list[Worker]:
-    """The module's workers: one at first; the takeover test (the module's last) kills it and starts the next."""
+    """The module's workers: one at first; each takeover test kills it and starts the next."""
     return [start_worker(cluster, model_dir)]
 
 
@@ -342,11 +342,16 @@ def comparable_completion(answer: dict[str, Any]) -> dict[str, Any]:
 
 
 def streamed_completion(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A completion streamed with its usage, folded (:func:`fold_completion`)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    return fold_completion(stream_events(url, body, "/v1/completions"))
+
+
+def fold_completion(events: list[SSEEvent]) -> dict[str, Any]:
     """A completion stream folded per choice (text, finish reason, logprobs) with its final usage."""
     choices: dict[int, dict[str, Any]] = {}
     usage = None
-    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    for event in stream_events(url, body, "/v1/completions"):
+    for event in events:
         if event.data == "[DONE]":
             continue
         chunk = orjson.loads(event.data)
@@ -536,34 +541,73 @@ def test_worker_killed_mid_tool_call_is_finished_by_the_next_worker_exactly(
 ) -> None:
     """SIGKILL the worker (and its engine) while the tool call's arguments are half stored; the next worker
     replays the stored tokens through its parsers and regenerates under the grammar: at temperature 0 the
-    final tool call is the undisturbed run's (and ``vllm serve``'s). The module's last test: it replaces
-    the module's worker."""
+    final tool call is the undisturbed run's (and ``vllm serve``'s). It replaces the module's worker."""
     body = {**DURABLE["tool call"], "max_tokens": 300}
     undisturbed = streamed(tokenspool, body)
     assert undisturbed == streamed(vllm_serve, body)
+    taken_over = taken_over_by_the_next_worker(
+        cluster,
+        model_dir,
+        workers,
+        tokenspool + "/v1/chat/completions",
+        body,
+        lambda stored: sum(1 for e in stored if e.tool_calls) >= 3,
+    )
+    assert fold(taken_over) == undisturbed
+
+
+def taken_over_by_the_next_worker(
+    cluster: Cluster,
+    model_dir: Path,
+    workers: list[Worker],
+    url: str,
+    body: dict[str, Any],
+    far_enough: Callable[[list[wire.Event]], bool],
+) -> list[SSEEvent]:
+    """Submit ``body``, SIGKILL the module's worker (and its engine) once its stored events are ``far_enough``
+    but not finished, start the next worker, and return the request's whole stream once that one finished it
+    (checked to have a handover in it)."""
     doomed = workers[0]
     pid = doomed.proc.process.pid
     engine = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-    with httpx.stream("POST", tokenspool + "/v1/chat/completions", json=body, timeout=120) as response:
+    with httpx.stream("POST", url, json=body, timeout=120) as response:
         request_id = response.headers["x-request-id"]
     events = keys.RequestKeys.of(request_id).events
 
-    def arguments_stored() -> list[wire.Event] | None:
-        stored = [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
-        return stored if sum(1 for e in stored if e.tool_calls) >= 3 else None
+    def stored() -> list[wire.Event]:
+        return [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
 
-    wait_for(arguments_stored, 60, "a few tool-call pieces to be stored")
+    wait_for(lambda: far_enough(stored()), 60, "the request to be far enough")
     os.kill(pid, signal.SIGSTOP)  # no more writes: what is stored now is what the next worker finds
-    stored = [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
-    assert not stored[-1].terminal, "killed before the end of the tool call"
+    assert not stored()[-1].terminal, "killed before the end"
     for victim in [pid, *engine]:
         os.kill(victim, signal.SIGKILL)
     doomed.proc.process.wait(30)
     workers[0] = start_worker(cluster, model_dir)
     wait_for(lambda: cluster.meta(request_id).get("state") == "done", 300, "the next worker to finish the request")
-    taken_over = read_stream("GET", f"{tokenspool}/v1/requests/{request_id}/events", timeout_s=120)
+    taken_over = read_stream("GET", f"{url.rsplit('/v1/', 1)[0]}/v1/requests/{request_id}/events", timeout_s=120)
     assert any(c.lstrip().startswith(handover.HANDOVER_COMMENT_KEYWORD) for c in taken_over.comments)
-    assert fold(taken_over.events) == undisturbed
+    return taken_over.events
+
+
+def test_worker_killed_mid_prompt_list_is_finished_by_the_next_worker_exactly(
+    cluster: Cluster, model_dir: Path, workers: list[Worker], tokenspool: str, vllm_serve: str
+) -> None:
+    """Several prompts, echoed: the next worker generates each again from its prompt, skips what each choice
+    delivered, echoes no prompt twice and finishes no choice twice; at temperature 0 the answer (texts,
+    finish reasons, usage summed over the prompts) is the undisturbed run's, and ``vllm serve``'s."""
+    body = completion(prompt=PROMPTS, echo=True, max_tokens=150, stream=True, stream_options={"include_usage": True})
+    undisturbed = streamed_completion(tokenspool, body)
+    assert undisturbed == streamed_completion(vllm_serve, body)
+    taken_over = taken_over_by_the_next_worker(
+        cluster,
+        model_dir,
+        workers,
+        tokenspool + "/v1/completions",
+        body,
+        lambda stored: {e.index for e in stored if e.kind == "delta"} == {0, 1} and len(stored) >= 8,
+    )
+    assert fold_completion(taken_over) == undisturbed
 
 
 # -- the Responses API: POST /v1/responses on both, answers and streams compared -------------------------------
