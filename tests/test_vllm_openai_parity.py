@@ -556,6 +556,26 @@ def test_worker_killed_mid_tool_call_is_finished_by_the_next_worker_exactly(
     assert fold(taken_over) == undisturbed
 
 
+def test_cancelled_prompt_list_leaves_vllm_with_none_of_its_requests(
+    cluster: Cluster, workers: list[Worker], tokenspool: str
+) -> None:
+    """A request with several prompts is several vLLM requests: a cancel aborts them all."""
+    body = completion(prompt=PROMPTS * 2, max_tokens=600, ignore_eos=True, stream=True)
+    with httpx.Client(timeout=120) as http, http.stream("POST", tokenspool + "/v1/completions", json=body) as response:
+        request_id = response.headers["x-request-id"]
+        events = iter_sse(response)
+        next(item for item in events if isinstance(item, SSEEvent))
+        assert http.delete(f"{tokenspool}/v1/requests/{request_id}").status_code == 202
+        rest = [item for item in events if isinstance(item, SSEEvent)]
+    assert rest[-2].json()["error"]["type"] == "cancelled"
+
+    def idle() -> bool:
+        info = wire.decode(cluster.redis.hget(keys.workers_key(), workers[0].worker_id), wire.WorkerInfo)  # type: ignore[arg-type]
+        return info.engine_running == 0 and info.running == 0
+
+    wait_for(idle, 15, "vLLM to report no unfinished request")
+
+
 def taken_over_by_the_next_worker(
     cluster: Cluster,
     model_dir: Path,
