@@ -253,15 +253,9 @@ class CompletionRequest(_GenerationRequest):
     runs as its own engine request, and prompt ``p``'s ``j``-th choice has index ``p * n + j``."""
     logprobs: Annotated[int | None, Field(ge=0, le=5)] = None
     max_tokens: Annotated[int | None, Field(ge=0, le=1_000_000)] = None
-    """0 only with ``echo`` (the prompt alone, as vLLM answers it)."""
+    """0 is for ``echo`` (the prompt alone); a vLLM worker answers it as vLLM does, with or without echo."""
     echo: bool | None = None
     """Each choice's text starts with its prompt (and its logprobs with the prompt's): done by a vLLM worker."""
-
-    @model_validator(mode="after")
-    def _no_tokens_needs_echo(self) -> CompletionRequest:
-        if self.max_tokens == 0 and not self.echo:
-            raise InvalidFieldError("max_tokens", "max_tokens must be at least 1 (0 only with echo)")
-        return self
 
     def logprobs_top(self) -> int | None:
         return self.logprobs

@@ -108,7 +108,7 @@ def test_completion_max_tokens_zero_needs_echo(cluster: Cluster, stack: Stack) -
     before = redis_snapshot(cluster)
     body = {"model": "tokenspool-sim", "prompt": "a", "max_tokens": 0}
     error = assert_openai_error(httpx.post(stack[0][0].url + "/v1/completions", json=body), 400)
-    assert error["param"] == "max_tokens" and "0 only with echo" in error["message"], error
+    assert error["param"] == "max_tokens" and "0 is for echo" in error["message"], error
     assert redis_snapshot(cluster) == before
 
 

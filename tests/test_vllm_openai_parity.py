@@ -247,6 +247,7 @@ REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
     "completion n=2 greedy (stream)": ("/v1/completions", completion(n=2, stream=True)),
     "completion suffix": ("/v1/completions", completion(suffix="!")),
     "completion echo with suffix": ("/v1/completions", completion(echo=True, suffix="!")),
+    "completion max_tokens 0 without echo": ("/v1/completions", completion(max_tokens=0)),
     "completion list, n=2 greedy (stream)": ("/v1/completions", completion(prompt=PROMPTS, n=2, stream=True)),
     "completion list, one prompt over the context": (
         "/v1/completions",
