@@ -598,7 +598,7 @@ def taken_over_by_the_next_worker(
     def stored() -> list[wire.Event]:
         return [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
 
-    wait_for(lambda: far_enough(stored()), 60, "the request to be far enough")
+    wait_for(lambda: far_enough(stored()), 120, "the request to be far enough")
     os.kill(pid, signal.SIGSTOP)  # no more writes: what is stored now is what the next worker finds
     assert not stored()[-1].terminal, "killed before the end"
     for victim in [pid, *engine]:
