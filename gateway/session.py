@@ -116,17 +116,19 @@ class StreamSession:
         self._hub.limits.close_stream(self._lease)
 
     @contextmanager
-    def _attached(self) -> Iterator[None]:
-        """Attached to the request while it runs; announced at once unless this connection created it."""
+    def _attached(self) -> Iterator[list[bool]]:
+        """Attached to the request while it runs; announced at once unless this connection created it. The
+        caller sets the flag it is given once it has read the request's terminal event."""
         meta = self.point.meta
         connection_id = None
         if not meta.terminal:
             connection_id = self._hub.attachments.attach(meta.request_id, announce=not self.point.submitted_here)
+        request_ended = [False]
         try:
-            yield
+            yield request_ended
         finally:
             if connection_id is not None:
-                self._hub.attachments.detach(connection_id)
+                self._hub.attachments.detach(connection_id, request_ended=request_ended[0])
 
     async def items(self) -> AsyncGenerator[StreamItem, None]:
         """The stream from the resume point to the request's terminal event, or to an :class:`Interrupted`.
@@ -151,13 +153,14 @@ class StreamSession:
         last_write = last_event = opened
         seen_event = point.after_seq > 0
         try:
-            with self._attached():
+            with self._attached() as request_ended:
                 async for batch in hub.reader.batches(point, tick_s):
                     now = time.monotonic()
                     if batch:
                         seen_event = True
                         last_write = last_event = now
                         events = [(seq, wire.decode(payload, wire.Event)) for seq, payload in batch]
+                        request_ended[0] = events[-1][1].terminal
                         before = deltas
                         for _seq, event in events:
                             if event.kind == "delta":
