@@ -68,7 +68,7 @@ class Bench:
 
 @asynccontextmanager
 async def bench(url: str) -> AsyncIterator[Bench]:
-    client = connect(RedisTarget(url))
+    client = connect(RedisTarget(url), name="tokenspool:test:outbox", max_connections=4)
     try:
         store = RequestStore(client, WorkerSettings(redis_url=url))
         await store.load_scripts()
