@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from tests.support import EVENT_STREAM, Cluster, Gateway, Worker, chat_body, wait_for_model
 from tokenspool.client_core import SSEDecoder, SSEMessage
@@ -21,9 +22,10 @@ STREAMS = 300
 TOKENS = 12
 POOL = CommonSettings().redis_pool_connections
 GATEWAY_BOUND = POOL + 2
-"""The command pool, the relay's one blocking XREAD, and one control connection that sends CLIENT UNBLOCK."""
+"""The command pool, the relay's one blocking XREAD, and one control connection that sends CLIENT UNBLOCK
+(per node on a cluster, where the relay has one reader per hash slot with live streams: up to 16 in all)."""
 WORKER_BOUND = POOL + 1
-"""The command pool and the queue read (a blocking XREADGROUP)."""
+"""The command pool and the queue read (a blocking XREADGROUP); per node on a cluster."""
 
 
 @pytest.fixture(scope="module")
@@ -34,17 +36,32 @@ def pair(cluster: Cluster) -> tuple[Gateway, Worker]:
     return gateway, worker
 
 
-def connections_by_process(cluster: Cluster) -> Counter[str]:
-    """Connections per process, from their names (``tokenspool:<component>:<id>:<role>``)."""
-    counts: Counter[str] = Counter()
-    for client in cluster.redis.client_list():
-        name = client.get("name", "")
-        if name.startswith("tokenspool:"):
-            counts[name.rpartition(":")[0]] += 1
+def connections_by_process(cluster: Cluster) -> Counter[tuple[str, str]]:
+    """Connections per (server, process), from their names (``tokenspool:<component>:<id>:<role>``): one
+    server, or each node of a Redis Cluster (the bounds hold per node there)."""
+    redis_client: Any = cluster.redis
+    nodes = redis_client.get_primaries() if isinstance(redis_client, redis.RedisCluster) else [None]
+    counts: Counter[tuple[str, str]] = Counter()
+    for node in nodes:
+        clients = redis_client.client_list() if node is None else redis_client.client_list(target_nodes=node)
+        for client in clients:
+            name = client.get("name", "")
+            if name.startswith("tokenspool:"):
+                counts[(str(node), name.rpartition(":")[0])] += 1
     return counts
 
 
-async def stream_all(gateway: Gateway, cluster: Cluster) -> tuple[list[list[int]], Counter[str]]:
+CLUSTER_DISCOVERY = 1
+"""On a Redis Cluster, the connection each cluster client keeps to the seed node it read the slot map from."""
+
+
+def readers_beyond(counts: Counter[tuple[str, str]], process: str, bound: int) -> int:
+    """A process's connections beyond ``bound`` on each node, added up: a gateway's relay readers on a
+    cluster, one per hash slot with live streams (16 at most, all nodes together)."""
+    return sum(max(0, n - bound) for (_, name), n in counts.items() if name == process)
+
+
+async def stream_all(gateway: Gateway, cluster: Cluster) -> tuple[list[list[int]], Counter[tuple[str, str]]]:
     """Open STREAMS streams at once; once every one has its first event, count connections; then read all."""
     every_stream_started = asyncio.Event()
     started = 0
@@ -71,7 +88,7 @@ async def stream_all(gateway: Gateway, cluster: Cluster) -> tuple[list[list[int]
     async with httpx.AsyncClient(base_url=gateway.url, limits=limits, timeout=60) as client:
         tasks = [asyncio.create_task(one(client, i)) for i in range(STREAMS)]
         await asyncio.wait_for(every_stream_started.wait(), 60)
-        during: Counter[str] = await asyncio.to_thread(connections_by_process, cluster)
+        during = await asyncio.to_thread(connections_by_process, cluster)
         results: list[Any] = await asyncio.gather(*tasks)
     return results, during
 
@@ -85,9 +102,16 @@ def test_connections_per_process_stay_bounded_under_hundreds_of_concurrent_strea
         assert seqs == list(range(1, TOKENS + 2)), "every stream gets every event once, in order"
     gateway_name = f"tokenspool:gateway:{gateway.proc.pid}"
     worker_name = f"tokenspool:worker:{worker.worker_id}"
-    assert during[gateway_name] >= 2, f"the gateway names its connections: {during}"
-    assert during[worker_name] >= 2, f"the worker names its connections: {during}"
-    assert during[gateway_name] <= GATEWAY_BOUND, f"{STREAMS} streams open: {during}"
-    assert during[worker_name] <= WORKER_BOUND, f"{STREAMS} streams running: {during}"
-    after = connections_by_process(cluster)
-    assert after[gateway_name] <= GATEWAY_BOUND and after[worker_name] <= WORKER_BOUND, after
+    for counts in (during, connections_by_process(cluster)):
+        gateway_counts = [n for (_, name), n in counts.items() if name == gateway_name]
+        worker_counts = [n for (_, name), n in counts.items() if name == worker_name]
+        assert sum(gateway_counts) >= 2 and sum(worker_counts) >= 2, f"processes name their connections: {counts}"
+        if isinstance(cluster.redis, redis.RedisCluster):
+            # Per node: the worker's two clients each keep a discovery connection; the gateway has its control
+            # connection and its client's discovery connection, and its readers spread over the nodes.
+            assert max(worker_counts) <= WORKER_BOUND + 2 * CLUSTER_DISCOVERY, f"{STREAMS} streams: {counts}"
+            beyond = readers_beyond(counts, gateway_name, POOL + 1 + CLUSTER_DISCOVERY)
+            assert beyond <= keys.PARTITIONS, f"{STREAMS} streams: {counts}"
+        else:
+            assert max(worker_counts) <= WORKER_BOUND, f"{STREAMS} streams: {counts}"
+            assert max(gateway_counts) <= GATEWAY_BOUND, f"{STREAMS} streams: {counts}"
