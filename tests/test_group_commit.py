@@ -7,12 +7,13 @@ import asyncio
 
 import pytest
 
+from tests.support import plain_job
 from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis
-from tokenspool.shared import keys, wire
+from tokenspool.shared import keys
 from tokenspool.shared.aio import GroupCommit
 from tokenspool.shared.queue import ModelQueue
 from tokenspool.shared.redis_client import RedisTarget, connect
-from tokenspool.shared.store import RequestStore, now_ms
+from tokenspool.shared.store import RequestStore
 from tokenspool.worker.settings import WorkerSettings
 
 MODEL = "group-commit-model"
@@ -67,16 +68,7 @@ def test_a_failed_round_trip_fails_each_of_its_calls_and_the_next_call_starts_a_
 
 async def queue_requests(store: RequestStore, count: int) -> None:
     for _ in range(count):
-        job = wire.Job(
-            request_id=keys.new_request_id("chat"),
-            kind="chat",
-            model=MODEL,
-            prompt="hello",
-            messages=(),
-            sampling=wire.SamplingOptions(),
-            created_s=now_ms() // 1000,
-            enqueued_ms=now_ms(),
-        )
+        job = plain_job(MODEL)
         await store.create(job, stream_format="chat", owner="tester", include_usage=False)
 
 
