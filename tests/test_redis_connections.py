@@ -18,7 +18,7 @@ from tokenspool.shared import keys
 from tokenspool.shared.settings import CommonSettings
 
 MODEL = "tokenspool-sim"
-STREAMS = 300
+STREAMS = 500
 TOKENS = 12
 POOL = CommonSettings().redis_pool_connections
 GATEWAY_BOUND = POOL + 2
