@@ -1,7 +1,11 @@
 """Differential test: the same OpenAI requests to ``vllm serve`` and to tokenspool on a vLLM worker (same
-model, chat template, tool parser), answers compared field by field except ids and timestamps.
+model, chat template, tool and reasoning parsers), answers compared field by field except ids and timestamps.
 
-One ``vllm serve`` and one tokenspool stack for the module (each engine pinned to its own core).
+One ``vllm serve`` and one tokenspool stack for the module (each engine pinned to its own core). Both run the
+reasoning parser with thinking off by default (``--default-chat-template-kwargs``), so the cases without
+reasoning are what they would be without one, and a request turns thinking on with ``chat_template_kwargs``:
+the template then opens ``<think>`` and ``thinking_token_budget`` (which ``--reasoning-config`` enables) ends
+it, so random weights give reasoning and then a reply.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,9 @@ ENGINE_ENV = {
     # 500 on `vllm serve` too): both sides use the JSON-schema form of tool_choice required / named.
     "VLLM_ENFORCE_STRICT_TOOL_CALLING": "0",
 }
+REASONING_PARSER = "qwen3"
+DEFAULT_TEMPLATE_KWARGS = '{"enable_thinking": false}'
+REASONING_CONFIG = '{"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"}'
 
 if importlib.util.find_spec("vllm") is None:
     if os.environ.get("CI"):
@@ -61,6 +68,8 @@ def vllm_serve(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
     argv += ["--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
     argv += ["--port", str(port), "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    argv += ["--reasoning-parser", REASONING_PARSER, "--default-chat-template-kwargs", DEFAULT_TEMPLATE_KWARGS]
+    argv += ["--reasoning-config", REASONING_CONFIG]
     env = {**os.environ, **ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "1"}
     proc = subprocess.Popen(["taskset", "-c", "1", *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -96,6 +105,9 @@ def start_worker(cluster: Cluster, model_dir: Path) -> Worker:
         max_num_seqs=8,
         enable_auto_tool_choice="true",
         tool_call_parser="hermes",
+        reasoning_parser=REASONING_PARSER,
+        default_chat_template_kwargs=DEFAULT_TEMPLATE_KWARGS,
+        reasoning_config=REASONING_CONFIG,
         wait=False,
         engine_cpus="0",
         env={**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0"},
@@ -104,7 +116,7 @@ def start_worker(cluster: Cluster, model_dir: Path) -> Worker:
 
 @pytest.fixture(scope="module")
 def workers(cluster: Cluster, model_dir: Path) -> list[Worker]:
-    """The module's workers: one at first; the takeover test (the module's last) kills it and starts the next."""
+    """The module's workers: one at first; each takeover test kills it and starts the next."""
     return [start_worker(cluster, model_dir)]
 
 
@@ -142,6 +154,14 @@ HISTORY = [
     {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
 ]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
+SHORT_CITY_TOOL = {"type": "function", "function": {**WEATHER["function"], "parameters": CITY_SCHEMA}}
+NO_BARE_WHITESPACE = {"8": -100, "9": -100}
+"""Bans the tokens ``\n`` and `` `` (ids 8, 9): a JSON grammar allows whitespace anywhere between tokens and random
+weights like it, so without this a required call's array never closes within the token budget."""
+REQUIRED = {"tool_choice": "required", "parallel_tool_calls": False, "logit_bias": NO_BARE_WHITESPACE}
+"""``tool_choice: required`` answered with one complete call (vLLM's grammar is a JSON array of calls)."""
+THINKING = {"chat_template_kwargs": {"enable_thinking": True}, "thinking_token_budget": 6}
+"""Reasoning on: the template opens ``<think>``, vLLM ends it after 6 tokens, the reply follows."""
 
 
 def chat(**fields: Any) -> dict[str, Any]:
@@ -190,6 +210,21 @@ CORPUS: dict[str, dict[str, Any]] = {
     "tools required-free history + auto": chat(messages=HISTORY, tools=[WEATHER], tool_choice="auto"),
     "stop token ids": chat(stop_token_ids=[5, 6]),
     "repetition and penalties": chat(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5),
+    "tools required": chat(tools=[SHORT_CITY_TOOL], **REQUIRED, max_tokens=60),
+    "tools required, parallel, cut by max_tokens": chat(tools=[WEATHER], tool_choice="required", max_tokens=30),
+    "reasoning": chat(**THINKING),
+    "reasoning only (thinking never ends)": chat(chat_template_kwargs={"enable_thinking": True}),
+    "reasoning by reasoning_effort": chat(reasoning_effort="low", thinking_token_budget=4),
+    "reasoning, include_reasoning false": chat(**THINKING, include_reasoning=False),
+    "reasoning + tools required": chat(**THINKING, tools=[SHORT_CITY_TOOL], **REQUIRED, max_tokens=60),
+    "reasoning + tools named": chat(**THINKING, tools=[WEATHER], tool_choice=NAMED, max_tokens=40),
+    "reasoning + tools auto": chat(**THINKING, tools=[WEATHER], tool_choice="auto"),
+    "reasoning + json_schema": chat(
+        **THINKING,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}},
+        max_tokens=40,
+    ),
+    "reasoning n=2 seeded": chat(**THINKING, n=2, temperature=1.0, seed=11),
 }
 STREAMED = {f"{name} (stream)": {**body, "stream": True} for name, body in CORPUS.items() if name != "logprobs"}
 
@@ -398,6 +433,10 @@ DURABLE = {
 }
 
 
+REASONING_DURABLE = chat(chat_template_kwargs={"enable_thinking": True}, thinking_token_budget=30, stream=True)
+"""A long reasoning (30 tokens, then vLLM ends it) and a reply."""
+
+
 def arguments_of(events: list[SSEEvent]) -> str:
     """The tool-call arguments (or, for a JSON answer, the content) streamed in these events."""
     out = ""
@@ -412,14 +451,33 @@ def arguments_of(events: list[SSEEvent]) -> str:
     return out
 
 
+def reasoning_of(events: list[SSEEvent]) -> str:
+    """The reasoning streamed in these events."""
+    return "".join(
+        choice["delta"].get("reasoning") or "" for e in events if e.data != "[DONE]" for choice in e.json()["choices"]
+    )
+
+
 @pytest.mark.parametrize("name", sorted(DURABLE))
 def test_stream_cut_mid_arguments_resumes_on_another_gateway_byte_for_byte(
     tokenspool: str, other_gateway: str, name: str
 ) -> None:
-    body = DURABLE[name]
-    undisturbed = read_stream("POST", tokenspool + "/v1/chat/completions", json=body, timeout_s=120)
-    complete = arguments_of(undisturbed.events)
+    complete = cut_and_resumed_elsewhere(tokenspool, other_gateway, DURABLE[name], arguments_of)
     assert complete.lstrip().startswith("{"), "the undisturbed run spells JSON (cut short by max_tokens)"
+
+
+def test_stream_cut_mid_reasoning_resumes_on_another_gateway_byte_for_byte(tokenspool: str, other_gateway: str) -> None:
+    cut_and_resumed_elsewhere(tokenspool, other_gateway, REASONING_DURABLE, reasoning_of)
+
+
+def cut_and_resumed_elsewhere(
+    tokenspool: str, other_gateway: str, body: dict[str, Any], spelled: Callable[[list[SSEEvent]], str]
+) -> str:
+    """Drop the stream once it has spelled half of what the undisturbed run spells (``spelled`` of its
+    events), resume it on the other gateway: nothing lost or repeated, the replay byte-identical, the same
+    answer. Returns the undisturbed run's spelling."""
+    undisturbed = read_stream("POST", tokenspool + "/v1/chat/completions", json=body, timeout_s=120)
+    complete = spelled(undisturbed.events)
     head: list[SSEEvent] = []
     url = tokenspool + "/v1/chat/completions"
     with httpx.stream("POST", url, json=body, headers=EVENT_STREAM, timeout=120) as response:
@@ -427,10 +485,10 @@ def test_stream_cut_mid_arguments_resumes_on_another_gateway_byte_for_byte(
         for event in iter_sse(response):
             if isinstance(event, SSEEvent):
                 head.append(event)
-                if len(arguments_of(head)) >= len(complete) // 2:
-                    break  # the connection drops here, inside the arguments
-    partial = arguments_of(head)
-    assert partial and complete.startswith(partial) and partial != complete, "cut inside the arguments"
+                if len(spelled(head)) >= len(complete) // 2:
+                    break  # the connection drops here, halfway
+    partial = spelled(head)
+    assert partial and complete.startswith(partial) and partial != complete, "cut halfway"
     last_id = [e.id for e in head if e.id][-1]
     tail = read_stream(
         "GET", f"{other_gateway}/v1/requests/{request_id}/events", headers={"Last-Event-ID": last_id}, timeout_s=120
@@ -441,6 +499,7 @@ def test_stream_cut_mid_arguments_resumes_on_another_gateway_byte_for_byte(
     assert [e.raw for e in head + tail.events] == [e.raw for e in replay.events]
     # Chunk boundaries depend on engine timing; what they spell, at temperature 0, does not.
     assert fold(replay.events) == fold(undisturbed.events)
+    return complete
 
 
 def test_worker_killed_mid_tool_call_is_finished_by_the_next_worker_exactly(
@@ -448,9 +507,34 @@ def test_worker_killed_mid_tool_call_is_finished_by_the_next_worker_exactly(
 ) -> None:
     """SIGKILL the worker (and its engine) while the tool call's arguments are half stored; the next worker
     replays the stored tokens through its parsers and regenerates under the grammar: at temperature 0 the
-    final tool call is the undisturbed run's (and ``vllm serve``'s). The module's last test: it replaces
-    the module's worker."""
+    final tool call is the undisturbed run's (and ``vllm serve``'s)."""
     body = {**DURABLE["tool call"], "max_tokens": 300}
+    killed_mid_way_and_finished_exactly(cluster, model_dir, workers, tokenspool, vllm_serve, body, "tool_calls")
+
+
+def test_worker_killed_mid_reasoning_is_finished_by_the_next_worker_exactly(
+    cluster: Cluster, model_dir: Path, workers: list[Worker], tokenspool: str, vllm_serve: str
+) -> None:
+    """SIGKILL the worker while the reasoning is half stored; the next worker replays the stored tokens through
+    its reasoning parser and continues from ``prompt + emitted``, where vLLM's thinking budget counts the
+    reasoning already in that prompt: it ends the reasoning where the undisturbed run did, and the reply is
+    the same."""
+    body = {**REASONING_DURABLE, "thinking_token_budget": 60, "max_tokens": 80}
+    killed_mid_way_and_finished_exactly(cluster, model_dir, workers, tokenspool, vllm_serve, body, "reasoning")
+
+
+def killed_mid_way_and_finished_exactly(
+    cluster: Cluster,
+    model_dir: Path,
+    workers: list[Worker],
+    tokenspool: str,
+    vllm_serve: str,
+    body: dict[str, Any],
+    piece: str,
+) -> None:
+    """Once three deltas carrying ``piece`` (an ``Event`` field) are stored, and no content after them, stop
+    and SIGKILL the module's worker and its engine, start the next one (it replaces the module's worker), and
+    check the request's stream ends as an undisturbed run (and ``vllm serve``) does, with a handover."""
     undisturbed = streamed(tokenspool, body)
     assert undisturbed == streamed(vllm_serve, body)
     doomed = workers[0]
@@ -460,14 +544,14 @@ def test_worker_killed_mid_tool_call_is_finished_by_the_next_worker_exactly(
         request_id = response.headers["x-request-id"]
     events = keys.RequestKeys.of(request_id).events
 
-    def arguments_stored() -> list[wire.Event] | None:
-        stored = [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
-        return stored if sum(1 for e in stored if e.tool_calls) >= 3 else None
+    def stored_events() -> list[wire.Event]:
+        return [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
 
-    wait_for(arguments_stored, 60, "a few tool-call pieces to be stored")
+    wait_for(lambda: sum(1 for e in stored_events() if getattr(e, piece)) >= 3, 60, f"a few {piece} deltas stored")
     os.kill(pid, signal.SIGSTOP)  # no more writes: what is stored now is what the next worker finds
-    stored = [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
-    assert not stored[-1].terminal, "killed before the end of the tool call"
+    stored = stored_events()
+    last_piece = max(i for i, e in enumerate(stored) if getattr(e, piece))
+    assert not stored[-1].terminal and not any(e.text for e in stored[last_piece:]), f"killed mid {piece}"
     for victim in [pid, *engine]:
         os.kill(victim, signal.SIGKILL)
     doomed.proc.process.wait(30)

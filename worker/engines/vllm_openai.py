@@ -57,6 +57,7 @@ class ParserFlags:
     tool_call_parser: str = ""
     reasoning_parser: str = ""
     chat_template: str = ""
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -162,6 +163,7 @@ class OpenAIFrontEnd:
             enable_auto_tools=flags.enable_auto_tool_choice,
             tool_parser=flags.tool_call_parser or None,
             reasoning_parser=flags.reasoning_parser,
+            default_chat_template_kwargs=flags.default_chat_template_kwargs,
         )
         self.default_sampling = dict(engine.model_config.get_diff_sampling_param())
         self.tokenizer = engine.renderer.get_tokenizer()
