@@ -279,12 +279,17 @@ def _final_choice(meta: RequestMeta, index: int, events: list[wire.Event], end: 
     finish_reason = next((e.finish_reason for e in reversed(events) if e.finish_reason), end.finish_reason)
     if meta.kind != "chat":
         return {"index": index, "text": text, "logprobs": completion_logprobs(events), "finish_reason": finish_reason}
-    reasoning = "".join(event.reasoning for event in events)
-    tool_calls = merged_tool_calls(events)
-    # A reply the reasoning parser took whole has no content: vLLM's answer says null, not "".
-    message: dict[str, Any] = {"role": "assistant", "content": None if reasoning and not (text or tool_calls) else text}
-    if reasoning:
-        message["reasoning"] = reasoning
-    if tool_calls:
-        message["tool_calls"] = tool_calls
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    answer = next((orjson.loads(event.answer) for event in reversed(events) if event.answer), None)
+    if answer is not None:  # vLLM's parsers read the output: their whole-output answer, as vLLM gives it
+        finish_reason = answer.pop("finish_reason")
+        message["content"] = answer.pop("content")
+        message.update((key, value) for key, value in answer.items() if value not in (None, []))
+    else:
+        reasoning = "".join(event.reasoning for event in events)
+        if reasoning:
+            message["reasoning"] = reasoning
+        tool_calls = merged_tool_calls(events)
+        if tool_calls:
+            message["tool_calls"] = tool_calls
     return {"index": index, "message": message, "logprobs": chat_logprobs(events), "finish_reason": finish_reason}

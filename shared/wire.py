@@ -117,6 +117,10 @@ class Event:
     tool_calls: str = ""
     """The delta's tool-call pieces as vLLM's tool parser streams them: a JSON array of OpenAI
     ``delta.tool_calls`` entries, stored as rendered (empty: none)."""
+    answer: str = ""
+    """On a choice's last delta, when vLLM's parsers read the output: the choice as ``vllm serve`` answers a
+    request that is not streamed (JSON: ``content``, ``reasoning``, ``tool_calls``, ``finish_reason``), which
+    vLLM builds by parsing the whole output again and which the streamed pieces do not always add up to."""
 
     @property
     def terminal(self) -> bool:
@@ -228,6 +232,7 @@ def encode(payload: Payload) -> bytes:
             payload.index,
             payload.reasoning,
             payload.tool_calls,
+            payload.answer,
         ]
         while optional and not optional[-1]:
             optional.pop()
@@ -272,7 +277,7 @@ def decode(data: bytes, kind: type[P]) -> P:
                 error_type,
                 message,
                 logprobs,
-                *extra[1:5],
+                *extra[1:6],
             )
             return event  # type: ignore[return-value]
         if kind is Job:

@@ -205,6 +205,7 @@ class RequestRunner:
                         index=delta.index,
                         reasoning=delta.reasoning,
                         tool_calls=delta.tool_calls,
+                        answer=delta.answer,
                     )
                     if wants_logprobs:
                         event = dataclasses.replace(event, logprobs=delta.logprobs, text_offset=text_offset)

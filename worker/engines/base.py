@@ -63,6 +63,9 @@ class EngineDelta:
     tool_calls: str = ""
     """Rendered JSON array of OpenAI ``delta.tool_calls`` pieces (empty: none); ``text`` is then the
     content vLLM's parsers left, not every generated character."""
+    answer: str = ""
+    """On a choice's last delta, with a parser: the choice as a request that is not streamed gets it (JSON,
+    see :class:`~tokenspool.shared.wire.Event`)."""
 
 
 class Engine(Protocol):

@@ -440,7 +440,7 @@ class VllmEngine:
                         # Held back by a parser: the tokens are still stored, so a takeover replays them.
                         yield EngineDelta("", tuple(token_ids), None, prompt_tokens, index=index)
                         continue
-                    content, reasoning, tool_calls, finish = parsed
+                    content, reasoning, tool_calls, finish, answer = parsed
                     logprobs = _token_logprobs(completion, rendered.params.logprobs)
                     yield EngineDelta(
                         content,
@@ -451,6 +451,7 @@ class VllmEngine:
                         index=index,
                         reasoning=reasoning,
                         tool_calls=tool_calls,
+                        answer=answer,
                     )
 
     async def _vllm_outputs(self, stream: Any, request_id: str) -> AsyncGenerator[Any, None]:

@@ -16,21 +16,24 @@ derender). The text each replayed chunk decoded to is recomputed by decoding the
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm.entrypoints.generate.base.protocol import DeltaMessage
+from vllm.entrypoints.generate.base.protocol import DeltaMessage, ToolCall
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionNamedToolChoiceParam,
     ChatCompletionRequest,
+    ChatCompletionResponseChoice,
     ChatCompletionResponseStreamChoice,
+    ChatMessage,
 )
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
-from vllm.renderers.chat_utils import load_chat_template
+from vllm.renderers.chat_utils import load_chat_template, make_tool_call_id
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -70,6 +73,10 @@ class Rendered:
     generate_kwargs: dict[str, Any]
     parsers: list[Any]
     """One vLLM ``Parser`` per choice (chat with a tool or reasoning parser configured), else empty."""
+    new_parser: Callable[[], Any] | None = None
+    """Makes a fresh parser (for the whole-output parse of :meth:`answer`)."""
+    tokenizer: Any = None
+    enable_auto_tools: bool = False
     tools_streamed: list[bool] = field(default_factory=list)
     emitted: list[list[int]] = field(default_factory=list)
     """Each choice's output token ids so far (for decoding replayed chunks)."""
@@ -111,14 +118,49 @@ class Rendered:
         head: str = tokenizer.decode(before, skip_special_tokens=skip) if before else ""
         return full[len(head) :] if full.startswith(head) else full
 
+    def answer(self, index: int, finish_reason: str) -> str:
+        """The choice's message and finish reason as ``vllm serve`` answers a request that is not streamed,
+        as JSON: vLLM parses the whole output again with a fresh parser, which may say other things than the
+        streamed pieces (arguments re-serialised, an unfinished call left as content). Mirrors the message
+        construction of vLLM's ``OpenAIServingChat.chat_completion_full_generator``."""
+        request = self.request
+        assert isinstance(request, ChatCompletionRequest) and self.new_parser is not None
+        parser = self.new_parser()
+        parser.set_prompt_token_ids(self.prompt_ids)
+        token_ids = self.emitted[index]
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=self.params.skip_special_tokens)
+        reasoning, content, calls = parser.parse(
+            text, request, enable_auto_tools=self.enable_auto_tools, model_output_token_ids=token_ids
+        )
+        if not request.include_reasoning:
+            reasoning = None
+        named = type(request.tool_choice) is ChatCompletionNamedToolChoiceParam
+        required = request.tool_choice == "required"
+        tool_calls = [ToolCall(id=call.id or make_tool_call_id(), function=call) for call in calls or []]
+        auto = bool(request.tools) and request.tool_choice == "auto" and parser.tool_parser_cls is not None
+        if named or required:
+            message = ChatMessage(role="assistant", reasoning=reasoning, content=content or "", tool_calls=tool_calls)
+        elif auto and self.enable_auto_tools and tool_calls:
+            message = ChatMessage(role="assistant", reasoning=reasoning, content=content, tool_calls=tool_calls)
+        else:
+            message = ChatMessage(role="assistant", reasoning=reasoning, content=content)
+        if (auto and self.enable_auto_tools and tool_calls) or (required and finish_reason == "stop"):
+            finish_reason = "tool_calls"
+        choice = maybe_filter_parallel_tool_calls(
+            ChatCompletionResponseChoice(index=index, message=message, finish_reason=finish_reason), request
+        )
+        body = choice.message.model_dump(include={"content", "reasoning", "tool_calls"})
+        return json.dumps({**body, "finish_reason": choice.finish_reason}, separators=(",", ":"))
+
     def parse(
         self, index: int, text: str, token_ids: list[int], finish_reason: str | None
-    ) -> tuple[str, str, str, str | None] | None:
-        """One engine step of one choice as (content, reasoning, tool_calls JSON, finish reason), or None
-        when vLLM's server would send nothing for it (a parser holding back markup)."""
+    ) -> tuple[str, str, str, str | None, str] | None:
+        """One engine step of one choice as (content, reasoning, tool_calls JSON, finish reason, and on the
+        choice's last step its :meth:`answer`), or None when vLLM's server would send nothing for it (a
+        parser holding back markup)."""
         self.emitted[index].extend(token_ids)
         if not self.parsers:
-            return text, "", "", finish_reason
+            return text, "", "", finish_reason, ""
         assert isinstance(self.request, ChatCompletionRequest)
         delta: DeltaMessage | None = self.parsers[index].parse_delta(
             delta_text=text,
@@ -145,7 +187,8 @@ class Rendered:
             tool_calls = json.dumps(
                 [call.model_dump(exclude_unset=True) for call in delta.tool_calls], separators=(",", ":")
             )
-        return delta.content or "", delta.reasoning or "", tool_calls, finish_reason
+        answer = self.answer(index, finish_reason) if finish_reason is not None else ""
+        return delta.content or "", delta.reasoning or "", tool_calls, finish_reason, answer
 
 
 class OpenAIFrontEnd:
@@ -167,6 +210,7 @@ class OpenAIFrontEnd:
         )
         self.default_sampling = dict(engine.model_config.get_diff_sampling_param())
         self.tokenizer = engine.renderer.get_tokenizer()
+        self._enable_auto_tools = flags.enable_auto_tool_choice
 
     async def render(self, kind: str, body: bytes, max_model_len: int) -> Rendered:
         """The request's prompt ids, sampling parameters and parsers; :class:`InvalidRequestError` with the
@@ -188,6 +232,7 @@ class OpenAIFrontEnd:
         except ValueError as exc:
             raise InvalidRequestError(exc) from exc
         parsers: list[Any] = []
+        new_parser: Callable[[], Any] | None = None
         if isinstance(request, ChatCompletionRequest):
             result = await self.renderer.render_chat(request)
             if isinstance(result, ErrorResponse):
@@ -216,15 +261,15 @@ class OpenAIFrontEnd:
         parser_cls = self.renderer.parser
         if isinstance(request, ChatCompletionRequest) and parser_cls is not None:
             template_kwargs = self.renderer.effective_chat_template_kwargs(request)
-            parsers = [
-                parser_cls(
-                    self.tokenizer,
-                    list(request.tools) if request.tools is not None else None,
-                    chat_template_kwargs=template_kwargs,
-                    model_config=self._model_config,
+            tools: list[Any] | None = list(request.tools) if request.tools is not None else None
+
+            def make_parser() -> Any:
+                return parser_cls(
+                    self.tokenizer, tools, chat_template_kwargs=template_kwargs, model_config=self._model_config
                 )
-                for _ in range(params.n)
-            ]
+
+            new_parser = make_parser
+            parsers = [make_parser() for _ in range(params.n)]
             reasoning_kwargs = None
             if parsers[0].reasoning_parser is not None:
                 reasoning_kwargs = {"chat_template_kwargs": template_kwargs}
@@ -236,6 +281,9 @@ class OpenAIFrontEnd:
             params,
             generate_kwargs,
             parsers,
+            new_parser,
+            self.tokenizer,
+            self._enable_auto_tools,
             tools_streamed=[False] * params.n,
             emitted=[[] for _ in range(params.n)],
         )
