@@ -75,11 +75,12 @@ class Rendered:
     """One vLLM ``Parser`` per choice (chat with a tool or reasoning parser configured), else empty."""
     new_parser: Callable[[], Any] | None = None
     """Makes a fresh parser (for the whole-output parse of :meth:`answer`)."""
-    tokenizer: Any = None
     enable_auto_tools: bool = False
     tools_streamed: list[bool] = field(default_factory=list)
     emitted: list[list[int]] = field(default_factory=list)
     """Each choice's output token ids so far (for decoding replayed chunks)."""
+    texts: list[str] = field(default_factory=list)
+    """Each choice's output text so far as vLLM's detokenizer wrote it (without the stop token's text)."""
 
     @property
     def choices(self) -> int:
@@ -97,6 +98,7 @@ class Rendered:
             before = self.emitted[index]
             text = self._decode(tokenizer, before, list(token_ids))
             before.extend(token_ids)
+            self.texts[index] += text
             if self.parsers:
                 delta = self.parsers[index].parse_delta(
                     delta_text=text,
@@ -127,10 +129,11 @@ class Rendered:
         assert isinstance(request, ChatCompletionRequest) and self.new_parser is not None
         parser = self.new_parser()
         parser.set_prompt_token_ids(self.prompt_ids)
-        token_ids = self.emitted[index]
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=self.params.skip_special_tokens)
         reasoning, content, calls = parser.parse(
-            text, request, enable_auto_tools=self.enable_auto_tools, model_output_token_ids=token_ids
+            self.texts[index],
+            request,
+            enable_auto_tools=self.enable_auto_tools,
+            model_output_token_ids=self.emitted[index],
         )
         if not request.include_reasoning:
             reasoning = None
@@ -159,6 +162,7 @@ class Rendered:
         choice's last step its :meth:`answer`), or None when vLLM's server would send nothing for it (a
         parser holding back markup)."""
         self.emitted[index].extend(token_ids)
+        self.texts[index] += text
         if not self.parsers:
             return text, "", "", finish_reason, ""
         assert isinstance(self.request, ChatCompletionRequest)
@@ -282,8 +286,8 @@ class OpenAIFrontEnd:
             generate_kwargs,
             parsers,
             new_parser,
-            self.tokenizer,
             self._enable_auto_tools,
             tools_streamed=[False] * params.n,
             emitted=[[] for _ in range(params.n)],
+            texts=[""] * params.n,
         )
