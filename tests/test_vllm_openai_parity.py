@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from websockets.sync.client import connect
 
 from tests.support import (
     EVENT_STREAM,
@@ -34,6 +35,7 @@ from tests.support import (
     wait_for,
     wait_for_model,
 )
+from tokenspool.client import Client
 from tokenspool.redis_server import free_port
 from tokenspool.shared import handover, keys, wire
 
@@ -283,24 +285,30 @@ def comparable(answer: dict[str, Any]) -> dict[str, Any]:
 
 def fold(events: list[SSEEvent]) -> dict[int, dict[str, Any]]:
     """Stream events folded into per-choice content, reasoning, tool calls and finish reasons."""
-    folded: dict[int, dict[str, Any]] = {}
+    deltas = []
     for event in events:
         if event.data == "[DONE]":
             break
         chunk = orjson.loads(event.data)
         assert "error" not in chunk, chunk
-        for choice in chunk["choices"]:
-            into = folded.setdefault(choice["index"], {"content": "", "reasoning": "", "calls": {}})
-            delta = choice["delta"]
-            into["content"] += delta.get("content") or ""
-            into["reasoning"] += delta.get("reasoning") or ""
-            for piece in delta.get("tool_calls") or []:
-                call = into["calls"].setdefault(piece["index"], {"name": "", "arguments": ""})
-                function = piece.get("function") or {}
-                call["name"] += function.get("name") or ""
-                call["arguments"] += function.get("arguments") or ""
-            if choice.get("finish_reason"):
-                into["finish_reason"] = choice["finish_reason"]
+        deltas += [(choice["index"], choice["delta"], choice.get("finish_reason")) for choice in chunk["choices"]]
+    return fold_deltas(deltas)
+
+
+def fold_deltas(deltas: list[tuple[int, dict[str, Any], str | None]]) -> dict[int, dict[str, Any]]:
+    """(choice index, OpenAI ``delta``, finish reason) folded per choice, whatever transport carried them."""
+    folded: dict[int, dict[str, Any]] = {}
+    for index, delta, finish_reason in deltas:
+        into = folded.setdefault(index, {"content": "", "reasoning": "", "calls": {}})
+        into["content"] += delta.get("content") or ""
+        into["reasoning"] += delta.get("reasoning") or ""
+        for piece in delta.get("tool_calls") or []:
+            call = into["calls"].setdefault(piece["index"], {"name": "", "arguments": ""})
+            function = piece.get("function") or {}
+            call["name"] += function.get("name") or ""
+            call["arguments"] += function.get("arguments") or ""
+        if finish_reason:
+            into["finish_reason"] = finish_reason
     return folded
 
 
@@ -384,6 +392,34 @@ def test_streams_open_with_the_role_chunks_vllm_serve_sends(vllm_serve: str, tok
         openings[url] = [orjson.loads(e.data)["choices"] for e in opening]
         assert "role" not in first.data, "the role comes once, in the opening chunks"
     assert openings[tokenspool] == openings[vllm_serve]
+
+
+def test_reasoning_and_tool_calls_reach_the_python_client_and_the_websocket_as_over_sse(tokenspool: str) -> None:
+    """Real reasoning and a real tool call, split off by vLLM's parsers, carried by the Python client's
+    ``StreamEvent`` and the WebSocket's ``token`` messages: they add up to what the SSE stream says."""
+    body = STREAMED["reasoning + tools required (stream)"]
+    over_sse = streamed(tokenspool, body)
+    assert over_sse[0]["reasoning"] and over_sse[0]["calls"], "the case reasons, then calls the tool"
+    params = {key: value for key, value in body.items() if key not in ("model", "messages", "stream")}
+    with Client(tokenspool) as client:
+        stream = client.stream_chat(body["messages"], model=MODEL, **params)
+        events = list(stream)
+        finish_reason = stream.finish_reason
+    pieces = [
+        (e.index, {"content": e.text, "reasoning": e.reasoning, "tool_calls": e.tool_calls}, None) for e in events
+    ]
+    over_client = fold_deltas(pieces)
+    over_client[0]["finish_reason"] = finish_reason
+    assert over_client == over_sse
+    with connect(tokenspool.replace("http://", "ws://", 1) + "/v1/ws", open_timeout=10) as ws:
+        ws.send(orjson.dumps({**params, "messages": body["messages"], "model": MODEL, "id": "r"}).decode())
+        messages = []
+        while not messages or messages[-1]["type"] not in ("done", "error"):
+            messages.append(orjson.loads(ws.recv(timeout=120)))
+    assert messages[-1]["type"] == "done", messages[-1]
+    over_ws = fold_deltas([(m.get("index", 0), m, None) for m in messages if m["type"] == "token"])
+    over_ws[0]["finish_reason"] = messages[-1]["finish_reason"]
+    assert over_ws == over_sse
 
 
 CONTINUOUS_USAGE = {"include_usage": True, "continuous_usage_stats": True}
