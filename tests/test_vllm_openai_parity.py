@@ -42,8 +42,9 @@ from tokenspool.shared import handover, keys, wire
 MODEL = "tiny-llama"
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
-    # Hermes' structural tags reject every token of this vocabulary's first step in vLLM 0.32 (an engine
-    # 500 on `vllm serve` too): both sides use the JSON-schema form of tool_choice required / named.
+    # Both sides use the JSON-schema form of tool_choice required / named (vLLM's default, Hermes' structural
+    # tags, answers too since the vocabulary spells every letter, but leaves the arguments unconstrained at
+    # its default strict level: random weights then write `"arguments": 9596959`).
     "VLLM_ENFORCE_STRICT_TOOL_CALLING": "0",
 }
 REASONING_PARSER = "qwen3"
