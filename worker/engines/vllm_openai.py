@@ -81,6 +81,8 @@ class Rendered:
     """Each choice's output token ids so far (for decoding replayed chunks)."""
     texts: list[str] = field(default_factory=list)
     """Each choice's output text so far as vLLM's detokenizer wrote it (without the stop token's text)."""
+    streamed: list[tuple[str, str]] = field(default_factory=list)
+    """Each choice's content and reasoning as streamed so far (the parsers' deltas)."""
 
     @property
     def choices(self) -> int:
@@ -107,8 +109,14 @@ class Rendered:
                     prompt_token_ids=self.prompt_ids,
                     finished=False,
                 )
-                if delta is not None and delta.tool_calls:
-                    self.tools_streamed[index] = True
+                self._note_streamed(index, delta)
+
+    def _note_streamed(self, index: int, delta: DeltaMessage | None) -> None:
+        if delta is not None:
+            content, reasoning = self.streamed[index]
+            self.streamed[index] = (content + (delta.content or ""), reasoning + (delta.reasoning or ""))
+            if delta.tool_calls:
+                self.tools_streamed[index] = True
 
     def decode_tail(self, tokenizer: Any, index: int, new: list[int]) -> str:
         """The text ``new`` adds after the choice's tokens so far (its first new tokens after a skip)."""
@@ -120,11 +128,13 @@ class Rendered:
         head: str = tokenizer.decode(before, skip_special_tokens=skip) if before else ""
         return full[len(head) :] if full.startswith(head) else full
 
-    def answer(self, index: int, finish_reason: str) -> str:
+    def answer(self, index: int, finish_reason: str, streamed_finish: str) -> str:
         """The choice's message and finish reason as ``vllm serve`` answers a request that is not streamed,
         as JSON: vLLM parses the whole output again with a fresh parser, which may say other things than the
-        streamed pieces (arguments re-serialised, an unfinished call left as content). Mirrors the message
-        construction of vLLM's ``OpenAIServingChat.chat_completion_full_generator``."""
+        streamed pieces (arguments re-serialised, an unfinished call left as content, ``content: null`` for a
+        reply that was all reasoning). Mirrors the message construction of vLLM's
+        ``OpenAIServingChat.chat_completion_full_generator``. Empty when the streamed pieces fold into the same
+        answer (no tool calls, the same content, reasoning and finish reason): only what differs is stored."""
         request = self.request
         assert isinstance(request, ChatCompletionRequest) and self.new_parser is not None
         parser = self.new_parser()
@@ -153,6 +163,14 @@ class Rendered:
             ChatCompletionResponseChoice(index=index, message=message, finish_reason=finish_reason), request
         )
         body = choice.message.model_dump(include={"content", "reasoning", "tool_calls"})
+        content, reasoning = self.streamed[index]
+        folds_alike = (body["content"], body["reasoning"], choice.finish_reason) == (
+            content,
+            reasoning or None,
+            streamed_finish,
+        )
+        if folds_alike and not body["tool_calls"] and not self.tools_streamed[index]:
+            return ""
         return json.dumps({**body, "finish_reason": choice.finish_reason}, separators=(",", ":"))
 
     def parse(
@@ -173,25 +191,25 @@ class Rendered:
             prompt_token_ids=self.prompt_ids,
             finished=finish_reason is not None,
         )
-        if delta is not None and delta.tool_calls:
-            self.tools_streamed[index] = True
         if delta is None:
             if finish_reason is None:
                 return None
             delta = DeltaMessage()
-        if finish_reason == "stop" and self.tools_streamed[index]:
+        engine_finish = finish_reason
+        if finish_reason == "stop" and (self.tools_streamed[index] or delta.tool_calls):
             named = isinstance(self.request.tool_choice, ChatCompletionNamedToolChoiceParam)
             finish_reason = "stop" if named else "tool_calls"
         choice = maybe_filter_parallel_tool_calls(
             ChatCompletionResponseStreamChoice(index=index, delta=delta, finish_reason=finish_reason), self.request
         )
         delta = choice.delta
+        self._note_streamed(index, delta)
         tool_calls = ""
         if delta.tool_calls:
             tool_calls = json.dumps(
                 [call.model_dump(exclude_unset=True) for call in delta.tool_calls], separators=(",", ":")
             )
-        answer = self.answer(index, finish_reason) if finish_reason is not None else ""
+        answer = self.answer(index, engine_finish, finish_reason) if engine_finish and finish_reason else ""
         return delta.content or "", delta.reasoning or "", tool_calls, finish_reason, answer
 
 
@@ -290,4 +308,5 @@ class OpenAIFrontEnd:
             tools_streamed=[False] * params.n,
             emitted=[[] for _ in range(params.n)],
             texts=[""] * params.n,
+            streamed=[("", "")] * params.n,
         )
