@@ -192,3 +192,22 @@ def test_completion_body_for_chat_and_completion() -> None:
     assert text["object"] == "text_completion"
     assert text["choices"][0]["text"] == "Hello world"
     assert text["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_stored_answer_is_the_choice_of_a_chat_body_instead_of_the_folded_pieces() -> None:
+    """vLLM answers a request that is not streamed from its whole output, parsed again: where that differs
+    from the streamed pieces (here arguments re-serialised, a null content), the worker stores it on the
+    choice's last delta and the body says exactly that; choices without one are folded as before."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    answer = {"content": None, "reasoning": "hm", "tool_calls": [call], "finish_reason": "tool_calls"}
+    pieces = '[{"index":0,"id":"c1","type":"function","function":{"name":"f","arguments":"{\\"a\\" :1}"}}]'
+    deltas = [
+        wire.Event("delta", "", (1,), reasoning="hm"),
+        wire.Event("delta", "", (2,), "tool_calls", tool_calls=pieces, answer=orjson.dumps(answer).decode()),
+        wire.Event("delta", "plain", (3,), "length", index=1),
+    ]
+    body = completion_body(meta("chat"), deltas, STREAM_EVENTS[3])
+    first, second = body["choices"]
+    assert first["message"] == {"role": "assistant", "content": None, "reasoning": "hm", "tool_calls": [call]}
+    assert first["finish_reason"] == "tool_calls"
+    assert (second["message"], second["finish_reason"]) == ({"role": "assistant", "content": "plain"}, "length")
