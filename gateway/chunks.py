@@ -283,7 +283,7 @@ def _final_choice(meta: RequestMeta, index: int, events: list[wire.Event], end: 
     answer = next((orjson.loads(event.answer) for event in reversed(events) if event.answer), None)
     if answer is not None:  # vLLM's parsers read the output: their whole-output answer, as vLLM gives it
         finish_reason = answer.pop("finish_reason")
-        message["content"] = answer.pop("content")
+        message["content"] = answer.pop("content", None)
         message.update((key, value) for key, value in answer.items() if value not in (None, []))
     else:
         reasoning = "".join(event.reasoning for event in events)

@@ -410,6 +410,8 @@ class VllmEngine:
                     yield EngineDelta("", (), "length", prompt_tokens)
                     return
                 rendered.params.max_tokens = budget
+                # min_tokens counts the whole reply too; vLLM's engine core refuses more than max_tokens.
+                rendered.params.min_tokens = max(0, rendered.params.min_tokens - len(emitted))
         stream = self._engine.generate(
             tokens_input(engine_prompt), rendered.params, request.request_id, **rendered.generate_kwargs
         )

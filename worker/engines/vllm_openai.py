@@ -164,12 +164,12 @@ class Rendered:
         )
         body = choice.message.model_dump(include={"content", "reasoning", "tool_calls"})
         content, reasoning = self.streamed[index]
-        folds_alike = (body["content"], body["reasoning"], choice.finish_reason) == (
+        folds_alike = (body.get("content"), body.get("reasoning"), choice.finish_reason) == (
             content,
             reasoning or None,
             streamed_finish,
         )
-        if folds_alike and not body["tool_calls"] and not self.tools_streamed[index]:
+        if folds_alike and not body.get("tool_calls") and not self.tools_streamed[index]:  # dropped when empty
             return ""
         return json.dumps({**body, "finish_reason": choice.finish_reason}, separators=(",", ":"))
 
