@@ -211,3 +211,17 @@ def test_a_stored_answer_is_the_choice_of_a_chat_body_instead_of_the_folded_piec
     assert first["message"] == {"role": "assistant", "content": None, "reasoning": "hm", "tool_calls": [call]}
     assert first["finish_reason"] == "tool_calls"
     assert (second["message"], second["finish_reason"]) == ({"role": "assistant", "content": "plain"}, "length")
+
+
+@pytest.mark.parametrize("reasoning_tokens", [None, 0, 3])
+def test_usage_has_completion_tokens_details_only_when_the_worker_counts_reasoning(
+    reasoning_tokens: int | None,
+) -> None:
+    """vLLM with a reasoning parser reports reasoning tokens (0 too) in ``completion_tokens_details``; without
+    one it reports none. The end event says which (its ``reasoning_tokens`` is None without)."""
+    end = dataclasses.replace(STREAM_EVENTS[3], reasoning_tokens=reasoning_tokens)
+    body = completion_body(meta("chat"), list(STREAM_EVENTS[:3]), end)
+    usage_chunk = orjson.loads(ChunkRenderer(meta("chat", include_usage=True)).data(4, end) or b"")
+    for usage in (body["usage"], usage_chunk["usage"]):
+        details = None if reasoning_tokens is None else {"reasoning_tokens": reasoning_tokens}
+        assert usage.get("completion_tokens_details") == details

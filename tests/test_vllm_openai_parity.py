@@ -281,7 +281,11 @@ def comparable(answer: dict[str, Any]) -> dict[str, Any]:
         logprobs = choice.get("logprobs")
         tokens = [(e["token"], round(e["logprob"], 3)) for e in logprobs["content"]] if logprobs else None
         choices.append((choice["index"], message, choice["finish_reason"], tokens))
-    return {"choices": choices, "usage": {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")}}
+    return {"choices": choices, "usage": {k: answer["usage"].get(k) for k in USAGE_FIELDS}}
+
+
+USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "completion_tokens_details")
+"""What both usages say (vLLM adds null fields): the details hold the reasoning tokens, with a reasoning parser."""
 
 
 def fold(events: list[SSEEvent]) -> dict[int, dict[str, Any]]:
@@ -421,6 +425,20 @@ def test_reasoning_and_tool_calls_reach_the_python_client_and_the_websocket_as_o
     over_ws = fold_deltas([(m.get("index", 0), m, None) for m in messages if m["type"] == "token"])
     over_ws[0]["finish_reason"] = messages[-1]["finish_reason"]
     assert over_ws == over_sse
+
+
+@pytest.mark.parametrize("name", ["reasoning (stream)", "reasoning n=2 seeded (stream)", "plain (stream)"])
+def test_a_stream_s_usage_counts_reasoning_tokens_as_vllm_serve_does(
+    vllm_serve: str, tokenspool: str, name: str
+) -> None:
+    body = {**STREAMED[name], "stream_options": {"include_usage": True}}
+    usages = {}
+    for url in (vllm_serve, tokenspool):
+        events = [e for e in stream_events(url, body) if e.data != "[DONE]"]
+        usage = orjson.loads(events[-1].data)["usage"]
+        usages[url] = {k: usage.get(k) for k in USAGE_FIELDS}
+    assert usages[tokenspool] == usages[vllm_serve]
+    assert usages[vllm_serve]["completion_tokens_details"] is not None
 
 
 CONTINUOUS_USAGE = {"include_usage": True, "continuous_usage_stats": True}

@@ -69,6 +69,8 @@ def worker_info() -> wire.WorkerInfo:
         wire.Event("end", finish_reason="stop", prompt_tokens=11, completion_tokens=22),
         wire.Event("error", error_type="cancelled", message="cancelled by the client"),
         wire.Event("delta", "", (4,), "stop", index=1, reasoning="hm", tool_calls="[]", answer='{"content":null}'),
+        wire.Event("end", finish_reason="stop", prompt_tokens=3, completion_tokens=4, reasoning_tokens=0),
+        wire.Event("end", finish_reason="stop", prompt_tokens=3, completion_tokens=4, reasoning_tokens=2),
         worker_info(),
         dataclasses.replace(worker_info(), unsupported=(), owned_by="tokenspool"),
     ],

@@ -179,6 +179,7 @@ class RequestRunner:
                 choice_tokens[event.index] = choice_tokens.get(event.index, 0) + len(event.token_ids)
         text_offset = sum(len(event.text) for event in emitted)
         finish_reason = "stop"
+        reasoning_tokens: int | None = None
         wants_logprobs = job.sampling.logprobs is not None
         # A previous holder that emitted the last token but died before closing the stream: the engine
         # still reports the prompt's length, and no second finish is streamed.
@@ -196,6 +197,8 @@ class RequestRunner:
                 self.metrics.output_tokens.inc(len(delta.token_ids))
                 if delta.finish_reason:
                     finish_reason = delta.finish_reason
+                if delta.reasoning_tokens is not None:
+                    reasoning_tokens = (reasoning_tokens or 0) + delta.reasoning_tokens
                 if delta.text or delta.token_ids or (delta.finish_reason and not finished_before):
                     event = wire.Event(
                         "delta",
@@ -220,4 +223,4 @@ class RequestRunner:
             await stream.aclose()  # type: ignore[attr-defined]
         if generated is not None:
             log.info("request %s output: %s", job.request_id, content("".join(generated)), extra=about(job.request_id))
-        return Ending.finished(finish_reason, prompt_tokens, completion_tokens)
+        return Ending.finished(finish_reason, prompt_tokens, completion_tokens, reasoning_tokens)

@@ -66,6 +66,8 @@ class EngineDelta:
     answer: str = ""
     """On a choice's last delta, with a parser: the choice as a request that is not streamed gets it (JSON,
     see :class:`~tokenspool.shared.wire.Event`)."""
+    reasoning_tokens: int | None = None
+    """On a choice's last delta, with a reasoning parser: the choice's reasoning tokens (usage details)."""
 
 
 class Engine(Protocol):

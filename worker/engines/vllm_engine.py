@@ -454,6 +454,7 @@ class VllmEngine:
                         reasoning=reasoning,
                         tool_calls=tool_calls,
                         answer=answer,
+                        reasoning_tokens=rendered.reasoning_tokens(index) if finish else None,
                     )
 
     async def _vllm_outputs(self, stream: Any, request_id: str) -> AsyncGenerator[Any, None]:

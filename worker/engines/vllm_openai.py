@@ -173,6 +173,13 @@ class Rendered:
             return ""
         return json.dumps({**body, "finish_reason": choice.finish_reason}, separators=(",", ":"))
 
+    def reasoning_tokens(self, index: int) -> int | None:
+        """The choice's reasoning tokens so far, as vLLM counts them for ``usage.completion_tokens_details``
+        (only with a reasoning parser: None otherwise)."""
+        if not self.parsers or self.parsers[index].reasoning_parser is None:
+            return None
+        return int(self.parsers[index].count_reasoning_tokens(self.emitted[index]))
+
     def parse(
         self, index: int, text: str, token_ids: list[int], finish_reason: str | None
     ) -> tuple[str, str, str, str | None, str] | None:
