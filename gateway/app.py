@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ from tokenspool.gateway.session import StreamSessions
 from tokenspool.gateway.settings import GatewaySettings, is_loopback
 from tokenspool.gateway.submission import SubmissionService
 from tokenspool.gateway.transports import http, responses_http, websocket
-from tokenspool.shared.redis_client import NodeConnections, RedisTarget, connect, redact
+from tokenspool.shared.redis_client import NodeConnections, RedisTarget, connect, connection_name, redact
 from tokenspool.shared.store import RequestStore
 
 if TYPE_CHECKING:
@@ -68,11 +69,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = connect(target)
+        name = connection_name("tokenspool", "gateway", str(os.getpid()))
+        client = connect(target, name=f"{name}:commands", max_connections=settings.redis_pool_connections)
         await client.ping()
         store = RequestStore(client, settings)
         relay = Relay(
-            NodeConnections(target, client, socket_timeout_s=settings.reader_block_ms / 1000 + 10),
+            NodeConnections(target, client, name=name, socket_timeout_s=settings.reader_block_ms / 1000 + 10),
             block_ms=settings.reader_block_ms,
             count=settings.replay_batch_events,
             buffer_events=settings.client_buffer_events,

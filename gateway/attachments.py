@@ -40,7 +40,7 @@ class Attachments:
         """Count a new connection as attached. With ``announce`` the write goes on in the background, off
         the path to the first token; without it (the stream of a request submitted on this connection) it
         waits for the next renewal: a request nobody has attached to yet is never taken for a zombie, so a
-        short request costs no attachment write at all, only the one its end (detach) makes."""
+        short request costs no attachment write at all (nor does its end: see :meth:`detach`)."""
         connection_id = secrets.token_hex(8)
         self._live[connection_id] = request_id
         if announce:
@@ -49,12 +49,16 @@ class Attachments:
             )
         return connection_id
 
-    def detach(self, connection_id: str) -> None:
+    def detach(self, connection_id: str, *, request_ended: bool = False) -> None:
         """Start the grace period of a connection that ended (written in the background: this runs while
-        the connection's task is being torn down), after its attach landed, so the two cannot swap."""
+        the connection's task is being torn down), after its attach landed, so the two cannot swap.
+
+        A connection that read its request's terminal event writes nothing: attachments only decide
+        whether a running request is cancelled, and this one runs no more (a short request thus costs no
+        attachment write at all, and no round trip of its gateway after its last event)."""
         request_id = self._live.pop(connection_id, None)
         attaching = self._attaching.pop(connection_id, None)
-        if request_id is None:
+        if request_id is None or request_ended:
             return
         self._background(self._after(attaching, [(request_id, connection_id, now_ms() + self._grace_ms)]))
 

@@ -52,15 +52,15 @@ def completion_logprobs(events: list[wire.Event]) -> dict[str, Any] | None:
     if not any(event.logprobs for event in events):
         return None
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
     offsets: list[int] = []
     for event in events:
         offset = event.text_offset
         for lp in event.logprobs:
             tokens.append(lp.token)
             token_logprobs.append(lp.logprob)
-            top_logprobs.append(dict(lp.top))
+            top_logprobs.append(None if lp.logprob is None else dict(lp.top))
             offsets.append(offset)
             offset += len(lp.token)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}

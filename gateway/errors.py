@@ -131,6 +131,8 @@ _KINDS_IN_WORDS: Final = {
     "list[tagged-union[TextPart,MediaPart]]": "a list of content parts",
     "int": "an integer",
     "list[int]": "a list of integers",
+    "list[constrained-int]": "a list of token ids",
+    "list[list[constrained-int]]": "a list of lists of token ids",
 }
 
 

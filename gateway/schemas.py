@@ -237,12 +237,53 @@ class ChatCompletionRequest(_GenerationRequest):
         return tuple(used)
 
 
+MAX_COMPLETION_PROMPTS = 1024
+"""The most prompts one completion request may list: ``vllm serve``'s default (``VLLM_MAX_COMPLETION_PROMPTS``)."""
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(_GenerationRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_COMPLETION_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_COMPLETION_PROMPTS)]
+    )
+    """One prompt (text or token ids) or a list of them, as ``vllm serve`` takes them: each prompt of a list
+    runs as its own engine request, and prompt ``p``'s ``j``-th choice has index ``p * n + j``."""
     logprobs: Annotated[int | None, Field(ge=0, le=5)] = None
+    max_tokens: Annotated[int | None, Field(ge=0, le=1_000_000)] = None
+    """0 is for ``echo`` (the prompt alone); a vLLM worker answers it as vLLM does, with or without echo."""
+    echo: bool | None = None
+    """Each choice's text starts with its prompt (and its logprobs with the prompt's): done by a vLLM worker."""
 
     def logprobs_top(self) -> int | None:
         return self.logprobs
 
+    def prompts(self) -> list[str] | list[list[int]]:
+        """Every prompt of the request, as text or as token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return self.prompt
+
     def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        """The prompt the simulated engine reads: the first one's text (it refuses lists and token ids)."""
+        first = self.prompts()[0]
+        return first if isinstance(first, str) else ""
+
+    def prompt_size(self) -> int:
+        """The prompts' characters, a token id counting as one (what the gateway's prompt limit bounds)."""
+        return sum(len(prompt) for prompt in self.prompts())
+
+    def engine_features(self) -> tuple[str, ...]:
+        used = list(super().engine_features())
+        prompts = self.prompts()
+        if len(prompts) > 1:
+            used.append("prompt_list")
+        if not isinstance(prompts[0], str):
+            used.append("prompt_token_ids")
+        if self.echo:
+            used.append("echo")
+        return tuple(used)

@@ -96,6 +96,13 @@ class Transport:
 # -- one session -------------------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class Attendance:
+    """What a stream's end tells its attachment: whether the stream read its request's terminal event."""
+
+    request_ended: bool = False
+
+
 class StreamSession:
     """One stream of one request, from a resume point, holding its key's open-stream place until
     :meth:`close` (which the transport calls once the stream has ended however it ended: a generator that
@@ -116,17 +123,19 @@ class StreamSession:
         self._hub.limits.close_stream(self._lease)
 
     @contextmanager
-    def _attached(self) -> Iterator[None]:
-        """Attached to the request while it runs; announced at once unless this connection created it."""
+    def _attached(self) -> Iterator[Attendance]:
+        """Attached to the request while it runs; announced at once unless this connection created it. The
+        caller records on what it is given when it has read the request's terminal event."""
         meta = self.point.meta
         connection_id = None
         if not meta.terminal:
             connection_id = self._hub.attachments.attach(meta.request_id, announce=not self.point.submitted_here)
+        attendance = Attendance()
         try:
-            yield
+            yield attendance
         finally:
             if connection_id is not None:
-                self._hub.attachments.detach(connection_id)
+                self._hub.attachments.detach(connection_id, request_ended=attendance.request_ended)
 
     async def items(self) -> AsyncGenerator[StreamItem, None]:
         """The stream from the resume point to the request's terminal event, or to an :class:`Interrupted`.
@@ -151,13 +160,14 @@ class StreamSession:
         last_write = last_event = opened
         seen_event = point.after_seq > 0
         try:
-            with self._attached():
+            with self._attached() as attendance:
                 async for batch in hub.reader.batches(point, tick_s):
                     now = time.monotonic()
                     if batch:
                         seen_event = True
                         last_write = last_event = now
                         events = [(seq, wire.decode(payload, wire.Event)) for seq, payload in batch]
+                        attendance.request_ended = events[-1][1].terminal
                         before = deltas
                         for _seq, event in events:
                             if event.kind == "delta":

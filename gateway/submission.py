@@ -222,7 +222,7 @@ class SubmissionService:
             chars = sum(len(m.text()) for m in body.messages)
             param = "messages"
         else:
-            chars = len(body.prompt_text())
+            chars = body.prompt_size()
             param = "prompt"
         if chars > settings.max_prompt_chars:
             raise bad_request(
@@ -269,6 +269,13 @@ class SubmissionService:
                     param=param,
                     code="unsupported_parameter",
                 )
+        if isinstance(body, CompletionRequest) and body.max_tokens == 0 and "echo" in model.unsupported:
+            raise bad_request(
+                f"max_tokens must be at least 1 (0 is for echo, which the {model.engine} engine that serves model "
+                f"{body.model!r} does not do)",
+                param="max_tokens",
+                code="invalid_value",
+            )
         if body.wants_logprobs() and "logprobs" in model.unsupported:
             raise APIError(
                 400,

@@ -45,7 +45,8 @@ VLLM_GENERATION_FIELDS: Final = frozenset(
 """vLLM request fields (``vllm.entrypoints.openai``'s protocol classes) that change what is generated or
 returned; fields outside this set that vLLM does not know it ignores, and so does tokenspool."""
 
-ENGINE_FEATURES: Final = frozenset({"n", "tools", "response_format", "structured_outputs", "media"}) | (
-    VLLM_GENERATION_FIELDS
+ENGINE_FEATURES: Final = VLLM_GENERATION_FIELDS | frozenset(
+    {"n", "tools", "response_format", "structured_outputs", "media", "prompt_list", "prompt_token_ids"}
 )
-"""Every name the gateway may report for a request: what an engine that renders only plain text lacks."""
+"""Every name the gateway may report for a request: what an engine that renders only plain text lacks
+(``prompt_list``: a completion with several prompts; ``prompt_token_ids``: a prompt given as token ids)."""

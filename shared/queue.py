@@ -18,6 +18,7 @@ from typing import Any
 import redis.exceptions
 
 from tokenspool.shared import keys, lua, wire
+from tokenspool.shared.aio import GroupCommit
 from tokenspool.shared.redis_client import AsyncRedis
 
 log = logging.getLogger("tokenspool.queue")
@@ -86,6 +87,7 @@ class ModelQueue:
         self._pull: Any = pull_client
         self._renew = lua.register(client, "renew_leases")
         self._claim_abandoned = lua.register(client, "claim_abandoned")
+        self._finish = GroupCommit(self._finish_all, f"acknowledging entries of {model}")
 
     @property
     def scripts(self) -> tuple[Any, ...]:
@@ -173,13 +175,18 @@ class ModelQueue:
 
     async def finish(self, entry_id: bytes) -> None:
         """Acknowledge and delete an entry once its request has ended (a queue that vanished with its
-        group, when Redis lost its data, has nothing left to acknowledge)."""
+        group, when Redis lost its data, has nothing left to acknowledge). The entries of requests that end
+        together go in one ``XACK`` and one ``XDEL`` (:class:`GroupCommit`; both are safe to repeat)."""
+        await self._finish(entry_id)
+
+    async def _finish_all(self, entry_ids: list[bytes]) -> list[Exception | None]:
         pipe = self._r.pipeline(transaction=False)
-        pipe.xack(self.key, keys.WORKER_GROUP, entry_id)
-        pipe.xdel(self.key, entry_id)
+        pipe.xack(self.key, keys.WORKER_GROUP, *entry_ids)
+        pipe.xdel(self.key, *entry_ids)
         for result in await pipe.execute(raise_on_error=False):
             if isinstance(result, Exception) and not is_missing_group(result):
                 raise result
+        return [None] * len(entry_ids)
 
     async def dead_letter(self, entry_id: bytes, request_id: str, reason: str) -> None:
         """Give up on a request: record it for operators and take its entry off the queue."""

@@ -12,7 +12,10 @@ of ``service`` is, and asks again after a failover). The only other input is the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 from urllib.parse import urlsplit
@@ -22,7 +25,8 @@ import redis.asyncio as aredis
 import redis.asyncio.retry
 import redis.retry
 import redis.sentinel
-from redis.asyncio.connection import AbstractConnection, ConnectionPool, SSLConnection
+from redis.asyncio.cluster import ClusterPipeline
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, SSLConnection
 from redis.asyncio.connection import parse_url as parse_async_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
@@ -193,29 +197,98 @@ def resilience_options(*, asyncio: bool = True) -> dict[str, Any]:
     }
 
 
-def connect(target: RedisTarget, *, socket_timeout_s: float | None = 10.0, max_connections: int = 256) -> AsyncRedis:
-    """An asyncio client with bounded pools (per node on a cluster); binary replies (payloads are msgpack);
-    broken connections retried (:func:`resilience_options`)."""
+def connection_name(*parts: str) -> str:
+    """A name for a process's Redis connections (``CLIENT SETNAME``), from its role and id: parts joined by
+    ``:``, with what Redis refuses in a name (spaces, control characters) replaced by ``_``."""
+    return ":".join("".join(c if "!" <= c <= "~" else "_" for c in part) for part in parts)
+
+
+def connect(
+    target: RedisTarget, *, name: str, max_connections: int, socket_timeout_s: float | None = 10.0
+) -> AsyncRedis:
+    """An asyncio client whose connections are named ``name`` (``CLIENT LIST`` shows which process holds
+    which) and bounded: at most ``max_connections`` to the server (to each node of a cluster) however
+    many commands are waiting, each waiting (up to the socket timeout) for a connection to come back
+    rather than opening another or failing. Binary replies (payloads are msgpack); broken connections
+    retried (:func:`resilience_options`).
+
+    The bound is safe only for commands that answer at once: a command that blocks server-side (``XREAD
+    BLOCK``, ``XREADGROUP BLOCK``) gets a client of its own, or it would hold a connection others wait for."""
     common: dict[str, Any] = {
         "decode_responses": False,
         "socket_timeout": socket_timeout_s,
         "socket_connect_timeout": 5.0,
         "max_connections": max_connections,
+        "client_name": name,
         **resilience_options(),
         **target.tls_kwargs(),
     }
+    wait_s = socket_timeout_s or 10.0
     if target.cluster:
-        return aredis.RedisCluster.from_url(target.plain_url, **common)
+        return BoundedRedisCluster.from_url(target.plain_url, wait_s=wait_s, **common)
     if target.sentinel is not None:
-        return sentinel_primary(target, target.sentinel, common, pool_timeout_s=socket_timeout_s or 10.0)
-    # A blocking pool: past max_connections a command waits (up to the socket timeout) for a connection to
-    # come back instead of failing at once with "Too many connections" (500 clients starting together did).
-    pool = aredis.BlockingConnectionPool.from_url(
-        target.plain_url,
-        timeout=socket_timeout_s or 10.0,
-        **common,
-    )
+        return sentinel_primary(target, target.sentinel, common, pool_timeout_s=wait_s)
+    # A blocking pool: past max_connections a command waits for a connection to come back instead of
+    # failing at once with "Too many connections" (500 clients starting together did).
+    pool = aredis.BlockingConnectionPool.from_url(target.plain_url, timeout=wait_s, **common)
     return aredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
+
+
+class CommandSlots:
+    """At most ``limit`` commands (or pipelines) of one client in flight; the others wait their turn, up to
+    ``wait_s``. Re-entrant within a task: redis-py's cluster pipeline sends a redirected command again
+    through its client while it runs, and that must not wait for a slot its own pipeline holds."""
+
+    def __init__(self, limit: int, wait_s: float) -> None:
+        self._free = asyncio.Semaphore(limit)
+        self._wait_s = wait_s
+        self._holding: contextvars.ContextVar[bool] = contextvars.ContextVar("holding_a_command_slot", default=False)
+
+    @contextlib.asynccontextmanager
+    async def taken(self) -> AsyncIterator[None]:
+        if self._holding.get():
+            yield
+            return
+        try:
+            async with asyncio.timeout(self._wait_s):
+                await self._free.acquire()
+        except TimeoutError as exc:
+            raise redis.exceptions.ConnectionError("No connection available.") from exc
+        token = self._holding.set(True)
+        try:
+            yield
+        finally:
+            self._holding.reset(token)
+            self._free.release()
+
+
+class BoundedRedisCluster(aredis.RedisCluster):
+    """A cluster client that waits for a connection past ``max_connections`` per node, as the one-server
+    pool does. redis-py's cluster node refuses at once instead (``MaxConnectionsError``), so this client
+    lets at most ``max_connections`` commands and pipelines be in flight: each holds at most one
+    connection per node at a time (a pipeline's per-node parts release theirs before redirected commands
+    are sent again), so no node's pool is ever asked for more."""
+
+    def __init__(self, *, wait_s: float = 10.0, max_connections: int = 100, **kwargs: Any) -> None:
+        super().__init__(max_connections=max_connections, **kwargs)
+        self.command_slots = CommandSlots(max_connections, wait_s)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.command_slots.taken():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise redis.exceptions.RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _BoundedClusterPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py builds its own
+
+
+class _BoundedClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        client = self.cluster_client
+        assert isinstance(client, BoundedRedisCluster)
+        async with client.command_slots.taken():
+            return await super().execute(raise_on_error, allow_redirections)
 
 
 def connect_sync(target: RedisTarget, *, socket_timeout_s: float = 5.0) -> SyncRedis:
@@ -262,11 +335,15 @@ class NodeConnections:
     """Dedicated connections to the node that serves a given key: what a blocking reader needs, since a
     blocked connection must never go back to a shared pool, and ``CLIENT UNBLOCK`` must reach the same node
     as the connection it wakes. On one server every key is on the one node; on a cluster the node comes
-    from the client's slot map, which :meth:`refresh` re-reads after a ``MOVED`` (resharding, failover)."""
+    from the client's slot map, which :meth:`refresh` re-reads after a ``MOVED`` (resharding, failover).
 
-    def __init__(self, target: RedisTarget, client: AsyncRedis, *, socket_timeout_s: float) -> None:
+    Each node gets one control connection (``CLIENT UNBLOCK`` answers at once; callers wait their turn for
+    it), named ``<name>:control``; the blocking readers' own connections are named ``<name>:reader``."""
+
+    def __init__(self, target: RedisTarget, client: AsyncRedis, *, name: str, socket_timeout_s: float) -> None:
         self._target = target
         self._client = client
+        self._name = name
         where = target.sentinel
         self._options: dict[str, Any] = {
             **(parse_async_url(target.plain_url) if where is None else _sentinel_node_options(where)),
@@ -274,7 +351,7 @@ class NodeConnections:
             "socket_connect_timeout": 5.0,
             **target.tls_kwargs(),
         }
-        self._pools: dict[Address, ConnectionPool] = {}
+        self._pools: dict[Address, BlockingConnectionPool] = {}
         self._controls: dict[Address, aredis.Redis] = {}
 
     @property
@@ -301,21 +378,24 @@ class NodeConnections:
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await self._client.nodes_manager.initialize()
 
-    def _pool(self, address: Address) -> ConnectionPool:
+    def _pool(self, address: Address) -> BlockingConnectionPool:
         pool = self._pools.get(address)
         if pool is None:
             options = dict(self._options)
             if self._target.cluster:
                 options.pop("db", None)
             options["host"], options["port"] = address
-            pool = ConnectionPool(max_connections=64, **options)
+            timeout = options["socket_timeout"]
+            pool = BlockingConnectionPool(
+                max_connections=1, timeout=timeout, client_name=f"{self._name}:control", **options
+            )
             self._pools[address] = pool
         return pool
 
     async def open(self, address: Address) -> AbstractConnection:
         """A new connection of its own (never pooled) to ``address``, connected."""
         pool = self._pool(address)
-        conn = pool.connection_class(**pool.connection_kwargs)
+        conn = pool.connection_class(**{**pool.connection_kwargs, "client_name": f"{self._name}:reader"})
         await conn.connect()  # type: ignore[no-untyped-call]
         return conn
 

@@ -164,6 +164,12 @@ class CommonSettings:
         "answered 503 by a gateway",
         minimum=1,
     )
+    redis_pool_connections: int = setting(
+        4,
+        "Redis connections a gateway or worker process keeps for its commands, whatever its load (concurrent "
+        "commands wait their turn for one); its blocking reads have one connection each besides these",
+        minimum=1,
+    )
     log_level: LogLevel = setting("info", "log level")
     log_format: Literal["plain", "json"] = setting("plain", "log line format")
     log_content: bool = setting(

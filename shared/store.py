@@ -17,6 +17,7 @@ import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from tokenspool.shared import keys, lua, queue, wire
+from tokenspool.shared.aio import GroupCommit
 from tokenspool.shared.redis_client import AsyncRedis, is_cluster
 from tokenspool.shared.settings import CommonSettings
 
@@ -174,6 +175,7 @@ class RequestStore:
         self._append: AsyncScript = lua.register(client, "append")
         self._claim: AsyncScript = lua.register(client, "claim")
         self._cancel: AsyncScript = lua.register(client, "cancel")
+        self._claims = GroupCommit(self._claim_all, "claiming requests")
 
     # -- gateway side -------------------------------------------------------------------------------
 
@@ -327,12 +329,32 @@ class RequestStore:
     ) -> tuple[int, int]:
         """Take a queued request from its queue entry ``entry_id`` (or, with ``takeover``, a running one
         whose worker lost its lease); (attempt, last_seq), attempt 0 when it cannot be taken. Safe to send
-        again: a repeated claim by the same worker of the same entry answers like the first."""
-        attempt, last_seq = await self._claim(
-            keys=[keys.RequestKeys.of(request_id).meta],
-            args=[worker_id, now_ms(), "1" if takeover else "0", entry_id],
-        )
-        return int(attempt), int(last_seq)
+        again: a repeated claim by the same worker of the same entry answers like the first. Claims made
+        together (the entries of one queue read) go in one round trip (:class:`GroupCommit`)."""
+        return await self._claims((request_id, worker_id, entry_id, takeover))
+
+    async def _claim_all(self, claims: list[tuple[str, str, bytes, bool]]) -> list[tuple[int, int] | Exception]:
+        """One claim script call per claim, pipelined, by hash; claims that met NOSCRIPT (the server lost
+        its scripts: a restart, a failover) are sent again once the scripts are loaded (the script did not
+        run, so nothing was claimed)."""
+        results = await self._send_claims(claims)
+        missing = [i for i, result in enumerate(results) if isinstance(result, redis.exceptions.NoScriptError)]
+        if missing:
+            await self.load_scripts()
+            for i, result in zip(missing, await self._send_claims([claims[i] for i in missing]), strict=True):
+                results[i] = result
+        return [result if isinstance(result, Exception) else (int(result[0]), int(result[1])) for result in results]
+
+    async def _send_claims(self, claims: list[tuple[str, str, bytes, bool]]) -> list[Any]:
+        pipe: Any = self._r.pipeline(transaction=False)
+        now = now_ms()
+        for request_id, worker_id, entry_id, takeover in claims:
+            meta_key = keys.RequestKeys.of(request_id).meta
+            pipe.execute_command(
+                "EVALSHA", self._claim.sha, 1, meta_key, worker_id, now, "1" if takeover else "0", entry_id
+            )
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
 
     async def all_events(self, request_id: str, batch: int = 1024) -> list[wire.Event]:
         """Every stored event of a request, read in bounded batches (what a takeover continues from)."""

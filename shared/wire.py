@@ -84,7 +84,8 @@ class TokenLogprob:
     """A generated token's text and log probability, with the most likely alternatives at that position."""
 
     token: str
-    logprob: float
+    logprob: float | None
+    """None only for a prompt's first token (echoed with its prompt's logprobs: nothing precedes it)."""
     top: tuple[tuple[str, float], ...] = ()
 
 
@@ -109,7 +110,8 @@ class Event:
     logprobs: tuple[TokenLogprob, ...] = ()
     """One entry per token id, when the request asked for log probabilities."""
     text_offset: int = 0
-    """Characters of reply text before this event (completions' ``text_offset`` needs it)."""
+    """Characters its choice's logprob tokens spelled before this event (completions' ``text_offset``, counted
+    as vLLM counts it)."""
     index: int = 0
     """The choice this delta belongs to (``n > 1``)."""
     reasoning: str = ""

@@ -232,3 +232,18 @@ def content_of(events: list[SSEEvent]) -> str:
         for choice in event.json().get("choices", []):
             parts.append(choice.get("delta", {}).get("content") or choice.get("text") or "")
     return "".join(parts)
+
+
+def plain_job(model: str, prompt: str = "hello") -> wire.Job:
+    """A new chat request's job with default sampling (for tests that drive the store in process)."""
+    now = int(time.time() * 1000)
+    return wire.Job(
+        request_id=keys.new_request_id("chat"),
+        kind="chat",
+        model=model,
+        prompt=prompt,
+        messages=(),
+        sampling=wire.SamplingOptions(),
+        created_s=now // 1000,
+        enqueued_ms=now,
+    )

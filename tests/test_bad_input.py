@@ -82,12 +82,33 @@ def test_bad_chat_request_is_400_and_enqueues_nothing(cluster: Cluster, stack: S
     assert redis_snapshot(cluster) == before
 
 
-def test_completion_with_several_prompts_is_refused(cluster: Cluster, stack: Stack) -> None:
+@pytest.mark.parametrize(
+    ("fields", "feature"),
+    [
+        ({"prompt": ["a", "b"]}, "prompt_list"),
+        ({"prompt": [[1, 2], [3]]}, "prompt_list"),
+        ({"prompt": [1, 2]}, "prompt_token_ids"),
+        ({"prompt": "a", "echo": True}, "echo"),
+        ({"prompt": "a", "echo": True, "max_tokens": 0}, "echo"),
+    ],
+    ids=["list of strings", "list of token-id lists", "token ids", "echo", "echo without tokens"],
+)
+def test_completion_prompt_lists_and_echo_are_refused_by_the_sim_engine_by_name(
+    cluster: Cluster, stack: Stack, fields: dict[str, Any], feature: str
+) -> None:
+    """vLLM workers take them (tests/test_vllm_openai_parity.py); the sim engine cannot, and says so."""
     before = redis_snapshot(cluster)
-    response = httpx.post(
-        stack[0][0].url + "/v1/completions", json={"model": "tokenspool-sim", "prompt": ["a", "b"], "max_tokens": 3}
-    )
-    assert "prompt" in assert_openai_error(response, 400)["message"]
+    body = {"model": "tokenspool-sim", "max_tokens": 3, **fields}
+    error = assert_openai_error(httpx.post(stack[0][0].url + "/v1/completions", json=body), 400)
+    assert error["message"].startswith(f"'{feature}' is not supported by the sim engine"), error
+    assert redis_snapshot(cluster) == before
+
+
+def test_completion_max_tokens_zero_needs_echo(cluster: Cluster, stack: Stack) -> None:
+    before = redis_snapshot(cluster)
+    body = {"model": "tokenspool-sim", "prompt": "a", "max_tokens": 0}
+    error = assert_openai_error(httpx.post(stack[0][0].url + "/v1/completions", json=body), 400)
+    assert error["param"] == "max_tokens" and "0 is for echo" in error["message"], error
     assert redis_snapshot(cluster) == before
 
 

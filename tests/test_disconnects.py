@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from tests.support import EVENT_STREAM, Cluster, Gateway, chat_body, iter_sse, read_stream, wait_for, wait_for_model
+from tokenspool.shared import keys
 
 MODEL = "grace-sim"
 GRACE = {"disconnect_grace_s": 1.0}
@@ -106,3 +107,17 @@ def test_inter_token_timeout_closes_a_silent_stream_but_not_the_request(cluster:
     assert error["type"] == "inter_token_timeout" and "resume with Last-Event-ID" in error["message"]
     assert stream.events[-1].data == "[DONE]"
     wait_for(lambda: cluster.meta(request_id).get("state") == "done", 15, "the request to finish anyway")
+
+
+def test_a_stream_read_to_its_end_leaves_no_attachment_behind(cluster: Cluster, gateways: list[Gateway]) -> None:
+    # A renewal period longer than the test: the only attachment writes are the ones a stream's end makes.
+    gateway = cluster.gateway(attach_refresh_s=600, **GRACE)
+    short = read_stream(
+        "POST", gateway.url + "/v1/chat/completions", json=chat_body("short", max_tokens=3, model=MODEL)
+    )
+    assert short.events[-1].data == "[DONE]" and short.headers is not None
+    ended = keys.RequestKeys.of(short.headers["x-request-id"]).attached
+    left, _ = read_some_then_leave(gateway, chat_body("left early", max_tokens=1500, model=MODEL), 1)
+    left_key = keys.RequestKeys.of(left).attached
+    wait_for(lambda: cluster.redis.exists(left_key), 10, "the grace period of the stream that left")
+    assert not cluster.redis.exists(ended), "a request that ended needs no attachment, and its stream writes none"

@@ -237,7 +237,7 @@ MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "x"}]
     [
         ("/v1/completions", {"prompt": 5}, "prompt", "expected a string or a list of strings"),
         ("/v1/completions", {"prompt": None}, "prompt", "expected a string or a list of strings"),
-        ("/v1/completions", {"prompt": [[1, 2]]}, "prompt.0", "valid string"),
+        ("/v1/completions", {"prompt": [{"text": "x"}]}, "prompt.0", "valid string"),
         ("/v1/completions", {"prompt": []}, "prompt", "at least 1 item"),
         ("/v1/completions", {"prompt": "x", "stop": 5}, "stop", "expected a string or a list of strings"),
         ("/v1/completions", {"prompt": "x", "stop": [5]}, "stop.0", "valid string"),

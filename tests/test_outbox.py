@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.support import plain_job
 from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis
-from tokenspool.shared import keys, wire
+from tokenspool.shared import wire
 from tokenspool.shared.redis_client import AsyncRedis, RedisTarget, connect
-from tokenspool.shared.store import Append, RequestStore, now_ms
+from tokenspool.shared.store import Append, RequestStore
 from tokenspool.worker.outbox import Ending, Outbox, RequestLog, RequestLostError
 from tokenspool.worker.settings import WorkerSettings
 
@@ -31,16 +32,7 @@ class Bench:
 
     async def running_request(self) -> tuple[str, int]:
         """A request claimed by worker "w1": (request id, attempt)."""
-        job = wire.Job(
-            request_id=keys.new_request_id("chat"),
-            kind="chat",
-            model=MODEL,
-            prompt="hello",
-            messages=(),
-            sampling=wire.SamplingOptions(),
-            created_s=now_ms() // 1000,
-            enqueued_ms=now_ms(),
-        )
+        job = plain_job(MODEL)
         await self.store.create(job, stream_format="chat", owner="tester", include_usage=False)
         attempt, last_seq = await self.store.claim(job.request_id, "w1")
         assert attempt == 1 and last_seq == 0
@@ -68,7 +60,7 @@ class Bench:
 
 @asynccontextmanager
 async def bench(url: str) -> AsyncIterator[Bench]:
-    client = connect(RedisTarget(url))
+    client = connect(RedisTarget(url), name="tokenspool:test:outbox", max_connections=4)
     try:
         store = RequestStore(client, WorkerSettings(redis_url=url))
         await store.load_scripts()

@@ -228,6 +228,9 @@ CORPUS: dict[str, dict[str, Any]] = {
         max_tokens=40,
     ),
     "reasoning n=2 seeded": chat(**THINKING, n=2, temperature=1.0, seed=11),
+    "echo of the last assistant message": chat(
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "well the"}], echo=True
+    ),
 }
 STREAMED = {f"{name} (stream)": {**body, "stream": True} for name, body in CORPUS.items() if name != "logprobs"}
 
@@ -236,10 +239,23 @@ def completion(**fields: Any) -> dict[str, Any]:
     return {"model": MODEL, "prompt": "the weather in", "max_tokens": 12, "temperature": 0, **fields}
 
 
+PROMPTS = ["the weather in", "a city of"]
+TOKEN_PROMPTS = [[1, 20, 21, 22], [1, 30, 31]]
 COMPLETIONS: dict[str, dict[str, Any]] = {
     "completion plain": completion(),
     "completion logprobs": completion(logprobs=2, max_tokens=4),
     "completion n=2 seeded": completion(n=2, temperature=1.0, seed=3),
+    "completion list of strings": completion(prompt=PROMPTS),
+    "completion token ids": completion(prompt=TOKEN_PROMPTS[0]),
+    "completion list of token-id lists": completion(prompt=TOKEN_PROMPTS),
+    "completion list, n=2 seeded": completion(prompt=PROMPTS, n=2, temperature=1.0, seed=3),
+    "completion list with logprobs": completion(prompt=PROMPTS, logprobs=1, max_tokens=4),
+    "completion echo": completion(echo=True),
+    "completion echo with logprobs": completion(echo=True, logprobs=2, max_tokens=4),
+    "completion echo of token ids with logprobs": completion(prompt=TOKEN_PROMPTS, echo=True, logprobs=0, max_tokens=3),
+    "completion echo without tokens": completion(echo=True, max_tokens=0),
+    "completion echo without tokens, logprobs": completion(echo=True, max_tokens=0, logprobs=1),
+    "completion echo of a list, n=2 seeded": completion(prompt=PROMPTS, echo=True, n=2, temperature=1.0, seed=3),
 }
 REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
     "n=2 greedy": ("/v1/chat/completions", chat(n=2)),
@@ -268,6 +284,17 @@ REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "completion n=2 greedy (stream)": ("/v1/completions", completion(n=2, stream=True)),
     "completion suffix": ("/v1/completions", completion(suffix="!")),
+    "completion echo with suffix": ("/v1/completions", completion(echo=True, suffix="!")),
+    "completion max_tokens 0 without echo": ("/v1/completions", completion(max_tokens=0)),
+    "completion list, n=2 greedy (stream)": ("/v1/completions", completion(prompt=PROMPTS, n=2, stream=True)),
+    "completion list, one prompt over the context": (
+        "/v1/completions",
+        completion(prompt=["the weather in", "the " * 1100]),
+    ),
+    "completion prompt_logprobs streamed": (
+        "/v1/completions",
+        completion(prompt=PROMPTS, echo=True, prompt_logprobs=1, stream=True),
+    ),
 }
 
 
@@ -335,17 +362,57 @@ def test_answers_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str) -
     ours = httpx.post(tokenspool + "/v1/chat/completions", json=body, timeout=120)
     assert (ours.status_code, theirs.status_code) == (200, 200), (ours.text, theirs.text)
     assert comparable(ours.json()) == comparable(theirs.json())
+    if body.get("echo"):
+        assert ours.json()["choices"][0]["message"]["content"].startswith(body["messages"][-1]["content"])
+
+
+def completion_tokens(logprobs: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """A completion's logprobs, token by token: text, logprob (3 places; None for a prompt's first token),
+    offset, and whether it has alternatives."""
+    return [
+        (token, None if logprob is None else round(logprob, 3), offset, top is not None)
+        for token, logprob, offset, top in zip(
+            logprobs["tokens"],
+            logprobs["token_logprobs"],
+            logprobs["text_offset"],
+            logprobs["top_logprobs"],
+            strict=True,
+        )
+    ]
 
 
 def comparable_completion(answer: dict[str, Any]) -> dict[str, Any]:
     choices = []
     for choice in sorted(answer["choices"], key=lambda c: c["index"]):
         logprobs = choice.get("logprobs")
-        tokens = None
-        if logprobs:
-            tokens = list(zip(logprobs["tokens"], [round(p, 3) for p in logprobs["token_logprobs"]], strict=True))
+        tokens = completion_tokens(logprobs) if logprobs else None
         choices.append((choice["index"], choice["text"], choice["finish_reason"], tokens))
     return {"choices": choices, "usage": {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")}}
+
+
+def streamed_completion(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A completion streamed with its usage, folded (:func:`fold_completion`)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    return fold_completion(stream_events(url, body, "/v1/completions"))
+
+
+def fold_completion(events: list[SSEEvent]) -> dict[str, Any]:
+    """A completion stream folded per choice (text, finish reason, logprobs) with its final usage."""
+    choices: dict[int, dict[str, Any]] = {}
+    usage = None
+    for event in events:
+        if event.data == "[DONE]":
+            continue
+        chunk = orjson.loads(event.data)
+        usage = chunk.get("usage") or usage
+        for choice in chunk["choices"]:
+            into = choices.setdefault(choice["index"], {"text": "", "finish_reason": None, "tokens": []})
+            into["text"] += choice["text"]
+            into["finish_reason"] = choice["finish_reason"] or into["finish_reason"]
+            if choice.get("logprobs"):
+                into["tokens"] += completion_tokens(choice["logprobs"])
+    assert usage is not None
+    return {"choices": choices, "usage": {k: usage[k] for k in ("prompt_tokens", "completion_tokens")}}
 
 
 @pytest.mark.parametrize("name", sorted(COMPLETIONS))
@@ -355,16 +422,11 @@ def test_completions_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: st
     ours = httpx.post(tokenspool + "/v1/completions", json=body, timeout=120)
     assert (ours.status_code, theirs.status_code) == (200, 200), (ours.text, theirs.text)
     assert comparable_completion(ours.json()) == comparable_completion(theirs.json())
-    if "logprobs" not in name:
-        texts = {}
-        for url in (vllm_serve, tokenspool):
-            pieces: dict[int, str] = {}
-            for event in stream_events(url, {**body, "stream": True}, "/v1/completions"):
-                if event.data != "[DONE]":
-                    for choice in orjson.loads(event.data)["choices"]:
-                        pieces[choice["index"]] = pieces.get(choice["index"], "") + choice["text"]
-            texts[url] = pieces
-        assert texts[tokenspool] == texts[vllm_serve]
+    if body.get("echo") and isinstance(body["prompt"][0], str):
+        prompts = [body["prompt"]] if isinstance(body["prompt"], str) else body["prompt"]
+        for choice in ours.json()["choices"]:
+            assert choice["text"].startswith(prompts[choice["index"] // body.get("n", 1)]), choice
+    assert streamed_completion(tokenspool, body) == streamed_completion(vllm_serve, body)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
@@ -513,6 +575,20 @@ def reasoning_of(events: list[SSEEvent]) -> str:
     )
 
 
+def resumed_elsewhere(head: list[SSEEvent], request_id: str, other_gateway: str) -> list[SSEEvent]:
+    """Resume a cut stream on ``other_gateway`` from the last id of ``head``; check that head and tail are the
+    request's events without a gap or a repeat, byte for byte what a whole replay gives, and return that."""
+    last_id = [e.id for e in head if e.id][-1]
+    tail = read_stream(
+        "GET", f"{other_gateway}/v1/requests/{request_id}/events", headers={"Last-Event-ID": last_id}, timeout_s=120
+    )
+    ids = [e.id for e in head + tail.events if e.id]
+    assert ids == [keys.event_id(request_id, n) for n in range(1, len(ids) + 1)], "gap or duplicate"
+    replay = read_stream("GET", f"{other_gateway}/v1/requests/{request_id}/events", timeout_s=120)
+    assert [e.raw for e in head + tail.events] == [e.raw for e in replay.events]
+    return replay.events
+
+
 @pytest.mark.parametrize("name", sorted(DURABLE))
 def test_stream_cut_mid_arguments_resumes_on_another_gateway_byte_for_byte(
     tokenspool: str, other_gateway: str, name: str
@@ -544,17 +620,35 @@ def cut_and_resumed_elsewhere(
                     break  # the connection drops here, halfway
     partial = spelled(head)
     assert partial and complete.startswith(partial) and partial != complete, "cut halfway"
-    last_id = [e.id for e in head if e.id][-1]
-    tail = read_stream(
-        "GET", f"{other_gateway}/v1/requests/{request_id}/events", headers={"Last-Event-ID": last_id}, timeout_s=120
-    )
-    ids = [e.id for e in head + tail.events if e.id]
-    assert ids == [keys.event_id(request_id, n) for n in range(1, len(ids) + 1)], "gap or duplicate"
-    replay = read_stream("GET", f"{other_gateway}/v1/requests/{request_id}/events", timeout_s=120)
-    assert [e.raw for e in head + tail.events] == [e.raw for e in replay.events]
+    replay = resumed_elsewhere(head, request_id, other_gateway)
     # Chunk boundaries depend on engine timing; what they spell, at temperature 0, does not.
-    assert fold(replay.events) == fold(undisturbed.events)
+    assert fold(replay) == fold(undisturbed.events)
     return complete
+
+
+def test_prompt_list_stream_cut_midway_resumes_on_another_gateway_byte_for_byte(
+    vllm_serve: str, tokenspool: str, other_gateway: str
+) -> None:
+    """Every choice of every prompt is stored with its index: a stream cut after a few events and resumed
+    elsewhere with Last-Event-ID, then replayed whole, is the same bytes, and spells what vLLM's does."""
+    body = completion(prompt=PROMPTS, n=2, temperature=1.0, seed=7, max_tokens=16, echo=True, stream=True)
+    head: list[SSEEvent] = []
+    with httpx.stream("POST", tokenspool + "/v1/completions", json=body, headers=EVENT_STREAM, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        request_id = response.headers["x-request-id"]
+        for event in iter_sse(response):
+            if isinstance(event, SSEEvent):
+                head.append(event)
+                if len(head) == 6:
+                    break  # the connection drops here, mid-stream
+    replay = resumed_elsewhere(head, request_id, other_gateway)
+    texts: dict[int, str] = {}
+    for event in replay:
+        if event.data != "[DONE]":
+            for choice in orjson.loads(event.data)["choices"]:
+                texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert sorted(texts) == [0, 1, 2, 3]
+    assert texts == {i: c["text"] for i, c in streamed_completion(vllm_serve, body)["choices"].items()}
 
 
 def test_worker_killed_mid_tool_call_is_finished_by_the_next_worker_exactly(
@@ -562,7 +656,7 @@ def test_worker_killed_mid_tool_call_is_finished_by_the_next_worker_exactly(
 ) -> None:
     """SIGKILL the worker (and its engine) while the tool call's arguments are half stored; the next worker
     replays the stored tokens through its parsers and regenerates under the grammar: at temperature 0 the
-    final tool call is the undisturbed run's (and ``vllm serve``'s)."""
+    final tool call is the undisturbed run's (and ``vllm serve``'s). It replaces the module's worker."""
     body = {**DURABLE["tool call"], "max_tokens": 300}
     killed_mid_way_and_finished_exactly(cluster, model_dir, workers, tokenspool, vllm_serve, body, "tool_calls")
 
@@ -587,34 +681,94 @@ def killed_mid_way_and_finished_exactly(
     body: dict[str, Any],
     piece: str,
 ) -> None:
-    """Once three deltas carrying ``piece`` (an ``Event`` field) are stored, and no content after them, stop
-    and SIGKILL the module's worker and its engine, start the next one (it replaces the module's worker), and
-    check the request's stream ends as an undisturbed run (and ``vllm serve``) does, with a handover."""
+    """Once three deltas carrying ``piece`` (an ``Event`` field) are stored, SIGKILL the module's worker and
+    its engine and start the next one (:func:`taken_over_by_the_next_worker`); the request's stream ends as
+    an undisturbed run (and ``vllm serve``) does."""
     undisturbed = streamed(tokenspool, body)
     assert undisturbed == streamed(vllm_serve, body)
+    taken_over = taken_over_by_the_next_worker(
+        cluster,
+        model_dir,
+        workers,
+        tokenspool + "/v1/chat/completions",
+        body,
+        lambda stored: sum(1 for e in stored if getattr(e, piece)) >= 3,
+    )
+    assert fold(taken_over) == undisturbed
+
+
+def test_cancelled_prompt_list_leaves_vllm_with_none_of_its_requests(
+    cluster: Cluster, workers: list[Worker], tokenspool: str
+) -> None:
+    """A request with several prompts is several vLLM requests: a cancel aborts them all."""
+    body = completion(prompt=PROMPTS * 2, max_tokens=600, ignore_eos=True, stream=True)
+    with httpx.Client(timeout=120) as http, http.stream("POST", tokenspool + "/v1/completions", json=body) as response:
+        request_id = response.headers["x-request-id"]
+        events = iter_sse(response)
+        next(item for item in events if isinstance(item, SSEEvent))
+        assert http.delete(f"{tokenspool}/v1/requests/{request_id}").status_code == 202
+        rest = [item for item in events if isinstance(item, SSEEvent)]
+    assert rest[-2].json()["error"]["type"] == "cancelled"
+
+    def idle() -> bool:
+        info = wire.decode(cluster.redis.hget(keys.workers_key(), workers[0].worker_id), wire.WorkerInfo)  # type: ignore[arg-type]
+        return info.engine_running == 0 and info.running == 0
+
+    wait_for(idle, 15, "vLLM to report no unfinished request")
+
+
+def taken_over_by_the_next_worker(
+    cluster: Cluster,
+    model_dir: Path,
+    workers: list[Worker],
+    url: str,
+    body: dict[str, Any],
+    far_enough: Callable[[list[wire.Event]], bool],
+) -> list[SSEEvent]:
+    """Submit ``body``, SIGKILL the module's worker (and its engine) once its stored events are ``far_enough``
+    but not finished, start the next worker, and return the request's whole stream once that one finished it
+    (checked to have a handover in it)."""
     doomed = workers[0]
     pid = doomed.proc.process.pid
     engine = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-    with httpx.stream("POST", tokenspool + "/v1/chat/completions", json=body, timeout=120) as response:
+    with httpx.stream("POST", url, json=body, timeout=120) as response:
         request_id = response.headers["x-request-id"]
     events = keys.RequestKeys.of(request_id).events
 
-    def stored_events() -> list[wire.Event]:
+    def stored() -> list[wire.Event]:
         return [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
 
-    wait_for(lambda: sum(1 for e in stored_events() if getattr(e, piece)) >= 3, 60, f"a few {piece} deltas stored")
+    wait_for(lambda: far_enough(stored()), 120, "the request to be far enough")
     os.kill(pid, signal.SIGSTOP)  # no more writes: what is stored now is what the next worker finds
-    stored = stored_events()
-    last_piece = max(i for i, e in enumerate(stored) if getattr(e, piece))
-    assert not stored[-1].terminal and not any(e.text for e in stored[last_piece:]), f"killed mid {piece}"
+    assert not stored()[-1].terminal, "killed before the end"
     for victim in [pid, *engine]:
         os.kill(victim, signal.SIGKILL)
     doomed.proc.process.wait(30)
     workers[0] = start_worker(cluster, model_dir)
     wait_for(lambda: cluster.meta(request_id).get("state") == "done", 300, "the next worker to finish the request")
-    taken_over = read_stream("GET", f"{tokenspool}/v1/requests/{request_id}/events", timeout_s=120)
+    taken_over = read_stream("GET", f"{url.rsplit('/v1/', 1)[0]}/v1/requests/{request_id}/events", timeout_s=120)
     assert any(c.lstrip().startswith(handover.HANDOVER_COMMENT_KEYWORD) for c in taken_over.comments)
-    assert fold(taken_over.events) == undisturbed
+    return taken_over.events
+
+
+def test_worker_killed_mid_prompt_list_is_finished_by_the_next_worker_exactly(
+    cluster: Cluster, model_dir: Path, workers: list[Worker], tokenspool: str, vllm_serve: str
+) -> None:
+    """Several prompts, echoed: the next worker generates each again from its prompt, skips what each choice
+    delivered, echoes no prompt twice and finishes no choice twice; at temperature 0 the answer (texts,
+    finish reasons, usage summed over the prompts) is the undisturbed run's, and ``vllm serve``'s."""
+    body = completion(prompt=PROMPTS, echo=True, max_tokens=150, stream=True, stream_options={"include_usage": True})
+    undisturbed = streamed_completion(tokenspool, body)
+    assert undisturbed == streamed_completion(vllm_serve, body)
+    taken_over = taken_over_by_the_next_worker(
+        cluster,
+        model_dir,
+        workers,
+        tokenspool + "/v1/completions",
+        body,
+        lambda stored: {e.index for e in stored if e.kind == "delta"} == {0, 1} and len(stored) >= 8,
+    )
+    assert fold_completion(taken_over) == undisturbed
 
 
 # -- the Responses API: POST /v1/responses on both, answers and streams compared -------------------------------

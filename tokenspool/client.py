@@ -51,6 +51,7 @@ from tokenspool.client_core import (
     Gateways,
     GoneError,
     NotFoundError,
+    Prompt,
     ProtocolError,
     RateLimitError,
     RequestCancelledError,
@@ -362,7 +363,7 @@ class _ClientBase(ABC, Generic[HttpT, StreamT]):
         return self._stream(_StreamSpec(StreamState(), CHAT_PATH, body, idempotency_key or _new_key()))
 
     def stream_completion(
-        self, prompt: str, *, model: str, idempotency_key: str | None = None, **params: Any
+        self, prompt: Prompt, *, model: str, idempotency_key: str | None = None, **params: Any
     ) -> StreamT:
         """Submit a streaming (legacy) completion."""
         body = completion_body(prompt, model, params)

@@ -560,7 +560,11 @@ def chat_body(messages: Sequence[Mapping[str, Any]], model: str, params: Mapping
     return _body(model, params, messages=[dict(m) for m in messages])
 
 
-def completion_body(prompt: str, model: str, params: Mapping[str, Any]) -> dict[str, Any]:
+Prompt = str | list[str] | list[int] | list[list[int]]
+"""A completion's prompt: a text, token ids, or a list of either (each prompt's choices are numbered on)."""
+
+
+def completion_body(prompt: Prompt, model: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return _body(model, params, prompt=prompt)
 
 

@@ -9,7 +9,7 @@ import secrets
 import signal
 import socket
 
-from tokenspool.shared.redis_client import RedisTarget, connect
+from tokenspool.shared.redis_client import RedisTarget, connect, connection_name
 from tokenspool.worker.engines.base import Engine, EngineDeadError
 from tokenspool.worker.service import PULL_BLOCK_MS, Worker
 from tokenspool.worker.settings import WorkerSettings
@@ -39,9 +39,12 @@ async def serve(settings: WorkerSettings) -> int:
     if engine.name == "sim":
         log.warning("engine: SIMULATED (deterministic filler words for broker tests and demos, not a model)")
     target = RedisTarget.of(settings)
-    client = connect(target)
-    pull_client = connect(target, socket_timeout_s=PULL_BLOCK_MS / 1000 + 10, max_connections=4)
-    worker = Worker(settings, engine, client, pull_client, settings.worker_id or default_worker_id())
+    worker_id = settings.worker_id or default_worker_id()
+    name = connection_name("tokenspool", "worker", worker_id)
+    client = connect(target, name=f"{name}:commands", max_connections=settings.redis_pool_connections)
+    # The queue read blocks server-side: one connection of its own, which only the pull loop uses.
+    pull_client = connect(target, name=f"{name}:queue", max_connections=1, socket_timeout_s=PULL_BLOCK_MS / 1000 + 10)
+    worker = Worker(settings, engine, client, pull_client, worker_id)
     engine_failed = False
     try:
         if settings.metrics_port is not None:

@@ -177,13 +177,17 @@ class RequestRunner:
             choice_tokens = {}
             for event in emitted:
                 choice_tokens[event.index] = choice_tokens.get(event.index, 0) + len(event.token_ids)
-        text_offset = sum(len(event.text) for event in emitted)
+        # Per choice, the characters its logprob tokens spelled so far: a completion's ``text_offset``, counted
+        # as vLLM counts it (by the tokens reported, which an echoed prompt's start).
+        text_offsets: dict[int, int] = {}
+        for event in emitted:
+            text_offsets[event.index] = text_offsets.get(event.index, 0) + _spelled(event.logprobs)
         finish_reason = "stop"
         reasoning_tokens: int | None = None
         wants_logprobs = job.sampling.logprobs is not None
-        # A previous holder that emitted the last token but died before closing the stream: the engine
-        # still reports the prompt's length, and no second finish is streamed.
-        finished_before = bool(emitted and emitted[-1].finish_reason)
+        # Choices a previous holder finished before it died (their last token came with the finish): the
+        # engine, run again, still reports the prompt's length, and no second finish is streamed.
+        finished_before = {event.index for event in emitted if event.finish_reason}
         generated: list[str] | None = [] if self.settings.log_content else None
         stream = self.engine.generate(request)
         step_started = time.monotonic()
@@ -192,14 +196,14 @@ class RequestRunner:
                 now = time.monotonic()
                 self.metrics.engine_step.observe(now - step_started)
                 step_started = now
-                prompt_tokens = delta.prompt_tokens
+                prompt_tokens = delta.request_prompt_tokens or delta.prompt_tokens
                 completion_tokens += len(delta.token_ids)
                 self.metrics.output_tokens.inc(len(delta.token_ids))
                 if delta.finish_reason:
                     finish_reason = delta.finish_reason
                 if delta.reasoning_tokens is not None:
                     reasoning_tokens = (reasoning_tokens or 0) + delta.reasoning_tokens
-                if delta.text or delta.token_ids or (delta.finish_reason and not finished_before):
+                if delta.text or delta.token_ids or (delta.finish_reason and delta.index not in finished_before):
                     event = wire.Event(
                         "delta",
                         delta.text,
@@ -211,11 +215,12 @@ class RequestRunner:
                         answer=delta.answer,
                     )
                     if wants_logprobs:
-                        event = dataclasses.replace(event, logprobs=delta.logprobs, text_offset=text_offset)
+                        offset = text_offsets.get(delta.index, 0)
+                        event = dataclasses.replace(event, logprobs=delta.logprobs, text_offset=offset)
+                        text_offsets[delta.index] = offset + _spelled(delta.logprobs)
                     if choice_tokens is not None:
                         so_far = choice_tokens[delta.index] = choice_tokens.get(delta.index, 0) + len(delta.token_ids)
                         event = dataclasses.replace(event, prompt_tokens=delta.prompt_tokens, completion_tokens=so_far)
-                    text_offset += len(delta.text)
                     await self.outbox.put(entry, event)
                     if generated is not None:
                         generated.append(delta.text)
@@ -224,3 +229,8 @@ class RequestRunner:
         if generated is not None:
             log.info("request %s output: %s", job.request_id, content("".join(generated)), extra=about(job.request_id))
         return Ending.finished(finish_reason, prompt_tokens, completion_tokens, reasoning_tokens)
+
+
+def _spelled(logprobs: tuple[wire.TokenLogprob, ...]) -> int:
+    """The characters these logprob tokens spell."""
+    return sum(len(lp.token) for lp in logprobs)

@@ -182,6 +182,12 @@ def _redis_calls(url: str) -> dict[str, int]:
     return calls
 
 
+def _redis_clients(url: str) -> int:
+    """Client connections Redis holds now, less the one asking: after a run the pools of tokenspool's
+    processes still hold every connection they opened (idle ones are kept), so this is the run's peak."""
+    return sum(int(info["connected_clients"]) - 1 for info in _redis_info(url, "clients"))
+
+
 def _median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for run in runs:
@@ -195,6 +201,9 @@ def _median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [m[key] for m in members if isinstance(m.get(key), int | float)]
             row[key] = sum(values) if key in SUMMED else statistics.median(values)
         row["cpu_us_per_event_total"] = statistics.median(sum(m.get("cpu_us_per_event", {}).values()) for m in members)
+        row["cpu_us_per_request_total"] = statistics.median(
+            sum(m.get("cpu_us_per_request", {}).values()) for m in members
+        )
         rows.append(row)
     order = {name: i for i, name in enumerate(("floor", "tokenspool", "naive", "ceiling"))}
     return sorted(rows, key=lambda row: (row["level"], order.get(row["target"], 9)))
@@ -215,10 +224,15 @@ def _comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 entry[f"ttft_added_p{q}_ms"] = ts[f"ttft_p{q}_ms"] - floor[f"ttft_p{q}_ms"]
                 entry[f"itl_added_p{q}_ms"] = ts[f"itl_p{q}_ms"] - floor[f"itl_p{q}_ms"]
             entry["tokens_per_s_vs_floor"] = _ratio(ts["output_tokens_per_s"], floor["output_tokens_per_s"])
+            for key in ("cpu_us_per_event_total", "cpu_us_per_request_total"):
+                entry[f"{key}_vs_floor"] = _ratio(ts[key], floor[key])
         naive = by.get("naive")
         if naive is not None:
             for key in ("ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms", "e2e_p99_ms", "cpu_us_per_event_total"):
                 entry[f"naive_over_tokenspool_{key}"] = _ratio(naive[key], ts[key])
+            entry["tokenspool_over_naive_requests_per_s"] = _ratio(
+                ts.get("requests_per_s", math.nan), naive.get("requests_per_s", math.nan)
+            )
             entry["naive_over_tokenspool_tokens_per_s"] = _ratio(
                 naive["output_tokens_per_s"], ts["output_tokens_per_s"]
             )
@@ -280,6 +294,12 @@ async def _latency(args: argparse.Namespace, log_dir: Path, progress: Progress) 
                         calls = _redis_calls(target.redis_url)
                         per_event = {k: (v - calls_before.get(k, 0)) / events for k, v in calls.items()}
                         summary["redis_calls_per_event"] = {k: v for k, v in per_event.items() if v >= 0.001}
+                        summary["redis_clients"] = _redis_clients(target.redis_url)
+                    if summary["requests"]:
+                        summary["requests_per_s"] = summary["requests"] / wall_s
+                        summary["cpu_us_per_request"] = {
+                            role: cpu / summary["requests"] * 1e6 for role, cpu in result.cpu_s.items()
+                        }
                     runs.append(summary)
                     events_retained[target.name] += sum(r.events for r in records)
                     requests_retained[target.name] += len(records)
@@ -355,8 +375,16 @@ def top_functions(raw: str, count: int = 25) -> str:
 def _run_line(s: dict[str, Any]) -> str:
     return (
         f"  {s['target']:>10} {s['mode']} {s['level']:g}: {s['requests']} requests, {s['errors']} errors, "
-        f"TTFT p50 {s['ttft_p50_ms']:.1f} ms p99 {s['ttft_p99_ms']:.1f} ms, {s['events_per_s']:,.0f} events/s"
+        f"TTFT p50 {s['ttft_p50_ms']:.1f} ms p99 {s['ttft_p99_ms']:.1f} ms, {s['events_per_s']:,.0f} events/s, "
+        f"CPU µs/event {_cpu_line(s.get('cpu_us_per_event', {}))}, "
+        f"CPU µs/request {_cpu_line(s.get('cpu_us_per_request', {}))}"
+        + (f", Redis clients {s['redis_clients']}" if "redis_clients" in s else "")
     )
+
+
+def _cpu_line(by_role: dict[str, float]) -> str:
+    parts = " ".join(f"{role} {value:,.0f}" for role, value in sorted(by_role.items()))
+    return f"{sum(by_role.values()):,.0f} ({parts})" if by_role else "-"
 
 
 async def _relay(args: argparse.Namespace, log_dir: Path, progress: Progress) -> dict[str, Any]:
@@ -514,6 +542,8 @@ LATENCY_COLUMNS = [
     ("e2e_p99_ms", "p99"),
     ("output_tokens_per_s", "tokens/s"),
     ("cpu_us_per_event_total", "CPU µs/event"),
+    ("cpu_us_per_request_total", "CPU µs/request"),
+    ("redis_clients", "Redis clients"),
 ]
 
 

@@ -57,7 +57,9 @@ def _server_cpu_s(client: Any) -> float:
 
 async def _run(group: EmbeddedSentinelGroup, requests: int, steps: int, replicas: int) -> dict[str, ModeFigures]:
     target = RedisTarget(group.url)
-    client = connect(target)
+    client = connect(
+        target, name="tokenspool:bench:replica-acks", max_connections=CommonSettings().redis_pool_connections
+    )
     primary_node = group.primary()
     replica_node = next(node for node in group.nodes if node is not primary_node)
     primary: Any = connect_sync(RedisTarget(f"redis://127.0.0.1:{primary_node.port}/0"))

@@ -68,6 +68,9 @@ class EngineDelta:
     see :class:`~tokenspool.shared.wire.Event`)."""
     reasoning_tokens: int | None = None
     """On a choice's last delta, with a reasoning parser: the choice's reasoning tokens (usage details)."""
+    request_prompt_tokens: int = 0
+    """The tokens of all the request's prompts, when it has several (a completion with a list of prompts:
+    ``prompt_tokens`` is then this choice's prompt, and the request's usage counts them all); 0 otherwise."""
 
 
 class Engine(Protocol):

@@ -237,7 +237,7 @@ class SimEngine:
             piece = word if index == 0 else " " + word
             last = index == len(token_ids) - 1
             cut = self._stop_position(text_so_far + piece, request.sampling.stop)
-            logprobs = self._logprobs(token_ids[index], request.sampling.logprobs)
+            logprobs = self._logprobs(token_ids[index], piece, request.sampling.logprobs)
             if cut is not None:
                 yield EngineDelta(
                     piece[: max(0, cut - len(text_so_far))], (token_ids[index],), "stop", prompt_tokens, logprobs
@@ -262,13 +262,14 @@ class SimEngine:
             yield EngineDelta("", (), "stop" if natural_stop else "length", prompt_tokens)
 
     @staticmethod
-    def _logprobs(token_id: int, top: int | None) -> tuple[TokenLogprob, ...]:
-        """The sim draws words uniformly: every word has log probability -ln(vocabulary size)."""
+    def _logprobs(token_id: int, piece: str, top: int | None) -> tuple[TokenLogprob, ...]:
+        """The sim draws words uniformly: every word has log probability -ln(vocabulary size). The token is
+        the piece of text it added (the word and the space before it), as a real tokenizer's would be."""
         if top is None:
             return ()
         uniform = -math.log(len(VOCABULARY))
         alternatives = tuple((VOCABULARY[(token_id + offset) % len(VOCABULARY)], uniform) for offset in range(top))
-        return (TokenLogprob(VOCABULARY[token_id], uniform, alternatives),)
+        return (TokenLogprob(piece, uniform, alternatives),)
 
     @staticmethod
     def _stop_position(text: str, stops: tuple[str, ...]) -> int | None:

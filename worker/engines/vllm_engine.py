@@ -104,18 +104,65 @@ def _token_logprobs(completion: Any, top: int | None) -> tuple[TokenLogprob, ...
     """vLLM's per-position ``{token id: Logprob}`` maps as (token, logprob, top alternatives by rank)."""
     if top is None or not completion.logprobs:
         return ()
-    out = []
-    for token_id, candidates in zip(completion.token_ids, completion.logprobs, strict=False):
-        sampled = candidates.get(token_id)
-        ranked = sorted(candidates.values(), key=lambda c: c.rank if c.rank is not None else 1 << 30)[:top]
-        out.append(
-            TokenLogprob(
-                sampled.decoded_token or "" if sampled is not None else "",
-                float(sampled.logprob) if sampled is not None else float("-inf"),
-                tuple((c.decoded_token or "", float(c.logprob)) for c in ranked),
-            )
-        )
-    return tuple(out)
+    return tuple(
+        _position_logprob(token_id, candidates, top)
+        for token_id, candidates in zip(completion.token_ids, completion.logprobs, strict=False)
+    )
+
+
+def _position_logprob(token_id: int, candidates: Any, top: int) -> TokenLogprob:
+    sampled = candidates.get(token_id)
+    ranked = sorted(candidates.values(), key=lambda c: c.rank if c.rank is not None else 1 << 30)[:top]
+    return TokenLogprob(
+        sampled.decoded_token or "" if sampled is not None else "",
+        float(sampled.logprob) if sampled is not None else float("-inf"),
+        tuple((c.decoded_token or "", float(c.logprob)) for c in ranked),
+    )
+
+
+def _prompt_logprobs(
+    tokenizer: Any, token_ids: list[int], positions: list[Any], top: int | None
+) -> tuple[TokenLogprob, ...]:
+    """A prompt's logprobs as vLLM's completion server echoes them: the first token has none (nothing comes
+    before it: its text is the token decoded alone), the others as generated tokens' are."""
+    if top is None:
+        return ()
+    return tuple(
+        _position_logprob(token_id, candidates, top)
+        if candidates is not None
+        else TokenLogprob(tokenizer.decode([token_id]), None)
+        for token_id, candidates in zip(token_ids, positions, strict=False)
+    )
+
+
+async def _merged(streams: list[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[int, T], None]:
+    """The items of several streams as they come, each with its stream's place (vLLM's completion server
+    interleaves its prompts' outputs alike). Closing this closes every stream: each then aborts its engine
+    request (``_vllm_outputs``)."""
+    if len(streams) == 1:  # the common case, without a task per output
+        async with contextlib.aclosing(streams[0]) as only:
+            async for item in only:
+                yield 0, item
+        return
+    pending = {asyncio.ensure_future(anext(stream)): place for place, stream in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for step in done:
+                place = pending.pop(step)
+                try:
+                    item = step.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(streams[place]))] = place
+                yield place, item
+    finally:
+        for step in pending:
+            step.cancel()
+        if pending:
+            await asyncio.wait(pending)  # each cancelled step ends its stream, which aborts its request
+        for stream in streams:
+            await stream.aclose()
 
 
 def _describe(exc: BaseException) -> str:
@@ -394,31 +441,46 @@ class VllmEngine:
             raise
         except Exception as exc:
             raise EngineError(f"could not render the request: {_describe(exc)}") from exc
-        prompt_ids = rendered.prompt_ids
-        prompt_tokens = len(prompt_ids)
+        runs = rendered.runs
+        per_prompt = rendered.params.n
+        # A completion with several prompts counts them all in its usage; each delta names its own prompt's.
+        request_prompt_tokens = sum(len(run.token_ids) for run in runs) if len(runs) > 1 else 0
         emitted = list(request.emitted_token_ids)
         skip = [0] * rendered.choices
-        engine_prompt = prompt_ids
+        engine_prompts = [run.token_ids for run in runs]
         if request.emitted:
             await self._off_loop(lambda: rendered.replay(self._tokenizer, request.emitted))
             if rendered.needs_fresh_run:
                 skip = [len(ids) for ids in rendered.emitted]
             else:
-                engine_prompt = prompt_ids + emitted
+                engine_prompts = [runs[0].token_ids + emitted]
                 budget = (rendered.params.max_tokens or 0) - len(emitted)
                 if budget <= 0:
-                    yield EngineDelta("", (), "length", prompt_tokens)
+                    yield EngineDelta("", (), "length", len(runs[0].token_ids))
                     return
                 rendered.params.max_tokens = budget
                 # min_tokens counts the whole reply too; vLLM's engine core refuses more than max_tokens.
                 rendered.params.min_tokens = max(0, rendered.params.min_tokens - len(emitted))
-        stream = self._engine.generate(
-            tokens_input(engine_prompt), rendered.params, request.request_id, **rendered.generate_kwargs
-        )
-        async with contextlib.aclosing(self._vllm_outputs(stream, request.request_id)) as outputs:
-            async for output in outputs:
+        # A choice that delivered output had its prompt echoed with its first delta.
+        echoed = [bool(ids) for ids in rendered.emitted]
+        streams = []
+        for place, (run, engine_prompt) in enumerate(zip(runs, engine_prompts, strict=True)):
+            # One vLLM request per prompt, named as ``vllm serve`` names them.
+            request_id = request.request_id if len(runs) == 1 else f"{request.request_id}-{place}"
+            stream = self._engine.generate(
+                tokens_input(engine_prompt), run.params, request_id, **rendered.generate_kwargs
+            )
+            streams.append(self._vllm_outputs(stream, request_id))
+        async with contextlib.aclosing(_merged(streams)) as outputs:
+            async for place, output in outputs:
+                run = runs[place]
+                prompt_tokens = len(run.token_ids)
+                if rendered.echo_logprobs and run.prompt_logprobs is None and output.prompt_logprobs is not None:
+                    run.prompt_logprobs = _prompt_logprobs(
+                        self._tokenizer, run.token_ids, output.prompt_logprobs, rendered.params.logprobs
+                    )
                 for completion in output.outputs:
-                    index = int(completion.index)
+                    index = place * per_prompt + int(completion.index)
                     token_ids = list(completion.token_ids)
                     text = completion.text
                     if skip[index]:
@@ -438,12 +500,16 @@ class VllmEngine:
                     if not text and not token_ids and reason is None:
                         continue
                     parsed = rendered.parse(index, text, token_ids, reason)
-                    if parsed is None:
+                    if parsed is None and echoed[index]:
                         # Held back by a parser: the tokens are still stored, so a takeover replays them.
                         yield EngineDelta("", tuple(token_ids), None, prompt_tokens, index=index)
                         continue
-                    content, reasoning, tool_calls, finish, answer = parsed
-                    logprobs = _token_logprobs(completion, rendered.params.logprobs)
+                    content, reasoning, tool_calls, finish, answer = parsed or ("", "", "", None, "")
+                    logprobs = _token_logprobs(completion, rendered.params.logprobs) if parsed else ()
+                    if not echoed[index]:
+                        echoed[index] = True
+                        if run.echo or run.prompt_logprobs:
+                            content, logprobs = rendered.echoed(run, content, logprobs)
                     yield EngineDelta(
                         content,
                         tuple(token_ids),
@@ -455,6 +521,7 @@ class VllmEngine:
                         tool_calls=tool_calls,
                         answer=answer,
                         reasoning_tokens=rendered.reasoning_tokens(index) if finish else None,
+                        request_prompt_tokens=request_prompt_tokens,
                     )
 
     async def _vllm_outputs(self, stream: Any, request_id: str) -> AsyncGenerator[Any, None]:

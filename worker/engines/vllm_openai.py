@@ -38,6 +38,7 @@ from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from tokenspool.shared.wire import TokenLogprob
 from tokenspool.worker.engines.base import EngineError
 
 
@@ -64,6 +65,21 @@ class ParserFlags:
 
 
 @dataclass(slots=True)
+class PromptRun:
+    """One engine request of a request: a prompt, with sampling parameters whose ``max_tokens`` fits it. A
+    completion with a list of prompts has one per prompt, as ``vllm serve`` runs it; prompt ``p``'s ``j``-th
+    choice is choice ``p * n + j``."""
+
+    token_ids: list[int]
+    params: SamplingParams
+    echo: str = ""
+    """What each of its choices starts with (``echo``: a completion's prompt, a chat's last message when it is
+    in the reply's role, as vLLM's servers echo)."""
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    """The prompt's logprobs, from its first output (a completion's ``echo`` with ``logprobs``)."""
+
+
+@dataclass(slots=True)
 class Rendered:
     """A request rendered for the engine, and how to read its outputs."""
 
@@ -83,16 +99,32 @@ class Rendered:
     """Each choice's output text so far as vLLM's detokenizer wrote it (without the stop token's text)."""
     streamed: list[tuple[str, str]] = field(default_factory=list)
     """Each choice's content and reasoning as streamed so far (the parsers' deltas)."""
+    runs: list[PromptRun] = field(default_factory=list)
+    """The engine requests, one per prompt (the first is ``prompt_ids`` with ``params``)."""
+    echo_only: bool = False
+    """``echo`` with ``max_tokens`` 0: each choice is its prompt alone (vLLM still samples one token)."""
+    echo_logprobs: bool = False
+    """A completion's ``echo`` with ``logprobs``: each choice's logprobs start with its prompt's."""
 
     @property
     def choices(self) -> int:
-        return self.params.n
+        return self.params.n * len(self.runs)
 
     @property
     def needs_fresh_run(self) -> bool:
         """A continuation cannot start mid-output: the grammar of a structured output, and the choices of
-        ``n > 1``, start from the prompt. Such a request is generated again and what was delivered skipped."""
-        return self.params.structured_outputs is not None or self.params.n > 1
+        ``n > 1`` or of several prompts, start from the prompt. Such a request is generated again and what was
+        delivered skipped."""
+        return self.params.structured_outputs is not None or self.choices > 1
+
+    def echoed(
+        self, run: PromptRun, text: str, logprobs: tuple[TokenLogprob, ...]
+    ) -> tuple[str, tuple[TokenLogprob, ...]]:
+        """A choice's first delta with its prompt echoed before it, as vLLM's servers send it (the prompt's
+        logprobs too, when the request asked for logprobs)."""
+        if self.echo_only:
+            return run.echo, run.prompt_logprobs or ()
+        return run.echo + text, (run.prompt_logprobs or ()) + logprobs
 
     def replay(self, tokenizer: Any, chunks: tuple[tuple[int, tuple[int, ...]], ...]) -> None:
         """Feed the chunks an earlier attempt streamed to this attempt's parsers, discarding their output."""
@@ -262,30 +294,37 @@ class OpenAIFrontEnd:
             raise InvalidRequestError(exc) from exc
         parsers: list[Any] = []
         new_parser: Callable[[], Any] | None = None
+        echoes: list[str]
         if isinstance(request, ChatCompletionRequest):
             result = await self.renderer.render_chat(request)
             if isinstance(result, ErrorResponse):
                 raise InvalidRequestError(result)
-            engine_inputs = result[1]
+            conversation, engine_inputs = result
+            if len(engine_inputs) != 1:
+                raise InvalidRequestError(ValueError(f"expected exactly one prompt, got {len(engine_inputs)}"))
+            echoes = [_chat_echo(request, conversation)]
         else:
             completion = await self.renderer.render_completion(request)
             if isinstance(completion, ErrorResponse):
                 raise InvalidRequestError(completion)
             engine_inputs = completion
-        if len(engine_inputs) != 1:
-            raise InvalidRequestError(ValueError(f"expected exactly one prompt, got {len(engine_inputs)}"))
-        prompt_ids = [int(token) for token in engine_inputs[0]["prompt_token_ids"]]  # type: ignore[typeddict-item]
+            echoes = [str(engine_input.get("prompt") or "") if request.echo else "" for engine_input in engine_inputs]
         requested = (
             request.max_completion_tokens
             if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None
             else request.max_tokens
         )
-        try:
-            max_tokens = get_max_tokens(max_model_len, requested, len(prompt_ids), self.default_sampling)
-            params = request.to_sampling_params(max_tokens, self.default_sampling)
-        except ValueError as exc:
-            raise InvalidRequestError(exc) from exc
-        params.output_kind = RequestOutputKind.DELTA
+        runs = []
+        for engine_input, echo in zip(engine_inputs, echoes, strict=True):
+            token_ids = [int(token) for token in engine_input["prompt_token_ids"]]  # type: ignore[typeddict-item]
+            try:
+                max_tokens = get_max_tokens(max_model_len, requested, len(token_ids), self.default_sampling)
+                run_params = request.to_sampling_params(max_tokens, self.default_sampling)
+            except ValueError as exc:
+                raise InvalidRequestError(exc) from exc
+            run_params.output_kind = RequestOutputKind.DELTA
+            runs.append(PromptRun(token_ids, run_params, echo))
+        prompt_ids, params = runs[0].token_ids, runs[0].params
         generate_kwargs: dict[str, Any] = {"priority": request.priority}
         parser_cls = self.renderer.parser
         if isinstance(request, ChatCompletionRequest) and parser_cls is not None:
@@ -304,6 +343,7 @@ class OpenAIFrontEnd:
                 reasoning_kwargs = {"chat_template_kwargs": template_kwargs}
             generate_kwargs["reasoning_ended"] = request.resolve_reasoning_ended(parsers[0], prompt_ids)
             generate_kwargs["reasoning_parser_kwargs"] = reasoning_kwargs
+        choices = params.n * len(runs)
         return Rendered(
             request,
             prompt_ids,
@@ -312,8 +352,24 @@ class OpenAIFrontEnd:
             parsers,
             new_parser,
             self._enable_auto_tools,
-            tools_streamed=[False] * params.n,
-            emitted=[[] for _ in range(params.n)],
-            texts=[""] * params.n,
-            streamed=[("", "")] * params.n,
+            tools_streamed=[False] * choices,
+            emitted=[[] for _ in range(choices)],
+            texts=[""] * choices,
+            streamed=[("", "")] * choices,
+            runs=runs,
+            echo_only=isinstance(request, CompletionRequest) and bool(request.echo) and request.max_tokens == 0,
+            echo_logprobs=isinstance(request, CompletionRequest) and bool(request.echo) and params.logprobs is not None,
         )
+
+
+def _chat_echo(request: ChatCompletionRequest, conversation: list[Any]) -> str:
+    """What a chat reply starts with under ``echo``: the last message, when it is in the reply's role (the
+    assistant's, or the last message's own without a generation prompt), as vLLM's chat server echoes it."""
+    if not request.echo or not conversation:
+        return ""
+    role = "assistant" if request.add_generation_prompt else request.messages[-1]["role"]
+    last = conversation[-1]
+    if "content" not in last or last.get("role") != role:
+        return ""
+    content = last["content"] or ""
+    return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
