@@ -731,7 +731,9 @@ def taken_over_by_the_next_worker(
     doomed = workers[0]
     pid = doomed.proc.process.pid
     engine = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-    with httpx.stream("POST", url, json=body, timeout=120) as response:
+    # In the background: nobody reads the stream until the next worker finished it, which on a loaded machine
+    # can take longer than the grace period after which a request nobody follows is cancelled.
+    with httpx.stream("POST", url, json={**body, "background": True}, timeout=120) as response:
         request_id = response.headers["x-request-id"]
     events = keys.RequestKeys.of(request_id).events
 
