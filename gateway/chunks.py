@@ -131,8 +131,9 @@ class ChunkRenderer:
         """The role chunks' JSON up to their usage (see ``_role_frames``)."""
         self._role_frames = b""
         """What a chat stream opens with, as ``vllm serve`` opens it: one role-only chunk per choice
-        (``{"role": "assistant", "content": ""}``), sent before the first event's frame and without an id
-        of its own (a client that saw only it resumes from the start, which sends it again)."""
+        (``{"role": "assistant", "content": ""}``, in the request's ``role``), sent before the first event's
+        frame and without an id of its own (a client that saw only it resumes from the start, which sends it
+        again)."""
         self._roles_due: bool | None = None
         """Whether the role chunks are still to be sent: decided by the first event rendered."""
         self._continuous_usage = meta.continuous_usage and meta.stream_format in ("chat", "completion")
@@ -149,7 +150,7 @@ class ChunkRenderer:
             )
             self._role_chunks = [
                 head
-                + b',"choices":[{"index":%d,"delta":{"role":"assistant","content":""},' % index
+                + b',"choices":[{"index":%d,"delta":{"role":%b,"content":""},' % (index, orjson.dumps(meta.role))
                 + b'"logprobs":null,"finish_reason":null}]'
                 for index in range(meta.choices)
             ]
@@ -279,7 +280,7 @@ def _final_choice(meta: RequestMeta, index: int, events: list[wire.Event], end: 
     finish_reason = next((e.finish_reason for e in reversed(events) if e.finish_reason), end.finish_reason)
     if meta.kind != "chat":
         return {"index": index, "text": text, "logprobs": completion_logprobs(events), "finish_reason": finish_reason}
-    message: dict[str, Any] = {"role": "assistant", "content": text}
+    message: dict[str, Any] = {"role": meta.role, "content": text}
     reasoning = "".join(event.reasoning for event in events)
     if reasoning:
         message["reasoning"] = reasoning

@@ -176,6 +176,8 @@ CORPUS: dict[str, dict[str, Any]] = {
     "min_tokens with stop": chat(min_tokens=5, stop=[" the"]),
     "seeded sampling": chat(temperature=0.8, top_p=0.9, seed=5),
     "logprobs": chat(logprobs=True, top_logprobs=2, max_tokens=5),
+    "logprobs of sampled tokens": chat(logprobs=True, top_logprobs=1, temperature=1.0, seed=7, max_tokens=8),
+    "logprobs without alternatives": chat(logprobs=True, top_logprobs=0, max_tokens=4),
     "max_completion_tokens": chat(max_completion_tokens=7),
     "include_stop_str_in_output": chat(stop=[" the"], include_stop_str_in_output=True),
     "skip_special_tokens off": chat(skip_special_tokens=False, tools=[WEATHER], tool_choice=NAMED, max_tokens=30),
@@ -193,8 +195,12 @@ CORPUS: dict[str, dict[str, Any]] = {
     "echo of the last assistant message": chat(
         messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "well the"}], echo=True
     ),
+    "no generation prompt: the reply in the last message's role": chat(add_generation_prompt=False),
+    "no generation prompt, echoed": chat(add_generation_prompt=False, echo=True),
 }
-STREAMED = {f"{name} (stream)": {**body, "stream": True} for name, body in CORPUS.items() if name != "logprobs"}
+STREAMED = {
+    f"{name} (stream)": {**body, "stream": True} for name, body in CORPUS.items() if not name.startswith("logprobs")
+}
 
 
 def completion(**fields: Any) -> dict[str, Any]:
@@ -206,6 +212,7 @@ TOKEN_PROMPTS = [[1, 20, 21, 22], [1, 30, 31]]
 COMPLETIONS: dict[str, dict[str, Any]] = {
     "completion plain": completion(),
     "completion logprobs": completion(logprobs=2, max_tokens=4),
+    "completion logprobs of sampled tokens": completion(logprobs=1, temperature=1.0, seed=7, max_tokens=8),
     "completion n=2 seeded": completion(n=2, temperature=1.0, seed=3),
     "completion list of strings": completion(prompt=PROMPTS),
     "completion token ids": completion(prompt=TOKEN_PROMPTS[0]),
@@ -220,6 +227,9 @@ COMPLETIONS: dict[str, dict[str, Any]] = {
     "completion echo of a list, n=2 seeded": completion(prompt=PROMPTS, echo=True, n=2, temperature=1.0, seed=3),
 }
 REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
+    "max_tokens 0": ("/v1/chat/completions", chat(max_tokens=0)),
+    "max_tokens 0 (stream)": ("/v1/chat/completions", chat(max_tokens=0, stream=True)),
+    "max_completion_tokens 0": ("/v1/chat/completions", chat(max_completion_tokens=0)),
     "n=2 greedy": ("/v1/chat/completions", chat(n=2)),
     "n=2 greedy (stream)": ("/v1/chat/completions", chat(n=2, stream=True)),
     "image part on a text-only model": (
@@ -268,9 +278,15 @@ def comparable(answer: dict[str, Any]) -> dict[str, Any]:
         for call in message.get("tool_calls", []):
             call.pop("id", None)
         logprobs = choice.get("logprobs")
-        tokens = [(e["token"], round(e["logprob"], 3)) for e in logprobs["content"]] if logprobs else None
+        content = logprobs["content"] if logprobs else None
+        tokens = None if content is None else [(e["token"], round(e["logprob"], 3), alternatives(e)) for e in content]
         choices.append((choice["index"], message, choice["finish_reason"], tokens))
     return {"choices": choices, "usage": {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")}}
+
+
+def alternatives(entry: dict[str, Any]) -> list[tuple[str, float]]:
+    """A chat token's ``top_logprobs``, in order, each logprob to 3 places."""
+    return [(top["token"], round(top["logprob"], 3)) for top in entry["top_logprobs"]]
 
 
 def fold(events: list[SSEEvent]) -> dict[int, dict[str, Any]]:
@@ -320,9 +336,14 @@ def test_answers_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str) -
 
 def completion_tokens(logprobs: dict[str, Any]) -> list[tuple[Any, ...]]:
     """A completion's logprobs, token by token: text, logprob (3 places; None for a prompt's first token),
-    offset, and whether it has alternatives."""
+    offset, and its alternatives (their logprobs to 3 places; None for a prompt's first token)."""
     return [
-        (token, None if logprob is None else round(logprob, 3), offset, top is not None)
+        (
+            token,
+            None if logprob is None else round(logprob, 3),
+            offset,
+            None if top is None else {alternative: round(value, 3) for alternative, value in top.items()},
+        )
         for token, logprob, offset, top in zip(
             logprobs["tokens"],
             logprobs["token_logprobs"],
@@ -390,7 +411,8 @@ def test_what_vllm_refuses_is_refused_alike_before_any_event(vllm_serve: str, to
             response.read()
             answers[url] = (response.status_code, response.headers["content-type"].split(";")[0])
             if response.status_code != 200:
-                answers[url] += (response.json()["error"]["type"],)
+                error = response.json()["error"]
+                answers[url] += (error["type"], error["message"], error["param"], error["code"])
     assert answers[tokenspool] == answers[vllm_serve]
     assert 400 <= answers[vllm_serve][0] < 500
 
@@ -401,7 +423,15 @@ def test_streams_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str) -
     assert streamed(tokenspool, body) == streamed(vllm_serve, body)
 
 
-@pytest.mark.parametrize("name", ["plain (stream)", "n=2 seeded (stream)", "tools named (stream)"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "plain (stream)",
+        "n=2 seeded (stream)",
+        "tools named (stream)",
+        "no generation prompt: the reply in the last message's role (stream)",
+    ],
+)
 def test_streams_open_with_the_role_chunks_vllm_serve_sends(vllm_serve: str, tokenspool: str, name: str) -> None:
     openings = {}
     for url in (vllm_serve, tokenspool):

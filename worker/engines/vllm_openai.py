@@ -100,6 +100,16 @@ class Rendered:
         return self.params.n * len(self.runs)
 
     @property
+    def shown_logprobs(self) -> int | None:
+        """How many of a position's candidates (vLLM's map: the sampled token, then the top ones) its logprobs
+        show, as vLLM's servers show them: a chat ``top_logprobs`` of them, a completion ``logprobs + 1`` (the
+        sampled token besides the top ones, OpenAI's rule); all for -1; None: no logprobs."""
+        top = self.params.logprobs
+        if top is None or top < 0 or isinstance(self.request, ChatCompletionRequest):
+            return top
+        return top + 1
+
+    @property
     def needs_fresh_run(self) -> bool:
         """A continuation cannot start mid-output: the grammar of a structured output, and the choices of
         ``n > 1`` or of several prompts, start from the prompt. Such a request is generated again and what was
