@@ -54,6 +54,17 @@ def test_a_chat_stream_opens_with_a_role_chunk_per_choice_as_vllm_does(choices: 
     assert b"role" not in resumed, "a resumed stream had its role chunks already"
 
 
+def test_a_reply_in_another_role_opens_and_ends_in_that_role() -> None:
+    """Without a generation prompt vLLM answers in the last message's role; it is stored in the metadata, so
+    the role chunk and the folded message say it on any gateway."""
+    user = dataclasses.replace(meta("chat"), role="user")
+    frames = ChunkRenderer(user).frames([(seq, wire.encode(event)) for seq, event in enumerate(STREAM_EVENTS, 1)])
+    events, _ = parse_sse(frames)
+    assert orjson.loads(events[0].data)["choices"][0]["delta"] == {"role": "user", "content": ""}
+    message = completion_body(user, list(STREAM_EVENTS[:3]), STREAM_EVENTS[3])["choices"][0]["message"]
+    assert message["role"] == "user"
+
+
 def test_chat_rendering_of_deltas() -> None:
     renderer = ChunkRenderer(meta("chat"))
     first = orjson.loads(renderer.data(1, STREAM_EVENTS[0]) or b"")
