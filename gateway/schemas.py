@@ -212,6 +212,14 @@ class _GenerationRequest(BaseModel):
         """The request as vLLM's protocol class reads it: what the client sent, less tokenspool's own fields."""
         return self.model_dump(mode="json", exclude_unset=True, exclude={"background"})
 
+    def wants_token_ids(self) -> bool:
+        """``return_token_ids`` (vLLM's, read as its boolean field reads it): the answer shows the prompt's and
+        each choice's token ids."""
+        try:
+            return _LAX_BOOL.validate_python((self.model_extra or {}).get("return_token_ids") or False)
+        except ValidationError:
+            return False
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and bool(self.stream_options.include_usage)

@@ -167,6 +167,7 @@ class SubmissionService:
                 include_usage=body.include_usage,
                 choices=body.n,
                 role=body.reply_role() if isinstance(body, ChatCompletionRequest) else "assistant",
+                token_ids=body.wants_token_ids(),
             )
         except BaseException:
             if idem_key is not None:

@@ -60,6 +60,8 @@ class RequestMeta:
     role: str = "assistant"
     """The reply's role (a chat without a generation prompt answers in its last message's role, as vLLM does;
     stored only when not the assistant's)."""
+    token_ids: bool = False
+    """Answers show token ids (vLLM's ``return_token_ids``; stored only when set)."""
 
     @property
     def terminal(self) -> bool:
@@ -96,6 +98,7 @@ class RequestMeta:
             choices=number("choices") or 1,
             continuous_usage=text("continuous_usage") == "1",
             role=text("role") or "assistant",
+            token_ids=text("token_ids") == "1",
         )
 
 
@@ -192,6 +195,7 @@ class RequestStore:
         include_usage: bool,
         choices: int = 1,
         role: str = "assistant",
+        token_ids: bool = False,
     ) -> RequestMeta:
         """Record a new request, then enqueue it on its model's queue; the metadata written (so a stream of
         it can start without reading it back).
@@ -221,6 +225,8 @@ class RequestStore:
             fields["continuous_usage"] = "1"
         if role != "assistant":
             fields["role"] = role
+        if token_ids:
+            fields["token_ids"] = "1"
         pipe = self._r.pipeline(transaction=False)
         pipe.hset(rk.meta, mapping=fields)
         for name, value in progress.items():

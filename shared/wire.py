@@ -119,6 +119,9 @@ class Event:
     tool_calls: str = ""
     """The delta's tool-call pieces as vLLM's tool parser streams them: a JSON array of OpenAI
     ``delta.tool_calls`` entries, stored as rendered (empty: none)."""
+    prompt_token_ids: tuple[int, ...] = ()
+    """The prompt's token ids, on each choice's first delta of a request that asked for them
+    (``return_token_ids``): the gateway shows them where vLLM's servers do."""
 
     @property
     def terminal(self) -> bool:
@@ -230,6 +233,7 @@ def encode(payload: Payload) -> bytes:
             payload.index,
             payload.reasoning,
             payload.tool_calls,
+            list(payload.prompt_token_ids),
         ]
         while optional and not optional[-1]:
             optional.pop()
@@ -275,6 +279,7 @@ def decode(data: bytes, kind: type[P]) -> P:
                 message,
                 logprobs,
                 *extra[1:5],
+                *(tuple(ids) for ids in extra[5:6]),
             )
             return event  # type: ignore[return-value]
         if kind is Job:

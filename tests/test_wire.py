@@ -68,6 +68,7 @@ def worker_info() -> wire.WorkerInfo:
         wire.Event("delta", "last", (9,), finish_reason="length", prompt_tokens=5, completion_tokens=7),
         wire.Event("end", finish_reason="stop", prompt_tokens=11, completion_tokens=22),
         wire.Event("error", error_type="cancelled", message="cancelled by the client"),
+        wire.Event("delta", "a", (4,), index=1, prompt_token_ids=(1, 20, 21)),
         worker_info(),
         dataclasses.replace(worker_info(), unsupported=(), owned_by="tokenspool"),
     ],

@@ -209,6 +209,7 @@ class RequestRunner:
                         index=delta.index,
                         reasoning=delta.reasoning,
                         tool_calls=delta.tool_calls,
+                        prompt_token_ids=delta.prompt_token_ids,
                     )
                     if wants_logprobs:
                         offset = text_offsets.get(delta.index, 0)

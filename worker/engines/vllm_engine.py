@@ -492,10 +492,13 @@ class VllmEngine:
                         continue
                     content, reasoning, tool_calls, finish = parsed or ("", "", "", None)
                     logprobs = _token_logprobs(completion, rendered.shown_logprobs) if parsed else ()
+                    prompt_token_ids: tuple[int, ...] = ()
                     if not echoed[index]:
                         echoed[index] = True
                         if run.echo or run.prompt_logprobs:
                             content, logprobs = rendered.echoed(run, content, logprobs)
+                        if rendered.request.return_token_ids:
+                            prompt_token_ids = tuple(run.token_ids)
                     yield EngineDelta(
                         content,
                         tuple(token_ids),
@@ -506,6 +509,7 @@ class VllmEngine:
                         reasoning=reasoning,
                         tool_calls=tool_calls,
                         request_prompt_tokens=request_prompt_tokens,
+                        prompt_token_ids=prompt_token_ids,
                     )
 
     async def _vllm_outputs(self, stream: Any, request_id: str) -> AsyncGenerator[Any, None]:

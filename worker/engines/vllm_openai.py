@@ -242,7 +242,9 @@ class OpenAIFrontEnd:
             if isinstance(completion, ErrorResponse):
                 raise InvalidRequestError(completion)
             engine_inputs = completion
-            echoes = [str(engine_input.get("prompt") or "") if request.echo else "" for engine_input in engine_inputs]
+            # With ``return_token_ids`` vLLM echoes the prompt's ids, not its text (its logprobs still).
+            echoed = request.echo and not request.return_token_ids
+            echoes = [str(engine_input.get("prompt") or "") if echoed else "" for engine_input in engine_inputs]
         requested = (
             request.max_completion_tokens
             if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None
