@@ -259,9 +259,9 @@ class ChunkRenderer:
                 "logprobs": logprobs,
                 "finish_reason": event.finish_reason,
             }
+            if event.prompt_token_ids:  # asked for, or an echoed prompt's (vLLM's stream names them then too)
+                choice["prompt_token_ids"] = event.prompt_token_ids
             if self.meta.token_ids:
-                if event.prompt_token_ids:
-                    choice["prompt_token_ids"] = event.prompt_token_ids
                 choice["token_ids"] = event.token_ids
         chunk = {**self._base, "object": self._object(), "choices": [choice]}
         if self._continuous_usage:

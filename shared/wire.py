@@ -121,7 +121,8 @@ class Event:
     ``delta.tool_calls`` entries, stored as rendered (empty: none)."""
     prompt_token_ids: tuple[int, ...] = ()
     """The prompt's token ids, on each choice's first delta of a request that asked for them
-    (``return_token_ids``): the gateway shows them where vLLM's servers do."""
+    (``return_token_ids``) or of a completion that echoes its prompt: the gateway shows them where vLLM's
+    servers do."""
 
     @property
     def terminal(self) -> bool:

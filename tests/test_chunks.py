@@ -83,8 +83,11 @@ def test_token_ids_are_shown_where_vllm_shows_them(stream_format: str) -> None:
         assert [c["choices"][0]["token_ids"] for c in chunks] == [[1], [2, 3], [4]]
         assert body["choices"][0]["prompt_token_ids"] == [1, 7]
     assert body["choices"][0]["token_ids"] == [1, 2, 3, 4]
-    plain = ChunkRenderer(meta(stream_format)).frames([(1, wire.encode(events[0]))])
+    plain = ChunkRenderer(meta(stream_format)).frames([(1, wire.encode(STREAM_EVENTS[0]))])
     assert b"token_ids" not in plain, "shown only when asked for"
+    if stream_format == "completion":  # an echoed prompt's ids (stored for echo): vLLM's stream names them
+        echoed = orjson.loads(ChunkRenderer(meta(stream_format)).data(1, events[0]) or b"")["choices"][0]
+        assert echoed["prompt_token_ids"] == [1, 7] and "token_ids" not in echoed
 
 
 def test_chat_rendering_of_deltas() -> None:

@@ -67,7 +67,7 @@ class EngineDelta:
     """The tokens of all the request's prompts, when it has several (a completion with a list of prompts:
     ``prompt_tokens`` is then this choice's prompt, and the request's usage counts them all); 0 otherwise."""
     prompt_token_ids: tuple[int, ...] = ()
-    """This choice's prompt, on its first delta, when the request asked for token ids (``return_token_ids``)."""
+    """This choice's prompt, on its first delta, when its answer names them (``Rendered.shows_prompt_ids``)."""
 
 
 class Engine(Protocol):

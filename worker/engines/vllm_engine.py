@@ -497,7 +497,7 @@ class VllmEngine:
                         echoed[index] = True
                         if run.echo or run.prompt_logprobs:
                             content, logprobs = rendered.echoed(run, content, logprobs)
-                        if rendered.request.return_token_ids:
+                        if rendered.shows_prompt_ids:
                             prompt_token_ids = tuple(run.token_ids)
                     yield EngineDelta(
                         content,

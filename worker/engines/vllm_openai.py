@@ -110,6 +110,14 @@ class Rendered:
         return top + 1
 
     @property
+    def shows_prompt_ids(self) -> bool:
+        """Whether a choice's answer names its prompt's token ids: with ``return_token_ids``, and in a
+        completion stream that echoes its prompt (vLLM's names the echoed prompt's ids on its first chunk)."""
+        return bool(self.request.return_token_ids) or (
+            isinstance(self.request, CompletionRequest) and bool(self.request.echo)
+        )
+
+    @property
     def needs_fresh_run(self) -> bool:
         """A continuation cannot start mid-output: the grammar of a structured output, and the choices of
         ``n > 1`` or of several prompts, start from the prompt. Such a request is generated again and what was
