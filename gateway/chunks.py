@@ -133,11 +133,13 @@ class ChunkRenderer:
         # byte for byte what ``orjson.dumps`` of the full chunk gives (a unit test checks).
         self._plain_delta: tuple[bytes, bytes] | None = None
         self._role_chunks: list[bytes] = []
+        self._role_tail = b"}"
         """The role chunks' JSON up to their usage (see ``_role_frames``)."""
         self._role_frames = b""
         """What a chat stream opens with, as ``vllm serve`` opens it: one role-only chunk per choice
-        (``{"role": "assistant", "content": ""}``), sent before the first event's frame and without an id
-        of its own (a client that saw only it resumes from the start, which sends it again)."""
+        (``{"role": "assistant", "content": ""}``, in the request's ``role``), sent before the first event's
+        frame and without an id of its own (a client that saw only it resumes from the start, which sends it
+        again)."""
         self._roles_due: bool | None = None
         """Whether the role chunks are still to be sent: decided by the first event rendered."""
         self._continuous_usage = meta.continuous_usage and meta.stream_format in ("chat", "completion")
@@ -154,11 +156,14 @@ class ChunkRenderer:
             )
             self._role_chunks = [
                 head
-                + b',"choices":[{"index":%d,"delta":{"role":"assistant","content":""},' % index
+                + b',"choices":[{"index":%d,"delta":{"role":%b,"content":""},' % (index, orjson.dumps(meta.role))
                 + b'"logprobs":null,"finish_reason":null}]'
                 for index in range(meta.choices)
             ]
+            self._role_tail = tail
             self._role_frames = b"".join(data_frame(chunk + tail) for chunk in self._role_chunks)
+            if meta.token_ids:
+                self._plain_delta = None  # every delta chunk carries its token ids
 
     def frames(self, items: list[tuple[int, bytes]]) -> bytes:
         """The SSE frames of stored (seq, payload) pairs."""
@@ -189,11 +194,13 @@ class ChunkRenderer:
 
     def _opening(self, event: wire.Event) -> bytes:
         """The role chunks, before the first event's frame (with continuous usage, the prompt's tokens are
-        that event's: every delta and the end event of such a request carry them)."""
-        if not self._continuous_usage:
+        that event's: every delta and the end event of such a request carry them; with token ids, the
+        prompt's ids are too, stored on each choice's first delta)."""
+        if not (self._continuous_usage or self.meta.token_ids):
             return self._role_frames
-        tail = self._usage_tail(event.prompt_tokens, 0)
-        return b"".join(data_frame(chunk + tail) for chunk in self._role_chunks)
+        ids = b',"prompt_token_ids":' + orjson.dumps(event.prompt_token_ids) if self.meta.token_ids else b""
+        tail = self._usage_tail(event.prompt_tokens, 0) if self._continuous_usage else self._role_tail
+        return b"".join(data_frame(chunk + ids + tail) for chunk in self._role_chunks)
 
     @staticmethod
     def _usage_tail(prompt_tokens: int, completion_tokens: int) -> bytes:
@@ -247,6 +254,8 @@ class ChunkRenderer:
                 "logprobs": chat_logprobs([event]),
                 "finish_reason": event.finish_reason,
             }
+            if self.meta.token_ids:
+                choice["token_ids"] = event.token_ids
         else:
             logprobs = completion_logprobs([event])
             choice = {
@@ -255,6 +264,10 @@ class ChunkRenderer:
                 "logprobs": logprobs,
                 "finish_reason": event.finish_reason,
             }
+            if event.prompt_token_ids:  # asked for, or an echoed prompt's (vLLM's stream names them then too)
+                choice["prompt_token_ids"] = event.prompt_token_ids
+            if self.meta.token_ids:
+                choice["token_ids"] = event.token_ids
         chunk = {**self._base, "object": self._object(), "choices": [choice]}
         if self._continuous_usage:
             chunk["usage"] = usage_body(event.prompt_tokens, event.completion_tokens)
@@ -276,15 +289,32 @@ def completion_body(meta: RequestMeta, deltas: list[wire.Event], end: wire.Event
     choices = [_final_choice(meta, index, by_choice[index], end) for index in sorted(by_choice)] or [
         _final_choice(meta, 0, [], end)
     ]
+    if meta.token_ids and meta.kind == "chat":
+        base["prompt_token_ids"] = _prompt_token_ids(deltas)
     return {**base, "object": "chat.completion" if meta.kind == "chat" else "text_completion", "choices": choices}
+
+
+def _prompt_token_ids(events: list[wire.Event]) -> list[int]:
+    """The prompt's token ids, as the first delta of a request that asked for token ids stored them."""
+    return next((list(event.prompt_token_ids) for event in events if event.prompt_token_ids), [])
+
+
+def _with_token_ids(meta: RequestMeta, choice: dict[str, Any], events: list[wire.Event]) -> dict[str, Any]:
+    """A final choice with its token ids (a completion's with its prompt's too), when the request asked."""
+    if meta.token_ids:
+        if meta.kind != "chat":
+            choice["prompt_token_ids"] = _prompt_token_ids(events)
+        choice["token_ids"] = [token for event in events for token in event.token_ids]
+    return choice
 
 
 def _final_choice(meta: RequestMeta, index: int, events: list[wire.Event], end: wire.Event) -> dict[str, Any]:
     text = "".join(event.text for event in events)
     finish_reason = next((e.finish_reason for e in reversed(events) if e.finish_reason), end.finish_reason)
     if meta.kind != "chat":
-        return {"index": index, "text": text, "logprobs": completion_logprobs(events), "finish_reason": finish_reason}
-    message: dict[str, Any] = {"role": "assistant", "content": text}
+        choice = {"index": index, "text": text, "logprobs": completion_logprobs(events), "finish_reason": finish_reason}
+        return _with_token_ids(meta, choice, events)
+    message: dict[str, Any] = {"role": meta.role, "content": text}
     answer = next((orjson.loads(event.answer) for event in reversed(events) if event.answer), None)
     if answer is not None:  # vLLM's parsers read the output: their whole-output answer, as vLLM gives it
         finish_reason = answer.pop("finish_reason")
@@ -297,4 +327,5 @@ def _final_choice(meta: RequestMeta, index: int, events: list[wire.Event], end: 
         tool_calls = merged_tool_calls(events)
         if tool_calls:
             message["tool_calls"] = tool_calls
-    return {"index": index, "message": message, "logprobs": chat_logprobs(events), "finish_reason": finish_reason}
+    choice = {"index": index, "message": message, "logprobs": chat_logprobs(events), "finish_reason": finish_reason}
+    return _with_token_ids(meta, choice, events)

@@ -87,6 +87,19 @@ def engine_refusal(event: wire.Event) -> APIError | None:
     return APIError(status, event.message, error_type=event.error_type, code=status)
 
 
+def no_tokens() -> APIError:
+    """A chat request for no tokens (``max_tokens`` or ``max_completion_tokens`` 0): ``vllm serve`` passes it
+    on to vLLM's ``SamplingParams``, which refuses it, and answers its ``VLLMValidationError`` as this (its
+    message, type and integer code), on any engine and before anything is stored."""
+    return APIError(
+        400,
+        "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+        error_type="BadRequestError",
+        param="max_tokens",
+        code=400,
+    )
+
+
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
@@ -209,7 +222,8 @@ class ErrorDetail(BaseModel):
     message: str
     type: str
     param: str | None
-    code: str | None
+    code: str | int | None
+    """A string for tokenspool's own errors; the status for those given as ``vllm serve`` gives them."""
 
 
 class ErrorBody(BaseModel):

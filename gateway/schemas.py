@@ -13,7 +13,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    JsonValue,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tokenspool.gateway.errors import InvalidFieldError
 from tokenspool.shared.features import VLLM_GENERATION_FIELDS
@@ -22,6 +33,8 @@ MAX_STOP_SEQUENCES = 4
 _STRICT = ConfigDict(extra="forbid", strict=True)
 _OPEN = ConfigDict(extra="allow", strict=True)
 """Typed where tokenspool reads a field, open to the rest, as vLLM's protocol classes are."""
+_LAX_BOOL: TypeAdapter[bool] = TypeAdapter(bool)
+"""A boolean as vLLM's protocol classes (pydantic, lax) read one that tokenspool leaves untyped."""
 
 
 class StreamOptions(BaseModel):
@@ -199,6 +212,14 @@ class _GenerationRequest(BaseModel):
         """The request as vLLM's protocol class reads it: what the client sent, less tokenspool's own fields."""
         return self.model_dump(mode="json", exclude_unset=True, exclude={"background"})
 
+    def wants_token_ids(self) -> bool:
+        """``return_token_ids`` (vLLM's, read as its boolean field reads it): the answer shows the prompt's and
+        each choice's token ids."""
+        try:
+            return _LAX_BOOL.validate_python((self.model_extra or {}).get("return_token_ids") or False)
+        except ValidationError:
+            return False
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and bool(self.stream_options.include_usage)
@@ -211,7 +232,9 @@ class _GenerationRequest(BaseModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
-    max_completion_tokens: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
+    max_tokens: Annotated[int | None, Field(ge=0, le=1_000_000)] = None
+    max_completion_tokens: Annotated[int | None, Field(ge=0, le=1_000_000)] = None
+    """0 (either one) is refused as ``vllm serve`` refuses it: see :func:`tokenspool.gateway.errors.no_tokens`."""
     logprobs: bool | None = None
     top_logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
 
@@ -227,6 +250,16 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def logprobs_top(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def reply_role(self) -> str:
+        """The role of the reply, as vLLM's ``get_chat_request_role`` decides it: the assistant's, or the last
+        message's own when the request has no generation prompt (``add_generation_prompt`` false, read as
+        vLLM's boolean field reads it; a value it cannot read is refused by the worker anyway)."""
+        try:
+            prompted = _LAX_BOOL.validate_python((self.model_extra or {}).get("add_generation_prompt", True))
+        except ValidationError:
+            prompted = True
+        return "assistant" if prompted else self.messages[-1].role
 
     def engine_features(self) -> tuple[str, ...]:
         used = list(super().engine_features())

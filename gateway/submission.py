@@ -18,7 +18,7 @@ import orjson
 
 from tokenspool.gateway.auth import Principal
 from tokenspool.gateway.catalog import ModelCatalog, ModelEntry
-from tokenspool.gateway.errors import APIError, bad_request, invalid_text, not_found, rate_limited
+from tokenspool.gateway.errors import APIError, bad_request, invalid_text, no_tokens, not_found, rate_limited
 from tokenspool.gateway.limits import KeyLimits
 from tokenspool.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from tokenspool.gateway.settings import GatewaySettings
@@ -161,7 +161,13 @@ class SubmissionService:
         )
         try:
             meta = await self.store.create(
-                job, stream_format=stream_format, owner=owner, include_usage=body.include_usage, choices=body.n
+                job,
+                stream_format=stream_format,
+                owner=owner,
+                include_usage=body.include_usage,
+                choices=body.n,
+                role=body.reply_role() if isinstance(body, ChatCompletionRequest) else "assistant",
+                token_ids=body.wants_token_ids(),
             )
         except BaseException:
             if idem_key is not None:
@@ -193,6 +199,8 @@ class SubmissionService:
                 f"invalid value for {big!r}: an integer must fit in 64 bits", param=big, code="invalid_value"
             )
         self._check_size(body)
+        if isinstance(body, ChatCompletionRequest) and self._requested_max_tokens(body) == 0:
+            raise no_tokens()
 
     async def earlier_request(
         self, body: ChatCompletionRequest | CompletionRequest, caller: Principal, idempotency_key: str

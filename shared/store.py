@@ -57,6 +57,11 @@ class RequestMeta:
     """The request's ``n`` (stored only when above 1): a chat stream opens with one role chunk per choice."""
     continuous_usage: bool = False
     """Every chunk carries the usage so far (``stream_options.continuous_usage_stats``; stored only when set)."""
+    role: str = "assistant"
+    """The reply's role (a chat without a generation prompt answers in its last message's role, as vLLM does;
+    stored only when not the assistant's)."""
+    token_ids: bool = False
+    """Answers show token ids (vLLM's ``return_token_ids``; stored only when set)."""
 
     @property
     def terminal(self) -> bool:
@@ -92,6 +97,8 @@ class RequestMeta:
             cancel_requested=text("cancel") == "1",
             choices=number("choices") or 1,
             continuous_usage=text("continuous_usage") == "1",
+            role=text("role") or "assistant",
+            token_ids=text("token_ids") == "1",
         )
 
 
@@ -180,7 +187,15 @@ class RequestStore:
     # -- gateway side -------------------------------------------------------------------------------
 
     async def create(
-        self, job: wire.Job, *, stream_format: StreamFormat, owner: str, include_usage: bool, choices: int = 1
+        self,
+        job: wire.Job,
+        *,
+        stream_format: StreamFormat,
+        owner: str,
+        include_usage: bool,
+        choices: int = 1,
+        role: str = "assistant",
+        token_ids: bool = False,
     ) -> RequestMeta:
         """Record a new request, then enqueue it on its model's queue; the metadata written (so a stream of
         it can start without reading it back).
@@ -208,6 +223,10 @@ class RequestStore:
             fields["choices"] = choices
         if job.continuous_usage:
             fields["continuous_usage"] = "1"
+        if role != "assistant":
+            fields["role"] = role
+        if token_ids:
+            fields["token_ids"] = "1"
         pipe = self._r.pipeline(transaction=False)
         pipe.hset(rk.meta, mapping=fields)
         for name, value in progress.items():

@@ -126,6 +126,10 @@ class Event:
     reasoning_tokens: int | None = None
     """On ``end``, when the worker's vLLM has a reasoning parser: the reasoning tokens of every choice, which
     vLLM's usage reports as ``completion_tokens_details`` (None: no details, as vLLM without one)."""
+    prompt_token_ids: tuple[int, ...] = ()
+    """The prompt's token ids, on each choice's first delta of a request that asked for them
+    (``return_token_ids``) or of a completion that echoes its prompt: the gateway shows them where vLLM's
+    servers do."""
 
     @property
     def terminal(self) -> bool:
@@ -239,6 +243,7 @@ def encode(payload: Payload) -> bytes:
             payload.tool_calls,
             payload.answer,
             0 if payload.reasoning_tokens is None else payload.reasoning_tokens + 1,  # 0 (dropped): None
+            list(payload.prompt_token_ids),
         ]
         while optional and not optional[-1]:
             optional.pop()
@@ -287,6 +292,8 @@ def decode(data: bytes, kind: type[P]) -> P:
             )
             if len(extra) > 6 and extra[6]:
                 event = dataclasses.replace(event, reasoning_tokens=extra[6] - 1)
+            if len(extra) > 7:
+                event = dataclasses.replace(event, prompt_token_ids=tuple(extra[7]))
             return event  # type: ignore[return-value]
         if kind is Job:
             request_id, job_kind, model, prompt, messages, sampling, created_s, enqueued_ms = fields[:8]

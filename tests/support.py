@@ -5,6 +5,7 @@ here mocks Redis or HTTP."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -159,9 +160,13 @@ class SSEStream:
     """A chat stream's opening role chunks (one per choice, as vLLM sends them): no id, no text."""
 
 
+OPENING_DELTA = re.compile(r'"delta":\{"role":"[a-z]+","content":""\}')
+
+
 def is_opening(item: SSEEvent) -> bool:
-    """A chat stream's opening role chunk (one per choice, as vLLM sends them): no id, no text."""
-    return item.id is None and '"delta":{"role":"assistant","content":""}' in item.data
+    """A chat stream's opening role chunk (one per choice, as vLLM sends them, in the reply's role): no id, no
+    text."""
+    return item.id is None and OPENING_DELTA.search(item.data) is not None
 
 
 def iter_sse(response: httpx.Response, opening: list[SSEEvent] | None = None) -> Iterator[SSEEvent | str]:

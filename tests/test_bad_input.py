@@ -36,7 +36,6 @@ BAD_CHAT_BODIES: dict[str, tuple[bytes | dict[str, Any], str]] = {
     "missing model": ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
     "messages is a string": (chat_body(messages="hello"), "messages"),
     "max_tokens is a string": (chat_body(max_tokens="10"), "max_tokens"),  # type: ignore[arg-type]
-    "max_tokens is zero": (chat_body(max_tokens=0), "max_tokens"),
     "temperature out of range": (chat_body(temperature=5), "temperature"),
     "n > 1 on the sim engine": (chat_body(n=2), "'n' is not supported by the sim engine"),
     "tools on the sim engine": (
@@ -109,6 +108,24 @@ def test_completion_max_tokens_zero_needs_echo(cluster: Cluster, stack: Stack) -
     body = {"model": "tokenspool-sim", "prompt": "a", "max_tokens": 0}
     error = assert_openai_error(httpx.post(stack[0][0].url + "/v1/completions", json=body), 400)
     assert error["param"] == "max_tokens" and "0 is for echo" in error["message"], error
+    assert redis_snapshot(cluster) == before
+
+
+@pytest.mark.parametrize(
+    "fields", [{"max_tokens": 0}, {"max_completion_tokens": 0}, {"max_tokens": 0, "stream": False}], ids=str
+)
+def test_chat_for_no_tokens_is_refused_as_vllm_serve_refuses_it(
+    cluster: Cluster, stack: Stack, fields: dict[str, Any]
+) -> None:
+    before = redis_snapshot(cluster)
+    response = httpx.post(stack[0][0].url + "/v1/chat/completions", json=chat_body(**fields))
+    error = assert_openai_error(response, 400)
+    assert error == {
+        "message": "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+        "type": "BadRequestError",
+        "param": "max_tokens",
+        "code": 400,
+    }
     assert redis_snapshot(cluster) == before
 
 

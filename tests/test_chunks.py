@@ -54,6 +54,42 @@ def test_a_chat_stream_opens_with_a_role_chunk_per_choice_as_vllm_does(choices: 
     assert b"role" not in resumed, "a resumed stream had its role chunks already"
 
 
+def test_a_reply_in_another_role_opens_and_ends_in_that_role() -> None:
+    """Without a generation prompt vLLM answers in the last message's role; it is stored in the metadata, so
+    the role chunk and the folded message say it on any gateway."""
+    user = dataclasses.replace(meta("chat"), role="user")
+    frames = ChunkRenderer(user).frames([(seq, wire.encode(event)) for seq, event in enumerate(STREAM_EVENTS, 1)])
+    events, _ = parse_sse(frames)
+    assert orjson.loads(events[0].data)["choices"][0]["delta"] == {"role": "user", "content": ""}
+    message = completion_body(user, list(STREAM_EVENTS[:3]), STREAM_EVENTS[3])["choices"][0]["message"]
+    assert message["role"] == "user"
+
+
+@pytest.mark.parametrize("stream_format", ["chat", "completion"])
+def test_token_ids_are_shown_where_vllm_shows_them(stream_format: str) -> None:
+    """``return_token_ids``: the prompt's ids (stored on a choice's first delta) in a chat's role chunk and
+    body, on a completion's choice; every chunk and choice with its own ids."""
+    asked = dataclasses.replace(meta(stream_format), token_ids=True)
+    events = [dataclasses.replace(STREAM_EVENTS[0], prompt_token_ids=(1, 7)), *STREAM_EVENTS[1:]]
+    frames = ChunkRenderer(asked).frames([(seq, wire.encode(event)) for seq, event in enumerate(events, start=1)])
+    chunks = [orjson.loads(e.data) for e in parse_sse(frames)[0] if e.data != "[DONE]"]
+    body = completion_body(asked, events[:3], events[3])
+    if stream_format == "chat":
+        assert chunks[0]["prompt_token_ids"] == [1, 7] and "role" in chunks[0]["choices"][0]["delta"]
+        assert [c["choices"][0]["token_ids"] for c in chunks[1:]] == [[1], [2, 3], [4]]
+        assert body["prompt_token_ids"] == [1, 7]
+    else:
+        assert [c["choices"][0].get("prompt_token_ids") for c in chunks] == [[1, 7], None, None]
+        assert [c["choices"][0]["token_ids"] for c in chunks] == [[1], [2, 3], [4]]
+        assert body["choices"][0]["prompt_token_ids"] == [1, 7]
+    assert body["choices"][0]["token_ids"] == [1, 2, 3, 4]
+    plain = ChunkRenderer(meta(stream_format)).frames([(1, wire.encode(STREAM_EVENTS[0]))])
+    assert b"token_ids" not in plain, "shown only when asked for"
+    if stream_format == "completion":  # an echoed prompt's ids (stored for echo): vLLM's stream names them
+        echoed = orjson.loads(ChunkRenderer(meta(stream_format)).data(1, events[0]) or b"")["choices"][0]
+        assert echoed["prompt_token_ids"] == [1, 7] and "token_ids" not in echoed
+
+
 def test_chat_rendering_of_deltas() -> None:
     renderer = ChunkRenderer(meta("chat"))
     first = orjson.loads(renderer.data(1, STREAM_EVENTS[0]) or b"")

@@ -199,6 +199,8 @@ CORPUS: dict[str, dict[str, Any]] = {
     "min_tokens with stop": chat(min_tokens=5, stop=[" the"]),
     "seeded sampling": chat(temperature=0.8, top_p=0.9, seed=5),
     "logprobs": chat(logprobs=True, top_logprobs=2, max_tokens=5),
+    "logprobs of sampled tokens": chat(logprobs=True, top_logprobs=1, temperature=1.0, seed=7, max_tokens=8),
+    "logprobs without alternatives": chat(logprobs=True, top_logprobs=0, max_tokens=4),
     "max_completion_tokens": chat(max_completion_tokens=7),
     "include_stop_str_in_output": chat(stop=[" the"], include_stop_str_in_output=True),
     "skip_special_tokens off": chat(skip_special_tokens=False, tools=[WEATHER], tool_choice=NAMED, max_tokens=30),
@@ -231,8 +233,14 @@ CORPUS: dict[str, dict[str, Any]] = {
     "echo of the last assistant message": chat(
         messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "well the"}], echo=True
     ),
+    "no generation prompt: the reply in the last message's role": chat(add_generation_prompt=False),
+    "no generation prompt, echoed": chat(add_generation_prompt=False, echo=True),
+    "return_token_ids": chat(return_token_ids=True),
+    "return_token_ids, n=2 seeded": chat(return_token_ids=True, n=2, temperature=1.0, seed=11),
 }
-STREAMED = {f"{name} (stream)": {**body, "stream": True} for name, body in CORPUS.items() if name != "logprobs"}
+STREAMED = {
+    f"{name} (stream)": {**body, "stream": True} for name, body in CORPUS.items() if not name.startswith("logprobs")
+}
 
 
 def completion(**fields: Any) -> dict[str, Any]:
@@ -244,6 +252,12 @@ TOKEN_PROMPTS = [[1, 20, 21, 22], [1, 30, 31]]
 COMPLETIONS: dict[str, dict[str, Any]] = {
     "completion plain": completion(),
     "completion logprobs": completion(logprobs=2, max_tokens=4),
+    "completion logprobs of sampled tokens": completion(logprobs=1, temperature=1.0, seed=7, max_tokens=8),
+    "completion return_token_ids": completion(return_token_ids=True),
+    "completion list with return_token_ids": completion(prompt=PROMPTS, return_token_ids=True),
+    "completion echo with return_token_ids and logprobs": completion(
+        echo=True, return_token_ids=True, logprobs=1, max_tokens=4
+    ),
     "completion n=2 seeded": completion(n=2, temperature=1.0, seed=3),
     "completion list of strings": completion(prompt=PROMPTS),
     "completion token ids": completion(prompt=TOKEN_PROMPTS[0]),
@@ -258,6 +272,9 @@ COMPLETIONS: dict[str, dict[str, Any]] = {
     "completion echo of a list, n=2 seeded": completion(prompt=PROMPTS, echo=True, n=2, temperature=1.0, seed=3),
 }
 REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
+    "max_tokens 0": ("/v1/chat/completions", chat(max_tokens=0)),
+    "max_tokens 0 (stream)": ("/v1/chat/completions", chat(max_tokens=0, stream=True)),
+    "max_completion_tokens 0": ("/v1/chat/completions", chat(max_completion_tokens=0)),
     "n=2 greedy": ("/v1/chat/completions", chat(n=2)),
     "n=2 greedy (stream)": ("/v1/chat/completions", chat(n=2, stream=True)),
     "image part on a text-only model": (
@@ -298,6 +315,9 @@ REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+REFUSED_BY_THE_GATEWAY = {"max_tokens 0", "max_tokens 0 (stream)", "max_completion_tokens 0"}
+
+
 def comparable(answer: dict[str, Any]) -> dict[str, Any]:
     """The answer less what differs by design (ids, timestamps) and what vLLM adds as nulls."""
     choices = []
@@ -306,25 +326,45 @@ def comparable(answer: dict[str, Any]) -> dict[str, Any]:
         for call in message.get("tool_calls", []):
             call.pop("id", None)
         logprobs = choice.get("logprobs")
-        tokens = [(e["token"], round(e["logprob"], 3)) for e in logprobs["content"]] if logprobs else None
-        choices.append((choice["index"], message, choice["finish_reason"], tokens))
-    return {"choices": choices, "usage": {k: answer["usage"].get(k) for k in USAGE_FIELDS}}
+        content = logprobs["content"] if logprobs else None
+        tokens = None if content is None else [(e["token"], round(e["logprob"], 3), alternatives(e)) for e in content]
+        choices.append((choice["index"], message, choice["finish_reason"], tokens, choice.get("token_ids")))
+    usage = {k: answer["usage"].get(k) for k in USAGE_FIELDS}
+    return {"choices": choices, "usage": usage, "prompt_token_ids": answer.get("prompt_token_ids")}
 
 
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "completion_tokens_details")
 """What both usages say (vLLM adds null fields): the details hold the reasoning tokens, with a reasoning parser."""
 
 
+def alternatives(entry: dict[str, Any]) -> list[tuple[str, float]]:
+    """A chat token's ``top_logprobs``, in order, each logprob to 3 places."""
+    return [(top["token"], round(top["logprob"], 3)) for top in entry["top_logprobs"]]
+
+
 def fold(events: list[SSEEvent]) -> dict[int, dict[str, Any]]:
-    """Stream events folded into per-choice content, reasoning, tool calls and finish reasons."""
+    """Stream events folded into per-choice content, reasoning, tool calls and finish reasons (and token ids,
+    where the stream shows them)."""
     deltas = []
+    token_ids: dict[int, list[int]] = {}
+    prompt_token_ids: dict[int, list[int]] = {}
     for event in events:
         if event.data == "[DONE]":
             break
         chunk = orjson.loads(event.data)
         assert "error" not in chunk, chunk
         deltas += [(choice["index"], choice["delta"], choice.get("finish_reason")) for choice in chunk["choices"]]
-    return fold_deltas(deltas)
+        for choice in chunk["choices"]:
+            if choice.get("token_ids") is not None:
+                token_ids.setdefault(choice["index"], []).extend(choice["token_ids"])
+            if chunk.get("prompt_token_ids"):
+                prompt_token_ids[choice["index"]] = chunk["prompt_token_ids"]
+    folded = fold_deltas(deltas)
+    for index, ids in token_ids.items():  # only where the stream shows token ids (return_token_ids)
+        folded[index]["token_ids"] = ids
+    for index, ids in prompt_token_ids.items():
+        folded[index]["prompt_token_ids"] = ids
+    return folded
 
 
 def fold_deltas(deltas: list[tuple[int, dict[str, Any], str | None]]) -> dict[int, dict[str, Any]]:
@@ -368,9 +408,14 @@ def test_answers_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str) -
 
 def completion_tokens(logprobs: dict[str, Any]) -> list[tuple[Any, ...]]:
     """A completion's logprobs, token by token: text, logprob (3 places; None for a prompt's first token),
-    offset, and whether it has alternatives."""
+    offset, and its alternatives (their logprobs to 3 places; None for a prompt's first token)."""
     return [
-        (token, None if logprob is None else round(logprob, 3), offset, top is not None)
+        (
+            token,
+            None if logprob is None else round(logprob, 3),
+            offset,
+            None if top is None else {alternative: round(value, 3) for alternative, value in top.items()},
+        )
         for token, logprob, offset, top in zip(
             logprobs["tokens"],
             logprobs["token_logprobs"],
@@ -386,7 +431,8 @@ def comparable_completion(answer: dict[str, Any]) -> dict[str, Any]:
     for choice in sorted(answer["choices"], key=lambda c: c["index"]):
         logprobs = choice.get("logprobs")
         tokens = completion_tokens(logprobs) if logprobs else None
-        choices.append((choice["index"], choice["text"], choice["finish_reason"], tokens))
+        token_ids = (choice.get("prompt_token_ids"), choice.get("token_ids"))
+        choices.append((choice["index"], choice["text"], choice["finish_reason"], tokens, token_ids))
     return {"choices": choices, "usage": {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")}}
 
 
@@ -406,8 +452,12 @@ def fold_completion(events: list[SSEEvent]) -> dict[str, Any]:
         chunk = orjson.loads(event.data)
         usage = chunk.get("usage") or usage
         for choice in chunk["choices"]:
-            into = choices.setdefault(choice["index"], {"text": "", "finish_reason": None, "tokens": []})
+            into = choices.setdefault(
+                choice["index"], {"text": "", "finish_reason": None, "tokens": [], "prompt_token_ids": None, "ids": []}
+            )
             into["text"] += choice["text"]
+            into["prompt_token_ids"] = choice.get("prompt_token_ids") or into["prompt_token_ids"]
+            into["ids"] += choice.get("token_ids") or []
             into["finish_reason"] = choice["finish_reason"] or into["finish_reason"]
             if choice.get("logprobs"):
                 into["tokens"] += completion_tokens(choice["logprobs"])
@@ -422,7 +472,7 @@ def test_completions_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: st
     ours = httpx.post(tokenspool + "/v1/completions", json=body, timeout=120)
     assert (ours.status_code, theirs.status_code) == (200, 200), (ours.text, theirs.text)
     assert comparable_completion(ours.json()) == comparable_completion(theirs.json())
-    if body.get("echo") and isinstance(body["prompt"][0], str):
+    if body.get("echo") and isinstance(body["prompt"][0], str) and not body.get("return_token_ids"):
         prompts = [body["prompt"]] if isinstance(body["prompt"], str) else body["prompt"]
         for choice in ours.json()["choices"]:
             assert choice["text"].startswith(prompts[choice["index"] // body.get("n", 1)]), choice
@@ -438,7 +488,11 @@ def test_what_vllm_refuses_is_refused_alike_before_any_event(vllm_serve: str, to
             response.read()
             answers[url] = (response.status_code, response.headers["content-type"].split(";")[0])
             if response.status_code != 200:
-                answers[url] += (response.json()["error"]["type"],)
+                error = response.json()["error"]
+                answers[url] += (error["type"], error["message"], error["code"])
+                # The gateway's own refusals name the parameter as vLLM does; a worker's are stored without it.
+                if name in REFUSED_BY_THE_GATEWAY:
+                    answers[url] += (error["param"],)
     assert answers[tokenspool] == answers[vllm_serve]
     assert 400 <= answers[vllm_serve][0] < 500
 
@@ -449,14 +503,25 @@ def test_streams_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str) -
     assert streamed(tokenspool, body) == streamed(vllm_serve, body)
 
 
-@pytest.mark.parametrize("name", ["plain (stream)", "n=2 seeded (stream)", "tools named (stream)"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "plain (stream)",
+        "n=2 seeded (stream)",
+        "tools named (stream)",
+        "no generation prompt: the reply in the last message's role (stream)",
+        "return_token_ids, n=2 seeded (stream)",
+    ],
+)
 def test_streams_open_with_the_role_chunks_vllm_serve_sends(vllm_serve: str, tokenspool: str, name: str) -> None:
     openings = {}
     for url in (vllm_serve, tokenspool):
         opening: list[SSEEvent] = []
         with httpx.stream("POST", url + "/v1/chat/completions", json=STREAMED[name], timeout=120) as response:
             first = next(e for e in iter_sse(response, opening) if isinstance(e, SSEEvent))
-        openings[url] = [orjson.loads(e.data)["choices"] for e in opening]
+        openings[url] = [
+            (c["choices"], c.get("prompt_token_ids")) for c in map(orjson.loads, (e.data for e in opening))
+        ]
         assert "role" not in first.data, "the role comes once, in the opening chunks"
     assert openings[tokenspool] == openings[vllm_serve]
 

@@ -71,6 +71,7 @@ def worker_info() -> wire.WorkerInfo:
         wire.Event("delta", "", (4,), "stop", index=1, reasoning="hm", tool_calls="[]", answer='{"content":null}'),
         wire.Event("end", finish_reason="stop", prompt_tokens=3, completion_tokens=4, reasoning_tokens=0),
         wire.Event("end", finish_reason="stop", prompt_tokens=3, completion_tokens=4, reasoning_tokens=2),
+        wire.Event("delta", "a", (4,), index=1, prompt_token_ids=(1, 20, 21)),
         worker_info(),
         dataclasses.replace(worker_info(), unsupported=(), owned_by="tokenspool"),
     ],

@@ -213,6 +213,7 @@ class RequestRunner:
                         reasoning=delta.reasoning,
                         tool_calls=delta.tool_calls,
                         answer=delta.answer,
+                        prompt_token_ids=delta.prompt_token_ids,
                     )
                     if wants_logprobs:
                         offset = text_offsets.get(delta.index, 0)

@@ -71,6 +71,8 @@ class EngineDelta:
     request_prompt_tokens: int = 0
     """The tokens of all the request's prompts, when it has several (a completion with a list of prompts:
     ``prompt_tokens`` is then this choice's prompt, and the request's usage counts them all); 0 otherwise."""
+    prompt_token_ids: tuple[int, ...] = ()
+    """This choice's prompt, on its first delta, when its answer names them (``Rendered.shows_prompt_ids``)."""
 
 
 class Engine(Protocol):

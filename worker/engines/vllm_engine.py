@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from tokenspool.shared.settings import SettingsError
 from tokenspool.shared.wire import SamplingOptions, TokenLogprob
@@ -100,35 +101,42 @@ def _finish_reason(completion: Any) -> str | None:
     return reason
 
 
-def _token_logprobs(completion: Any, top: int | None) -> tuple[TokenLogprob, ...]:
-    """vLLM's per-position ``{token id: Logprob}`` maps as (token, logprob, top alternatives by rank)."""
-    if top is None or not completion.logprobs:
+def _token_logprobs(completion: Any, shown: int | None) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-position ``{token id: Logprob}`` maps as (token, logprob, the first ``shown`` candidates)."""
+    if shown is None or not completion.logprobs:
         return ()
     return tuple(
-        _position_logprob(token_id, candidates, top)
+        _position_logprob(token_id, candidates, shown)
         for token_id, candidates in zip(completion.token_ids, completion.logprobs, strict=False)
     )
 
 
-def _position_logprob(token_id: int, candidates: Any, top: int) -> TokenLogprob:
+LOWEST_LOGPROB: Final = -9999.0
+"""What vLLM's servers show for a lower logprob (``-inf`` has no JSON form)."""
+
+
+def _position_logprob(token_id: int, candidates: Any, shown: int) -> TokenLogprob:
+    """One position's logprobs as vLLM's servers show them: its candidates in the map's own order (the
+    sampled token first, then the top ones by rank, so ``top`` of them plus the sampled token when it is not
+    among them), the first ``shown`` of them (all for -1), each logprob at least :data:`LOWEST_LOGPROB`."""
     sampled = candidates.get(token_id)
-    ranked = sorted(candidates.values(), key=lambda c: c.rank if c.rank is not None else 1 << 30)[:top]
+    firsts = list(candidates.values()) if shown < 0 else list(itertools.islice(candidates.values(), shown))
     return TokenLogprob(
         sampled.decoded_token or "" if sampled is not None else "",
-        float(sampled.logprob) if sampled is not None else float("-inf"),
-        tuple((c.decoded_token or "", float(c.logprob)) for c in ranked),
+        max(float(sampled.logprob), LOWEST_LOGPROB) if sampled is not None else LOWEST_LOGPROB,
+        tuple((c.decoded_token or "", max(float(c.logprob), LOWEST_LOGPROB)) for c in firsts),
     )
 
 
 def _prompt_logprobs(
-    tokenizer: Any, token_ids: list[int], positions: list[Any], top: int | None
+    tokenizer: Any, token_ids: list[int], positions: list[Any], shown: int | None
 ) -> tuple[TokenLogprob, ...]:
     """A prompt's logprobs as vLLM's completion server echoes them: the first token has none (nothing comes
     before it: its text is the token decoded alone), the others as generated tokens' are."""
-    if top is None:
+    if shown is None:
         return ()
     return tuple(
-        _position_logprob(token_id, candidates, top)
+        _position_logprob(token_id, candidates, shown)
         if candidates is not None
         else TokenLogprob(tokenizer.decode([token_id]), None)
         for token_id, candidates in zip(token_ids, positions, strict=False)
@@ -477,7 +485,7 @@ class VllmEngine:
                 prompt_tokens = len(run.token_ids)
                 if rendered.echo_logprobs and run.prompt_logprobs is None and output.prompt_logprobs is not None:
                     run.prompt_logprobs = _prompt_logprobs(
-                        self._tokenizer, run.token_ids, output.prompt_logprobs, rendered.params.logprobs
+                        self._tokenizer, run.token_ids, output.prompt_logprobs, rendered.shown_logprobs
                     )
                 for completion in output.outputs:
                     index = place * per_prompt + int(completion.index)
@@ -505,11 +513,14 @@ class VllmEngine:
                         yield EngineDelta("", tuple(token_ids), None, prompt_tokens, index=index)
                         continue
                     content, reasoning, tool_calls, finish, answer = parsed or ("", "", "", None, "")
-                    logprobs = _token_logprobs(completion, rendered.params.logprobs) if parsed else ()
+                    logprobs = _token_logprobs(completion, rendered.shown_logprobs) if parsed else ()
+                    prompt_token_ids: tuple[int, ...] = ()
                     if not echoed[index]:
                         echoed[index] = True
                         if run.echo or run.prompt_logprobs:
                             content, logprobs = rendered.echoed(run, content, logprobs)
+                        if rendered.shows_prompt_ids:
+                            prompt_token_ids = tuple(run.token_ids)
                     yield EngineDelta(
                         content,
                         tuple(token_ids),
@@ -522,6 +533,7 @@ class VllmEngine:
                         answer=answer,
                         reasoning_tokens=rendered.reasoning_tokens(index) if finish else None,
                         request_prompt_tokens=request_prompt_tokens,
+                        prompt_token_ids=prompt_token_ids,
                     )
 
     async def _vllm_outputs(self, stream: Any, request_id: str) -> AsyncGenerator[Any, None]:

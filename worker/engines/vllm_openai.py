@@ -111,6 +111,24 @@ class Rendered:
         return self.params.n * len(self.runs)
 
     @property
+    def shown_logprobs(self) -> int | None:
+        """How many of a position's candidates (vLLM's map: the sampled token, then the top ones) its logprobs
+        show, as vLLM's servers show them: a chat ``top_logprobs`` of them, a completion ``logprobs + 1`` (the
+        sampled token besides the top ones, OpenAI's rule); all for -1; None: no logprobs."""
+        top = self.params.logprobs
+        if top is None or top < 0 or isinstance(self.request, ChatCompletionRequest):
+            return top
+        return top + 1
+
+    @property
+    def shows_prompt_ids(self) -> bool:
+        """Whether a choice's answer names its prompt's token ids: with ``return_token_ids``, and in a
+        completion stream that echoes its prompt (vLLM's names the echoed prompt's ids on its first chunk)."""
+        return bool(self.request.return_token_ids) or (
+            isinstance(self.request, CompletionRequest) and bool(self.request.echo)
+        )
+
+    @property
     def needs_fresh_run(self) -> bool:
         """A continuation cannot start mid-output: the grammar of a structured output, and the choices of
         ``n > 1`` or of several prompts, start from the prompt. Such a request is generated again and what was
@@ -308,7 +326,9 @@ class OpenAIFrontEnd:
             if isinstance(completion, ErrorResponse):
                 raise InvalidRequestError(completion)
             engine_inputs = completion
-            echoes = [str(engine_input.get("prompt") or "") if request.echo else "" for engine_input in engine_inputs]
+            # With ``return_token_ids`` vLLM echoes the prompt's ids, not its text (its logprobs still).
+            echoed = request.echo and not request.return_token_ids
+            echoes = [str(engine_input.get("prompt") or "") if echoed else "" for engine_input in engine_inputs]
         requested = (
             request.max_completion_tokens
             if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None
