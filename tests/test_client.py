@@ -272,8 +272,10 @@ def submit_and_leave(gateway: Gateway, body: dict[str, Any]) -> str:
 def test_a_full_queue_is_waited_out_as_retry_after_says(cluster: Cluster, gateways: list[Gateway]) -> None:
     strict = cluster.gateway(max_queue_depth=1)
     wait_for_models(strict)
-    body = {"model": "client-busy", "messages": USER, "max_tokens": 80, "stream": True, "background": True}
-    running = submit_and_leave(strict, body)
+    body = {"model": "client-busy", "messages": USER, "max_tokens": 4, "stream": True, "background": True}
+    # The running request lasts 2.5 s of engine time, so the queue is still full when the third request comes,
+    # however slowly this machine gets there; the one that waits is short.
+    running = submit_and_leave(strict, {**body, "max_tokens": 250})
     wait_for(lambda: cluster.meta(running).get("state") == "running", 10, "the first request to run")
     submit_and_leave(strict, body)  # waits in the queue: the queue is now full
     assert httpx.post(strict.url + "/v1/chat/completions", json=body).status_code == 429
