@@ -179,6 +179,7 @@ def chat(**fields: Any) -> dict[str, Any]:
 
 CORPUS: dict[str, dict[str, Any]] = {
     "plain": chat(),
+    "priority (vLLM takes it without priority scheduling)": chat(priority=1),
     "sdk no-op defaults": chat(
         tools=None, response_format={"type": "text"}, metadata={"a": "b"}, store=False, service_tier="auto", user="u"
     ),
@@ -270,6 +271,7 @@ COMPLETIONS: dict[str, dict[str, Any]] = {
     "completion echo without tokens": completion(echo=True, max_tokens=0),
     "completion echo without tokens, logprobs": completion(echo=True, max_tokens=0, logprobs=1),
     "completion echo of a list, n=2 seeded": completion(prompt=PROMPTS, echo=True, n=2, temperature=1.0, seed=3),
+    "completion best_of 1": completion(best_of=1),
 }
 REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
     "max_tokens 0": ("/v1/chat/completions", chat(max_tokens=0)),
