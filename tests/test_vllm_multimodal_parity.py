@@ -14,6 +14,7 @@ import base64
 import importlib.util
 import io
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ import pytest
 
 from tests.support import EVENT_STREAM, Cluster, SSEEvent, Worker, iter_sse, read_stream, wait_for, wait_for_model
 from tokenspool.redis_server import free_port
-from tokenspool.shared import keys
+from tokenspool.shared import handover, keys, wire
 
 MODEL = "tiny-blip2"
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -100,10 +101,9 @@ def vllm_serve(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         log.close()
 
 
-@pytest.fixture(scope="module")
-def tokenspool(cluster: Cluster, model_dir: Path) -> str:
-    """A gateway and a vLLM worker with the same model and flags as ``vllm serve`` (its engine on core 0)."""
-    worker: Worker = cluster.worker(
+def start_worker(cluster: Cluster, model_dir: Path) -> Worker:
+    """A vLLM worker with the same model and flags as ``vllm serve`` (its engine on core 0)."""
+    return cluster.worker(
         engine="vllm",
         model=model_dir,
         served_model_name=MODEL,
@@ -115,8 +115,18 @@ def tokenspool(cluster: Cluster, model_dir: Path) -> str:
         engine_cpus="0",
         env={**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0"},
     )
+
+
+@pytest.fixture(scope="module")
+def workers(cluster: Cluster, model_dir: Path) -> list[Worker]:
+    """The module's workers: one at first; the takeover test kills it and starts the next."""
+    return [start_worker(cluster, model_dir)]
+
+
+@pytest.fixture(scope="module")
+def tokenspool(cluster: Cluster, workers: list[Worker]) -> str:
     gateway = cluster.gateway()
-    wait_for_model(gateway, MODEL, 300, interval_s=0.5, watch=[worker.proc])
+    wait_for_model(gateway, MODEL, 300, interval_s=0.5, watch=[workers[0].proc])
     return gateway.url
 
 
@@ -202,3 +212,36 @@ def test_image_stream_cut_midway_resumes_on_another_gateway_byte_for_byte(tokens
     replay = read_stream("GET", events_url, timeout_s=120)
     assert [e.raw for e in head + tail.events] == [e.raw for e in replay.events]
     assert folded(replay.events) == undisturbed
+
+
+def test_worker_killed_mid_image_answer_is_finished_by_the_next_worker_exactly(
+    cluster: Cluster, model_dir: Path, workers: list[Worker], tokenspool: str, vllm_serve: str
+) -> None:
+    """SIGKILL the worker (and its engine) with the answer half stored: the next worker renders the image
+    again and continues from the prompt (image placeholders included) plus the stored tokens; at temperature
+    0 the answer is the undisturbed run's, and ``vllm serve``'s. It replaces the module's worker, so it runs
+    last."""
+    body = with_image(RED, stream=True, max_tokens=600)
+    undisturbed = streamed(tokenspool, body)
+    assert undisturbed == streamed(vllm_serve, body)
+    doomed = workers[0]
+    pid = doomed.proc.process.pid
+    engine = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    with httpx.stream("POST", tokenspool + "/v1/chat/completions", json=body, timeout=120) as response:
+        request_id = response.headers["x-request-id"]
+    events = keys.RequestKeys.of(request_id).events
+
+    def stored() -> list[wire.Event]:
+        return [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
+
+    wait_for(lambda: len(stored()) >= 10, 120, "the answer to be under way")
+    os.kill(pid, signal.SIGSTOP)  # no more writes: what is stored now is what the next worker finds
+    assert not stored()[-1].terminal, "killed before the end"
+    for victim in [pid, *engine]:
+        os.kill(victim, signal.SIGKILL)
+    doomed.proc.process.wait(30)
+    workers[0] = start_worker(cluster, model_dir)
+    wait_for(lambda: cluster.meta(request_id).get("state") == "done", 300, "the next worker to finish the request")
+    taken_over = read_stream("GET", f"{tokenspool}/v1/requests/{request_id}/events", timeout_s=120)
+    assert any(c.lstrip().startswith(handover.HANDOVER_COMMENT_KEYWORD) for c in taken_over.comments)
+    assert folded(taken_over.events) == undisturbed
