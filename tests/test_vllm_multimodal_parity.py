@@ -16,7 +16,6 @@ import io
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,14 @@ import orjson
 import pytest
 
 from tests.support import EVENT_STREAM, Cluster, SSEEvent, Worker, iter_sse, read_stream, wait_for, wait_for_model
-from tokenspool.redis_server import free_port
+from tests.vllm_serve import vllm_serve as serve
 from tokenspool.shared import handover, keys, wire
 
 MODEL = "tiny-blip2"
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+pytestmark = pytest.mark.timeout(480)
+"""The first test starts two engines and the takeover test a third: on a loaded two-core machine each takes
+up to a minute and a half, past the suite's default per-test limit."""
 
 if importlib.util.find_spec("vllm") is None:
     if os.environ.get("CI"):
@@ -73,32 +75,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def vllm_serve(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "vllm-serve.log").open("wb")
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
-    argv += ["--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
-    argv += ["--port", str(port)]
-    env = {**os.environ, **ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "1"}
-    proc = subprocess.Popen(["taskset", "-c", "1", *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        assert proc.poll() is None, "vllm serve exited; see its log"
-        try:
-            return httpx.get(url + "/v1/models", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(ready, 300, "vllm serve to answer", interval_s=1)
+    log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
+    with serve(model_dir, MODEL, log, env=ENGINE_ENV) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def start_worker(cluster: Cluster, model_dir: Path) -> Worker:
