@@ -16,6 +16,7 @@ import io
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,9 +69,12 @@ def with_image(url: str, **fields: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tokenspool.model_maker import make_test_model
-
-    return make_test_model(tmp_path_factory.mktemp("model") / MODEL, multimodal=True)
+    """The multimodal test model, written the way users write it: ``tokenspool make-test-model --multimodal``."""
+    directory = tmp_path_factory.mktemp("model") / MODEL
+    argv = [sys.executable, "-m", "tokenspool", "make-test-model", "--multimodal", str(directory)]
+    made = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert made.returncode == 0 and made.stdout.strip() == str(directory), made.stderr
+    return directory
 
 
 @pytest.fixture(scope="module")
