@@ -218,7 +218,9 @@ def test_worker_killed_mid_image_answer_is_finished_by_the_next_worker_exactly(
     doomed = workers[0]
     pid = doomed.proc.process.pid
     engine = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-    with httpx.stream("POST", tokenspool + "/v1/chat/completions", json=body, timeout=120) as response:
+    # In the background: nobody reads it while the next worker starts, which may outlast the disconnect grace.
+    background = {**body, "background": True}
+    with httpx.stream("POST", tokenspool + "/v1/chat/completions", json=background, timeout=120) as response:
         request_id = response.headers["x-request-id"]
     events = keys.RequestKeys.of(request_id).events
 
