@@ -16,12 +16,17 @@ from tokenspool.shared import handover, keys, wire
 from tokenspool.shared.store import RequestMeta
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+def usage_body(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage; with ``reasoning_tokens`` (a worker whose vLLM has a reasoning parser), its
+    ``completion_tokens_details`` as vLLM reports them."""
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
 
 
 def chat_logprobs(events: list[wire.Event]) -> dict[str, Any] | None:
@@ -222,7 +227,7 @@ class ChunkRenderer:
         if event.kind == "end":
             if not self.meta.include_usage:
                 return None
-            usage = usage_body(event.prompt_tokens, event.completion_tokens)
+            usage = usage_body(event.prompt_tokens, event.completion_tokens, event.reasoning_tokens)
             chunk = {**self._base, "object": self._object(), "choices": [], "usage": usage}
             return orjson.dumps(chunk)
         if fmt == "chat":
@@ -263,7 +268,7 @@ class ChunkRenderer:
 
 def completion_body(meta: RequestMeta, deltas: list[wire.Event], end: wire.Event) -> dict[str, Any]:
     """The non-streaming OpenAI response of a finished request."""
-    usage = usage_body(end.prompt_tokens, end.completion_tokens)
+    usage = usage_body(end.prompt_tokens, end.completion_tokens, end.reasoning_tokens)
     base = {"id": meta.request_id, "created": meta.created_s, "model": meta.model, "usage": usage}
     by_choice: dict[int, list[wire.Event]] = {}
     for event in deltas:
@@ -280,10 +285,16 @@ def _final_choice(meta: RequestMeta, index: int, events: list[wire.Event], end: 
     if meta.kind != "chat":
         return {"index": index, "text": text, "logprobs": completion_logprobs(events), "finish_reason": finish_reason}
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    reasoning = "".join(event.reasoning for event in events)
-    if reasoning:
-        message["reasoning"] = reasoning
-    tool_calls = merged_tool_calls(events)
-    if tool_calls:
-        message["tool_calls"] = tool_calls
+    answer = next((orjson.loads(event.answer) for event in reversed(events) if event.answer), None)
+    if answer is not None:  # vLLM's parsers read the output: their whole-output answer, as vLLM gives it
+        finish_reason = answer.pop("finish_reason")
+        message["content"] = answer.pop("content", None)
+        message.update((key, value) for key, value in answer.items() if value not in (None, []))
+    else:
+        reasoning = "".join(event.reasoning for event in events)
+        if reasoning:
+            message["reasoning"] = reasoning
+        tool_calls = merged_tool_calls(events)
+        if tool_calls:
+            message["tool_calls"] = tool_calls
     return {"index": index, "message": message, "logprobs": chat_logprobs(events), "finish_reason": finish_reason}

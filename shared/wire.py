@@ -119,6 +119,13 @@ class Event:
     tool_calls: str = ""
     """The delta's tool-call pieces as vLLM's tool parser streams them: a JSON array of OpenAI
     ``delta.tool_calls`` entries, stored as rendered (empty: none)."""
+    answer: str = ""
+    """On a choice's last delta, when vLLM's parsers read the output: the choice as ``vllm serve`` answers a
+    request that is not streamed (JSON: ``content``, ``reasoning``, ``tool_calls``, ``finish_reason``), which
+    vLLM builds by parsing the whole output again and which the streamed pieces do not always add up to."""
+    reasoning_tokens: int | None = None
+    """On ``end``, when the worker's vLLM has a reasoning parser: the reasoning tokens of every choice, which
+    vLLM's usage reports as ``completion_tokens_details`` (None: no details, as vLLM without one)."""
 
     @property
     def terminal(self) -> bool:
@@ -230,6 +237,8 @@ def encode(payload: Payload) -> bytes:
             payload.index,
             payload.reasoning,
             payload.tool_calls,
+            payload.answer,
+            0 if payload.reasoning_tokens is None else payload.reasoning_tokens + 1,  # 0 (dropped): None
         ]
         while optional and not optional[-1]:
             optional.pop()
@@ -274,8 +283,10 @@ def decode(data: bytes, kind: type[P]) -> P:
                 error_type,
                 message,
                 logprobs,
-                *extra[1:5],
+                *extra[1:6],
             )
+            if len(extra) > 6 and extra[6]:
+                event = dataclasses.replace(event, reasoning_tokens=extra[6] - 1)
             return event  # type: ignore[return-value]
         if kind is Job:
             request_id, job_kind, model, prompt, messages, sampling, created_s, enqueued_ms = fields[:8]

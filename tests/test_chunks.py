@@ -192,3 +192,36 @@ def test_completion_body_for_chat_and_completion() -> None:
     assert text["object"] == "text_completion"
     assert text["choices"][0]["text"] == "Hello world"
     assert text["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_stored_answer_is_the_choice_of_a_chat_body_instead_of_the_folded_pieces() -> None:
+    """vLLM answers a request that is not streamed from its whole output, parsed again: where that differs
+    from the streamed pieces (here arguments re-serialised, a null content), the worker stores it on the
+    choice's last delta and the body says exactly that; choices without one are folded as before."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    answer = {"content": None, "reasoning": "hm", "tool_calls": [call], "finish_reason": "tool_calls"}
+    pieces = '[{"index":0,"id":"c1","type":"function","function":{"name":"f","arguments":"{\\"a\\" :1}"}}]'
+    deltas = [
+        wire.Event("delta", "", (1,), reasoning="hm"),
+        wire.Event("delta", "", (2,), "tool_calls", tool_calls=pieces, answer=orjson.dumps(answer).decode()),
+        wire.Event("delta", "plain", (3,), "length", index=1),
+    ]
+    body = completion_body(meta("chat"), deltas, STREAM_EVENTS[3])
+    first, second = body["choices"]
+    assert first["message"] == {"role": "assistant", "content": None, "reasoning": "hm", "tool_calls": [call]}
+    assert first["finish_reason"] == "tool_calls"
+    assert (second["message"], second["finish_reason"]) == ({"role": "assistant", "content": "plain"}, "length")
+
+
+@pytest.mark.parametrize("reasoning_tokens", [None, 0, 3])
+def test_usage_has_completion_tokens_details_only_when_the_worker_counts_reasoning(
+    reasoning_tokens: int | None,
+) -> None:
+    """vLLM with a reasoning parser reports reasoning tokens (0 too) in ``completion_tokens_details``; without
+    one it reports none. The end event says which (its ``reasoning_tokens`` is None without)."""
+    end = dataclasses.replace(STREAM_EVENTS[3], reasoning_tokens=reasoning_tokens)
+    body = completion_body(meta("chat"), list(STREAM_EVENTS[:3]), end)
+    usage_chunk = orjson.loads(ChunkRenderer(meta("chat", include_usage=True)).data(4, end) or b"")
+    for usage in (body["usage"], usage_chunk["usage"]):
+        details = None if reasoning_tokens is None else {"reasoning_tokens": reasoning_tokens}
+        assert usage.get("completion_tokens_details") == details

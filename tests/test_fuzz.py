@@ -54,6 +54,8 @@ def steer(case: Any, served: bool, request_id: str | None) -> bool:
             value = case.body.get(field)
             if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS:
                 case.body[field] = MAX_TOKENS
+        if "prompt" in case.body and not isinstance(case.body["prompt"], str):
+            case.body["prompt"] = "hi"  # the sim engine refuses a list of prompts and token ids (400) by name
     if served and case.query and "model" in case.query:
         case.query["model"] = MODEL
     if request_id is not None and case.path_parameters and "request_id" in case.path_parameters:

