@@ -187,7 +187,7 @@ MODEL_MAKER_NEEDS = ("torch", "transformers", "tokenizers", "safetensors")
 """What ``make-test-model`` writes a model with; vLLM brings all of them, and nothing else uses them."""
 
 
-def make_model(directory: Path) -> int:
+def make_model(directory: Path, *, multimodal: bool = False) -> int:
     """``make-test-model``: the model is for the vllm engine, so it needs what vLLM brings (torch is too large
     to make part of the default install for a test model); without it, say which extra installs it."""
     import importlib
@@ -203,7 +203,7 @@ def make_model(directory: Path) -> int:
             )
     from tokenspool.model_maker import make_test_model
 
-    print(make_test_model(directory))
+    print(make_test_model(directory, multimodal=multimodal))
     return 0
 
 
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("make-test-model", help="write a small random-weight Llama model for tests (offline)")
     model.add_argument("directory")
+    model.add_argument(
+        "--multimodal", action="store_true", help="a BLIP-2 around the same Llama: it takes image content parts"
+    )
 
     drain = sub.add_parser("drain", help="stop a worker: it finishes (or with --migrate hands over) its requests")
     drain.add_argument("worker_id")
@@ -342,5 +345,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "redis":
         return run_redis(args.port, args.dir, args.appendonly, args.cluster)
     if args.command == "make-test-model":
-        return make_model(Path(args.directory))
+        return make_model(Path(args.directory), multimodal=args.multimodal)
     return print_settings()

@@ -9,6 +9,13 @@ tokenizer with a chat template. The model's output is meaningless, but it is mad
 tool calls Hermes-style and reasoning Qwen-style, and
 the folder is byte-for-byte the same every time it is made, so tests and benchmarks are repeatable.
 
+``make_test_model(directory, multimodal=True)`` writes the multimodal sibling: the same Llama (and
+vocabulary, with ``<image>`` in place of the last made-up word) behind a tiny BLIP-2 vision tower and
+Q-Former, so image content parts run through vLLM's real multimodal path. BLIP-2 because it is the smallest
+vision-language architecture vLLM 0.32 serves on CPU without torchvision (which does not load beside vLLM's
+CPU torch, so the CPU install goes without it): vLLM's LLaVA, PaliGemma, Qwen2-VL and Gemma 3 all import
+``transformers``' Pixtral image processor, which needs it.
+
 The module imports nothing heavy: ``torch``, ``transformers``, ``tokenizers`` and ``safetensors``
 (all of which come with vLLM) are imported inside :func:`make_test_model`, so importing it costs
 nothing where vLLM is not installed.
@@ -72,6 +79,17 @@ calls Hermes-style (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
 (closing an empty ``<think> </think>`` when ``enable_thinking`` is false, as Qwen3's template does, and opening
 ``<think>`` when it is true, as thinking models' templates do: random weights never write ``<think>`` themselves, and
 vLLM's ``thinking_token_budget`` counts, and ends, only a reasoning the prompt opened)."""
+
+IMAGE_TOKEN: Final = "<image>"
+"""The multimodal model's image token (BLIP-2's, which vLLM looks up by this spelling); it takes the last
+made-up word's id, so both models have the same vocabulary size and ids."""
+IMAGE_SIZE: Final = 28
+PATCH_SIZE: Final = 14
+"""A 28 x 28 image in 14-pixel patches: four patches, the least work a vision tower can do."""
+NUM_QUERY_TOKENS: Final = 4
+"""Q-Former queries: each image becomes this many ``<image>`` tokens at the start of the prompt."""
+VISION_HIDDEN_SIZE: Final = 128
+"""Vision tower and Q-Former width: head size 64 with two heads, as for the language model."""
 
 _PUNCTUATION: Final = tuple(".,!?;:'\"-()[]{}_/&%$#@*+=<>")
 _DIGITS: Final = tuple("0123456789")
@@ -138,7 +156,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _write_tokenizer(directory: Path, vocabulary: list[str]) -> None:
+def _write_tokenizer(directory: Path, vocabulary: list[str], added_tokens: tuple[str, ...] = MARKUP_TOKENS) -> None:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` (with the chat template) and the special tokens map.
 
     The ``tokenizers`` pipeline: lowercase, split into words, digits and punctuation marks each with its
@@ -158,7 +176,7 @@ def _write_tokenizer(directory: Path, vocabulary: list[str]) -> None:
     )
     tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer.add_tokens([AddedToken(token, normalized=False) for token in MARKUP_TOKENS])
+    tokenizer.add_tokens([AddedToken(token, normalized=False) for token in added_tokens])
     (directory / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
 
     added_tokens_decoder = {
@@ -170,7 +188,7 @@ def _write_tokenizer(directory: Path, vocabulary: list[str]) -> None:
             "single_word": False,
             "special": token in SPECIAL_TOKENS,
         }
-        for token in (*SPECIAL_TOKENS, *MARKUP_TOKENS)
+        for token in (*SPECIAL_TOKENS, *added_tokens)
     }
     _write_json(
         directory / "tokenizer_config.json",
@@ -192,17 +210,9 @@ def _write_tokenizer(directory: Path, vocabulary: list[str]) -> None:
     )
 
 
-def _write_model(directory: Path, vocabulary: list[str]) -> None:
-    """Write ``config.json``, ``generation_config.json`` and ``model.safetensors`` (bfloat16, tied embeddings).
-
-    Weights are drawn tensor by tensor, in sorted name order, from one seeded ``torch.Generator``
-    rather than by the model's own initialisers, so the bytes depend on nothing but the seed and the
-    parameter names (not on global RNG state or on how a ``transformers`` release initialises).
-    They are stored as bfloat16 and the input embedding doubles as the output head, which keeps the
-    file around 0.8 MB.
-    """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def _text_config(vocabulary: list[str]) -> Any:
+    """The Llama config both models share (the multimodal one as its language model)."""
+    from transformers import LlamaConfig
 
     ids = {word: index for index, word in enumerate(vocabulary)}
     config = LlamaConfig(
@@ -222,19 +232,40 @@ def _write_model(directory: Path, vocabulary: list[str]) -> None:
         dtype="bfloat16",
     )
     config.architectures = ["LlamaForCausalLM"]
-    config.save_pretrained(directory)
+    return config
+
+
+def _write_generation_config(directory: Path, vocabulary: list[str]) -> None:
+    from transformers import GenerationConfig
+
+    ids = {word: index for index, word in enumerate(vocabulary)}
     GenerationConfig(bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD]).save_pretrained(directory)
 
+
+def _write_weights(directory: Path, model_class: Any, config: Any, tied_head: str) -> None:
+    """Write ``model.safetensors``: random bfloat16 weights for ``model_class(config)``, ``tied_head`` left out.
+
+    Weights are drawn tensor by tensor, in sorted name order, from one seeded ``torch.Generator``
+    rather than by the model's own initialisers, so the bytes depend on nothing but the seed and the
+    parameter names (not on global RNG state or on how a ``transformers`` release initialises). Norm
+    weights are ones and biases zeros (Llama has no biases); the input embedding doubles as the output
+    head (``tied_head``), which keeps the file around 0.8 MB.
+    """
+    import torch
+
     with torch.device("meta"):
-        skeleton = LlamaForCausalLM(config)
+        skeleton = model_class(config)
     shapes = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
-    shapes.pop("lm_head.weight", None)  # tied to model.embed_tokens.weight
+    shapes.pop(tied_head, None)
     generator = torch.Generator(device="cpu").manual_seed(WEIGHTS_SEED)
     tensors: dict[str, Any] = {}
     for name in sorted(shapes):
         shape = shapes[name]
-        if name.endswith("norm.weight"):
+        owner, _, kind = name.rpartition(".")
+        if kind == "weight" and "norm" in owner.rpartition(".")[2].lower():
             value = torch.ones(shape, dtype=torch.float32)
+        elif kind == "bias":
+            value = torch.zeros(shape, dtype=torch.float32)
         else:
             value = torch.randn(shape, generator=generator, dtype=torch.float32) * INIT_STD
         tensors[name] = value.to(torch.bfloat16).contiguous()
@@ -243,7 +274,72 @@ def _write_model(directory: Path, vocabulary: list[str]) -> None:
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
-def make_test_model(directory: Path) -> Path:
+def _write_model(directory: Path, vocabulary: list[str]) -> None:
+    """Write the Llama's ``config.json``, ``generation_config.json`` and ``model.safetensors``."""
+    from transformers import LlamaForCausalLM
+
+    config = _text_config(vocabulary)
+    config.save_pretrained(directory)
+    _write_generation_config(directory, vocabulary)
+    _write_weights(directory, LlamaForCausalLM, config, tied_head="lm_head.weight")
+
+
+def _write_multimodal_model(directory: Path, vocabulary: list[str]) -> None:
+    """Write a BLIP-2 (two-layer vision tower, one-layer Q-Former, the Llama as language model) and what its
+    processor reads: ``preprocessor_config.json`` (a 28 x 28 BLIP image processor) and
+    ``processor_config.json`` (the number of query tokens)."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig
+
+    vision = Blip2VisionConfig(
+        hidden_size=VISION_HIDDEN_SIZE,
+        intermediate_size=INTERMEDIATE_SIZE,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=NUM_HEADS,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=VISION_HIDDEN_SIZE,
+        intermediate_size=INTERMEDIATE_SIZE,
+        num_hidden_layers=1,
+        num_attention_heads=NUM_HEADS,
+        encoder_hidden_size=VISION_HIDDEN_SIZE,
+        vocab_size=2,  # the Q-Former's own word embedding is unused by BLIP-2 captioning
+    )
+    config = Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=_text_config(vocabulary).to_dict(),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=vocabulary.index(IMAGE_TOKEN),
+    )
+    config.tie_word_embeddings = True  # the language model's head is its input embedding, as in the Llama
+    config.architectures = ["Blip2ForConditionalGeneration"]
+    config.save_pretrained(directory)
+    _write_generation_config(directory, vocabulary)
+    _write_weights(directory, Blip2ForConditionalGeneration, config, tied_head="language_model.lm_head.weight")
+    _write_json(
+        directory / "preprocessor_config.json",
+        {
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_processor_type": "BlipImageProcessor",
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "resample": 3,
+            "rescale_factor": 1 / 255,
+            "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        },
+    )
+    _write_json(
+        directory / "processor_config.json",
+        {"num_query_tokens": NUM_QUERY_TOKENS, "processor_class": "Blip2Processor"},
+    )
+
+
+def make_test_model(directory: Path, *, multimodal: bool = False) -> Path:
     """Write the test model into ``directory`` (created if missing) and return it.
 
     The folder holds a Llama config (hidden size 128, 2 layers, 2 heads, 1 KV head, head_dim 64,
@@ -251,12 +347,22 @@ def make_test_model(directory: Path) -> Path:
     tokenizer whose ``tokenizer_config.json`` carries a Jinja chat template. It is under 1 MB, needs no
     network, and the same bytes come out on every call; point vLLM (or ``transformers``) at it like
     any downloaded model.
+
+    With ``multimodal``, the model is a BLIP-2 around that Llama (see the module's docstring): it takes
+    image content parts, each a 28 x 28 image (larger ones are resized) seen as four ``<image>`` tokens
+    put at the start of the prompt. The chat template is the same (vLLM passes a string-content template
+    the text parts joined, and places the image tokens itself). About 1 MB too.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocabulary = build_vocabulary()
-    _write_tokenizer(directory, vocabulary)
-    _write_model(directory, vocabulary)
+    if multimodal:
+        vocabulary[-1] = IMAGE_TOKEN
+        _write_tokenizer(directory, vocabulary, (*MARKUP_TOKENS, IMAGE_TOKEN))
+        _write_multimodal_model(directory, vocabulary)
+    else:
+        _write_tokenizer(directory, vocabulary)
+        _write_model(directory, vocabulary)
     return directory
 
 

@@ -438,8 +438,6 @@ class VllmEngine:
         come out the same (deterministic at temperature 0 or with a seed); either way the parsers first
         replay what was delivered.
         """
-        from vllm.inputs import tokens_input
-
         from tokenspool.worker.engines.vllm_openai import InvalidRequestError
 
         front_end = self._front_end
@@ -476,7 +474,7 @@ class VllmEngine:
             # One vLLM request per prompt, named as ``vllm serve`` names them.
             request_id = request.request_id if len(runs) == 1 else f"{request.request_id}-{place}"
             stream = self._engine.generate(
-                tokens_input(engine_prompt), run.params, request_id, **rendered.generate_kwargs
+                run.engine_input(engine_prompt), run.params, request_id, **rendered.generate_kwargs
             )
             streams.append(self._vllm_outputs(stream, request_id))
         async with contextlib.aclosing(_merged(streams)) as outputs:

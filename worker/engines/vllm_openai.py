@@ -33,6 +33,7 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
+from vllm.inputs import tokens_input
 from vllm.renderers.chat_utils import load_chat_template, make_tool_call_id
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -77,6 +78,16 @@ class PromptRun:
     in the reply's role, as vLLM's servers echo)."""
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
     """The prompt's logprobs, from its first output (a completion's ``echo`` with ``logprobs``)."""
+    media: dict[str, Any] | None = None
+    """A multimodal prompt's rendered input less its token ids (the processed images, their hashes and
+    placeholder positions), for the engine with whichever token ids it is given: the prompt's own, or the
+    prompt plus what was emitted (placeholders sit inside the prompt, so a continuation keeps them)."""
+
+    def engine_input(self, token_ids: list[int]) -> Any:
+        """The engine input for ``token_ids``: token ids alone, or with this prompt's media."""
+        if self.media is None:
+            return tokens_input(token_ids)
+        return {**self.media, "prompt_token_ids": token_ids}
 
 
 @dataclass(slots=True)
@@ -343,7 +354,10 @@ class OpenAIFrontEnd:
             except ValueError as exc:
                 raise InvalidRequestError(exc) from exc
             run_params.output_kind = RequestOutputKind.DELTA
-            runs.append(PromptRun(token_ids, run_params, echo))
+            media = None
+            if engine_input.get("type") == "multimodal":  # image parts, rendered by the model's processor
+                media = {key: value for key, value in engine_input.items() if key != "prompt_token_ids"}
+            runs.append(PromptRun(token_ids, run_params, echo, media=media))
         prompt_ids, params = runs[0].token_ids, runs[0].params
         generate_kwargs: dict[str, Any] = {"priority": request.priority}
         parser_cls = self.renderer.parser
