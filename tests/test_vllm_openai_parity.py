@@ -14,7 +14,6 @@ import importlib.util
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,8 @@ from tests.support import (
     wait_for,
     wait_for_model,
 )
+from tests.vllm_serve import vllm_serve as serve
 from tokenspool.client import Client
-from tokenspool.redis_server import free_port
 from tokenspool.shared import handover, keys, wire
 
 MODEL = "tiny-llama"
@@ -66,34 +65,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def vllm_serve(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "vllm-serve.log").open("wb")
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
-    argv += ["--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
-    argv += ["--port", str(port), "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-    argv += ["--reasoning-parser", REASONING_PARSER, "--default-chat-template-kwargs", DEFAULT_TEMPLATE_KWARGS]
-    argv += ["--reasoning-config", REASONING_CONFIG]
-    env = {**os.environ, **ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "1"}
-    proc = subprocess.Popen(["taskset", "-c", "1", *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        assert proc.poll() is None, "vllm serve exited; see its log"
-        try:
-            return httpx.get(url + "/v1/models", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(ready, 300, "vllm serve to answer", interval_s=1)
+    flags = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", REASONING_PARSER]
+    flags += ["--default-chat-template-kwargs", DEFAULT_TEMPLATE_KWARGS, "--reasoning-config", REASONING_CONFIG]
+    log_path = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
+    with serve(model_dir, MODEL, log_path, flags, ENGINE_ENV) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def start_worker(cluster: Cluster, model_dir: Path) -> Worker:
