@@ -26,6 +26,7 @@ import orjson
 import pytest
 
 from tests.support import EVENT_STREAM, Cluster, SSEEvent, Worker, iter_sse, read_stream, wait_for, wait_for_model
+from tests.vllm_serve import start_vllm_worker
 from tests.vllm_serve import vllm_serve as serve
 from tokenspool.shared import handover, keys, wire
 
@@ -86,18 +87,7 @@ def vllm_serve(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 def start_worker(cluster: Cluster, model_dir: Path) -> Worker:
     """A vLLM worker with the same model and flags as ``vllm serve`` (its engine on core 0)."""
-    return cluster.worker(
-        engine="vllm",
-        model=model_dir,
-        served_model_name=MODEL,
-        dtype="float32",
-        max_model_len=1024,
-        enforce_eager="true",
-        max_num_seqs=8,
-        wait=False,
-        engine_cpus="0",
-        env={**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0"},
-    )
+    return start_vllm_worker(cluster, model_dir, MODEL, ENGINE_ENV)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from tests.support import (
     wait_for,
     wait_for_model,
 )
+from tests.vllm_serve import start_vllm_worker
 from tests.vllm_serve import vllm_serve as serve
 from tokenspool.client import Client
 from tokenspool.shared import handover, keys, wire
@@ -74,22 +75,16 @@ def vllm_serve(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 def start_worker(cluster: Cluster, model_dir: Path) -> Worker:
     """A vLLM worker with the same model, template and parsers as ``vllm serve`` (its engine on core 0)."""
-    return cluster.worker(
-        engine="vllm",
-        model=model_dir,
-        served_model_name=MODEL,
-        dtype="float32",
-        max_model_len=1024,
-        enforce_eager="true",
-        max_num_seqs=8,
+    return start_vllm_worker(
+        cluster,
+        model_dir,
+        MODEL,
+        ENGINE_ENV,
         enable_auto_tool_choice="true",
         tool_call_parser="hermes",
         reasoning_parser=REASONING_PARSER,
         default_chat_template_kwargs=DEFAULT_TEMPLATE_KWARGS,
         reasoning_config=REASONING_CONFIG,
-        wait=False,
-        engine_cpus="0",
-        env={**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0"},
     )
 
 

@@ -1,5 +1,6 @@
 """``vllm serve`` as a differential tests' reference: started on a model folder, pinned to core 1 (the
-tokenspool worker's engine takes core 0), waited for, and stopped.
+tokenspool worker's engine takes core 0), waited for, and stopped; and the tokenspool vLLM worker it is
+compared with, started with the same engine flags.
 
 The vLLM parity modules compare tokenspool's answers with this server's for the same model and flags."""
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import wait_for
+from tests.support import Cluster, Worker, wait_for
 from tokenspool.redis_server import free_port
 
 
@@ -53,3 +54,23 @@ def vllm_serve(
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def start_vllm_worker(
+    cluster: Cluster, model_dir: Path, served_model_name: str, env: Mapping[str, str] = {}, **flags: str
+) -> Worker:
+    """A tokenspool vLLM worker with the engine flags :func:`vllm_serve` gives ``vllm serve`` (plus
+    ``flags``), its engine on core 0; not waited for (the gateway's wait for the model is)."""
+    return cluster.worker(
+        engine="vllm",
+        model=model_dir,
+        served_model_name=served_model_name,
+        dtype="float32",
+        max_model_len=1024,
+        enforce_eager="true",
+        max_num_seqs=8,
+        wait=False,
+        engine_cpus="0",
+        env={**env, "VLLM_CPU_OMP_THREADS_BIND": "0"},
+        **flags,
+    )
