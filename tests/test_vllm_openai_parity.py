@@ -288,9 +288,6 @@ REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-REFUSED_BY_THE_GATEWAY = {"max_tokens 0", "max_tokens 0 (stream)", "max_completion_tokens 0"}
-
-
 def comparable(answer: dict[str, Any]) -> dict[str, Any]:
     """The answer less what differs by design (ids, timestamps) and what vLLM adds as nulls."""
     choices = []
@@ -462,10 +459,8 @@ def test_what_vllm_refuses_is_refused_alike_before_any_event(vllm_serve: str, to
             answers[url] = (response.status_code, response.headers["content-type"].split(";")[0])
             if response.status_code != 200:
                 error = response.json()["error"]
-                answers[url] += (error["type"], error["message"], error["code"])
-                # The gateway's own refusals name the parameter as vLLM does; a worker's are stored without it.
-                if name in REFUSED_BY_THE_GATEWAY:
-                    answers[url] += (error["param"],)
+                # The parameter too: the gateway's own refusals name it as vLLM does, a worker's are stored with it.
+                answers[url] += (error["type"], error["message"], error["code"], error["param"])
     assert answers[tokenspool] == answers[vllm_serve]
     assert 400 <= answers[vllm_serve][0] < 500
 
@@ -549,15 +544,17 @@ CONTINUOUS_USAGE = {"include_usage": True, "continuous_usage_stats": True}
     [
         ("/v1/chat/completions", chat(stream=True, stream_options=CONTINUOUS_USAGE)),
         ("/v1/completions", completion(stream=True, stream_options=CONTINUOUS_USAGE)),
+        ("/v1/chat/completions", chat(**THINKING, stream=True, stream_options=CONTINUOUS_USAGE)),
     ],
-    ids=["chat", "completion"],
+    ids=["chat", "completion", "chat with reasoning"],
 )
 def test_continuous_usage_is_on_every_chunk_as_vllm_serve_sends_it(
     vllm_serve: str, tokenspool: str, path: str, body: dict[str, Any]
 ) -> None:
     """What guidellm asks for. Chunk boundaries may differ (engine steps), so what is compared is what does
     not depend on them: the first chunk's usage (a chat stream's role chunk: the prompt, nothing generated),
-    the last choice chunk's and the final usage chunk's; and that every chunk has a usage that only grows."""
+    the last choice chunk's and the final usage chunk's; and that every chunk has a usage that only grows.
+    With a reasoning parser every usage has ``completion_tokens_details`` (the reasoning tokens so far)."""
     seen = {}
     for url in (vllm_serve, tokenspool):
         opening: list[SSEEvent] = []
@@ -566,12 +563,21 @@ def test_continuous_usage_is_on_every_chunk_as_vllm_serve_sends_it(
             events = [e for e in iter_sse(response, opening) if isinstance(e, SSEEvent) and e.data != "[DONE]"]
         chunks = [orjson.loads(e.data) for e in opening + events]
         usages = [
-            (c["usage"]["prompt_tokens"], c["usage"]["completion_tokens"], c["usage"]["total_tokens"]) for c in chunks
+            (
+                c["usage"]["prompt_tokens"],
+                c["usage"]["completion_tokens"],
+                c["usage"]["total_tokens"],
+                c["usage"].get("completion_tokens_details"),
+            )
+            for c in chunks
         ]
         assert [u[1] for u in usages] == sorted(u[1] for u in usages), url
+        assert len({u[3] is None for u in usages}) == 1, f"details on some chunks only: {url}"
         last_choice = max(i for i, c in enumerate(chunks) if c["choices"])
         seen[url] = (usages[0], usages[last_choice], chunks[-1]["choices"], usages[-1])
     assert seen[tokenspool] == seen[vllm_serve]
+    if "chat_template_kwargs" in body:
+        assert seen[vllm_serve][1][3]["reasoning_tokens"] > 0, "the case reasons"
 
 
 # -- durable like plain text: cut, resumed elsewhere, taken over -------------------------------------------
