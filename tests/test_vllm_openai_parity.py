@@ -193,6 +193,9 @@ CORPUS: dict[str, dict[str, Any]] = {
     "reasoning only (thinking never ends)": chat(chat_template_kwargs={"enable_thinking": True}),
     "reasoning by reasoning_effort": chat(reasoning_effort="low", thinking_token_budget=4),
     "reasoning, include_reasoning false": chat(**THINKING, include_reasoning=False),
+    "logprobs of a reasoning, include_reasoning false (vLLM hides them)": chat(
+        **THINKING, include_reasoning=False, logprobs=True, top_logprobs=1
+    ),
     "reasoning + tools required": chat(**THINKING, tools=[SHORT_CITY_TOOL], **REQUIRED, max_tokens=60),
     "reasoning + tools named": chat(**THINKING, tools=[WEATHER], tool_choice=NAMED, max_tokens=40),
     "reasoning + tools auto": chat(**THINKING, tools=[WEATHER], tool_choice="auto"),
@@ -840,6 +843,7 @@ RESPONSES_CORPUS: dict[str, dict[str, Any]] = {
         ],
         tools=[WEATHER_TOOL],
     ),
+    "reasoning effort (reasoning only, counted)": responses(reasoning={"effort": "low"}),
 }
 
 
@@ -882,6 +886,10 @@ def test_responses_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str)
     assert response_output(mine) == response_output(vllm)
     assert mine["usage"]["input_tokens"] == vllm["usage"]["input_tokens"]
     assert mine["usage"]["output_tokens"] == vllm["usage"]["output_tokens"]
+    reasoning_tokens = vllm["usage"]["output_tokens_details"]["reasoning_tokens"]
+    assert mine["usage"]["output_tokens_details"]["reasoning_tokens"] == reasoning_tokens
+    if name.startswith("reasoning"):
+        assert reasoning_tokens > 0, "the case reasons"
     if name == "tool named":
         assert response_output(mine)[0][0] == "function_call"
     our_kinds, our_output = streamed_response(tokenspool, body)

@@ -126,8 +126,12 @@ class Rendered:
     def shown_logprobs(self) -> int | None:
         """How many of a position's candidates (vLLM's map: the sampled token, then the top ones) its logprobs
         show, as vLLM's servers show them: a chat ``top_logprobs`` of them, a completion ``logprobs + 1`` (the
-        sampled token besides the top ones, OpenAI's rule); all for -1; None: no logprobs."""
+        sampled token besides the top ones, OpenAI's rule); all for -1; None: no logprobs. A chat read by
+        parsers without its reasoning (``include_reasoning: false``) shows none, streamed or not, as vLLM's chat
+        server hides them then (their tokens would spell the reasoning)."""
         top = self.params.logprobs
+        if isinstance(self.request, ChatCompletionRequest) and self.parsers and not self.request.include_reasoning:
+            return None
         if top is None or top < 0 or isinstance(self.request, ChatCompletionRequest):
             return top
         return top + 1
