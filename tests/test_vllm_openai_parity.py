@@ -193,7 +193,7 @@ CORPUS: dict[str, dict[str, Any]] = {
     "reasoning only (thinking never ends)": chat(chat_template_kwargs={"enable_thinking": True}),
     "reasoning by reasoning_effort": chat(reasoning_effort="low", thinking_token_budget=4),
     "reasoning, include_reasoning false": chat(**THINKING, include_reasoning=False),
-    "logprobs of a reasoning, include_reasoning false (vLLM hides them)": chat(
+    "reasoning with logprobs, include_reasoning false (vLLM hides them)": chat(
         **THINKING, include_reasoning=False, logprobs=True, top_logprobs=1
     ),
     "reasoning + tools required": chat(**THINKING, tools=[SHORT_CITY_TOOL], **REQUIRED, max_tokens=60),
@@ -317,8 +317,9 @@ def alternatives(entry: dict[str, Any]) -> list[tuple[str, float]]:
 
 def fold(events: list[SSEEvent]) -> dict[int, dict[str, Any]]:
     """Stream events folded into per-choice content, reasoning, tool calls and finish reasons (and token ids,
-    where the stream shows them)."""
+    where the stream shows them; and whether it shows logprobs, where it does)."""
     deltas = []
+    with_logprobs: set[int] = set()
     token_ids: dict[int, list[int]] = {}
     prompt_token_ids: dict[int, list[int]] = {}
     for event in events:
@@ -330,6 +331,8 @@ def fold(events: list[SSEEvent]) -> dict[int, dict[str, Any]]:
         for choice in chunk["choices"]:
             if choice.get("token_ids") is not None:
                 token_ids.setdefault(choice["index"], []).extend(choice["token_ids"])
+            if choice.get("logprobs"):
+                with_logprobs.add(choice["index"])
             if chunk.get("prompt_token_ids"):
                 prompt_token_ids[choice["index"]] = chunk["prompt_token_ids"]
     folded = fold_deltas(deltas)
@@ -337,6 +340,8 @@ def fold(events: list[SSEEvent]) -> dict[int, dict[str, Any]]:
         folded[index]["token_ids"] = ids
     for index, ids in prompt_token_ids.items():
         folded[index]["prompt_token_ids"] = ids
+    for index in with_logprobs:
+        folded[index]["logprobs"] = True
     return folded
 
 
