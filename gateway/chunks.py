@@ -112,8 +112,8 @@ def merged_tool_calls(events: list[wire.Event]) -> list[dict[str, Any]]:
     return [calls[index] for index in sorted(calls)]
 
 
-def error_body(error_type: str, message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": None, "code": error_type}}
+def error_body(error_type: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": error_type}}
 
 
 class ChunkRenderer:
@@ -145,7 +145,8 @@ class ChunkRenderer:
         self._continuous_usage = meta.continuous_usage and meta.stream_format in ("chat", "completion")
         """Every chunk carries the usage so far, from its event (``stream_options.continuous_usage_stats``):
         the role chunks the prompt's tokens and none generated, a delta its choice's tokens so far (the
-        worker stores both on the deltas of such a request), as ``vllm serve`` sends them."""
+        worker stores both on the deltas of such a request, and with a reasoning parser the choice's reasoning
+        tokens so far, its ``completion_tokens_details``), as ``vllm serve`` sends them."""
         if meta.stream_format == "chat":
             head = orjson.dumps({**self._base, "object": "chat.completion.chunk"})[:-1]
             # With continuous usage, the usage and the closing brace follow per event (``_usage_tail``).
@@ -199,12 +200,14 @@ class ChunkRenderer:
         if not (self._continuous_usage or self.meta.token_ids):
             return self._role_frames
         ids = b',"prompt_token_ids":' + orjson.dumps(event.prompt_token_ids) if self.meta.token_ids else b""
-        tail = self._usage_tail(event.prompt_tokens, 0) if self._continuous_usage else self._role_tail
+        tail = self._role_tail
+        if self._continuous_usage:  # none generated yet; with a reasoning parser (the event's count), no reasoning
+            tail = self._usage_tail(event.prompt_tokens, 0, None if event.reasoning_tokens is None else 0)
         return b"".join(data_frame(chunk + ids + tail) for chunk in self._role_chunks)
 
     @staticmethod
-    def _usage_tail(prompt_tokens: int, completion_tokens: int) -> bytes:
-        return b',"usage":' + orjson.dumps(usage_body(prompt_tokens, completion_tokens)) + b"}"
+    def _usage_tail(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None) -> bytes:
+        return b',"usage":' + orjson.dumps(usage_body(prompt_tokens, completion_tokens, reasoning_tokens)) + b"}"
 
     def done_frame(self) -> bytes:
         """``[DONE]``, after the terminal event was rendered. With ids, it carries the terminal event's id when
@@ -222,7 +225,7 @@ class ChunkRenderer:
         if event.kind == "handover":
             return None
         if event.kind == "error":
-            body = error_body(event.error_type, event.message)
+            body = error_body(event.error_type, event.message, event.param or None)
             if self.meta.stream_format == "simple":
                 body["done"] = True
             return orjson.dumps(body)
@@ -245,7 +248,7 @@ class ChunkRenderer:
                         plain[0]
                         + orjson.dumps(event.text)
                         + plain[1]
-                        + self._usage_tail(event.prompt_tokens, event.completion_tokens)
+                        + self._usage_tail(event.prompt_tokens, event.completion_tokens, event.reasoning_tokens)
                     )
                 return plain[0] + orjson.dumps(event.text) + plain[1]
             choice: dict[str, Any] = {
@@ -270,7 +273,7 @@ class ChunkRenderer:
                 choice["token_ids"] = event.token_ids
         chunk = {**self._base, "object": self._object(), "choices": [choice]}
         if self._continuous_usage:
-            chunk["usage"] = usage_body(event.prompt_tokens, event.completion_tokens)
+            chunk["usage"] = usage_body(event.prompt_tokens, event.completion_tokens, event.reasoning_tokens)
         elif self.meta.include_usage:
             chunk["usage"] = None
         return orjson.dumps(chunk)

@@ -80,11 +80,11 @@ answers with), and the status ``vllm serve`` gives each."""
 def engine_refusal(event: wire.Event) -> APIError | None:
     """The HTTP error ``vllm serve`` would have answered, when a request's first stored event says the
     engine refused it (a ``wire.Event`` of kind ``error`` with one of :data:`ENGINE_REFUSALS`' types); the
-    body is vLLM's (``code`` is the status)."""
+    body is vLLM's (``code`` is the status, ``param`` the parameter vLLM named)."""
     status = ENGINE_REFUSALS.get(event.error_type) if event.kind == "error" else None
     if status is None:
         return None
-    return APIError(status, event.message, error_type=event.error_type, code=status)
+    return APIError(status, event.message, error_type=event.error_type, param=event.param or None, code=status)
 
 
 def no_tokens() -> APIError:

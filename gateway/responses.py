@@ -498,7 +498,8 @@ class ResponseRenderer:
                 input_tokens=event.prompt_tokens,
                 input_tokens_details=InputTokensDetails(cached_tokens=0, cache_write_tokens=0),
                 output_tokens=event.completion_tokens,
-                output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
+                # vLLM counts them with its parser (the worker stored its count; none without a parser: 0).
+                output_tokens_details=OutputTokensDetails(reasoning_tokens=event.reasoning_tokens or 0),
                 total_tokens=event.prompt_tokens + event.completion_tokens,
             )
             if event.finish_reason == "length":

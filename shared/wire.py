@@ -124,12 +124,16 @@ class Event:
     request that is not streamed (JSON: ``content``, ``reasoning``, ``tool_calls``, ``finish_reason``), which
     vLLM builds by parsing the whole output again and which the streamed pieces do not always add up to."""
     reasoning_tokens: int | None = None
-    """On ``end``, when the worker's vLLM has a reasoning parser: the reasoning tokens of every choice, which
-    vLLM's usage reports as ``completion_tokens_details`` (None: no details, as vLLM without one)."""
+    """When the worker's vLLM has a reasoning parser, on ``end``: the reasoning tokens of every choice, which
+    vLLM's usage reports as ``completion_tokens_details`` (None: no details, as vLLM without one); on each
+    delta of a request with usage on every chunk: its choice's reasoning tokens so far."""
     prompt_token_ids: tuple[int, ...] = ()
     """The prompt's token ids, on each choice's first delta of a request that asked for them
     (``return_token_ids``) or of a completion that echoes its prompt: the gateway shows them where vLLM's
     servers do."""
+    param: str = ""
+    """On ``error``: the request parameter the refusal names, as ``vllm serve``'s error body names it (its
+    ``param``; empty: none)."""
 
     @property
     def terminal(self) -> bool:
@@ -244,6 +248,7 @@ def encode(payload: Payload) -> bytes:
             payload.answer,
             0 if payload.reasoning_tokens is None else payload.reasoning_tokens + 1,  # 0 (dropped): None
             list(payload.prompt_token_ids),
+            payload.param,
         ]
         while optional and not optional[-1]:
             optional.pop()
@@ -294,6 +299,8 @@ def decode(data: bytes, kind: type[P]) -> P:
                 event = dataclasses.replace(event, reasoning_tokens=extra[6] - 1)
             if len(extra) > 7:
                 event = dataclasses.replace(event, prompt_token_ids=tuple(extra[7]))
+            if len(extra) > 8:
+                event = dataclasses.replace(event, param=extra[8])
             return event  # type: ignore[return-value]
         if kind is Job:
             request_id, job_kind, model, prompt, messages, sampling, created_s, enqueued_ms = fields[:8]

@@ -185,6 +185,27 @@ def test_a_plain_chat_delta_with_continuous_usage_renders_exactly_as_the_full_ch
     assert ChunkRenderer(continuous_meta("chat")).data(2, event) == orjson.dumps(chunk)
 
 
+def test_continuous_usage_with_a_reasoning_parser_counts_the_reasoning_so_far_on_every_chunk() -> None:
+    """vLLM's chat server gives every chunk's usage ``completion_tokens_details`` when it has a reasoning
+    parser: 0 on the role chunk, each choice's reasoning tokens so far on its deltas (stored on them)."""
+    events = [
+        wire.Event("delta", "", (1,), prompt_tokens=5, completion_tokens=1, reasoning="hm", reasoning_tokens=1),
+        wire.Event("delta", "Hi", (2, 3), prompt_tokens=5, completion_tokens=3, reasoning_tokens=1),
+        wire.Event("delta", "", (4,), finish_reason="stop", prompt_tokens=5, completion_tokens=4, reasoning_tokens=1),
+        wire.Event("end", finish_reason="stop", prompt_tokens=5, completion_tokens=4, reasoning_tokens=1),
+    ]
+    items = [(seq, wire.encode(event)) for seq, event in enumerate(events, start=1)]
+    chunks = [orjson.loads(e.data) for e in parse_sse(ChunkRenderer(continuous_meta("chat")).frames(items))[0]]
+    details = [c["usage"]["completion_tokens_details"] for c in chunks]
+    assert details == [{"reasoning_tokens": 0}] + [{"reasoning_tokens": 1}] * 4
+
+
+def test_an_engine_refusal_streamed_names_its_parameter() -> None:
+    refusal = wire.Event("error", error_type="BadRequestError", message="n must be 1", param="n")
+    body = orjson.loads(ChunkRenderer(meta("chat")).data(1, refusal) or b"")
+    assert body["error"]["param"] == "n"
+
+
 def test_completion_rendering_uses_text_choices() -> None:
     renderer = ChunkRenderer(meta("completion"))
     chunk = orjson.loads(renderer.data(1, STREAM_EVENTS[0]) or b"")

@@ -359,7 +359,7 @@ def test_reasoning_text_and_tool_calls_render_as_vllm_streams_them() -> None:
         wire.Event("delta", tool_calls=json.dumps(more)),
         wire.Event("handover", message="continued"),
         wire.Event("delta", tool_calls=json.dumps(second), finish_reason="tool_calls"),
-        wire.Event("end", finish_reason="tool_calls", prompt_tokens=4, completion_tokens=9),
+        wire.Event("end", finish_reason="tool_calls", prompt_tokens=4, completion_tokens=9, reasoning_tokens=2),
     ]
     events = rendered(stored)
     assert [event["sequence_number"] for event in events] == list(range(len(events)))
@@ -400,6 +400,8 @@ def test_reasoning_text_and_tool_calls_render_as_vllm_streams_them() -> None:
         "status": "completed",
     }
     assert output[3]["call_id"] == "call_2" and output[3]["arguments"] == "{}"
+    # The reasoning tokens the worker's parser counted (vLLM's usage counts them likewise).
+    assert events[-1]["response"]["usage"]["output_tokens_details"]["reasoning_tokens"] == 2
     # The same stored events give the same events, ids included, wherever and whenever they are rendered.
     assert rendered(stored) == events
 

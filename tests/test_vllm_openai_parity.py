@@ -193,6 +193,9 @@ CORPUS: dict[str, dict[str, Any]] = {
     "reasoning only (thinking never ends)": chat(chat_template_kwargs={"enable_thinking": True}),
     "reasoning by reasoning_effort": chat(reasoning_effort="low", thinking_token_budget=4),
     "reasoning, include_reasoning false": chat(**THINKING, include_reasoning=False),
+    "reasoning with logprobs, include_reasoning false (vLLM hides them)": chat(
+        **THINKING, include_reasoning=False, logprobs=True, top_logprobs=1
+    ),
     "reasoning + tools required": chat(**THINKING, tools=[SHORT_CITY_TOOL], **REQUIRED, max_tokens=60),
     "reasoning + tools named": chat(**THINKING, tools=[WEATHER], tool_choice=NAMED, max_tokens=40),
     "reasoning + tools auto": chat(**THINKING, tools=[WEATHER], tool_choice="auto"),
@@ -288,9 +291,6 @@ REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-REFUSED_BY_THE_GATEWAY = {"max_tokens 0", "max_tokens 0 (stream)", "max_completion_tokens 0"}
-
-
 def comparable(answer: dict[str, Any]) -> dict[str, Any]:
     """The answer less what differs by design (ids, timestamps) and what vLLM adds as nulls."""
     choices = []
@@ -317,8 +317,9 @@ def alternatives(entry: dict[str, Any]) -> list[tuple[str, float]]:
 
 def fold(events: list[SSEEvent]) -> dict[int, dict[str, Any]]:
     """Stream events folded into per-choice content, reasoning, tool calls and finish reasons (and token ids,
-    where the stream shows them)."""
+    where the stream shows them; and whether it shows logprobs, where it does)."""
     deltas = []
+    with_logprobs: set[int] = set()
     token_ids: dict[int, list[int]] = {}
     prompt_token_ids: dict[int, list[int]] = {}
     for event in events:
@@ -330,6 +331,8 @@ def fold(events: list[SSEEvent]) -> dict[int, dict[str, Any]]:
         for choice in chunk["choices"]:
             if choice.get("token_ids") is not None:
                 token_ids.setdefault(choice["index"], []).extend(choice["token_ids"])
+            if choice.get("logprobs"):
+                with_logprobs.add(choice["index"])
             if chunk.get("prompt_token_ids"):
                 prompt_token_ids[choice["index"]] = chunk["prompt_token_ids"]
     folded = fold_deltas(deltas)
@@ -337,6 +340,8 @@ def fold(events: list[SSEEvent]) -> dict[int, dict[str, Any]]:
         folded[index]["token_ids"] = ids
     for index, ids in prompt_token_ids.items():
         folded[index]["prompt_token_ids"] = ids
+    for index in with_logprobs:
+        folded[index]["logprobs"] = True
     return folded
 
 
@@ -462,10 +467,8 @@ def test_what_vllm_refuses_is_refused_alike_before_any_event(vllm_serve: str, to
             answers[url] = (response.status_code, response.headers["content-type"].split(";")[0])
             if response.status_code != 200:
                 error = response.json()["error"]
-                answers[url] += (error["type"], error["message"], error["code"])
-                # The gateway's own refusals name the parameter as vLLM does; a worker's are stored without it.
-                if name in REFUSED_BY_THE_GATEWAY:
-                    answers[url] += (error["param"],)
+                # The parameter too: the gateway's own refusals name it as vLLM does, a worker's are stored with it.
+                answers[url] += (error["type"], error["message"], error["code"], error["param"])
     assert answers[tokenspool] == answers[vllm_serve]
     assert 400 <= answers[vllm_serve][0] < 500
 
@@ -549,15 +552,17 @@ CONTINUOUS_USAGE = {"include_usage": True, "continuous_usage_stats": True}
     [
         ("/v1/chat/completions", chat(stream=True, stream_options=CONTINUOUS_USAGE)),
         ("/v1/completions", completion(stream=True, stream_options=CONTINUOUS_USAGE)),
+        ("/v1/chat/completions", chat(**THINKING, stream=True, stream_options=CONTINUOUS_USAGE)),
     ],
-    ids=["chat", "completion"],
+    ids=["chat", "completion", "chat with reasoning"],
 )
 def test_continuous_usage_is_on_every_chunk_as_vllm_serve_sends_it(
     vllm_serve: str, tokenspool: str, path: str, body: dict[str, Any]
 ) -> None:
     """What guidellm asks for. Chunk boundaries may differ (engine steps), so what is compared is what does
     not depend on them: the first chunk's usage (a chat stream's role chunk: the prompt, nothing generated),
-    the last choice chunk's and the final usage chunk's; and that every chunk has a usage that only grows."""
+    the last choice chunk's and the final usage chunk's; and that every chunk has a usage that only grows.
+    With a reasoning parser every usage has ``completion_tokens_details`` (the reasoning tokens so far)."""
     seen = {}
     for url in (vllm_serve, tokenspool):
         opening: list[SSEEvent] = []
@@ -566,12 +571,21 @@ def test_continuous_usage_is_on_every_chunk_as_vllm_serve_sends_it(
             events = [e for e in iter_sse(response, opening) if isinstance(e, SSEEvent) and e.data != "[DONE]"]
         chunks = [orjson.loads(e.data) for e in opening + events]
         usages = [
-            (c["usage"]["prompt_tokens"], c["usage"]["completion_tokens"], c["usage"]["total_tokens"]) for c in chunks
+            (
+                c["usage"]["prompt_tokens"],
+                c["usage"]["completion_tokens"],
+                c["usage"]["total_tokens"],
+                c["usage"].get("completion_tokens_details"),
+            )
+            for c in chunks
         ]
         assert [u[1] for u in usages] == sorted(u[1] for u in usages), url
+        assert len({u[3] is None for u in usages}) == 1, f"details on some chunks only: {url}"
         last_choice = max(i for i, c in enumerate(chunks) if c["choices"])
         seen[url] = (usages[0], usages[last_choice], chunks[-1]["choices"], usages[-1])
     assert seen[tokenspool] == seen[vllm_serve]
+    if "chat_template_kwargs" in body:
+        assert seen[vllm_serve][1][3]["reasoning_tokens"] > 0, "the case reasons"
 
 
 # -- durable like plain text: cut, resumed elsewhere, taken over -------------------------------------------
@@ -834,6 +848,7 @@ RESPONSES_CORPUS: dict[str, dict[str, Any]] = {
         ],
         tools=[WEATHER_TOOL],
     ),
+    "reasoning effort (reasoning only, counted)": responses(reasoning={"effort": "low"}),
 }
 
 
@@ -876,6 +891,10 @@ def test_responses_equal_vllm_serve(vllm_serve: str, tokenspool: str, name: str)
     assert response_output(mine) == response_output(vllm)
     assert mine["usage"]["input_tokens"] == vllm["usage"]["input_tokens"]
     assert mine["usage"]["output_tokens"] == vllm["usage"]["output_tokens"]
+    reasoning_tokens = vllm["usage"]["output_tokens_details"]["reasoning_tokens"]
+    assert mine["usage"]["output_tokens_details"]["reasoning_tokens"] == reasoning_tokens
+    if name.startswith("reasoning"):
+        assert reasoning_tokens > 0, "the case reasons"
     if name == "tool named":
         assert response_output(mine)[0][0] == "function_call"
     our_kinds, our_output = streamed_response(tokenspool, body)

@@ -72,6 +72,7 @@ def worker_info() -> wire.WorkerInfo:
         wire.Event("end", finish_reason="stop", prompt_tokens=3, completion_tokens=4, reasoning_tokens=0),
         wire.Event("end", finish_reason="stop", prompt_tokens=3, completion_tokens=4, reasoning_tokens=2),
         wire.Event("delta", "a", (4,), index=1, prompt_token_ids=(1, 20, 21)),
+        wire.Event("error", error_type="BadRequestError", message="n must be 1", param="n"),
         worker_info(),
         dataclasses.replace(worker_info(), unsupported=(), owned_by="tokenspool"),
     ],
@@ -97,6 +98,15 @@ def test_wire_round_trip_keeps_tuples_hashable() -> None:
 def test_wire_event_with_a_few_tokens_is_under_40_bytes() -> None:
     data = wire.encode(wire.Event("delta", " lantern", (1734, 29871, 13)))
     assert len(data) < 40
+
+
+def test_an_error_event_without_a_param_is_stored_as_before_it_had_one() -> None:
+    """The parameter a refusal names is an optional trailing field: an error event without one (every error
+    but vLLM's refusals) is the eight fields it always was."""
+    plain = wire.Event("error", error_type="cancelled", message="cancelled by the client")
+    assert msgpack.unpackb(wire.encode(plain)) == [1, 2, "error", "", [], None, 0, 0, "cancelled", plain.message]
+    named = dataclasses.replace(plain, error_type="BadRequestError", param="n")
+    assert wire.decode(wire.encode(named), wire.Event).param == "n"
 
 
 def test_wire_decode_rejects_another_version() -> None:

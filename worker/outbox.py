@@ -66,9 +66,12 @@ class Ending:
         )
 
     @classmethod
-    def failed(cls, error_type: str, message: str, state: RequestState = "failed") -> Ending:
-        """The request ends with an error event (``state`` "cancelled" for a cancellation)."""
-        return cls(wire.Event("error", error_type=error_type, message=message), FinalState(state, error=message))
+    def failed(cls, error_type: str, message: str, state: RequestState = "failed", *, param: str = "") -> Ending:
+        """The request ends with an error event (``state`` "cancelled" for a cancellation; ``param``: the
+        request parameter a refusal names)."""
+        return cls(
+            wire.Event("error", error_type=error_type, message=message, param=param), FinalState(state, error=message)
+        )
 
     @classmethod
     def cancelled(cls, message: str = "cancelled by the client") -> Ending:

@@ -141,7 +141,7 @@ class RequestRunner:
         if isinstance(failure, RequestLostError):
             return None
         if isinstance(failure, EngineError):
-            return Ending.failed(failure.error_type, str(failure))
+            return Ending.failed(failure.error_type, str(failure), param=failure.param)
         if isinstance(failure, EngineDeadError):
             log.error("engine died while running %s: %s", job.request_id, failure, extra=about(job.request_id))
             self.running.close(failure)  # the worker stops; the entry stays pending for another worker
@@ -183,7 +183,7 @@ class RequestRunner:
         for event in emitted:
             text_offsets[event.index] = text_offsets.get(event.index, 0) + _spelled(event.logprobs)
         finish_reason = "stop"
-        reasoning_tokens: int | None = None
+        reasoning_by_choice: dict[int, int] = {}  # each choice's reasoning tokens so far (a reasoning parser's)
         wants_logprobs = job.sampling.logprobs is not None
         # Choices a previous holder finished before it died (their last token came with the finish): the
         # engine, run again, still reports the prompt's length, and no second finish is streamed.
@@ -202,7 +202,7 @@ class RequestRunner:
                 if delta.finish_reason:
                     finish_reason = delta.finish_reason
                 if delta.reasoning_tokens is not None:
-                    reasoning_tokens = (reasoning_tokens or 0) + delta.reasoning_tokens
+                    reasoning_by_choice[delta.index] = delta.reasoning_tokens
                 if delta.text or delta.token_ids or (delta.finish_reason and delta.index not in finished_before):
                     event = wire.Event(
                         "delta",
@@ -221,7 +221,12 @@ class RequestRunner:
                         text_offsets[delta.index] = offset + _spelled(delta.logprobs)
                     if choice_tokens is not None:
                         so_far = choice_tokens[delta.index] = choice_tokens.get(delta.index, 0) + len(delta.token_ids)
-                        event = dataclasses.replace(event, prompt_tokens=delta.prompt_tokens, completion_tokens=so_far)
+                        event = dataclasses.replace(
+                            event,
+                            prompt_tokens=delta.prompt_tokens,
+                            completion_tokens=so_far,
+                            reasoning_tokens=delta.reasoning_tokens,
+                        )
                     await self.outbox.put(entry, event)
                     if generated is not None:
                         generated.append(delta.text)
@@ -229,6 +234,7 @@ class RequestRunner:
             await stream.aclose()  # type: ignore[attr-defined]
         if generated is not None:
             log.info("request %s output: %s", job.request_id, content("".join(generated)), extra=about(job.request_id))
+        reasoning_tokens = sum(reasoning_by_choice.values()) if reasoning_by_choice else None
         return Ending.finished(finish_reason, prompt_tokens, completion_tokens, reasoning_tokens)
 
 

@@ -16,6 +16,8 @@ class EngineError(Exception):
     worker goes on."""
 
     error_type: str = "engine_error"
+    param: str = ""
+    """The request parameter the refusal names (vLLM's error ``param``), stored with the error event."""
 
 
 class EngineDeadError(Exception):
@@ -67,7 +69,8 @@ class EngineDelta:
     """On a choice's last delta, with a parser: the choice as a request that is not streamed gets it (JSON,
     see :class:`~tokenspool.shared.wire.Event`)."""
     reasoning_tokens: int | None = None
-    """On a choice's last delta, with a reasoning parser: the choice's reasoning tokens (usage details)."""
+    """With a reasoning parser, on a choice's last delta (and on every delta of a request with usage on every
+    chunk): the choice's reasoning tokens so far (usage details)."""
     request_prompt_tokens: int = 0
     """The tokens of all the request's prompts, when it has several (a completion with a list of prompts:
     ``prompt_tokens`` is then this choice's prompt, and the request's usage counts them all); 0 otherwise."""

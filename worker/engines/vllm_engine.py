@@ -508,7 +508,14 @@ class VllmEngine:
                     parsed = rendered.parse(index, text, token_ids, reason)
                     if parsed is None and echoed[index]:
                         # Held back by a parser: the tokens are still stored, so a takeover replays them.
-                        yield EngineDelta("", tuple(token_ids), None, prompt_tokens, index=index)
+                        yield EngineDelta(
+                            "",
+                            tuple(token_ids),
+                            None,
+                            prompt_tokens,
+                            index=index,
+                            reasoning_tokens=rendered.reasoning_tokens(index, False),
+                        )
                         continue
                     content, reasoning, tool_calls, finish, answer = parsed or ("", "", "", None, "")
                     logprobs = _token_logprobs(completion, rendered.shown_logprobs) if parsed else ()
@@ -529,7 +536,7 @@ class VllmEngine:
                         reasoning=reasoning,
                         tool_calls=tool_calls,
                         answer=answer,
-                        reasoning_tokens=rendered.reasoning_tokens(index) if finish else None,
+                        reasoning_tokens=rendered.reasoning_tokens(index, finish is not None),
                         request_prompt_tokens=request_prompt_tokens,
                         prompt_token_ids=prompt_token_ids,
                     )

@@ -52,6 +52,7 @@ class InvalidRequestError(EngineError):
         error = (problem if isinstance(problem, ErrorResponse) else create_error_response(problem)).error
         super().__init__(error.message)
         self.error_type = error.type
+        self.param = error.param or ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +126,12 @@ class Rendered:
     def shown_logprobs(self) -> int | None:
         """How many of a position's candidates (vLLM's map: the sampled token, then the top ones) its logprobs
         show, as vLLM's servers show them: a chat ``top_logprobs`` of them, a completion ``logprobs + 1`` (the
-        sampled token besides the top ones, OpenAI's rule); all for -1; None: no logprobs."""
+        sampled token besides the top ones, OpenAI's rule); all for -1; None: no logprobs. A chat read by
+        parsers without its reasoning (``include_reasoning: false``) shows none, streamed or not, as vLLM's chat
+        server hides them then (their tokens would spell the reasoning)."""
         top = self.params.logprobs
+        if isinstance(self.request, ChatCompletionRequest) and self.parsers and not self.request.include_reasoning:
+            return None
         if top is None or top < 0 or isinstance(self.request, ChatCompletionRequest):
             return top
         return top + 1
@@ -234,10 +239,14 @@ class Rendered:
             return ""
         return json.dumps({**body, "finish_reason": choice.finish_reason}, separators=(",", ":"))
 
-    def reasoning_tokens(self, index: int) -> int | None:
-        """The choice's reasoning tokens so far, as vLLM counts them for ``usage.completion_tokens_details``
-        (only with a reasoning parser: None otherwise)."""
+    def reasoning_tokens(self, index: int, finished: bool) -> int | None:
+        """The choice's reasoning tokens so far, as vLLM counts them for ``usage.completion_tokens_details``:
+        at its end, and at every step of a request with usage on every chunk (``continuous_usage_stats``,
+        whose chunks vLLM gives the count so far); only with a reasoning parser, None otherwise."""
         if not self.parsers or self.parsers[index].reasoning_parser is None:
+            return None
+        options = self.request.stream_options
+        if not (finished or (options is not None and options.include_usage and options.continuous_usage_stats)):
             return None
         return int(self.parsers[index].count_reasoning_tokens(self.emitted[index]))
 
