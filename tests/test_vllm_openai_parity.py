@@ -560,7 +560,8 @@ def test_continuous_usage_is_on_every_chunk_as_vllm_serve_sends_it(
     vllm_serve: str, tokenspool: str, path: str, body: dict[str, Any]
 ) -> None:
     """What guidellm asks for. Chunk boundaries may differ (engine steps), so what is compared is what does
-    not depend on them: the first chunk's usage (a chat stream's role chunk: the prompt, nothing generated),
+    not depend on them: the first chunk's usage (a chat stream's role chunk: the prompt, nothing generated; a
+    completion stream's first chunk: only its prompt count, since how many tokens it holds is the engine's step),
     the last choice chunk's and the final usage chunk's; and that every chunk has a usage that only grows.
     With a reasoning parser every usage has ``completion_tokens_details`` (the reasoning tokens so far)."""
     seen = {}
@@ -581,8 +582,13 @@ def test_continuous_usage_is_on_every_chunk_as_vllm_serve_sends_it(
         ]
         assert [u[1] for u in usages] == sorted(u[1] for u in usages), url
         assert len({u[3] is None for u in usages}) == 1, f"details on some chunks only: {url}"
+        assert {u[0] for u in usages} == {usages[-1][0]}, f"the prompt's count changed: {url}"
+        assert all(u[2] == u[0] + u[1] for u in usages), url
         last_choice = max(i for i, c in enumerate(chunks) if c["choices"])
-        seen[url] = (usages[0], usages[last_choice], chunks[-1]["choices"], usages[-1])
+        # A chat stream opens with its role chunk (nothing generated yet); a completion stream's first chunk
+        # already carries tokens, as many as the engine's first step gave, which depends on batching.
+        first = usages[0] if path == "/v1/chat/completions" else usages[0][0]
+        seen[url] = (first, usages[last_choice], chunks[-1]["choices"], usages[-1])
     assert seen[tokenspool] == seen[vllm_serve]
     if "chat_template_kwargs" in body:
         assert seen[vllm_serve][1][3]["reasoning_tokens"] > 0, "the case reasons"
