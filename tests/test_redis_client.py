@@ -1,13 +1,18 @@
 """Redis URLs (shared/redis_client.py): the scheme picks cluster mode, Sentinel and TLS; a Sentinel URL is parsed
-strictly; errors hide the password."""
+strictly; errors hide the password; commands are packed in C."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
+import redis.asyncio as aredis
+import redis.exceptions
+from redis.asyncio.connection import AbstractConnection, Connection
 
-from tokenspool.shared.redis_client import RedisTarget
+from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis
+from tokenspool.shared.redis_client import PackedInC, RedisTarget, connect
 from tokenspool.shared.settings import SentinelURL, parse_sentinel_url
 
 
@@ -80,3 +85,38 @@ def test_sentinel_url_errors_never_show_the_password() -> None:
     with pytest.raises(ValueError) as raised:
         RedisTarget("redis+sentinel://gw:hunter2@s1:1")
     assert "hunter2" not in str(raised.value)
+
+
+def test_commands_are_packed_in_c_byte_for_byte_as_redis_py_packs_them(
+    redis_server: EmbeddedRedis | EmbeddedCluster,
+) -> None:
+    """Every client :func:`connect` builds packs with hiredis, and the bytes are redis-py's own for what this
+    project sends (text, bytes, ints, floats); what hiredis does not take still goes through redis-py: a
+    two-word command name, and the values redis-py refuses."""
+
+    async def scenario() -> None:
+        client = connect(RedisTarget(redis_server.url), name="test", max_connections=2)
+        try:
+            await client.set("ts:test:packed", "é" * 3)  # a cluster client learns its nodes here
+            assert await client.get("ts:test:packed") == "é".encode() * 3
+            if isinstance(client, aredis.RedisCluster):
+                classes: list[type[AbstractConnection]] = [node.connection_class for node in client.get_nodes()]
+            else:
+                classes = [client.connection_pool.connection_class]
+            assert classes and all(issubclass(c, PackedInC) for c in classes), classes
+            connection_class = classes[0]
+            packed = connection_class()
+            plain = Connection()
+            for args in (
+                ("EVALSHA", "0" * 40, 2, "ts:{p1}:r:x:meta", b"ts:{p1}:r:x:ev", 17, -3, 2.5, "é", b"\x00\xff"),
+                ("XREAD", "COUNT", 256, "BLOCK", 5000, "STREAMS", b"k", "0-0"),
+                ("CLIENT UNBLOCK", 12),
+            ):
+                assert b"".join(packed.pack_command(*args)) == b"".join(plain.pack_command(*args)), args
+            for refused in (None, True):
+                with pytest.raises(redis.exceptions.DataError):
+                    packed.pack_command("SET", "k", refused)  # type: ignore[arg-type]
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
