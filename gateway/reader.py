@@ -41,10 +41,6 @@ def parse_resume_id(last_event_id: str) -> tuple[str, int]:
         ) from None
 
 
-def is_terminal(payload: bytes) -> bool:
-    return wire.decode(payload, wire.Event).terminal
-
-
 @dataclass(frozen=True, slots=True)
 class ResumePoint:
     meta: RequestMeta
@@ -137,7 +133,7 @@ class EventReader:
                     cursor = pending[-1][0]
                     self.metrics.replayed_events.inc(len(pending))
                     yield pending
-                    if is_terminal(pending[-1][1]):
+                    if wire.is_terminal(pending[-1][1]):
                         return
                     short = len(pending) < self.settings.replay_batch_events
                     pending = []
@@ -176,7 +172,7 @@ class EventReader:
                         break  # a gap: go back to range reads from our own cursor
                     cursor = items[-1][0]
                     yield items
-                    if is_terminal(items[-1][1]):
+                    if wire.is_terminal(items[-1][1]):
                         return
             finally:
                 self.relay.unsubscribe(sub)

@@ -12,6 +12,10 @@ reader drops the buffer and detaches it, and the connection catches up on its ow
 its last delivered event (everything is in Redis), then subscribes again. A slow client therefore costs
 itself a few range reads and never stalls the reader or another client.
 
+A stream leaves the XREAD as soon as the reader has delivered its last event (``end`` or ``error``): its
+connections unsubscribe once they have sent it, but the read re-issued meanwhile need not name it, and a
+reader left with no live stream waits without a read, so the next subscription needs no unblock.
+
 A new subscription must not wait for the reader's current block to time out: the reader's connection
 is unblocked with ``CLIENT UNBLOCK`` from a control connection to the same node, and the next XREAD
 includes it.
@@ -32,7 +36,7 @@ from typing import Any
 import redis.exceptions
 from redis.asyncio.connection import AbstractConnection
 
-from tokenspool.shared import keys
+from tokenspool.shared import keys, wire
 from tokenspool.shared.aio import reraise_if_cancelling
 from tokenspool.shared.redis_client import Address, NodeConnections
 
@@ -152,7 +156,7 @@ class PartitionReader:
         backoff_s = 0.05
         try:
             while True:
-                if not self._subs:
+                if not self._positions:  # no subscription, or only to streams whose end it has delivered
                     self._changed.clear()
                     await self._changed.wait()
                     continue
@@ -212,7 +216,22 @@ class PartitionReader:
                     if not sub.push(seq, payload):
                         self.remove(sub)
             if key in self._positions:
-                self._positions[key] = max(self._positions[key], last)
+                if _ends_stream(payload):
+                    # The stream has ended: nothing more can come, so the next XREAD leaves it out while its
+                    # connections finish (a resume that subscribes again puts it back). Without this, the
+                    # read re-issued right after delivering the end still named the stream, and the next
+                    # new subscription had to unblock it.
+                    del self._positions[key]
+                else:
+                    self._positions[key] = max(self._positions[key], last)
+
+
+def _ends_stream(payload: bytes) -> bool:
+    """Whether an event ends its stream; an undecodable one does not (its reader reports it, not the relay)."""
+    try:
+        return wire.is_terminal(payload)
+    except wire.WireError:
+        return False
 
 
 class Relay:

@@ -201,3 +201,25 @@ def test_a_job_asking_for_continuous_usage_round_trips_and_a_plain_one_reads_as_
     _version, _tag, *fields = msgpack.unpackb(wire.encode(plain), raw=False)
     assert len(fields) == len(dataclasses.fields(wire.Job)) - 1, "a plain job has no trailing flag"
     assert wire.decode(wire.encode(plain), wire.Job).continuous_usage is False
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        wire.Event("delta", " word", (1, 2, 3)),
+        wire.Event("delta", "last", (9,), finish_reason="length", index=3, answer="{}"),
+        wire.Event("handover", message="w2"),
+        wire.Event("end", finish_reason="stop", prompt_tokens=11, completion_tokens=22, reasoning_tokens=2),
+        wire.Event("error", error_type="cancelled", message="cancelled by the client", param="n"),
+    ],
+    ids=lambda e: e.kind,
+)
+def test_is_terminal_reads_from_the_first_fields_what_a_full_decode_says(event: wire.Event) -> None:
+    data = wire.encode(event)
+    assert wire.is_terminal(data) is event.terminal is wire.decode(data, wire.Event).terminal
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\xc1", b"\x93\x01", msgpack.packb("text")])
+def test_is_terminal_rejects_what_is_not_an_event_with_wire_error(garbage: bytes) -> None:
+    with pytest.raises(wire.WireError):
+        wire.is_terminal(garbage)
