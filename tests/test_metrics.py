@@ -76,6 +76,24 @@ def test_gateway_and_worker_metrics_count_real_traffic(cluster: Cluster) -> None
     assert w[("tokenspool_worker_engine_step_seconds_count", ())] >= 20  # one step per token at least
 
 
+def test_a_reply_whose_last_token_ends_it_is_written_in_one_round_trip_with_its_end(cluster: Cluster) -> None:
+    """A choice's last delta waits for the request's end, which follows at once: a one-token reply costs the
+    worker one append round trip (it was two: the token, then the end, each waking the relaying gateway)."""
+    port = free_port()
+    cluster.worker(model="one-token", metrics_port=port, sim_itl_ms=0, sim_ttft_ms=0)
+    gateway = cluster.gateway()
+    wait_for_model(gateway, "one-token")
+    for i in range(5):
+        got = read_stream(
+            "POST", gateway.url + "/v1/chat/completions", json=chat_body(f"t{i}", max_tokens=1, model="one-token")
+        )
+        finishes = [e.json()["choices"][0]["finish_reason"] for e in got.events if e.data != "[DONE]"]
+        assert finishes[-1] == "length" and got.events[-1].data == "[DONE]", got.events
+    w = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert w[("tokenspool_worker_requests_total", (("outcome", "done"),))] == 5
+    assert w[("tokenspool_worker_redis_write_seconds_count", ())] == 5
+
+
 def test_gateways_sharing_a_metrics_directory_each_report_the_traffic_of_all(cluster: Cluster, tmp_path: Path) -> None:
     """What `tokenspool up --gateways N` relies on: whichever process a scrape reaches reports every process."""
     shared_dir = str(tmp_path / "gateway-metrics")

@@ -147,9 +147,14 @@ class Outbox:
     def open(self, request_id: str, attempt: int, last_seq: int) -> RequestLog:
         return RequestLog(request_id=request_id, attempt=attempt, next_seq=last_seq + 1)
 
-    async def put(self, entry: RequestLog, event: wire.Event) -> None:
-        """Queue ``event`` as the request's next (waiting while the request has too much unwritten)."""
-        await self._put(entry, event, None)
+    async def put(self, entry: RequestLog, event: wire.Event, *, flush: bool = True) -> None:
+        """Queue ``event`` as the request's next (waiting while the request has too much unwritten).
+
+        ``flush=False``: something follows at once (a choice's last delta: the request's end, or another
+        choice's delta of the same engine step), so the flusher is not woken for this event alone; it goes
+        in the round trip of the next event put by anyone. A one-token reply was two round trips, its token
+        and its end, each waking every gateway that relays it."""
+        await self._put(entry, event, None, flush=flush)
 
     async def finish(self, entry: RequestLog, ending: Ending) -> None:
         """Queue the request's last event and wait until everything it put is written; RequestLostError
@@ -159,7 +164,7 @@ class Outbox:
         if entry.lost:
             raise RequestLostError(f"{entry.request_id}: {entry.lost}")
 
-    async def _put(self, entry: RequestLog, event: wire.Event, final: FinalState | None) -> None:
+    async def _put(self, entry: RequestLog, event: wire.Event, final: FinalState | None, *, flush: bool = True) -> None:
         while len(entry.unflushed) >= self._max_unflushed and not entry.lost:
             entry.space.clear()
             await entry.space.wait()
@@ -170,7 +175,8 @@ class Outbox:
         if final is not None:
             entry.final = final
         self._dirty[entry] = None
-        self._wake.set()
+        if flush:
+            self._wake.set()
 
     async def run(self) -> None:
         """The flusher: runs until cancelled."""

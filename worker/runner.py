@@ -227,7 +227,9 @@ class RequestRunner:
                             completion_tokens=so_far,
                             reasoning_tokens=delta.reasoning_tokens,
                         )
-                    await self.outbox.put(entry, event)
+                    # A choice's last delta is followed at once by the request's end (or another choice's
+                    # delta): both go in one round trip.
+                    await self.outbox.put(entry, event, flush=not delta.finish_reason)
                     if generated is not None:
                         generated.append(delta.text)
         finally:
