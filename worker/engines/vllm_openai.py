@@ -107,10 +107,12 @@ class Rendered:
     tools_streamed: list[bool] = field(default_factory=list)
     emitted: list[list[int]] = field(default_factory=list)
     """Each choice's output token ids so far (for decoding replayed chunks)."""
-    texts: list[str] = field(default_factory=list)
-    """Each choice's output text so far as vLLM's detokenizer wrote it (without the stop token's text)."""
-    streamed: list[tuple[str, str]] = field(default_factory=list)
-    """Each choice's content and reasoning as streamed so far (the parsers' deltas)."""
+    texts: list[list[str]] = field(default_factory=list)
+    """Each choice's output text so far as vLLM's detokenizer wrote it (without the stop token's text), in
+    pieces joined only by :meth:`answer`, its one reader: adding each step's text to one string copied the
+    whole string every step (quadratic in the reply's length)."""
+    streamed: list[tuple[list[str], list[str]]] = field(default_factory=list)
+    """Each choice's content and reasoning as streamed so far (the parsers' deltas), in pieces likewise."""
     runs: list[PromptRun] = field(default_factory=list)
     """The engine requests, one per prompt (the first is ``prompt_ids`` with ``params``)."""
     echo_only: bool = False
@@ -166,7 +168,7 @@ class Rendered:
             before = self.emitted[index]
             text = self._decode(tokenizer, before, list(token_ids))
             before.extend(token_ids)
-            self.texts[index] += text
+            self.texts[index].append(text)
             if self.parsers:
                 delta = self.parsers[index].parse_delta(
                     delta_text=text,
@@ -180,7 +182,10 @@ class Rendered:
     def _note_streamed(self, index: int, delta: DeltaMessage | None) -> None:
         if delta is not None:
             content, reasoning = self.streamed[index]
-            self.streamed[index] = (content + (delta.content or ""), reasoning + (delta.reasoning or ""))
+            if delta.content:
+                content.append(delta.content)
+            if delta.reasoning:
+                reasoning.append(delta.reasoning)
             if delta.tool_calls:
                 self.tools_streamed[index] = True
 
@@ -206,7 +211,7 @@ class Rendered:
         parser = self.new_parser()
         parser.set_prompt_token_ids(self.prompt_ids)
         reasoning, content, calls = parser.parse(
-            self.texts[index],
+            "".join(self.texts[index]),
             request,
             enable_auto_tools=self.enable_auto_tools,
             model_output_token_ids=self.emitted[index],
@@ -229,10 +234,10 @@ class Rendered:
             ChatCompletionResponseChoice(index=index, message=message, finish_reason=finish_reason), request
         )
         body = choice.message.model_dump(include={"content", "reasoning", "tool_calls"})
-        content, reasoning = self.streamed[index]
+        content_pieces, reasoning_pieces = self.streamed[index]
         folds_alike = (body.get("content"), body.get("reasoning"), choice.finish_reason) == (
-            content,
-            reasoning or None,
+            "".join(content_pieces),
+            "".join(reasoning_pieces) or None,
             streamed_finish,
         )
         if folds_alike and not body.get("tool_calls") and not self.tools_streamed[index]:  # dropped when empty
@@ -257,7 +262,7 @@ class Rendered:
         choice's last step its :meth:`answer`), or None when vLLM's server would send nothing for it (a
         parser holding back markup)."""
         self.emitted[index].extend(token_ids)
-        self.texts[index] += text
+        self.texts[index].append(text)
         if not self.parsers:
             return text, "", "", finish_reason, ""
         assert isinstance(self.request, ChatCompletionRequest)
@@ -397,8 +402,8 @@ class OpenAIFrontEnd:
             self._enable_auto_tools,
             tools_streamed=[False] * choices,
             emitted=[[] for _ in range(choices)],
-            texts=[""] * choices,
-            streamed=[("", "")] * choices,
+            texts=[[] for _ in range(choices)],
+            streamed=[([], []) for _ in range(choices)],
             runs=runs,
             echo_only=isinstance(request, CompletionRequest) and bool(request.echo) and request.max_tokens == 0,
             echo_logprobs=isinstance(request, CompletionRequest) and bool(request.echo) and params.logprobs is not None,
