@@ -1,6 +1,7 @@
 """Clients that never finish sending: a request head sent a byte at a time (slowloris), a connection that
-sends nothing, a body shorter than its Content-Length. Each is closed once its deadline passes, and every
-open socket counts against the gateway's connection limit while it lasts."""
+sends nothing, a body shorter than its Content-Length; and one that stops reading its stream. Each is closed
+once its deadline passes, and every open socket counts against the gateway's connection limit while it
+lasts."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from contextlib import ExitStack
 from urllib.parse import urlsplit
 
 import httpx
+import orjson
 import pytest
 
-from tests.support import Cluster, Gateway, wait_for
+from tests.support import Cluster, Gateway, chat_body, wait_for, wait_for_model
 from tokenspool.gateway.limits import PROBE_SOCKETS
 
 HEAD_TIMEOUT_S = 1.0
@@ -120,3 +122,30 @@ def test_sockets_that_have_not_sent_a_request_count_against_the_connection_limit
         return httpx.get(gateway.url + "/healthz", timeout=PATIENCE_S).status_code == 200
 
     wait_for(served, PATIENCE_S, "the gateway to serve again once the silent sockets closed")
+
+
+def test_a_stream_whose_client_stops_reading_is_closed_after_the_send_timeout(
+    cluster: Cluster, sockets: ExitStack
+) -> None:
+    """A client that stops reading an SSE stream fills the socket's buffers; the gateway's next write then
+    waits, and once one has waited ``send_timeout_s`` the stream is closed (and logged) rather than held."""
+    gateway = cluster.gateway(send_timeout_s=0.5)
+    cluster.worker(model="unread", sim_ttft_ms=0, sim_itl_ms=0)
+    wait_for_model(gateway, "unread")
+    address = urlsplit(gateway.url)
+    sock = sockets.enter_context(socket.socket())
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+    sock.settimeout(PATIENCE_S)
+    sock.connect((address.hostname, address.port))
+    # About 1.5 KB per event (20 alternatives per token): far more than the socket buffers hold.
+    body = orjson.dumps(chat_body(max_tokens=20_000, model="unread", logprobs=True, top_logprobs=20, ignore_eos=True))
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert sock.recv(12).startswith(b"HTTP/1.1 200"), "the stream began"
+    wait_for(
+        lambda: "client did not accept a write within 0.5s" in gateway.proc.log(),
+        timeout_s=PATIENCE_S,
+        what="the gateway to drop the client that stopped reading",
+    )
+    received = read_until_closed(sock)
+    assert b"data: [DONE]" not in received, "the stream was cut, not finished"
