@@ -56,9 +56,11 @@ def partition_slot_key(partition: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RequestKeys:
-    """The keys of one request; all four share one hash slot so one script can touch them together."""
+    """The keys of one request; all four share one hash slot so one script can touch them together. Built once
+    per running request by a worker (its appends name them every engine step)."""
 
     request_id: str
+    partition: int
     events: str
     meta: str
     job: str
@@ -67,9 +69,15 @@ class RequestKeys:
 
     @classmethod
     def of(cls, request_id: str) -> RequestKeys:
-        base = f"{PREFIX}:{{p{partition_of(request_id)}}}:r:{request_id}"
+        partition = partition_of(request_id)
+        base = f"{PREFIX}:{{p{partition}}}:r:{request_id}"
         return cls(
-            request_id=request_id, events=f"{base}:ev", meta=f"{base}:meta", job=f"{base}:job", attached=f"{base}:att"
+            request_id=request_id,
+            partition=partition,
+            events=f"{base}:ev",
+            meta=f"{base}:meta",
+            job=f"{base}:job",
+            attached=f"{base}:att",
         )
 
 

@@ -153,13 +153,17 @@ class FinalState:
 class Append:
     """Events for one running request, written by the worker holding ``attempt``."""
 
-    request_id: str
+    keys: keys.RequestKeys
     attempt: int
     first_seq: int
     payloads: list[bytes]
     final: FinalState | None = None
     refresh_ttl: bool = True
     """Renew the running TTL of the request's keys (a worker does it now and then, not every step)."""
+
+    @property
+    def request_id(self) -> str:
+        return self.keys.request_id
 
 
 class RequestStore:
@@ -393,7 +397,9 @@ class RequestStore:
             return False
         payload = wire.encode(wire.Event("error", error_type="failed", message=message))
         final = FinalState("failed", error=message)
-        (result,) = await self.append_many([Append(request_id, attempt, last_seq + 1, [payload], final)], 100_000)
+        (result,) = await self.append_many(
+            [Append(keys.RequestKeys.of(request_id), attempt, last_seq + 1, [payload], final)], 100_000
+        )
         if isinstance(result, Exception):
             raise result
         return result[0] >= 0
@@ -423,7 +429,7 @@ class RequestStore:
         the primary only, and counts as written once a later round trip's ``WAIT`` succeeds."""
         groups: dict[int, list[int]] = {}
         for index, item in enumerate(appends):
-            groups.setdefault(keys.partition_of(item.request_id), []).append(index)
+            groups.setdefault(item.keys.partition, []).append(index)
         calls: list[list[int]] = list(groups.values())
         pipe: Any = self._r.pipeline(transaction=False)
         for members in calls:
@@ -446,7 +452,7 @@ class RequestStore:
         script_keys: list[str] = []
         args: list[Any] = [maxlen, self.running_ttl_ms, self.retention_ms, self.meta_ttl_ms, now_ms()]
         for item in group:
-            rk = keys.RequestKeys.of(item.request_id)
+            rk = item.keys
             script_keys += [rk.meta, rk.events, rk.job]
             final = item.final
             final_fields: list[Any] = (

@@ -16,6 +16,7 @@ import pytest
 from tests.support import plain_job
 from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis
 from tokenspool.shared import wire
+from tokenspool.shared.keys import RequestKeys
 from tokenspool.shared.redis_client import AsyncRedis, RedisTarget, connect
 from tokenspool.shared.store import Append, RequestStore
 from tokenspool.worker.outbox import Ending, Outbox, RequestLog, RequestLostError
@@ -95,7 +96,7 @@ def test_an_append_whose_reply_was_lost_is_resent_from_where_redis_stands(
         await put_all(b.outbox, entry, ["a", "b", "c", "d"])
         # An earlier round trip of this very writer wrote the first two, and its reply never came back.
         earlier = [wire.encode(delta("a")), wire.encode(delta("b"))]
-        (result,) = await b.store.append_many([Append(request_id, attempt, 1, earlier)], 1000)
+        (result,) = await b.store.append_many([Append(RequestKeys.of(request_id), attempt, 1, earlier)], 1000)
         assert result == (2, 0)
         await b.flush_until(lambda: not entry.unflushed, "resend the rest")
         assert await b.stored_texts(request_id) == [(1, "a"), (2, "b"), (3, "c"), (4, "d")]
@@ -120,7 +121,7 @@ def test_a_writer_behind_what_redis_holds_loses_the_request_instead_of_writing_o
         await put_all(b.outbox, entry, ["a", "b"])
         # Someone wrote further than anything this writer ever sent (a stale sequence: not a lost reply).
         others = [wire.encode(delta(text)) for text in "vwxyz"]
-        await b.store.append_many([Append(request_id, attempt, 1, others)], 1000)
+        await b.store.append_many([Append(RequestKeys.of(request_id), attempt, 1, others)], 1000)
         await b.flush_until(lambda: bool(entry.lost), "notice it is out of sequence")
         assert entry.lost == "out of sequence at 5" and entry.done.is_set() and entry.stopped.done()
         assert [text for _seq, text in await b.stored_texts(request_id)] == list("vwxyz"), "nothing overwritten"

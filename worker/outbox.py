@@ -21,6 +21,7 @@ import redis.exceptions
 
 from tokenspool.shared import wire
 from tokenspool.shared.aio import reraise_if_cancelling
+from tokenspool.shared.keys import RequestKeys
 from tokenspool.shared.logs import about
 from tokenspool.shared.store import (
     APPEND_ENDED,
@@ -88,6 +89,8 @@ class RequestLog:
     request_id: str
     attempt: int
     next_seq: int
+    keys: RequestKeys
+    """The request's key names, built once (every round trip's append names them)."""
     unflushed: list[bytes] = field(default_factory=list)
     """Events put and not yet written: not on the primary, or (waiting for replicas) not yet confirmed."""
     on_primary: int = 0
@@ -145,7 +148,9 @@ class Outbox:
         self._reloaded_scripts = False
 
     def open(self, request_id: str, attempt: int, last_seq: int) -> RequestLog:
-        return RequestLog(request_id=request_id, attempt=attempt, next_seq=last_seq + 1)
+        return RequestLog(
+            request_id=request_id, attempt=attempt, next_seq=last_seq + 1, keys=RequestKeys.of(request_id)
+        )
 
     async def put(self, entry: RequestLog, event: wire.Event, *, flush: bool = True) -> None:
         """Queue ``event`` as the request's next (waiting while the request has too much unwritten).
@@ -210,7 +215,7 @@ class Outbox:
             payloads = entry.unflushed[entry.on_primary :]
             first_seq = entry.next_seq - len(payloads)
             refresh = now - entry.ttl_renewed_at >= self._ttl_renew_s
-            appends.append(Append(entry.request_id, entry.attempt, first_seq, payloads, entry.final, refresh))
+            appends.append(Append(entry.keys, entry.attempt, first_seq, payloads, entry.final, refresh))
         started = time.perf_counter()
         results, shortfall = await self._store.append_batch(appends, self._maxlen)
         if self._observe_flush is not None:

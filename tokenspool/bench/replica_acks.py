@@ -21,6 +21,7 @@ from typing import Any
 
 from tokenspool.redis_server import EmbeddedSentinelGroup
 from tokenspool.shared import keys, wire
+from tokenspool.shared.keys import RequestKeys
 from tokenspool.shared.redis_client import RedisTarget, connect, connect_sync
 from tokenspool.shared.settings import CommonSettings
 from tokenspool.shared.store import Append, RequestStore
@@ -85,7 +86,7 @@ async def _run(group: EmbeddedSentinelGroup, requests: int, steps: int, replicas
                 cpu, primary_cpu, replica_cpu = time.process_time(), _server_cpu_s(primary), _server_cpu_s(replica)
                 for _ in range(BLOCK_STEPS):
                     seq += 1
-                    batch = [Append(rid, 1, seq, [payload], refresh_ttl=False) for rid in request_ids]
+                    batch = [Append(RequestKeys.of(rid), 1, seq, [payload], refresh_ttl=False) for rid in request_ids]
                     started = time.perf_counter()
                     results, shortfall = await store.append_batch(batch, 100_000)
                     got.latencies_s.append(time.perf_counter() - started)
