@@ -263,9 +263,19 @@ def encode(payload: Payload) -> bytes:
     return packed
 
 
+_EVENT_HEAD: Final = msgpack.packb(WIRE_VERSION) + msgpack.packb(_TAGS[Event])
+"""The version and tag that open every event's fields (one byte each)."""
+_TERMINAL_KIND_BYTES: Final = tuple(msgpack.packb(kind) for kind in sorted(TERMINAL_KINDS))
+
+
 def is_terminal(data: bytes) -> bool:
-    """Whether a stored event ends its request's stream (``end`` or ``error``), read from the first fields
-    only: the relay asks it of every stream's last event on every read, a quarter of a full decode's cost."""
+    """Whether a stored event ends its request's stream (``end`` or ``error``), read from its first bytes:
+    the relay asks it of every stream's last event on every read. An event as :func:`encode` writes it is an
+    array (header of one byte, or three past 15 fields), the version and tag, then the kind as a short
+    string; anything else is read with msgpack."""
+    start = 3 if data[:1] and 0x90 <= data[0] <= 0x9F else 5 if data[:1] == b"\xdc" else 0
+    if start and data[start - 2 : start] == _EVENT_HEAD and b"\xa0" <= data[start : start + 1] <= b"\xbf":
+        return data.startswith(_TERMINAL_KIND_BYTES, start)
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(data)
     try:

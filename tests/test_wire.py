@@ -223,3 +223,23 @@ def test_is_terminal_reads_from_the_first_fields_what_a_full_decode_says(event: 
 def test_is_terminal_rejects_what_is_not_an_event_with_wire_error(garbage: bytes) -> None:
     with pytest.raises(wire.WireError):
         wire.is_terminal(garbage)
+
+
+def test_is_terminal_reads_an_event_packed_another_way_with_msgpack() -> None:
+    """An event written by another msgpack encoder (here: its kind as a str 8, not a fixstr) still reads."""
+    fields = [wire.WIRE_VERSION, 2, "end", "", [], "stop", 1, 1, "", ""]
+    packed = msgpack.packb(fields)
+    other = packed[:3] + b"\xd9\x03end" + packed[7:]
+    assert other != packed and wire.decode(other, wire.Event).kind == "end"
+    assert wire.is_terminal(other)
+
+
+@pytest.mark.parametrize("cut", range(1, 8))
+def test_is_terminal_of_a_truncated_event_is_a_wire_error_or_an_answer(cut: int) -> None:
+    """The first bytes of an end event either still say ``end`` or are refused as undecodable: never an
+    IndexError from the fast path."""
+    data = wire.encode(wire.Event("end", finish_reason="stop"))[:cut]
+    try:
+        assert wire.is_terminal(data) == (cut >= 7)
+    except wire.WireError:
+        assert cut < 7
