@@ -4,7 +4,7 @@ HTTP routes (the services themselves and the caller's API key)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Final
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -42,9 +42,11 @@ _BEARER = HTTPBearer(auto_error=False, description="an API key, when the gateway
 """Declares the scheme in the OpenAPI document; the header itself is read by :func:`caller`."""
 
 
-async def caller(
-    request: Request, _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
-) -> Principal:
+BEARER_SCHEME: Final = "HTTPBearer"
+"""The security scheme's name in the OpenAPI document (what FastAPI names :data:`_BEARER`)."""
+
+
+async def caller_of(request: Request) -> Principal:
     """The API key a request carries (``Authorization: Bearer``); 401 without a valid one when keys are set.
 
     ``async`` although it awaits nothing: FastAPI runs a plain ``def`` dependency in a worker thread, a
@@ -52,4 +54,15 @@ async def caller(
     return services(request).keys.from_authorization(request.headers.get("authorization"))
 
 
+async def caller(
+    request: Request, _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+) -> Principal:
+    """:func:`caller_of`, with the HTTPBearer dependency that declares the scheme in the OpenAPI document."""
+    return await caller_of(request)
+
+
 Caller = Annotated[Principal, Depends(caller)]
+BareCaller = Annotated[Principal, Depends(caller_of)]
+"""The same caller without the HTTPBearer sub-dependency, for the generation routes, which declare the
+scheme in their ``openapi_extra``: a dependency solved first, so a request without a valid key is
+refused (401) before its body is read, as with :data:`Caller`."""

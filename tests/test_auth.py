@@ -119,6 +119,18 @@ def test_every_api_route_refuses_a_caller_without_a_valid_key_with_401(
         assert httpx.get(keyed.url + open_path, timeout=10).status_code == 200, open_path
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_caller_without_a_key_learns_nothing_about_its_body_it_is_refused_before_the_body_is_read(
+    keyed: KeyedGateway, path: str
+) -> None:
+    """The key is checked before the body is validated: a body that breaks the schema, or none, without a key
+    is a 401, not the 400 that would tell an unauthenticated caller what the gateway accepts. (Bytes that are
+    not JSON at all are refused as such first: FastAPI parses JSON before it solves dependencies.)"""
+    for body in (b'{"model": 7, "messages": "none"}', b"", b'{"model": "m", "max_tokens": -1}'):
+        response = httpx.post(keyed.url + path, content=body, headers={"Content-Type": "application/json"}, timeout=10)
+        assert error_of(response, 401)["code"] == "missing_api_key", body
+
+
 def test_a_valid_key_streams_and_its_request_records_the_keys_hash_not_the_key(
     cluster: Cluster, keyed: KeyedGateway
 ) -> None:
