@@ -217,7 +217,10 @@ def test_worker_killed_mid_image_answer_is_finished_by_the_next_worker_exactly(
     def stored() -> list[wire.Event]:
         return [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
 
-    wait_for(lambda: len(stored()) >= 10, 120, "the answer to be under way")
+    try:
+        wait_for(lambda: len(stored()) >= 10, 120, "the answer to be under way")
+    except AssertionError as exc:  # say what Redis holds (seen once under two CI runs at once, not since)
+        raise AssertionError(f"{exc}: {len(stored())} events stored, meta {cluster.meta(request_id)}") from None
     os.kill(pid, signal.SIGSTOP)  # no more writes: what is stored now is what the next worker finds
     assert not stored()[-1].terminal, "killed before the end"
     for victim in [pid, *engine]:
