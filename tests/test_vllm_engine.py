@@ -26,6 +26,7 @@ from tests.support import (
     wait_for,
     wait_for_model,
 )
+from tests.vllm_serve import start_vllm_worker
 from tokenspool.redis_server import free_port
 from tokenspool.shared import keys, wire
 
@@ -51,20 +52,8 @@ def metrics_port() -> int:
 
 @pytest.fixture(scope="module")
 def vllm_stack(cluster: Cluster, model_dir: Path, metrics_port: int) -> Iterator[tuple[Gateway, Worker]]:
-    worker = cluster.worker(
-        engine="vllm",
-        model=model_dir,
-        served_model_name=MODEL,
-        metrics_port=metrics_port,
-        dtype="float32",
-        max_model_len=1024,
-        enforce_eager="true",
-        max_num_seqs=8,
-        wait=False,
-        # Two cores: vLLM's CPU backend busy-waits, so its processes get one core and the broker the other.
-        engine_cpus="0",
-        env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"},
-    )
+    # Two cores: vLLM's CPU backend busy-waits, so its processes get one core and the broker the other.
+    worker = start_vllm_worker(cluster, model_dir, MODEL, {"VLLM_CPU_KVCACHE_SPACE": "1"}, metrics_port=metrics_port)
     gateway = cluster.gateway()
 
     wait_for_model(gateway, MODEL, 300, interval_s=0.5, watch=[worker.proc])

@@ -14,7 +14,6 @@ import base64
 import importlib.util
 import io
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,10 +24,10 @@ import httpx
 import orjson
 import pytest
 
-from tests.support import EVENT_STREAM, Cluster, SSEEvent, Worker, iter_sse, read_stream, wait_for, wait_for_model
-from tests.vllm_serve import start_vllm_worker
+from tests.support import EVENT_STREAM, Cluster, SSEEvent, Worker, iter_sse, read_stream, wait_for_model
+from tests.vllm_serve import start_vllm_worker, taken_over_by_the_next_worker
 from tests.vllm_serve import vllm_serve as serve
-from tokenspool.shared import handover, keys, wire
+from tokenspool.shared import keys
 
 MODEL = "tiny-blip2"
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -205,29 +204,13 @@ def test_worker_killed_mid_image_answer_is_finished_by_the_next_worker_exactly(
     body = with_image(RED, stream=True, max_tokens=600)
     undisturbed = streamed(tokenspool, body)
     assert undisturbed == streamed(vllm_serve, body)
-    doomed = workers[0]
-    pid = doomed.proc.process.pid
-    engine = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-    # In the background: nobody reads it while the next worker starts, which may outlast the disconnect grace.
-    background = {**body, "background": True}
-    with httpx.stream("POST", tokenspool + "/v1/chat/completions", json=background, timeout=120) as response:
-        request_id = response.headers["x-request-id"]
-    events = keys.RequestKeys.of(request_id).events
-
-    def stored() -> list[wire.Event]:
-        return [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
-
-    try:
-        wait_for(lambda: len(stored()) >= 10, 120, "the answer to be under way")
-    except AssertionError as exc:  # say what Redis holds (seen once under two CI runs at once, not since)
-        raise AssertionError(f"{exc}: {len(stored())} events stored, meta {cluster.meta(request_id)}") from None
-    os.kill(pid, signal.SIGSTOP)  # no more writes: what is stored now is what the next worker finds
-    assert not stored()[-1].terminal, "killed before the end"
-    for victim in [pid, *engine]:
-        os.kill(victim, signal.SIGKILL)
-    doomed.proc.process.wait(30)
-    workers[0] = start_worker(cluster, model_dir)
-    wait_for(lambda: cluster.meta(request_id).get("state") == "done", 300, "the next worker to finish the request")
-    taken_over = read_stream("GET", f"{tokenspool}/v1/requests/{request_id}/events", timeout_s=120)
-    assert any(c.lstrip().startswith(handover.HANDOVER_COMMENT_KEYWORD) for c in taken_over.comments)
-    assert folded(taken_over.events) == undisturbed
+    taken_over = taken_over_by_the_next_worker(
+        start_worker,
+        cluster,
+        model_dir,
+        workers,
+        tokenspool + "/v1/chat/completions",
+        body,
+        lambda stored: len(stored) >= 10,
+    )
+    assert folded(taken_over) == undisturbed

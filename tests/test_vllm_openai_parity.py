@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,10 +32,10 @@ from tests.support import (
     wait_for,
     wait_for_model,
 )
-from tests.vllm_serve import start_vllm_worker
+from tests.vllm_serve import start_vllm_worker, taken_over_by_the_next_worker
 from tests.vllm_serve import vllm_serve as serve
 from tokenspool.client import Client
-from tokenspool.shared import handover, keys, wire
+from tokenspool.shared import keys, wire
 
 MODEL = "tiny-llama"
 ENGINE_ENV = {
@@ -745,6 +743,7 @@ def killed_mid_way_and_finished_exactly(
     undisturbed = streamed(tokenspool, body)
     assert undisturbed == streamed(vllm_serve, body)
     taken_over = taken_over_by_the_next_worker(
+        start_worker,
         cluster,
         model_dir,
         workers,
@@ -775,42 +774,6 @@ def test_cancelled_prompt_list_leaves_vllm_with_none_of_its_requests(
     wait_for(idle, 15, "vLLM to report no unfinished request")
 
 
-def taken_over_by_the_next_worker(
-    cluster: Cluster,
-    model_dir: Path,
-    workers: list[Worker],
-    url: str,
-    body: dict[str, Any],
-    far_enough: Callable[[list[wire.Event]], bool],
-) -> list[SSEEvent]:
-    """Submit ``body``, SIGKILL the module's worker (and its engine) once its stored events are ``far_enough``
-    but not finished, start the next worker, and return the request's whole stream once that one finished it
-    (checked to have a handover in it)."""
-    doomed = workers[0]
-    pid = doomed.proc.process.pid
-    engine = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-    # In the background: nobody reads the stream until the next worker finished it, which on a loaded machine
-    # can take longer than the grace period after which a request nobody follows is cancelled.
-    with httpx.stream("POST", url, json={**body, "background": True}, timeout=120) as response:
-        request_id = response.headers["x-request-id"]
-    events = keys.RequestKeys.of(request_id).events
-
-    def stored() -> list[wire.Event]:
-        return [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
-
-    wait_for(lambda: far_enough(stored()), 120, "the request to be far enough")
-    os.kill(pid, signal.SIGSTOP)  # no more writes: what is stored now is what the next worker finds
-    assert not stored()[-1].terminal, "killed before the end"
-    for victim in [pid, *engine]:
-        os.kill(victim, signal.SIGKILL)
-    doomed.proc.process.wait(30)
-    workers[0] = start_worker(cluster, model_dir)
-    wait_for(lambda: cluster.meta(request_id).get("state") == "done", 300, "the next worker to finish the request")
-    taken_over = read_stream("GET", f"{url.rsplit('/v1/', 1)[0]}/v1/requests/{request_id}/events", timeout_s=120)
-    assert any(c.lstrip().startswith(handover.HANDOVER_COMMENT_KEYWORD) for c in taken_over.comments)
-    return taken_over.events
-
-
 def test_worker_killed_mid_prompt_list_is_finished_by_the_next_worker_exactly(
     cluster: Cluster, model_dir: Path, workers: list[Worker], tokenspool: str, vllm_serve: str
 ) -> None:
@@ -821,6 +784,7 @@ def test_worker_killed_mid_prompt_list_is_finished_by_the_next_worker_exactly(
     undisturbed = streamed_completion(tokenspool, body)
     assert undisturbed == streamed_completion(vllm_serve, body)
     taken_over = taken_over_by_the_next_worker(
+        start_worker,
         cluster,
         model_dir,
         workers,

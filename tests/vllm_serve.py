@@ -1,6 +1,7 @@
 """``vllm serve`` as a differential tests' reference: started on a model folder, pinned to core 1 (the
 tokenspool worker's engine takes core 0), waited for, and stopped; and the tokenspool vLLM worker it is
-compared with, started with the same engine flags.
+compared with, started with the same engine flags; and the takeover both parity modules run (a worker killed
+mid-request, the next one finishing it).
 
 The vLLM parity modules compare tokenspool's answers with this server's for the same model and flags."""
 
@@ -8,15 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from tests.support import Cluster, Worker, wait_for
+from tests.support import Cluster, SSEEvent, Worker, read_stream, wait_for
 from tokenspool.redis_server import free_port
+from tokenspool.shared import handover, keys, wire
 
 
 @contextlib.contextmanager
@@ -57,7 +61,7 @@ def vllm_serve(
 
 
 def start_vllm_worker(
-    cluster: Cluster, model_dir: Path, served_model_name: str, env: Mapping[str, str] = {}, **flags: str
+    cluster: Cluster, model_dir: Path, served_model_name: str, env: Mapping[str, str] = {}, **flags: Any
 ) -> Worker:
     """A tokenspool vLLM worker with the engine flags :func:`vllm_serve` gives ``vllm serve`` (plus
     ``flags``), its engine on core 0; not waited for (the gateway's wait for the model is)."""
@@ -74,3 +78,43 @@ def start_vllm_worker(
         env={**env, "VLLM_CPU_OMP_THREADS_BIND": "0"},
         **flags,
     )
+
+
+def taken_over_by_the_next_worker(
+    start_worker: Callable[[Cluster, Path], Worker],
+    cluster: Cluster,
+    model_dir: Path,
+    workers: list[Worker],
+    url: str,
+    body: dict[str, Any],
+    far_enough: Callable[[list[wire.Event]], bool],
+) -> list[SSEEvent]:
+    """Submit ``body``, SIGKILL the module's worker (and its engine) once its stored events are ``far_enough``
+    but not finished, start the next worker (``start_worker``: the module's, with its flags), and return the
+    request's whole stream once that one finished it (checked to have a handover in it)."""
+    doomed = workers[0]
+    pid = doomed.proc.process.pid
+    engine = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    # In the background: nobody reads the stream until the next worker finished it, which on a loaded machine
+    # can take longer than the grace period after which a request nobody follows is cancelled.
+    with httpx.stream("POST", url, json={**body, "background": True}, timeout=120) as response:
+        request_id = response.headers["x-request-id"]
+    events = keys.RequestKeys.of(request_id).events
+
+    def stored() -> list[wire.Event]:
+        return [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
+
+    try:
+        wait_for(lambda: far_enough(stored()), 120, "the request to be far enough")
+    except AssertionError as exc:  # say what Redis holds (seen once under two CI runs at once, not since)
+        raise AssertionError(f"{exc}: {len(stored())} events stored, meta {cluster.meta(request_id)}") from None
+    os.kill(pid, signal.SIGSTOP)  # no more writes: what is stored now is what the next worker finds
+    assert not stored()[-1].terminal, "killed before the end"
+    for victim in [pid, *engine]:
+        os.kill(victim, signal.SIGKILL)
+    doomed.proc.process.wait(30)
+    workers[0] = start_worker(cluster, model_dir)
+    wait_for(lambda: cluster.meta(request_id).get("state") == "done", 300, "the next worker to finish the request")
+    taken_over = read_stream("GET", f"{url.rsplit('/v1/', 1)[0]}/v1/requests/{request_id}/events", timeout_s=120)
+    assert any(c.lstrip().startswith(handover.HANDOVER_COMMENT_KEYWORD) for c in taken_over.comments)
+    return taken_over.events
