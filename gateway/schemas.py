@@ -37,6 +37,15 @@ _LAX_BOOL: TypeAdapter[bool] = TypeAdapter(bool)
 """A boolean as vLLM's protocol classes (pydantic, lax) read one that tokenspool leaves untyped."""
 
 
+def _lax_bool(value: object, unreadable: bool) -> bool:
+    """``value`` read as :data:`_LAX_BOOL` reads it; ``unreadable`` when it cannot be (the worker's vLLM
+    refuses such a request anyway)."""
+    try:
+        return _LAX_BOOL.validate_python(value)
+    except ValidationError:
+        return unreadable
+
+
 class StreamOptions(BaseModel):
     model_config = _STRICT
     include_usage: bool | None = False
@@ -215,10 +224,7 @@ class _GenerationRequest(BaseModel):
     def wants_token_ids(self) -> bool:
         """``return_token_ids`` (vLLM's, read as its boolean field reads it): the answer shows the prompt's and
         each choice's token ids."""
-        try:
-            return _LAX_BOOL.validate_python((self.model_extra or {}).get("return_token_ids") or False)
-        except ValidationError:
-            return False
+        return _lax_bool((self.model_extra or {}).get("return_token_ids") or False, False)
 
     @property
     def include_usage(self) -> bool:
@@ -255,10 +261,7 @@ class ChatCompletionRequest(_GenerationRequest):
         """The role of the reply, as vLLM's ``get_chat_request_role`` decides it: the assistant's, or the last
         message's own when the request has no generation prompt (``add_generation_prompt`` false, read as
         vLLM's boolean field reads it; a value it cannot read is refused by the worker anyway)."""
-        try:
-            prompted = _LAX_BOOL.validate_python((self.model_extra or {}).get("add_generation_prompt", True))
-        except ValidationError:
-            prompted = True
+        prompted = _lax_bool((self.model_extra or {}).get("add_generation_prompt", True), True)
         return "assistant" if prompted else self.messages[-1].role
 
     def engine_features(self) -> tuple[str, ...]:

@@ -64,5 +64,5 @@ async def caller(
 Caller = Annotated[Principal, Depends(caller)]
 BareCaller = Annotated[Principal, Depends(caller_of)]
 """The same caller without the HTTPBearer sub-dependency, for the generation routes, which declare the
-scheme in their ``openapi_extra``: a dependency solved first, so a request without a valid key is
-refused (401) before its body is read, as with :data:`Caller`."""
+scheme in their ``openapi_extra``: a dependency solved before the body is validated (FastAPI only parses its
+JSON first), so a request without a valid key is refused (401) whatever its body says, as with :data:`Caller`."""

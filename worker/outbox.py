@@ -86,11 +86,10 @@ class RequestLog:
     ``stopped`` resolves when the generation must stop: a stop was requested (``stop`` says how the
     request then ends) or the request was lost (``lost`` says why; nothing more is written)."""
 
-    request_id: str
+    keys: RequestKeys
+    """The request's id and key names, built once (every round trip's append names them)."""
     attempt: int
     next_seq: int
-    keys: RequestKeys
-    """The request's key names, built once (every round trip's append names them)."""
     unflushed: list[bytes] = field(default_factory=list)
     """Events put and not yet written: not on the primary, or (waiting for replicas) not yet confirmed."""
     on_primary: int = 0
@@ -103,6 +102,10 @@ class RequestLog:
     space: asyncio.Event = field(default_factory=asyncio.Event)
     ttl_renewed_at: float = float("-inf")
     """When an append last renewed the running TTL of the request's keys (monotonic seconds)."""
+
+    @property
+    def request_id(self) -> str:
+        return self.keys.request_id
 
     def request_stop(self, ending: Ending) -> None:
         """Stop this request (a client asked, nobody stayed attached, its deadline passed) and end it with
@@ -148,9 +151,7 @@ class Outbox:
         self._reloaded_scripts = False
 
     def open(self, request_id: str, attempt: int, last_seq: int) -> RequestLog:
-        return RequestLog(
-            request_id=request_id, attempt=attempt, next_seq=last_seq + 1, keys=RequestKeys.of(request_id)
-        )
+        return RequestLog(keys=RequestKeys.of(request_id), attempt=attempt, next_seq=last_seq + 1)
 
     async def put(self, entry: RequestLog, event: wire.Event, *, flush: bool = True) -> None:
         """Queue ``event`` as the request's next (waiting while the request has too much unwritten).
