@@ -95,21 +95,32 @@ def taken_over_by_the_next_worker(
     doomed = workers[0]
     pid = doomed.proc.process.pid
     engine = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-    # In the background: nobody reads the stream until the next worker finished it, which on a loaded machine
-    # can take longer than the grace period after which a request nobody follows is cancelled.
-    with httpx.stream("POST", url, json={**body, "background": True}, timeout=120) as response:
-        request_id = response.headers["x-request-id"]
-    events = keys.RequestKeys.of(request_id).events
+    events: str = ""
 
     def stored() -> list[wire.Event]:
         return [wire.decode(f[b"d"], wire.Event) for _, f in cluster.redis.xrange(events)]  # type: ignore[index]
 
-    try:
-        wait_for(lambda: far_enough(stored()), 120, "the request to be far enough")
-    except AssertionError as exc:  # say what Redis holds (seen once under two CI runs at once, not since)
-        raise AssertionError(f"{exc}: {len(stored())} events stored, meta {cluster.meta(request_id)}") from None
-    os.kill(pid, signal.SIGSTOP)  # no more writes: what is stored now is what the next worker finds
-    assert not stored()[-1].terminal, "killed before the end"
+    def far_enough_or_ended() -> bool:
+        got = stored()
+        return far_enough(got) or bool(got and got[-1].terminal)
+
+    # On a loaded machine vLLM hands a lagging reader several steps' tokens in one output, and a request can
+    # end before it was seen far enough: it is then submitted again (what is asserted is the takeover).
+    for _ in range(3):
+        # In the background: nobody reads the stream until the next worker finished it, which on a loaded
+        # machine can take longer than the grace period after which a request nobody follows is cancelled.
+        with httpx.stream("POST", url, json={**body, "background": True}, timeout=120) as response:
+            request_id = response.headers["x-request-id"]
+        events = keys.RequestKeys.of(request_id).events
+        try:
+            wait_for(far_enough_or_ended, 120, "the request to be far enough")
+        except AssertionError as exc:  # say what Redis holds
+            raise AssertionError(f"{exc}: {len(stored())} events stored, meta {cluster.meta(request_id)}") from None
+        os.kill(pid, signal.SIGSTOP)  # no more writes: what is stored now is what the next worker finds
+        if not stored()[-1].terminal:
+            break
+        os.kill(pid, signal.SIGCONT)
+    assert not stored()[-1].terminal, "three requests ended before they were seen far enough"
     for victim in [pid, *engine]:
         os.kill(victim, signal.SIGKILL)
     doomed.proc.process.wait(30)
