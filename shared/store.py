@@ -183,6 +183,7 @@ class RequestStore:
         )
         """Set: creates and appends count only once that many replicas have them (never on a cluster: the
         settings refuse it)."""
+        self._create: AsyncScript = lua.register(client, "create")
         self._append: AsyncScript = lua.register(client, "append")
         self._claim: AsyncScript = lua.register(client, "claim")
         self._cancel: AsyncScript = lua.register(client, "cancel")
@@ -204,15 +205,14 @@ class RequestStore:
         """Record a new request, then enqueue it on its model's queue; the metadata written (so a stream of
         it can start without reading it back).
 
-        On one server, one pipelined round trip (one connection keeps the order). On a cluster, two, in
-        this order: the queue may live on another node than the request's keys, and a cluster pipeline
-        runs each node's share in parallel, so a worker could otherwise pull the entry before the request
-        it names exists."""
+        On one server, one script call (``create.lua``: the record and the queue entry, atomically). On a
+        cluster, the script for the record, then the queue entry: the queue may live on another node than
+        the request's keys, so it is written only once the record exists (a worker could otherwise pull the
+        entry before the request it names). With :attr:`replica_acks` set, the call ends with one ``WAIT``."""
         rk = keys.RequestKeys.of(job.request_id)
         payload = wire.encode(job)
-        # Sent again by the client's retry (a reply lost to a broken connection), this must not undo what a
-        # worker did meanwhile: the fields a claim or an append changes are set only where absent (HSETNX),
-        # the rest never change. A second queue entry for the request is skipped by the claim script.
+        # What a claim or an append changes starts here (the script sets it only where absent, so a create
+        # sent again cannot undo a worker's progress).
         progress: dict[str, Any] = {"state": "queued", "attempt": 0, "last_seq": 0}
         fields: dict[str, Any] = {
             "kind": job.kind,
@@ -231,21 +231,11 @@ class RequestStore:
             fields["role"] = role
         if token_ids:
             fields["token_ids"] = "1"
-        pipe = self._r.pipeline(transaction=False)
-        pipe.hset(rk.meta, mapping=fields)
-        for name, value in progress.items():
-            pipe.hsetnx(rk.meta, name, value)
-        pipe.pexpire(rk.meta, self.running_ttl_ms)
-        pipe.set(rk.job, payload, px=self.running_ttl_ms)
         cluster = is_cluster(self.redis)
-        if not cluster:
-            pipe.xadd(keys.queue_key(job.model), {"d": payload})
-            if self.replica_acks is not None:
-                pipe.execute_command(*self.replica_acks.command())
+        script_keys = [rk.meta, rk.job] if cluster else [rk.meta, rk.job, keys.queue_key(job.model)]
+        args = [self.running_ttl_ms, payload, *(item for pair in fields.items() for item in pair)]
         try:
-            replies = await pipe.execute()
-            if self.replica_acks is not None and (shortfall := self.replica_acks.check(replies[-1])) is not None:
-                raise shortfall
+            await self._create_record(script_keys, args)
             if cluster:
                 await self._r.xadd(keys.queue_key(job.model), {"d": payload})
         except BaseException:
@@ -253,6 +243,27 @@ class RequestStore:
             raise
         written = {**fields, **progress}
         return RequestMeta.from_hash(job.request_id, {k.encode(): str(v).encode() for k, v in written.items()})
+
+    async def _create_record(self, script_keys: list[str], args: list[Any]) -> None:
+        """One call of ``create.lua`` (redis-py's script object loads the script on NOSCRIPT, after a restart
+        or a failover); with :attr:`replica_acks`, pipelined with the ``WAIT`` that counts the replicas."""
+        if self.replica_acks is None:
+            await self._create(keys=script_keys, args=args)
+            return
+        for _ in range(2):
+            pipe = self._r.pipeline(transaction=False)
+            pipe.execute_command("EVALSHA", self._create.sha, len(script_keys), *script_keys, *args)
+            pipe.execute_command(*self.replica_acks.command())
+            created, replicas = await pipe.execute(raise_on_error=False)
+            if isinstance(created, redis.exceptions.NoScriptError):
+                await lua.load(self.redis, (self._create,))
+                continue
+            if isinstance(created, Exception):
+                raise created
+            if (shortfall := self.replica_acks.check(replicas)) is not None:
+                raise shortfall
+            return
+        raise redis.exceptions.NoScriptError("create.lua was not loaded on the primary")
 
     async def meta(self, request_id: str) -> RequestMeta | None:
         raw = await self._r.hgetall(keys.RequestKeys.of(request_id).meta)
@@ -467,7 +478,7 @@ class RequestStore:
     async def load_scripts(self) -> None:
         """Load this store's scripts into the server (every primary of a cluster): after a restart, a
         failover or a new node, pipelined EVALSHAs answer NOSCRIPT until this ran."""
-        await lua.load(self.redis, (self._append, self._claim, self._cancel))
+        await lua.load(self.redis, (self._create, self._append, self._claim, self._cancel))
 
     async def cancel_flags(self, request_ids: list[str]) -> dict[str, bool]:
         """Which of these running requests a client asked to cancel."""

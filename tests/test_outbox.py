@@ -16,7 +16,7 @@ import pytest
 from tests.support import plain_job
 from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis
 from tokenspool.shared import wire
-from tokenspool.shared.keys import RequestKeys
+from tokenspool.shared.keys import RequestKeys, queue_key
 from tokenspool.shared.redis_client import AsyncRedis, RedisTarget, connect
 from tokenspool.shared.store import Append, RequestStore
 from tokenspool.worker.outbox import Ending, Outbox, RequestLog, RequestLostError
@@ -163,5 +163,34 @@ def test_a_cancel_flag_reaches_the_request_through_the_reply_of_its_next_append(
         await b.outbox.put(entry, delta("a"))
         await b.flush_until(entry.stopped.done, "pass the flag on")
         assert entry.stop == Ending.cancelled() and not entry.lost
+
+    run(redis_server, test)
+
+
+def test_a_create_sent_again_neither_undoes_the_workers_progress_nor_runs_the_request_twice(
+    redis_server: EmbeddedRedis | EmbeddedCluster,
+) -> None:
+    """The gateway's create is one script call (``create.lua``); redis-py sends it again when its reply is
+    lost to a broken connection, perhaps after a worker claimed the request and wrote to it. The second call
+    must leave the worker's progress as it stands, and its second queue entry must not be taken. It also
+    runs on a server that forgot the script (SCRIPT FLUSH: a restart or a failover)."""
+
+    async def test(b: Bench) -> None:
+        await b.client.script_flush()
+        job = plain_job(MODEL)
+        await b.store.create(job, stream_format="chat", owner="tester", include_usage=False)
+        attempt, _ = await b.store.claim(job.request_id, "w1", b"1-0")
+        (result,) = await b.store.append_many(
+            [Append(RequestKeys.of(job.request_id), attempt, 1, [wire.encode(delta("a")), wire.encode(delta("b"))])],
+            1000,
+        )
+        assert result == (2, 0)
+        written = await b.store.create(job, stream_format="chat", owner="tester", include_usage=False)
+        assert written.state == "queued", "what the gateway wrote, as the create answers it"
+        meta = await b.store.meta(job.request_id)
+        assert meta is not None and (meta.state, meta.attempt, meta.last_seq) == ("running", 1, 2)
+        assert await b.client.xlen(queue_key(MODEL)) >= 2, "both calls enqueued it"
+        assert await b.store.claim(job.request_id, "w2", b"2-0") == (0, 0), "the second entry is not taken"
+        assert await b.stored_texts(job.request_id) == [(1, "a"), (2, "b")]
 
     run(redis_server, test)

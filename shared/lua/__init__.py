@@ -15,8 +15,11 @@ from redis.commands.core import AsyncScript
 
 from tokenspool.shared.redis_client import AsyncRedis
 
-ScriptName = Literal["append", "claim", "cancel", "renew_leases", "claim_abandoned", "count_request", "open_stream"]
+ScriptName = Literal[
+    "create", "append", "claim", "cancel", "renew_leases", "claim_abandoned", "count_request", "open_stream"
+]
 SCRIPT_NAMES: Final[tuple[ScriptName, ...]] = (
+    "create",
     "append",
     "claim",
     "cancel",
