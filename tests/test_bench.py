@@ -109,3 +109,25 @@ def test_bad_bench_arguments_are_refused_with_a_message(args: list[str], message
     result = bench(*args, timeout_s=30)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("stagger_s", [0.0, 0.4])
+def test_a_staggered_closed_loop_starts_its_users_spread_over_the_stagger(tmp_path: Path, stagger_s: float) -> None:
+    """``--stagger``: user i of n starts i/n of the stagger after the first, so arrivals are steady; without
+    it every user starts within one engine step (then new requests arrive in herds)."""
+    import asyncio
+    import os
+
+    from tokenspool.bench import targets as tg
+    from tokenspool.bench.load import LoadSpec, run_load
+
+    engine = tg.EngineShape(ttft_ms=5, itl_ms=5)
+    floor = tg.start_floor(frozenset(os.sched_getaffinity(0)), tmp_path, engine)
+    try:  # 4 users, replies of 20 tokens (about 0.1 s); with the stagger they start 0.1 s apart
+        spec = LoadSpec("closed", 4, 0.8, 20, engine.model, 0.005, stagger_s=stagger_s)
+        records, _ = asyncio.run(run_load(spec, "127.0.0.1", floor.port, floor.path))
+    finally:
+        floor.stop()
+    assert records and all(record.ok for record in records)
+    in_flight_at_50ms = sum(1 for r in records if r.started_s <= 0.05 < r.started_s + r.e2e_s)
+    assert in_flight_at_50ms == (1 if stagger_s else 4), sorted(r.started_s for r in records)

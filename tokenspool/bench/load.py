@@ -33,6 +33,11 @@ class LoadSpec:
     model: str
     step_s: float
     """The engine's step, for the closed loop's de-phasing pause."""
+    stagger_s: float = 0.0
+    """Closed loop: user ``i`` of ``n`` starts ``i / n`` of this after the first, instead of all at once. Over
+    one request's duration it spreads arrivals evenly (steady state); at 0 every user starts together, and
+    since replies of one length on one step clock end together, new requests keep arriving in a herd of
+    ``level`` at a time."""
     timeout_s: float = 120.0
     max_outstanding: int = 4000
 
@@ -57,6 +62,7 @@ class LoadResult:
         out: dict[str, Any] = {
             "target": self.target,
             "mode": self.spec.mode,
+            "stagger_s": self.spec.stagger_s,
             "level": self.spec.level,
             "requests": len(self.records),
             "ok": len(ok),
@@ -128,6 +134,7 @@ async def run_load(
 
         async def user(seed: int) -> None:
             rng = random.Random(seed)
+            await asyncio.sleep(spec.stagger_s * seed / spec.level)
             while time.perf_counter() < deadline:
                 await asyncio.sleep(rng.uniform(0, spec.step_s))
                 await one()

@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mode", choices=("closed", "open"), default="closed", help="latency: closed or open loop")
     add("--levels", type=_levels, default=[10.0, 100.0], help="latency: concurrency or rates (default 10,100)")
     add("--duration-s", type=float, default=10.0, help="seconds of load per run (default 10)")
+    add(
+        "--stagger",
+        action="store_true",
+        help="latency, closed loop: start the users spread over one reply's duration (steady arrivals) instead "
+        "of all at once (a herd of LEVEL new requests each time the replies end together)",
+    )
     add("--repeat", type=int, default=1, help="runs per target and level, interleaved; medians are reported")
     add("--max-tokens", type=int, default=64, help="tokens per reply (default 64; 200 for relay)")
     add("--sim-ttft-ms", type=float, default=20.0, help="sim engine time to first token (default 20)")
@@ -266,8 +272,15 @@ async def _latency(args: argparse.Namespace, log_dir: Path, progress: Progress) 
         for rep in range(args.repeat):
             for level in args.levels:
                 for target in started:
+                    step_s = engine.itl_ms / 1000
                     spec = LoadSpec(
-                        args.mode, level, args.duration_s, args.max_tokens, engine.model, engine.itl_ms / 1000
+                        args.mode,
+                        level,
+                        args.duration_s,
+                        args.max_tokens,
+                        engine.model,
+                        step_s,
+                        stagger_s=engine.ttft_ms / 1000 + args.max_tokens * step_s if args.stagger else 0.0,
                     )
                     cpu_before = target.cpu_s()
                     calls_before = _redis_calls(target.redis_url) if target.redis_url else {}
@@ -549,7 +562,8 @@ LATENCY_COLUMNS = [
 
 def print_latency(result: dict[str, Any], args: argparse.Namespace) -> None:
     unit = "concurrent streams" if args.mode == "closed" else "requests/s"
-    print(f"\nlatency, {args.mode} loop (level = {unit}), milliseconds; medians of {args.repeat} run(s):")
+    start = ", users started spread over one reply (--stagger)" if args.stagger and args.mode == "closed" else ""
+    print(f"\nlatency, {args.mode} loop (level = {unit}{start}), milliseconds; medians of {args.repeat} run(s):")
     print(table(result["rows"], LATENCY_COLUMNS))
     if result["comparisons"]:
         print("\ntokenspool against the floor (added ms) and the naive relay (naive ÷ tokenspool):")
