@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, TypeVar, cast
 from urllib.parse import urlsplit
@@ -24,6 +24,7 @@ import hiredis
 import redis
 import redis.asyncio as aredis
 import redis.asyncio.retry
+import redis.exceptions
 import redis.retry
 import redis.sentinel
 from redis.asyncio.cluster import ClusterPipeline
@@ -109,19 +110,27 @@ def is_cluster(client: AsyncRedis) -> bool:
     return isinstance(client, aredis.RedisCluster)
 
 
-# -- Commands packed in C ---------------------------------------------------------------------------
+# -- The connection every pool makes ------------------------------------------------------------------
 
 
-class PackedInC(AbstractConnection):
-    """A connection that packs commands into the Redis protocol with hiredis's C packer. redis-py's asyncio
-    connection packs in Python (an encode call and a bytes join per argument): in the profile of a worker
-    at 100 streams that was a fifth of its CPU, the append scripts being ten-argument commands sent every
-    engine step. hiredis (already here: it parses the replies) packs the same bytes about six times faster.
+class TokenspoolConnection(AbstractConnection):
+    """redis-py's asyncio connection with two changes, made on every connection of every pool (one server,
+    TLS, Sentinel, cluster nodes, relay readers) by :func:`tokenspool_connection`:
 
-    What hiredis does not take goes to redis-py's packer, unchanged: a command name holding a space
-    (``CLIENT UNBLOCK``, which redis-py splits into two arguments), and an argument of another type than
-    str, bytes, int, float or memoryview (``None``, a bool: redis-py refuses them with ``DataError``).
-    Both encode text as UTF-8, strictly, as redis-py is configured here."""
+    - **Commands are packed with hiredis's C packer.** redis-py packs in Python (an encode call and a bytes
+      join per argument): in the profile of a worker at 100 streams that was a fifth of its CPU, the append
+      scripts being ten-argument commands sent every engine step. hiredis (already here: it parses the
+      replies) packs the same bytes about six times faster. What hiredis does not take goes to redis-py's
+      packer, unchanged: a command name holding a space (``CLIENT UNBLOCK``, which redis-py splits into two
+      arguments), and an argument of another type than str, bytes, int, float or memoryview (``None``, a
+      bool: redis-py refuses them with ``DataError``). Both encode text as UTF-8, strictly.
+    - **A send keeps its caller's cancellation.** redis-py bounds a send with ``asyncio.wait_for``, which on
+      Python 3.11 runs the send as a task of its own and, when the caller is cancelled just as that task
+      finishes, returns its result instead of raising: the cancellation is lost. A relay reader cancelled
+      while re-issuing its ``XREAD`` then went on reading, and closing the gateway waited on it for ever. The
+      send here writes, then waits for the buffer to drain under ``asyncio.timeout`` (only when something is
+      left to drain: after a write that went out whole there is nothing to wait for). No task per command,
+      so it is also cheaper. Connecting and the idle health check stay redis-py's."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
         name = args[0]
@@ -132,13 +141,41 @@ class PackedInC(AbstractConnection):
         except TypeError:
             return super().pack_command(*args)
 
+    async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
+        if not self.is_connected:
+            await self.connect()  # type: ignore[no-untyped-call]
+        if check_health:
+            await self.check_health()  # type: ignore[no-untyped-call]
+        writer: Any = self._writer
+        try:
+            if isinstance(command, str):
+                command = command.encode()
+            if isinstance(command, bytes):
+                command = [command]
+            writer.writelines(command)
+            if self.socket_timeout and writer.transport.get_write_buffer_size():
+                async with asyncio.timeout(self.socket_timeout):
+                    await writer.drain()
+            else:
+                await writer.drain()  # nothing left to write: it returns at once
+        except TimeoutError:
+            await self.disconnect(nowait=True)
+            raise redis.exceptions.TimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await self.disconnect(nowait=True)
+            raise redis.exceptions.ConnectionError(f"Error while writing to socket: {exc}") from exc
+        except BaseException:
+            await self.disconnect(nowait=True)  # a partly sent command leaves the connection unusable
+            raise
 
-def packed_in_c(connection_class: type[_Connection]) -> type[_Connection]:
-    """``connection_class`` (plain, TLS, Unix socket, Sentinel-managed) with :class:`PackedInC`'s packer: a
+
+def tokenspool_connection(connection_class: type[_Connection]) -> type[_Connection]:
+    """``connection_class`` (plain, TLS, Unix socket, Sentinel-managed) as a :class:`TokenspoolConnection`: a
     subclass made once per pool (a handful per process)."""
-    if issubclass(connection_class, PackedInC):
+    if issubclass(connection_class, TokenspoolConnection):
         return connection_class
-    return cast(type[_Connection], type(f"PackedInC{connection_class.__name__}", (PackedInC, connection_class), {}))
+    name = f"Tokenspool{connection_class.__name__}"
+    return cast(type[_Connection], type(name, (TokenspoolConnection, connection_class), {}))
 
 
 # -- Sentinel ---------------------------------------------------------------------------------------
@@ -148,11 +185,11 @@ class SentinelPrimaryPool(SentinelConnectionPool, aredis.BlockingConnectionPool)
     """The pool of a Sentinel-managed primary: every new connection asks the sentinels where the primary is
     (redis-py's :class:`SentinelConnectionPool`), and, like the one-server pool, past ``max_connections`` a
     command waits for a connection to come back instead of failing at once. Closing it also closes the
-    connections to the sentinels, which belong to no one else. Its connections pack commands in C."""
+    connections to the sentinels, which belong to no one else. Its connections are :class:`TokenspoolConnection`s."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        self.connection_class = packed_in_c(self.connection_class)
+        self.connection_class = tokenspool_connection(self.connection_class)
 
     async def aclose(self) -> None:
         await super().aclose()
@@ -269,7 +306,7 @@ def connect(
     # A blocking pool: past max_connections a command waits for a connection to come back instead of
     # failing at once with "Too many connections" (500 clients starting together did).
     pool = aredis.BlockingConnectionPool.from_url(target.plain_url, timeout=wait_s, **common)
-    pool.connection_class = packed_in_c(pool.connection_class)
+    pool.connection_class = tokenspool_connection(pool.connection_class)
     return aredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
@@ -313,9 +350,9 @@ class BoundedRedisCluster(aredis.RedisCluster):
         self.command_slots = CommandSlots(max_connections, wait_s)
         # Nodes found later are made with the manager's options; the seeds exist already.
         nodes = self.nodes_manager
-        nodes.connection_kwargs["connection_class"] = packed_in_c(nodes.connection_kwargs["connection_class"])
+        nodes.connection_kwargs["connection_class"] = tokenspool_connection(nodes.connection_kwargs["connection_class"])
         for node in nodes.startup_nodes.values():
-            node.connection_class = packed_in_c(node.connection_class)
+            node.connection_class = tokenspool_connection(node.connection_class)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self.command_slots.taken():
@@ -433,7 +470,7 @@ class NodeConnections:
             pool = BlockingConnectionPool(
                 max_connections=1, timeout=timeout, client_name=f"{self._name}:control", **options
             )
-            pool.connection_class = packed_in_c(pool.connection_class)
+            pool.connection_class = tokenspool_connection(pool.connection_class)
             self._pools[address] = pool
         return pool
 

@@ -4,7 +4,9 @@ strictly; errors hide the password; commands are packed in C."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aredis
@@ -12,7 +14,7 @@ import redis.exceptions
 from redis.asyncio.connection import AbstractConnection, Connection
 
 from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis
-from tokenspool.shared.redis_client import PackedInC, RedisTarget, connect
+from tokenspool.shared.redis_client import RedisTarget, TokenspoolConnection, connect
 from tokenspool.shared.settings import SentinelURL, parse_sentinel_url
 
 
@@ -103,7 +105,7 @@ def test_commands_are_packed_in_c_byte_for_byte_as_redis_py_packs_them(
                 classes: list[type[AbstractConnection]] = [node.connection_class for node in client.get_nodes()]
             else:
                 classes = [client.connection_pool.connection_class]
-            assert classes and all(issubclass(c, PackedInC) for c in classes), classes
+            assert classes and all(issubclass(c, TokenspoolConnection) for c in classes), classes
             connection_class = classes[0]
             packed = connection_class()
             plain = Connection()
@@ -120,3 +122,38 @@ def test_commands_are_packed_in_c_byte_for_byte_as_redis_py_packs_them(
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_command_send_never_loses_its_callers_cancellation(tmp_path: Path) -> None:
+    """A task cancelled at any point of a send stops there. redis-py's own send (``asyncio.wait_for`` on
+    Python 3.11) returned normally when the cancellation arrived as its send task finished, and the caller went
+    on to read the reply: a relay reader then kept reading, and a closing gateway waited on it for ever. Every
+    interleaving of the cancel with the send's first turns of the loop is tried."""
+
+    async def scenario(url: str) -> None:
+        client = connect(RedisTarget(url), name="test", max_connections=2)
+        try:
+            for turns in range(6):
+                conn = await client.connection_pool.get_connection()
+                read_the_reply = False
+
+                async def ping(conn: AbstractConnection = conn) -> None:
+                    nonlocal read_the_reply
+                    await conn.send_command("PING")
+                    await conn.read_response()
+                    read_the_reply = True
+
+                task = asyncio.create_task(ping())
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                assert not (read_the_reply and task.cancelling()), f"cancellation lost after {turns} turns"
+                await conn.disconnect()
+                await client.connection_pool.release(conn)
+        finally:
+            await client.aclose()
+
+    with EmbeddedRedis(data_dir=tmp_path) as server:
+        asyncio.run(scenario(server.url))
