@@ -58,6 +58,45 @@ def test_a_stream_whose_end_was_delivered_leaves_the_read_and_the_next_subscript
         asyncio.run(scenario(server.url))
 
 
+def test_a_read_answers_the_newest_subscription_first_so_a_first_token_waits_behind_no_running_stream(
+    tmp_path: Path,
+) -> None:
+    """Redis answers an XREAD's streams in the order it names them, and the reader delivers (and wakes the
+    connections) in that order: newest first, so a new request's first token is written before the next
+    tokens of the streams already running in the same engine step."""
+
+    async def scenario(url: str) -> None:
+        target = RedisTarget(url)
+        client = connect(target, name="test", max_connections=2)
+        nodes = NodeConnections(target, client, name="test-relay", socket_timeout_s=10)
+        relay = Relay(nodes, block_ms=5000, count=256, buffer_events=100)
+        relay.start()
+        try:
+            running, new = keys.new_request_id("chat"), keys.new_request_id("chat")
+            await append(client, running, wire.Event("delta", "next token"))
+            await append(client, new, wire.Event("delta", "first token"))
+            woken: list[str] = []
+
+            async def connection(name: str, sub: Subscription) -> None:
+                await sub.wake.wait()
+                woken.append(name)
+
+            # Subscribed in one turn of the loop: one read names both, and both have an event waiting. The
+            # connections wait before the read's answer can arrive (it takes a round trip).
+            older, newer = relay.subscribe(running, 0), relay.subscribe(new, 0)
+            async with asyncio.timeout(10):
+                await asyncio.gather(connection("running", older), connection("new", newer))
+            assert woken == ["new", "running"]
+            relay.unsubscribe(older)
+            relay.unsubscribe(newer)
+        finally:
+            await relay.close()
+            await client.aclose()
+
+    with EmbeddedRedis(data_dir=tmp_path) as server:
+        asyncio.run(scenario(server.url))
+
+
 async def append(client: AsyncRedis, request_id: str, *events: wire.Event) -> None:
     """Add events to a request's stream with the ids the worker's append script gives them (1, 2, ...)."""
     stream = keys.RequestKeys.of(request_id).events
