@@ -290,8 +290,11 @@ class KeyLimits:
         """Give back released places at once; renew the leases of open streams every refresh period."""
         last_renewal = time.monotonic()
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._refresh_s)
+            try:  # not asyncio.wait_for: on Python 3.11 it loses a cancel that arrives as the wait ends
+                async with asyncio.timeout(self._refresh_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                reraise_if_cancelling()
             self._wake.clear()
             renew = time.monotonic() - last_renewal >= self._refresh_s
             try:
