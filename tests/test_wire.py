@@ -7,6 +7,8 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.samples import request_id_with
 from tokenspool.shared import keys, wire
@@ -243,3 +245,22 @@ def test_is_terminal_of_a_truncated_event_is_a_wire_error_or_an_answer(cut: int)
         assert wire.is_terminal(data) == (cut >= 7)
     except wire.WireError:
         assert cut < 7
+
+
+_JSON_LEAVES = st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text()
+_JSON = st.recursive(
+    _JSON_LEAVES | st.integers(min_value=-(2**70), max_value=2**70) | st.sampled_from(["\ud800", "ok\udfff", "é"]),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3) | st.just("k\ud800"), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_JSON)
+def test_the_fast_check_of_a_request_agrees_with_the_walks_that_name_the_bad_field(value: Any) -> None:
+    """``carries`` (one msgpack call) answers as the two walks do together: false exactly when some text has
+    no UTF-8 form or some integer is beyond 64 bits, anywhere in the value, keys included."""
+    walks_find_nothing = wire.unencodable_text(value) is None and wire.unencodable_integer(value) is None
+    assert wire.carries(value) == walks_find_nothing
