@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tokenspool.gateway.relay import Relay, Subscription
@@ -31,12 +33,7 @@ def test_a_stream_whose_end_was_delivered_leaves_the_read_and_the_next_subscript
     UNBLOCK)."""
 
     async def scenario(url: str) -> None:
-        target = RedisTarget(url)
-        client = connect(target, name="test", max_connections=2)
-        nodes = NodeConnections(target, client, name="test-relay", socket_timeout_s=10)
-        relay = Relay(nodes, block_ms=5000, count=256, buffer_events=100)
-        relay.start()
-        try:
+        async with running_relay(url) as (client, relay):
             await client.config_resetstat()
             first, second = keys.new_request_id("chat"), keys.new_request_id("chat")
             ended = relay.subscribe(first, 0)
@@ -50,9 +47,6 @@ def test_a_stream_whose_end_was_delivered_leaves_the_read_and_the_next_subscript
             assert "cmdstat_client|unblock" not in stats, stats["cmdstat_client|unblock"]
             relay.unsubscribe(ended)
             relay.unsubscribe(live)
-        finally:
-            await relay.close()
-            await client.aclose()
 
     with EmbeddedRedis(data_dir=tmp_path) as server:
         asyncio.run(scenario(server.url))
@@ -66,12 +60,7 @@ def test_a_read_answers_the_newest_subscription_first_so_a_first_token_waits_beh
     tokens of the streams already running in the same engine step."""
 
     async def scenario(url: str) -> None:
-        target = RedisTarget(url)
-        client = connect(target, name="test", max_connections=2)
-        nodes = NodeConnections(target, client, name="test-relay", socket_timeout_s=10)
-        relay = Relay(nodes, block_ms=5000, count=256, buffer_events=100)
-        relay.start()
-        try:
+        async with running_relay(url) as (client, relay):
             running, new = keys.new_request_id("chat"), keys.new_request_id("chat")
             await append(client, running, wire.Event("delta", "next token"))
             await append(client, new, wire.Event("delta", "first token"))
@@ -89,12 +78,24 @@ def test_a_read_answers_the_newest_subscription_first_so_a_first_token_waits_beh
             assert woken == ["new", "running"]
             relay.unsubscribe(older)
             relay.unsubscribe(newer)
-        finally:
-            await relay.close()
-            await client.aclose()
 
     with EmbeddedRedis(data_dir=tmp_path) as server:
         asyncio.run(scenario(server.url))
+
+
+@contextlib.asynccontextmanager
+async def running_relay(url: str) -> AsyncIterator[tuple[AsyncRedis, Relay]]:
+    """A started relay on one server and a client to write its streams with; both closed afterwards."""
+    target = RedisTarget(url)
+    client = connect(target, name="test", max_connections=2)
+    nodes = NodeConnections(target, client, name="test-relay", socket_timeout_s=10)
+    relay = Relay(nodes, block_ms=5000, count=256, buffer_events=100)
+    relay.start()
+    try:
+        yield client, relay
+    finally:
+        await relay.close()
+        await client.aclose()
 
 
 async def append(client: AsyncRedis, request_id: str, *events: wire.Event) -> None:
