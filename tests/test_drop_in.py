@@ -71,7 +71,7 @@ def test_vllm_bench_serve_runs_unchanged_on_both_backends(gateway: Gateway, tmp_
             *("--backend", backend, "--base-url", gateway.url, "--endpoint", endpoint),
             *("--model", "tokenspool-sim", "--tokenizer", str(tokenizer), "--dataset-name", "random"),
             *("--random-input-len", "16", "--random-output-len", str(output_len), "--num-prompts", str(prompts)),
-            *("--max-concurrency", "8", "--ignore-eos", "--disable-tqdm"),
+            *("--max-concurrency", "8", "--ignore-eos", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el"),
             *("--save-result", "--result-dir", str(tmp_path), "--result-filename", f"{backend}.json"),
         ]
         log = (tmp_path / f"{backend}.log").open("w")
@@ -86,9 +86,12 @@ def test_vllm_bench_serve_runs_unchanged_on_both_backends(gateway: Gateway, tmp_
         errors = [error for error in result.get("errors", []) if error]
         assert result["completed"] == prompts and result["failed"] == 0, (backend, errors[:2])
         assert result["total_output_tokens"] == prompts * output_len, backend
-        # sane timings: a first token within a second, tokens about one sim step apart
+        # sane timings: a first token within a second; the reply streamed, not sent at once (it takes at least
+        # most of its sim steps end to end: on a loaded machine a late reader gets tokens two at a time, so
+        # the inter-token median alone may be small); no token far slower than a step
         assert 0 < result["mean_ttft_ms"] < 1000, (backend, result["mean_ttft_ms"])
-        assert ITL_MS / 4 < result["median_itl_ms"] < 20 * ITL_MS, (backend, result["median_itl_ms"])
+        assert result["median_e2el_ms"] > 0.5 * (output_len - 1) * ITL_MS, (backend, result["median_e2el_ms"])
+        assert 0 < result["median_itl_ms"] < 20 * ITL_MS, (backend, result["median_itl_ms"])
         print(f"vllm bench serve --backend {backend}: {result['completed']} completed, {result['failed']} failed,")
         print(f"  mean TTFT {result['mean_ttft_ms']:.1f} ms, median ITL {result['median_itl_ms']:.1f} ms")
 

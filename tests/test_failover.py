@@ -72,12 +72,16 @@ def test_worker_killed_mid_stream_is_continued_by_another(cluster: Cluster, gate
     rng = random.Random(20261124)
     workers = [start_worker(cluster, gateway), start_worker(cluster, gateway)]
     gaps: list[float] = []
-    for trial in range(20):
+    trial = attempts = 0
+    while trial < 20:
+        attempts += 1
+        assert attempts <= 40, "most requests ended before the client had read to the kill point"
         max_tokens = 40
         body = chat_body(f"failover trial {trial}", max_tokens=max_tokens, model=MODEL, seed=trial)
         kill_after = rng.randint(1, max_tokens - 5)
         seen: list[str | None] = []
         comments: list[str] = []
+        ended_before_the_kill = False
         with (
             httpx.Client(timeout=30) as http,
             http.stream("POST", gateway.url + "/v1/chat/completions", json=body, headers=EVENT_STREAM) as response,
@@ -96,10 +100,16 @@ def test_worker_killed_mid_stream_is_continued_by_another(cluster: Cluster, gate
                 if len(seen) == kill_after:
                     holder = cluster.meta(request_id)["worker"]
                     victim = next(w for w in workers if w.worker_id == holder)
-                    victim.proc.kill()
-                    killed_at = time.monotonic()
+                    victim.proc.kill()  # and reaped: from here on it writes nothing
+                    # On a loaded machine the worker may have written the whole reply before this client read
+                    # this far: then nothing was left to take over, and the trial is run again.
+                    ended_before_the_kill = cluster.meta(request_id)["state"] != "running"
+                    killed_at = 0.0 if ended_before_the_kill else time.monotonic()
                     workers.remove(victim)
                     workers.append(start_worker(cluster, gateway, wait=False))
+        if ended_before_the_kill:
+            assert_complete(cluster, request_id, seen, max_tokens)
+            continue
         assert_complete(cluster, request_id, seen, max_tokens)
         notices = [notice for c in comments if (notice := handover.parse_comment(c)) is not None]
         handover_seq = next(n for n, e in enumerate(stored(cluster, request_id), 1) if e.kind == "handover")
@@ -111,6 +121,7 @@ def test_worker_killed_mid_stream_is_continued_by_another(cluster: Cluster, gate
             uninterrupted = read_stream("POST", gateway.url + "/v1/chat/completions", json=body)
             replay = read_stream("GET", f"{gateway.url}/v1/requests/{request_id}/events")
             assert content_of(replay.events) == content_of(uninterrupted.events)
+        trial += 1
     assert len(gaps) == 20 and max(gaps) < 10, gaps
     print(f"failover gap p50 {sorted(gaps)[10]:.3f}s max {max(gaps):.3f}s over 20 kills")
 

@@ -19,9 +19,11 @@ from tests.test_failover import assert_complete, read_resuming, stored
 from tokenspool.redis_server import EmbeddedRedis, free_port
 
 MODEL = "restart-sim"
-LEASE = {"lease_timeout_s": 1.0, "worker_heartbeat_s": 0.2}
-"""Short leases, so that an outage longer than a lease is quick to stage."""
-OUTAGE_S = 1.5
+LEASE = {"lease_timeout_s": 2.0, "worker_heartbeat_s": 0.2}
+"""Short leases, so that an outage longer than a lease is quick to stage; not shorter, because a live
+holder must renew within a lease of Redis answering again (reconnecting with backoff, on a machine that
+two test runs load: a 1 s lease was once taken from a live worker there)."""
+OUTAGE_S = 2.5
 """How long Redis stays down: longer than a lease, so every restored pending entry looks abandoned by its
 idle time alone (this is the fault staged, not a wait for a condition)."""
 NEW_STREAMS = 20
