@@ -166,8 +166,7 @@ class PartitionReader:
                 # request's first token, a resume's first replayed event) is written to its client before the
                 # running streams' next tokens of the same engine step. A running stream moves back one place
                 # for each newer one, a few microseconds: its pace does not change.
-                streams = list(self._positions.items())
-                streams.reverse()
+                streams = list(reversed(self._positions.items()))
                 try:
                     if self._conn is None:
                         self._conn = await self._connect()
