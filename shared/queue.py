@@ -163,6 +163,15 @@ class ModelQueue:
             out.append(QueueEntry.decode(entry_id, fields, delivered))
         return out
 
+    async def uncount_delivery(self, entry: QueueEntry) -> None:
+        """Take back the delivery a takeover scan counted on an entry this consumer held all along (its
+        lease only looked expired): ``XAUTOCLAIM`` counts one per claim, and the count is what decides a
+        dead letter (``times_delivered`` against the attempts allowed), so a scan that claims a worker's own
+        entries must not use up its request's attempts. Like the claim, this leaves the entry idle 0."""
+        await self._r.xclaim(
+            self.key, keys.WORKER_GROUP, self.consumer, 0, [entry.entry_id], retrycount=entry.delivered - 1, justid=True
+        )
+
     async def release(self, entry_ids: list[bytes], idle_ms: int) -> None:
         """Give up leases at once: mark the entries idle for ``idle_ms`` so another worker's next scan takes
         them (a migration); the attempt fencing stops this worker writing to them after that."""

@@ -106,7 +106,11 @@ class Leases:
         lease_ms = int(self.settings.lease_timeout_s * 1000)
         for entry in await self._reaching(self.queue.claim_abandoned(lease_ms, free)):
             if self.running.holds_entry(entry.entry_id):
-                continue  # ours all along (its lease only looked expired, e.g. after a Redis outage)
+                # Ours all along: its lease only looked expired (this worker paused, or could not renew it), or
+                # it is a request this worker just gave up, whose task has not ended yet. Not an attempt.
+                log.info("the lease of queue entry %s looked expired but is this worker's", entry.entry_id.decode())
+                await self._reaching(self.queue.uncount_delivery(entry))
+                continue
             if entry.delivered > self.settings.max_attempts:
                 self.runner.chores.spawn(self._dead_letter(entry), f"dead-lettering entry {entry.entry_id!r}")
             else:
