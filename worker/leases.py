@@ -104,17 +104,20 @@ class Leases:
             await self._reaching(self.queue.ping())  # back? then hold off, rather than claim at once
             return
         lease_ms = int(self.settings.lease_timeout_s * 1000)
+        ours = []
         for entry in await self._reaching(self.queue.claim_abandoned(lease_ms, free)):
             if self.running.holds_entry(entry.entry_id):
-                # Ours all along: its lease only looked expired (this worker paused, or could not renew it), or
-                # it is a request this worker just gave up, whose task has not ended yet. Not an attempt.
-                log.info("the lease of queue entry %s looked expired but is this worker's", entry.entry_id.decode())
-                await self._reaching(self.queue.uncount_delivery(entry))
-                continue
-            if entry.delivered > self.settings.max_attempts:
+                ours.append(entry)
+            elif entry.delivered > self.settings.max_attempts:
                 self.runner.chores.spawn(self._dead_letter(entry), f"dead-lettering entry {entry.entry_id!r}")
             else:
                 self.runner.start(entry, takeover=True)
+        # Ours all along: a lease that only looked expired (this worker paused, or could not renew it), or a
+        # request this worker just gave up, whose task has not ended yet. Not an attempt: the delivery the
+        # claim counted is taken back (after the takeovers above, which a failure here must not hold up).
+        for entry in ours:
+            log.info("the lease of queue entry %s looked expired but is this worker's", entry.entry_id.decode())
+            await self._reaching(self.queue.uncount_delivery(entry))
 
     async def _dead_letter(self, entry: QueueEntry) -> None:
         """A request whose workers kept dying: end it with an error and record it for operators."""
