@@ -47,6 +47,10 @@ def test_gateway_and_worker_metrics_count_real_traffic(cluster: Cluster) -> None
         "GET", f"{gateway.url}/v1/requests/{request_id}/events", headers={"Last-Event-ID": first.events[1].id or ""}
     )
 
+    # A stream is counted as ended when the gateway's side of it ends, just after it wrote [DONE], which the
+    # client may have read first: wait for the four, then read everything from one scrape.
+    ended = ("tokenspool_gateway_streams_ended_total", (("how", "done"),))
+    wait_for(lambda: scrape(gateway.url + "/metrics").get(ended) == 4, 10, "the four streams to end on the gateway")
     g = scrape(gateway.url + "/metrics")
     route = (("route", "/v1/chat/completions"),)
     assert g[("tokenspool_gateway_responses_total", (*route, ("status", "200")))] == 4
@@ -55,7 +59,7 @@ def test_gateway_and_worker_metrics_count_real_traffic(cluster: Cluster) -> None
     assert 0 < g[("tokenspool_gateway_time_to_first_token_seconds_sum", ())] < 30
     assert g[("tokenspool_gateway_resume_time_to_first_event_seconds_count", ())] == 1
     assert g[("tokenspool_gateway_resumes_total", ())] == 1
-    assert g[("tokenspool_gateway_streams_ended_total", (("how", "done"),))] == 4
+    assert g[ended] == 4
     assert g[("tokenspool_gateway_streams_active", ())] == 0
     assert g[("tokenspool_gateway_time_per_output_token_seconds_count", ())] == 4
     assert g[("tokenspool_gateway_replayed_events_total", ())] >= 3  # the resume replayed from Redis
@@ -106,11 +110,15 @@ def test_gateways_sharing_a_metrics_directory_each_report_the_traffic_of_all(clu
             body = chat_body(f"p{i}", max_tokens=3, model="pooled")
             assert read_stream("POST", gateway.url + "/v1/chat/completions", json=body).events[-1].data == "[DONE]"
     route_ok = ("tokenspool_gateway_responses_total", (("route", "/v1/chat/completions"), ("status", "200")))
+    active = ("tokenspool_gateway_streams_active", ())
     for gateway in (first, second):
+        # A stream counts as closed when the gateway's side of it ends, just after it wrote [DONE], which the
+        # client may have read first: wait for that, then read the rest from the same scrape.
+        wait_for(lambda: scrape(gateway.url + "/metrics")[active] == 0, 10, "the streams to close on the gateway")  # noqa: B023
         samples = scrape(gateway.url + "/metrics")
+        assert samples[active] == 0
         assert samples[route_ok] == 5
         assert samples[("tokenspool_gateway_time_to_first_token_seconds_count", ())] == 5
-        assert samples[("tokenspool_gateway_streams_active", ())] == 0
 
 
 def ws_messages_until_done(ws: ClientConnection, request_id: str) -> list[dict[str, Any]]:
