@@ -336,8 +336,11 @@ def test_a_client_that_stops_reading_is_dropped(strict_gateway: Gateway, sockets
     with pytest.raises(ConnectionClosed):
         while True:
             received.append(recv(sluggish))
-    assert len(of_type(received, "accepted")) == streams
-    assert len(of_type(received, "done")) < streams, "the dropped client still got every stream"
+    # On a loaded machine the backlog can pass the limit before the gateway has read every submission (a
+    # two-copy CI run: 28 of 32 accepted): what counts is that the client was dropped mid-way.
+    accepted = of_type(received, "accepted")
+    assert 0 < len(accepted) <= streams
+    assert len(of_type(received, "done")) < len(accepted), "the dropped client still got every stream it started"
 
 
 def test_a_waiting_request_reports_its_queue_and_a_model_must_be_named_when_several_are_served(
