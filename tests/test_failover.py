@@ -107,10 +107,9 @@ def test_worker_killed_mid_stream_is_continued_by_another(cluster: Cluster, gate
                     killed_at = 0.0 if ended_before_the_kill else time.monotonic()
                     workers.remove(victim)
                     workers.append(start_worker(cluster, gateway, wait=False))
-        if ended_before_the_kill:
-            assert_complete(cluster, request_id, seen, max_tokens)
-            continue
         assert_complete(cluster, request_id, seen, max_tokens)
+        if ended_before_the_kill:
+            continue
         notices = [notice for c in comments if (notice := handover.parse_comment(c)) is not None]
         handover_seq = next(n for n, e in enumerate(stored(cluster, request_id), 1) if e.kind == "handover")
         assert [n.seq for n in notices] == [handover_seq], "the handover is visible as a comment naming its seq"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,21 @@ from tokenspool.gateway.proto import tokenspool_chat_pb2 as pb
 from tokenspool.gateway.proto import tokenspool_chat_pb2_grpc as pb_grpc
 from tokenspool.redis_server import free_port
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+
+def scrape(url: str) -> Samples:
     samples = {}
     for family in text_string_to_metric_families(httpx.get(url).text):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+def scrape_once(url: str, ready: Callable[[Samples], bool], what: str) -> Samples:
+    """The first scrape that is ``ready``: a gateway counts a stream as ended when its side of the stream ends,
+    just after it wrote [DONE], which the client may have read first."""
+    return wait_for(lambda: samples if ready(samples := scrape(url)) else None, 10, what)
 
 
 def test_gateway_and_worker_metrics_count_real_traffic(cluster: Cluster) -> None:
@@ -47,11 +56,8 @@ def test_gateway_and_worker_metrics_count_real_traffic(cluster: Cluster) -> None
         "GET", f"{gateway.url}/v1/requests/{request_id}/events", headers={"Last-Event-ID": first.events[1].id or ""}
     )
 
-    # A stream is counted as ended when the gateway's side of it ends, just after it wrote [DONE], which the
-    # client may have read first: wait for the four, then read everything from one scrape.
     ended = ("tokenspool_gateway_streams_ended_total", (("how", "done"),))
-    wait_for(lambda: scrape(gateway.url + "/metrics").get(ended) == 4, 10, "the four streams to end on the gateway")
-    g = scrape(gateway.url + "/metrics")
+    g = scrape_once(gateway.url + "/metrics", lambda samples: samples.get(ended) == 4, "the four streams to end")
     route = (("route", "/v1/chat/completions"),)
     assert g[("tokenspool_gateway_responses_total", (*route, ("status", "200")))] == 4
     assert g[("tokenspool_gateway_responses_total", (*route, ("status", "400")))] == 1
@@ -112,10 +118,7 @@ def test_gateways_sharing_a_metrics_directory_each_report_the_traffic_of_all(clu
     route_ok = ("tokenspool_gateway_responses_total", (("route", "/v1/chat/completions"), ("status", "200")))
     active = ("tokenspool_gateway_streams_active", ())
     for gateway in (first, second):
-        # A stream counts as closed when the gateway's side of it ends, just after it wrote [DONE], which the
-        # client may have read first: wait for that, then read the rest from the same scrape.
-        wait_for(lambda: scrape(gateway.url + "/metrics")[active] == 0, 10, "the streams to close on the gateway")  # noqa: B023
-        samples = scrape(gateway.url + "/metrics")
+        samples = scrape_once(gateway.url + "/metrics", lambda got: got[active] == 0, "the streams to close")
         assert samples[active] == 0
         assert samples[route_ok] == 5
         assert samples[("tokenspool_gateway_time_to_first_token_seconds_count", ())] == 5
@@ -167,8 +170,7 @@ def test_websocket_and_grpc_streams_count_in_every_stream_metric(cluster: Cluste
     def counted(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> bool:
         return samples[active] == 0 and samples[("tokenspool_gateway_streams_ended_total", (("how", "done"),))] == 4
 
-    wait_for(lambda: counted(scrape(metrics_url)), 10, "the four streams to end")
-    g = scrape(metrics_url)
+    g = scrape_once(metrics_url, counted, "the four streams to end")
     assert g[("tokenspool_gateway_time_to_first_token_seconds_count", ())] == 4
     assert 0 < g[("tokenspool_gateway_time_to_first_token_seconds_sum", ())] < 30
     assert g[("tokenspool_gateway_stream_duration_seconds_count", ())] == 4

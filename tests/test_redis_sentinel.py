@@ -121,11 +121,8 @@ def read_resuming(gateway: Gateway, body: dict[str, Any], got: Received) -> Rece
     return got
 
 
-def what_became_of(stack: Cluster, worker_log: str, failure: AssertionError) -> str:
+def what_became_of(stack: Cluster, worker_log: str, request_id: str) -> str:
     """For a client that could not finish: its request as Redis holds it, and the worker's lines about it."""
-    request_id = next((word for word in str(failure).replace(":", " ").split() if word.startswith("chatcmpl-")), "")
-    if not request_id:
-        return ""
     request_keys = keys.RequestKeys.of(request_id)
     meta = stack.redis.hgetall(request_keys.meta) or "no metadata"
     attached = stack.redis.zrange(request_keys.attached, 0, -1, withscores=True)
@@ -222,11 +219,11 @@ def fail_over_under_load(
             new_requests = [
                 http.post(gateway.url + "/v1/chat/completions", json=new_body).status_code for _ in range(10)
             ]
-        for stream in streams:
+        for stream, got in zip(streams, received, strict=True):
             try:
                 stream.result(timeout=120)
             except AssertionError as exc:
-                raise AssertionError(f"{exc}\n{what_became_of(stack, worker.proc.log(), exc)}") from exc
+                raise AssertionError(f"{exc}\n{what_became_of(stack, worker.proc.log(), got.request_id)}") from exc
     return Failover(received, lost_events(gateway, received), worker.proc.log(), new_requests, elected_after_s)
 
 
