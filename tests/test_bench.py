@@ -28,18 +28,18 @@ def bench(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess[str
     )
 
 
-def test_latency_scenario_runs_all_three_targets_without_losing_a_token(tmp_path: Path) -> None:
+def test_latency_scenario_runs_every_target_without_losing_a_token(tmp_path: Path) -> None:
     report = tmp_path / "latency.json"
     plot = tmp_path / "latency.png"
     result = bench(
         *("--levels", "2,4", "--duration-s", "1", "--max-tokens", "12", "--sim-itl-ms", "5"),
-        *("--json", str(report), "--png", str(plot)),
+        *("--targets", "tokenspool,floor,naive,lean", "--json", str(report), "--png", str(plot)),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     document = orjson.loads(report.read_bytes())
     rows = document["rows"]
     assert {(row["target"], row["level"]) for row in rows} == {
-        (target, level) for target in ("tokenspool", "floor", "naive") for level in (2.0, 4.0)
+        (target, level) for target in ("tokenspool", "floor", "naive", "lean") for level in (2.0, 4.0)
     }
     for row in rows:
         assert row["requests"] > 0, row
@@ -49,11 +49,15 @@ def test_latency_scenario_runs_all_three_targets_without_losing_a_token(tmp_path
     comparisons = {entry["level"]: entry for entry in document["comparisons"]}
     assert set(comparisons) == {2.0, 4.0}
     assert "ttft_added_p50_ms" in comparisons[4.0] and "naive_over_tokenspool_ttft_p50_ms" in comparisons[4.0]
-    assert set(document["redis_memory"]) == {"tokenspool", "naive"}
+    assert comparisons[4.0]["tokenspool_over_lean_cpu_us_per_request_total"] > 0
+    assert comparisons[4.0]["lean_cpu_us_per_request_total_vs_floor"] > 0
+    assert set(document["redis_memory"]) == {"tokenspool", "naive", "lean"}
     assert document["redis_memory"]["tokenspool"]["bytes_per_event"] > 0
     tokenspool_run = next(run for run in document["runs"] if run["target"] == "tokenspool")
     assert set(tokenspool_run["cpu_us_per_event"]) == {"redis", "worker", "gateway"}
     assert tokenspool_run["redis_calls_per_event"]["evalsha"] > 0
+    lean_run = next(run for run in document["runs"] if run["target"] == "lean")
+    assert set(lean_run["cpu_us_per_request"]) == {"redis", "worker", "gateway"}
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "sim engine (simulated: not a language model)" in result.stderr
     assert "tokenspool against the floor" in result.stdout
@@ -99,7 +103,7 @@ def test_relay_and_streams_scenarios_report_the_gateway_against_the_ceiling(tmp_
     [
         (["--levels", "0"], "levels must be positive numbers"),
         (["--levels", "ten"], "expected numbers separated by commas"),
-        (["--targets", "tokenspool,vllm"], "targets are a comma-separated subset of tokenspool, floor, naive"),
+        (["--targets", "tokenspool,vllm"], "targets are a comma-separated subset of tokenspool, floor, naive, lean"),
         (["--server-cpus", "0-4096"], "are not available here"),
         (["--scenario", "relay", "--png", "x.png"], "--png plots the latency scenario"),
         (["--duration", "3"], "unrecognized arguments: --duration"),

@@ -14,9 +14,17 @@ from typing import Any
 
 import orjson
 
-from tokenspool.bench.asgi import STREAM_HEADERS, ASGIMessage, answer_lifespan, empty_response, read_body, serve
+from tokenspool.bench.asgi import (
+    STREAM_HEADERS,
+    ASGIMessage,
+    answer_lifespan,
+    chunk_frame,
+    empty_response,
+    read_body,
+    serve,
+)
 from tokenspool.bench.sim import chat_request, sim_engine
-from tokenspool.gateway.sse import DONE_FRAME, event_frame
+from tokenspool.gateway.sse import DONE_FRAME
 from tokenspool.shared import keys
 from tokenspool.worker.engines.sim import SimEngine
 
@@ -47,12 +55,7 @@ class FloorApp:
         seq = 0
         async for delta in self.engine.generate(request):
             seq += 1
-            content: dict[str, Any] = (
-                {"role": "assistant", "content": delta.text} if seq == 1 else {"content": delta.text}
-            )
-            choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": delta.finish_reason}
-            data = orjson.dumps({**base, "choices": [choice]})
-            frame = event_frame(keys.event_id(request_id, seq), data)
+            frame = chunk_frame(base, seq, delta.text, delta.finish_reason)
             await send({"type": "http.response.body", "body": frame, "more_body": True})
         await send({"type": "http.response.body", "body": DONE_FRAME, "more_body": False})
 

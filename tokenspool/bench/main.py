@@ -37,7 +37,8 @@ from tokenspool.bench.sse_client import StreamError, open_stream
 from tokenspool.shared.settings import SettingsError
 from tokenspool.worker.settings import parse_cpu_list
 
-TARGET_NAMES = ("tokenspool", "floor", "naive")
+TARGET_NAMES = ("tokenspool", "floor", "naive", "lean")
+DEFAULT_TARGETS = ["tokenspool", "floor", "naive"]
 SUMMED = {"requests", "ok", "errors", "lost_events", "duplicated_events"}
 
 
@@ -82,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--scenario", choices=("latency", "relay", "streams"), default="latency")
-    add("--targets", type=_targets, default=list(TARGET_NAMES), help="latency: which targets (default all three)")
+    add(
+        "--targets",
+        type=_targets,
+        default=DEFAULT_TARGETS,
+        help="latency: which targets (default tokenspool,floor,naive; lean: the least a Redis-Streams broker does)",
+    )
     add("--mode", choices=("closed", "open"), default="closed", help="latency: closed or open loop")
     add("--levels", type=_levels, default=[10.0, 100.0], help="latency: concurrency or rates (default 10,100)")
     add("--duration-s", type=float, default=10.0, help="seconds of load per run (default 10)")
@@ -211,12 +217,12 @@ def _median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             sum(m.get("cpu_us_per_request", {}).values()) for m in members
         )
         rows.append(row)
-    order = {name: i for i, name in enumerate(("floor", "tokenspool", "naive", "ceiling"))}
-    return sorted(rows, key=lambda row: (row["level"], order.get(row["target"], 9)))
+    return sorted(rows, key=lambda row: (row["level"], tg.REPORT_ORDER.index(row["target"])))
 
 
 def _comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per level: what tokenspool adds over the floor, and the naive relay as multiples of tokenspool."""
+    """Per level: what tokenspool adds over the floor, the naive relay as multiples of tokenspool, and
+    tokenspool's CPU per request as a multiple of the lean broker's (what the broker adds to the architecture)."""
     out = []
     for level in sorted({row["level"] for row in rows}):
         by = {row["target"]: row for row in rows if row["level"] == level}
@@ -242,6 +248,12 @@ def _comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry["naive_over_tokenspool_tokens_per_s"] = _ratio(
                 naive["output_tokens_per_s"], ts["output_tokens_per_s"]
             )
+        lean = by.get("lean")
+        if lean is not None:
+            for key in ("cpu_us_per_event_total", "cpu_us_per_request_total"):
+                entry[f"tokenspool_over_lean_{key}"] = _ratio(ts[key], lean[key])
+                if floor is not None:
+                    entry[f"lean_{key}_vs_floor"] = _ratio(lean[key], floor[key])
         out.append(entry)
     return out
 
@@ -260,6 +272,8 @@ async def _latency(args: argparse.Namespace, log_dir: Path, progress: Progress) 
                 started.append(tg.start_tokenspool(args.server_cpus, log_dir, engine, max_num_seqs=max_level))
             elif name == "floor":
                 started.append(tg.start_floor(args.server_cpus, log_dir, engine))
+            elif name == "lean":
+                started.append(tg.start_lean(args.server_cpus, log_dir, engine))
             else:
                 started.append(tg.start_naive(args.server_cpus, log_dir, engine))
         memory_before = {t.name: _redis_used_memory(t.redis_url) for t in started if t.redis_url}
@@ -566,7 +580,7 @@ def print_latency(result: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"\nlatency, {args.mode} loop (level = {unit}{start}), milliseconds; medians of {args.repeat} run(s):")
     print(table(result["rows"], LATENCY_COLUMNS))
     if result["comparisons"]:
-        print("\ntokenspool against the floor (added ms) and the naive relay (naive ÷ tokenspool):")
+        print("\ntokenspool against the floor (added ms), the naive relay (naive ÷ tokenspool) and the lean broker:")
         columns = [("level", "level")]
         keys = sorted({key for entry in result["comparisons"] for key in entry if key != "level"})
         columns += [(key, key.replace("naive_over_tokenspool_", "naive/ts ")) for key in keys]
@@ -574,7 +588,7 @@ def print_latency(result: dict[str, Any], args: argparse.Namespace) -> None:
             print(f"  level {entry['level']:g}:")
             for key, heading in columns[1:]:
                 if key in entry:
-                    print(f"    {heading:<34} {entry[key]:.3f}")
+                    print(f"    {heading:<46} {entry[key]:.3f}")
     for name, memory in result["redis_memory"].items():
         print(
             f"\nRedis memory, {name}: {memory['bytes_per_request']:,.0f} B per retained request, "

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenspool.bench.targets import REPORT_ORDER
+
 
 def fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -35,7 +37,7 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    targets = sorted({row["target"] for row in rows}, key=lambda name: ["floor", "tokenspool", "naive"].index(name))
+    targets = sorted({row["target"] for row in rows}, key=REPORT_ORDER.index)
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     panels = (("ttft", "time to first token (ms)"), ("itl", "inter-token latency (ms)"), ("e2e", "end to end (ms)"))
     for ax, (metric, label) in zip(axes, panels, strict=True):

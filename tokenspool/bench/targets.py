@@ -19,6 +19,7 @@ from tokenspool.shared.redis_client import RedisTarget
 from tokenspool.stack import Stack, StackError, child_env, http_ok, model_listed, redis_answers
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+REPORT_ORDER = ("floor", "tokenspool", "lean", "naive", "ceiling")  # the order tables and plots list targets in
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +170,16 @@ def start_naive(
     url = _redis(target, support_cpus)
     target.spawn("worker", "tokenspool.bench.naive", ["worker", "--redis-url", url, *engine.flags()], cpus=support_cpus)
     target.spawn("gateway", "tokenspool.bench.naive", ["gateway", "--redis-url", url, "--port", str(target.port)])
+    target.wait_ready(partial(http_ok, target.base_url + "/healthz"))
+    return target
+
+
+def start_lean(cpus: frozenset[int], log_dir: Path, engine: EngineShape) -> Target:
+    """The lean broker: one XADD to enqueue, a blocking XREAD per client, no record, resume or fencing."""
+    target = Target("lean", cpus, log_dir, port=free_port())
+    url = _redis(target, None)
+    target.spawn("worker", "tokenspool.bench.lean", ["worker", "--redis-url", url, *engine.flags()])
+    target.spawn("gateway", "tokenspool.bench.lean", ["gateway", "--redis-url", url, "--port", str(target.port)])
     target.wait_ready(partial(http_ok, target.base_url + "/healthz"))
     return target
 
