@@ -7,6 +7,8 @@ lost or repeated, and the reports carry what the docs quote from them.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.support import clean_env
+from tests.support import clean_env, wait_for
 
 
 def bench(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
@@ -135,3 +137,49 @@ def test_a_staggered_closed_loop_starts_its_users_spread_over_the_stagger(tmp_pa
     assert records and all(record.ok for record in records)
     in_flight_at_50ms = sum(1 for r in records if r.started_s <= 0.05 < r.started_s + r.e2e_s)
     assert in_flight_at_50ms == (1 if stagger_s else 4), sorted(r.started_s for r in records)
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = {int(child) for child in (task / "children").read_text().split()}
+                stack += children - found
+                found |= children
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for an absent parent to collect it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_a_bench_ended_by_sigterm_stops_the_servers_it_started(tmp_path: Path) -> None:
+    """`timeout` and CI limits end a run with SIGTERM; the servers it started must not outlive it."""
+    logs = tmp_path / "logs"
+    command = [sys.executable, "-m", "tokenspool", "bench", "--no-progress", "--targets", "lean,floor"]
+    bench_run = subprocess.Popen(
+        [*command, "--levels", "2", "--duration-s", "120", "--logs", str(logs)],
+        env=clean_env(None),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        # Both targets up: the lean broker's Redis (a launcher and valkey), worker and gateway; the floor.
+        servers = wait_for(
+            lambda: found if len(found := _descendants(bench_run.pid)) >= 5 else None, 60, "the bench's servers"
+        )
+        bench_run.send_signal(signal.SIGTERM)
+        assert bench_run.wait(timeout=60) != 0
+        wait_for(lambda: not any(_running(pid) for pid in servers), 30, "the servers to stop")
+    finally:
+        bench_run.kill()
+        bench_run.wait()

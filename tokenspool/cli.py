@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import typing
 from collections.abc import Collection, Sequence
@@ -151,7 +152,6 @@ def run_worker(settings: WorkerSettings) -> int:
 
 
 def run_redis(port: int, data_dir: str | None, appendonly: bool, cluster_nodes: int) -> int:
-    import signal
     import threading
 
     from tokenspool.redis_server import EmbeddedCluster, EmbeddedRedis
@@ -292,8 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm() -> None:
+    """Make SIGTERM stop a measuring command the way Ctrl-C does.
+
+    ``bench``, ``bench-vllm``, ``footprint`` and ``soak`` start servers of their own and stop them in
+    ``finally`` blocks, which run for SIGINT (``KeyboardInterrupt``; asyncio's runner cancels its task) but
+    not under SIGTERM's default action, which ends the process at once and leaves every server it started
+    running, holding its port and CPU (``timeout`` and CI limits send SIGTERM)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["bench"], ["bench-vllm"], ["footprint"], ["soak"]):
+        _interrupt_on_sigterm()
     if argv[:1] == ["bench"]:
         from tokenspool.bench.main import main as bench
 

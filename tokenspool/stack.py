@@ -24,10 +24,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -62,6 +63,35 @@ def flags(settings: Mapping[str, object]) -> list[str]:
     for name, value in settings.items():
         out += ["--id" if name == "worker_id" else "--" + name.replace("_", "-"), str(value)]
     return out
+
+
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then act on them as this process would have.
+
+    A ``KeyboardInterrupt`` raised inside ``Popen`` (the parent waits there until the child has run its
+    ``exec``) leaves a child running that no :class:`Stack` knows of, so no ``finally`` stops it: starting
+    a process and registering it must happen together. Only the main thread receives signals in Python;
+    elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda got, _frame: caught.append(got)) for signum in INTERRUPTS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for got in dict.fromkeys(caught):
+            handler = previous[signal.Signals(got)]
+            if callable(handler):
+                handler(got, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(got)
 
 
 class Process:
@@ -244,16 +274,17 @@ class Stack:
         if name in self.processes:
             raise ValueError(f"the stack already has a process named {name!r}")
         log_path = None if self.log_dir is None else self.log_dir / f"{self.log_prefix}{name}.log"
-        process = Process(
-            argv,
-            log_path,
-            {**self.env, **(env or {})},
-            module=module,
-            name=name,
-            pass_fds=pass_fds,
-            cpus=cpus,
-        )
-        self.processes[name] = process
+        with interrupts_deferred():
+            process = Process(
+                argv,
+                log_path,
+                {**self.env, **(env or {})},
+                module=module,
+                name=name,
+                pass_fds=pass_fds,
+                cpus=cpus,
+            )
+            self.processes[name] = process
         return process
 
     def __getitem__(self, name: str) -> Process:

@@ -8,8 +8,9 @@ survives a noisy machine, and the one the capacity model is built from.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -106,6 +107,17 @@ class Target:
         self.stack.close()
 
 
+@contextlib.contextmanager
+def _starting(target: Target) -> Iterator[Target]:
+    """Stop what was started of ``target`` when starting it fails or is interrupted (Ctrl-C, SIGTERM):
+    the caller never got it, so nothing else would."""
+    try:
+        yield target
+    except BaseException:
+        target.stop()
+        raise
+
+
 def _redis(target: Target, cpus: frozenset[int] | None) -> str:
     port = free_port()
     target.spawn("redis", "tokenspool", ["redis", "--port", str(port)], cpus=cpus)
@@ -127,66 +139,70 @@ def start_tokenspool(
 
     The gateway runs on ``cpus``; Redis and the workers on ``support_cpus`` when given (the relay scenario
     gives the gateway a core of its own), else on ``cpus`` too."""
-    target = Target("tokenspool", cpus, log_dir, port=free_port())
-    url = _redis(target, support_cpus)
-    for index in range(workers):
+    with _starting(Target("tokenspool", cpus, log_dir, port=free_port())) as target:
+        url = _redis(target, support_cpus)
+        for index in range(workers):
+            target.spawn(
+                f"worker{index}" if workers > 1 else "worker",
+                "tokenspool",
+                [
+                    "worker",
+                    "--model",
+                    engine.model,
+                    "--max-num-seqs",
+                    str(max_num_seqs),
+                    *engine.flags(),
+                ],
+                {"TOKENSPOOL_REDIS_URL": url},
+                cpus=support_cpus,
+            )
         target.spawn(
-            f"worker{index}" if workers > 1 else "worker",
+            "gateway",
             "tokenspool",
-            [
-                "worker",
-                "--model",
-                engine.model,
-                "--max-num-seqs",
-                str(max_num_seqs),
-                *engine.flags(),
-            ],
+            ["gateway", "--port", str(target.port), "--host", "127.0.0.1"],
             {"TOKENSPOOL_REDIS_URL": url},
-            cpus=support_cpus,
         )
-    target.spawn(
-        "gateway",
-        "tokenspool",
-        ["gateway", "--port", str(target.port), "--host", "127.0.0.1"],
-        {"TOKENSPOOL_REDIS_URL": url},
-    )
-    target.wait_ready(partial(model_listed, target.base_url, engine.model))
-    return target
+        target.wait_ready(partial(model_listed, target.base_url, engine.model))
+        return target
 
 
 def start_floor(cpus: frozenset[int], log_dir: Path, engine: EngineShape) -> Target:
     """The sim engine served from the one process that runs it."""
-    target = Target("floor", cpus, log_dir, port=free_port())
-    target.spawn("server", "tokenspool.bench.floor", ["--port", str(target.port), *engine.flags()])
-    target.wait_ready(partial(http_ok, target.base_url + "/healthz"))
-    return target
+    with _starting(Target("floor", cpus, log_dir, port=free_port())) as target:
+        target.spawn("server", "tokenspool.bench.floor", ["--port", str(target.port), *engine.flags()])
+        target.wait_ready(partial(http_ok, target.base_url + "/healthz"))
+        return target
 
 
 def start_naive(
     cpus: frozenset[int], log_dir: Path, engine: EngineShape, *, support_cpus: frozenset[int] | None = None
 ) -> Target:
     """The naive relay: a blocking XREAD per client, JSON entries, one XADD per token."""
-    target = Target("naive", cpus, log_dir, port=free_port())
-    url = _redis(target, support_cpus)
-    target.spawn("worker", "tokenspool.bench.naive", ["worker", "--redis-url", url, *engine.flags()], cpus=support_cpus)
-    target.spawn("gateway", "tokenspool.bench.naive", ["gateway", "--redis-url", url, "--port", str(target.port)])
-    target.wait_ready(partial(http_ok, target.base_url + "/healthz"))
-    return target
+    with _starting(Target("naive", cpus, log_dir, port=free_port())) as target:
+        url = _redis(target, support_cpus)
+        target.spawn(
+            "worker", "tokenspool.bench.naive", ["worker", "--redis-url", url, *engine.flags()], cpus=support_cpus
+        )
+        target.spawn("gateway", "tokenspool.bench.naive", ["gateway", "--redis-url", url, "--port", str(target.port)])
+        target.wait_ready(partial(http_ok, target.base_url + "/healthz"))
+        return target
 
 
 def start_lean(cpus: frozenset[int], log_dir: Path, engine: EngineShape) -> Target:
-    """The lean broker: one XADD to enqueue, a blocking XREAD per client, no record, resume or fencing."""
-    target = Target("lean", cpus, log_dir, port=free_port())
-    url = _redis(target, None)
-    target.spawn("worker", "tokenspool.bench.lean", ["worker", "--redis-url", url, *engine.flags()])
-    target.spawn("gateway", "tokenspool.bench.lean", ["gateway", "--redis-url", url, "--port", str(target.port)])
-    target.wait_ready(partial(http_ok, target.base_url + "/healthz"))
-    return target
+    """The lean broker: one XADD to enqueue, one multiplexed XREAD, no record, resume or fencing."""
+    with _starting(Target("lean", cpus, log_dir, port=free_port())) as target:
+        url = _redis(target, None)
+        target.spawn("worker", "tokenspool.bench.lean", ["worker", "--redis-url", url, *engine.flags()])
+        target.spawn("gateway", "tokenspool.bench.lean", ["gateway", "--redis-url", url, "--port", str(target.port)])
+        target.wait_ready(partial(http_ok, target.base_url + "/healthz"))
+        return target
 
 
 def start_ceiling(cpus: frozenset[int], log_dir: Path, max_events: int) -> Target:
     """The bare ASGI app writing pre-built events (no Redis): the ceiling of a Python relay here."""
-    target = Target("ceiling", cpus, log_dir, port=free_port())
-    target.spawn("server", "tokenspool.bench.ceiling", ["--port", str(target.port), "--max-events", str(max_events)])
-    target.wait_ready(partial(http_ok, target.base_url + "/healthz"))
-    return target
+    with _starting(Target("ceiling", cpus, log_dir, port=free_port())) as target:
+        target.spawn(
+            "server", "tokenspool.bench.ceiling", ["--port", str(target.port), "--max-events", str(max_events)]
+        )
+        target.wait_ready(partial(http_ok, target.base_url + "/healthz"))
+        return target
