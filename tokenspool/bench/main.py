@@ -6,7 +6,8 @@ Scenarios:
   (``--mode open``, ``--levels`` requests/s) against every target in turn, ``--repeat`` times interleaved;
   client-side TTFT, inter-token and end-to-end latency (p50/p90/p99), tokens/s, errors, lost and duplicated
   events, CPU per event of every process, and Redis memory per request and per event. Prints the time to
-  first token tokenspool adds over the floor and the naive relay's figures as multiples of tokenspool's.
+  first token tokenspool adds over the floor and the naive relay's figures as multiples of tokenspool's, and
+  with ``--targets ...,lean`` tokenspool's CPU as a multiple of the lean broker's.
 - ``relay``: ``--clients`` concurrent streams through one gateway process that has a CPU of its own:
   events/s, and the gateway's CPU per event against the ceiling (a bare ASGI app writing pre-built events).
 - ``streams``: ``--streams`` streams held open at once on one gateway: its memory per open stream.
