@@ -19,7 +19,6 @@ never a server to run. Its keys live under ``lean-broker:``. Run by ``tokenspool
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -32,7 +31,7 @@ import orjson
 import redis.asyncio as aredis
 
 from tokenspool.bench.asgi import STREAM_HEADERS, answer_lifespan, chunk_frame, empty_response, read_body, serve
-from tokenspool.bench.sim import chat_request, sim_engine
+from tokenspool.bench.sim import chat_request, run_broker, sim_engine
 from tokenspool.gateway.sse import DONE_FRAME
 from tokenspool.shared import keys
 
@@ -211,20 +210,12 @@ async def run_worker(redis_url: str, consumer: str, sim_ttft_ms: str, sim_itl_ms
                 task.add_done_callback(running.discard)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tokenspool.bench.lean", description=__doc__.split("\n\n")[0])
-    parser.add_argument("role", choices=("gateway", "worker"))
-    parser.add_argument("--redis-url", required=True)
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--sim-ttft-ms", default="50")
-    parser.add_argument("--sim-itl-ms", default="20")
-    args = parser.parse_args(argv)
-    if args.role == "worker":
-        import uvloop
+def _serve_gateway(redis_url: str, port: int) -> None:
+    serve(LeanGateway(redis_url), port)
 
-        uvloop.run(run_worker(args.redis_url, "lean-worker", args.sim_ttft_ms, args.sim_itl_ms))
-        return
-    serve(LeanGateway(args.redis_url), args.port)
+
+def main(argv: list[str] | None = None) -> None:
+    run_broker("tokenspool.bench.lean", __doc__, argv, run_worker, _serve_gateway)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ The benchmark's own keys live under ``naive-relay:`` and never touch tokenspool'
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -26,7 +25,7 @@ import redis.asyncio as aredis
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from tokenspool.bench.sim import chat_request, sim_engine
+from tokenspool.bench.sim import chat_request, run_broker, sim_engine
 from tokenspool.gateway.sse import DONE_FRAME, event_frame
 
 QUEUE = "naive-relay:queue"
@@ -111,22 +110,14 @@ async def run_worker(redis_url: str, consumer: str, sim_ttft_ms: str, sim_itl_ms
                 task.add_done_callback(running.discard)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tokenspool.bench.naive", description=__doc__.split("\n\n")[0])
-    parser.add_argument("role", choices=("gateway", "worker"))
-    parser.add_argument("--redis-url", required=True)
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--sim-ttft-ms", default="50")
-    parser.add_argument("--sim-itl-ms", default="20")
-    args = parser.parse_args(argv)
-    if args.role == "worker":
-        import uvloop
-
-        uvloop.run(run_worker(args.redis_url, "naive-worker", args.sim_ttft_ms, args.sim_itl_ms))
-        return
+def _serve_gateway(redis_url: str, port: int) -> None:
     import uvicorn
 
-    uvicorn.run(gateway_app(args.redis_url), host="127.0.0.1", port=args.port, access_log=False, log_level="warning")
+    uvicorn.run(gateway_app(redis_url), host="127.0.0.1", port=port, access_log=False, log_level="warning")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_broker("tokenspool.bench.naive", __doc__, argv, run_worker, _serve_gateway)
 
 
 if __name__ == "__main__":
