@@ -109,10 +109,11 @@ class LeanRelay:
                 ready.set()
 
 
-def _exit_unless_cancelled(reader: asyncio.Task[None]) -> None:
-    """Without its reader the gateway would hang every stream: end the process, so the benchmark says so."""
-    if not reader.cancelled():
-        print(f"lean broker: the reader stopped: {reader.exception()!r}", file=sys.stderr, flush=True)
+def _exit_unless_cancelled(task: asyncio.Task[None]) -> None:
+    """Without its reader (gateway) or its sender (worker) a process would hang every stream: end it, so
+    the benchmark says so."""
+    if not task.cancelled():
+        print(f"lean broker: {task.get_name()} stopped: {task.exception()!r}", file=sys.stderr, flush=True)
         os._exit(70)
 
 
@@ -126,7 +127,7 @@ class LeanGateway:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            self.reader = asyncio.create_task(self.relay.run())
+            self.reader = asyncio.create_task(self.relay.run(), name="the reader")
             self.reader.add_done_callback(_exit_unless_cancelled)
             await answer_lifespan(receive, send)
             self.reader.cancel()
@@ -192,7 +193,9 @@ async def run_worker(redis_url: str, consumer: str, sim_ttft_ms: str, sim_itl_ms
     with contextlib.suppress(aredis.ResponseError):  # another worker created it
         await client.xgroup_create(QUEUE, GROUP, id="0", mkstream=True)
     outbox = LeanOutbox(client)
-    running: set[asyncio.Task[None]] = {asyncio.create_task(outbox.run())}
+    sender = asyncio.create_task(outbox.run(), name="the sender")
+    sender.add_done_callback(_exit_unless_cancelled)
+    running: set[asyncio.Task[None]] = {sender}
 
     async def generate(entry_id: bytes, request_id: str, body: dict[str, Any]) -> None:
         name = stream_name(request_id)
