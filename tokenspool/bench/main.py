@@ -39,7 +39,7 @@ from tokenspool.shared.settings import SettingsError
 from tokenspool.worker.settings import parse_cpu_list
 
 TARGET_NAMES = ("tokenspool", "floor", "naive", "lean")
-DEFAULT_TARGETS = ["tokenspool", "floor", "naive"]
+DEFAULT_TARGETS = ("tokenspool", "floor", "naive")
 SUMMED = {"requests", "ok", "errors", "lost_events", "duplicated_events"}
 
 
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--targets",
         type=_targets,
-        default=DEFAULT_TARGETS,
+        default=list(DEFAULT_TARGETS),
         help="latency: which targets (default tokenspool,floor,naive; lean: the least a Redis-Streams broker does)",
     )
     add("--mode", choices=("closed", "open"), default="closed", help="latency: closed or open loop")
